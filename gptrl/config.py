@@ -1,0 +1,292 @@
+"""Typed, validated configuration.
+
+Experiments are Python files under `configs/` that return an `ml_collections.ConfigDict`; the launcher turns
+each group of it into one of the frozen dataclasses below with `from_configdict`, which refuses unknown keys
+(suggesting the closest valid one) and values of the wrong type, and each dataclass checks its own fields in
+`__post_init__`. The library only ever sees these dataclasses, never a raw ConfigDict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A configuration value or key is wrong; the message names the key and what is allowed."""
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+  raise ConfigError(f"config.{key}: {message}")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    _fail(key, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of the decoder-only transformer (gptrl/model.py)."""
+  vocab_size: int = 0  # 0: take it from the tokenizer.
+  num_layers: int = 4
+  num_heads: int = 4
+  d_model: int = 256  # residual stream width
+  mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * d_model
+  max_len: int = 256  # context length in tokens
+  dropout: float = 0.0  # on attention probabilities, residual branches and embeddings
+  pos_embedding: str = "learned"  # "learned" | "rope"
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+  tie_embeddings: bool = True  # output head reuses the token embedding matrix
+  param_dtype: str = "float32"  # storage dtype of parameters (and optimizer state)
+  dtype: str = "float32"  # compute dtype of matmuls/activations ("bfloat16" for bf16 compute)
+  remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
+  attention: str = "xla"  # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention)
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    _check(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+    for name in ("num_layers", "num_heads", "d_model", "max_len"):
+      _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+    _check(self.d_model % self.num_heads == 0, "model.d_model",
+           f"must be divisible by model.num_heads={self.num_heads}, got {self.d_model}")
+    _check(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+    _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+    _check(self.pos_embedding in ("learned", "rope"), "model.pos_embedding",
+           f"must be 'learned' or 'rope', got {self.pos_embedding!r}")
+    if self.pos_embedding == "rope":
+      _check(self.head_dim % 2 == 0, "model.d_model", f"rope needs an even head dim, got {self.head_dim}")
+    _check(self.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+    for name in ("param_dtype", "dtype"):
+      _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"model.{name}",
+             f"must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
+    _check(self.remat in ("none", "block", "dots"), "model.remat",
+           f"must be 'none', 'block' or 'dots', got {self.remat!r}")
+    _check(self.attention in ("xla", "dot_product"), "model.attention",
+           f"must be 'xla' or 'dot_product', got {self.attention!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(round(self.mlp_ratio * self.d_model))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes per axis; their product is the device count, -1 (at most one) means 'the rest'."""
+  data: int = -1  # pure data parallelism (replicated params)
+  fsdp: int = 1  # data parallelism with params/optimizer state sharded (ZeRO-3)
+  tensor: int = 1  # tensor (model) parallelism over heads / MLP / vocab
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+    for k, v in sizes.items():
+      _check(v == -1 or v >= 1, f"mesh.{k}", f"must be >= 1 or -1 (the rest), got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay, global-norm clipping and gradient accumulation."""
+  lr: float = 3e-4  # peak learning rate
+  warmup_steps: int = 100
+  decay_steps: int = 0  # steps of cosine decay after warmup; 0: until train.steps
+  min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False  # also decay embedding tables
+  decay_norms_and_biases: bool = False  # also decay norm scales and biases
+  clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+  grad_accum_steps: int = 1  # micro-batches per optimizer step (the global batch is split into them)
+
+  def __post_init__(self):
+    _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+    _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    _check(self.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {self.decay_steps}")
+    _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+    _check(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "optim.b1", "b1 and b2 must be in [0, 1)")
+    _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+    _check(self.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 disables), got {self.clip_norm}")
+    _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """Where the sentencepiece model comes from."""
+  path: str = ""  # an existing .model file; "": train one on the training split into <workdir>/tokenizer.model
+  vocab_size: int = 4096  # when training one
+  model_type: str = "bpe"  # "bpe" | "unigram", when training one
+
+  def __post_init__(self):
+    # 265 ids are reserved (specials, role markers, 256 byte-fallback pieces): see gptrl/tokenizer.py.
+    _check(self.vocab_size >= 300, "tokenizer.vocab_size", f"must be >= 300, got {self.vocab_size}")
+    _check(self.model_type in ("bpe", "unigram"), "tokenizer.model_type",
+           f"must be 'bpe' or 'unigram', got {self.model_type!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Pretraining text and how it is batched."""
+  sources: tuple[str, ...] = ("shakespeare",)  # see gptrl.data.load_documents for the accepted forms
+  text_field: str = "text"  # field read from JSONL / TFDS records
+  eval_fraction: float = 0.05  # share of document groups held out for eval
+  split_seed: int = 0
+  batch_size: int = 16  # global batch, in sequences, per optimizer step
+  eval_batches: int = 8  # eval batches per evaluation (0: the whole eval split)
+  cache_dir: str = ""  # corpus / token cache; "": $GPTRL_CACHE or ~/.cache/gptrl
+
+  def __post_init__(self):
+    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+    _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Continuations sampled at eval time for a person to read."""
+  prompts: tuple[str, ...] = ("ROMEO:\n", "First Citizen:\n")
+  max_new_tokens: int = 48
+  temperature: float = 0.8
+  top_k: int = 40  # 0 disables
+
+  def __post_init__(self):
+    _check(self.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+    _check(self.temperature >= 0, "sample.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+    _check(self.top_k >= 0, "sample.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop: length, cadence of logging/eval/checkpoints."""
+  steps: int = 1000  # optimizer steps
+  log_every: int = 10
+  eval_every: int = 200
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True  # write checkpoints in a background thread
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process (multi-host) start-up; see gptrl/distributed.py."""
+  initialize: str = "auto"  # "auto" (detect a pod / Slurm / coordinator env) | "always" | "never"
+  coordinator_address: str = ""  # host:port of process 0; "" = from the environment
+  num_processes: int = 0  # 0 = from the environment
+  process_id: int = -1  # -1 = from the environment
+
+  def __post_init__(self):
+    _check(self.initialize in ("auto", "always", "never"), "distributed.initialize",
+           f"must be 'auto', 'always' or 'never', got {self.initialize!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Everything the pretraining stage reads."""
+  stage: str = "pretrain"
+  workdir: str = "runs/pretrain"
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  data: DataConfig = DataConfig()
+  sample: SampleConfig = SampleConfig()
+  train: TrainConfig = TrainConfig()
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check(bool(self.workdir), "workdir", "must be set")
+    _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "data.batch_size",
+           f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {self.data.batch_size}")
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+  """Checks `value` against the type hint `hint` and converts the lossless cases (int->float, list->tuple)."""
+  origin = typing.get_origin(hint)
+  if dataclasses.is_dataclass(hint):
+    return from_configdict(hint, value, prefix=key)
+  if origin is tuple:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      _fail(key, f"expected a list or tuple, got {type(value).__name__} {value!r}")
+    (item_hint, _) = typing.get_args(hint)
+    return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+  if hint is bool:
+    if not isinstance(value, bool):
+      _fail(key, f"expected True or False, got {type(value).__name__} {value!r}")
+    return value
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      _fail(key, f"expected an integer, got {type(value).__name__} {value!r}")
+    return value
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(key, f"expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+  if hint is str:
+    if not isinstance(value, str):
+      _fail(key, f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+  return value
+
+
+def from_configdict(cls: type, config: Mapping[str, Any] | Any, *, prefix: str = "") -> Any:
+  """Builds the dataclass `cls` from a ConfigDict (or dict), refusing unknown keys and wrong types.
+
+  Args:
+    cls: a dataclass type from this module.
+    config: an `ml_collections.ConfigDict`, a mapping, or already an instance of `cls`.
+    prefix: dotted path of `config` inside the whole config, for messages ("" at the top).
+  Returns:
+    An instance of `cls`. Missing keys take the dataclass defaults.
+  Raises:
+    ConfigError: naming the full key, e.g. "config.train.stepz: unknown key. Did you mean 'steps'?".
+  """
+  if isinstance(config, cls):
+    return config
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    _fail(prefix or "<root>", f"expected a group of settings for {cls.__name__}, got {type(config).__name__}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in config.items():
+    full = f"{prefix}.{key}" if prefix else key
+    if key not in fields:
+      _fail(full, f"unknown key.{_suggest(key, fields)} Valid keys here: {', '.join(sorted(fields))}.")
+    kwargs[key] = _coerce(value, hints[key], full)
+  return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """The dataclass config as plain JSON-able nested dicts (tuples become lists)."""
+  return dataclasses.asdict(config)
+
+
+def stage_config(config: Mapping[str, Any] | Any) -> Any:
+  """Picks the typed config class for `config.stage` and converts the whole ConfigDict into it."""
+  stage = config.get("stage", None) if hasattr(config, "get") else None
+  if stage not in STAGE_CONFIGS:
+    _fail("stage", f"must be one of {sorted(STAGE_CONFIGS)}, got {stage!r}.{_suggest(str(stage), STAGE_CONFIGS)}")
+  return from_configdict(STAGE_CONFIGS[stage], config)

@@ -1,0 +1,228 @@
+"""A decoder-only transformer (GPT) in flax.linen, with logical axis names on parameters and activations.
+
+Shape letters used in names (the legend is also in README.md):
+  B batch, T sequence length (queries), S key/value length, D model width (d_model),
+  H attention heads, K head dimension, F MLP hidden width, V vocabulary size.
+
+Logical axis names (mapped to mesh axes only in gptrl/sharding.py):
+  parameters:  vocab, embed, mlp, heads, kv, positions, norm
+  activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptrl.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked row gives uniform, not NaN
+
+
+def _init(std: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def _constrain(x: jax.Array, *names: str) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    param_dtype = DTYPES[cfg.param_dtype]
+    d = x_BxTxD.shape[-1]
+    x = x_BxTxD.astype(jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), param_dtype)
+    if cfg.norm == "rmsnorm":
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale.astype(jnp.float32)
+    else:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), param_dtype)
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(DTYPES[cfg.dtype])
+
+
+def rotary_embedding(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (RoFormer), rotating pairs (i, i + K/2) of each head's features."""
+  k = x_BxTxHxK.shape[-1]
+  inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k))
+  angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
+  sin, cos = jnp.sin(angles_BxTxK2)[:, :, None, :], jnp.cos(angles_BxTxK2)[:, :, None, :]
+  x = x_BxTxHxK.astype(jnp.float32)
+  x1, x2 = x[..., : k // 2], x[..., k // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    # Explicit params + einsum (not nn.DenseGeneral, which reshapes a boxed flat kernel and so breaks
+    # logical sharding under an active mesh).
+    qkv_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "heads", "kv"))
+    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    x = x_BxTxD.astype(dtype)
+    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, self.param("query", qkv_init, shape, param_dtype).astype(dtype))
+    k_BxSxHxK = jnp.einsum("bsd,dhk->bshk", x, self.param("key", qkv_init, shape, param_dtype).astype(dtype))
+    v_BxSxHxK = jnp.einsum("bsd,dhk->bshk", x, self.param("value", qkv_init, shape, param_dtype).astype(dtype))
+    q_BxTxHxK = _constrain(q_BxTxHxK, "batch", "length", "act_heads", "act_kv")
+    k_BxSxHxK = _constrain(k_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+    v_BxSxHxK = _constrain(v_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+    if cfg.pos_embedding == "rope":
+      q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta)
+      k_BxSxHxK = rotary_embedding(k_BxSxHxK, positions_BxT, cfg.rope_theta)
+
+    if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS)
+    else:
+      # Scores and softmax in float32: bf16 logits of nearby tokens are too coarse to rank.
+      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                                  preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+      scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASK_VALUE)
+      probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+      probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=self.deterministic)
+      out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxHxK)
+    out_BxTxHxK = _constrain(out_BxTxHxK, "batch", "length", "act_heads", "act_kv")
+    out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)),
+                                            ("heads", "kv", "embed"))
+    out_HxKxD = self.param("out", out_init, (cfg.num_heads, cfg.head_dim, cfg.d_model), param_dtype)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, out_HxKxD.astype(dtype))
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block: D -> F -> GELU -> D."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    dense = functools.partial(nn.Dense, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+    h_BxTxF = dense(cfg.mlp_dim, name="fc_in",
+                    kernel_init=nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "mlp")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BxTxD)
+    h_BxTxF = _constrain(jax.nn.gelu(h_BxTxF), "batch", "length", "act_mlp")
+    out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)), ("mlp", "embed"))
+    return dense(cfg.d_model, name="fc_out", kernel_init=out_init,
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + Attn(Norm(x)), then + Mlp(Norm(x))."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+    cfg = self.config
+    drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
+    h = Attention(cfg, self.deterministic, name="attn")(Norm(cfg, name="ln_attn")(x_BxTxD), positions_BxT,
+                                                        mask_Bx1xTxS)
+    x_BxTxD = _constrain(x_BxTxD + drop(h), "batch", "length", "act_embed")
+    h = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BxTxD))
+    return _constrain(x_BxTxD + drop(h), "batch", "length", "act_embed")
+
+
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class GPT(nn.Module):
+  """The decoder-only transformer.
+
+  Call: `logits_BxTxV = GPT(cfg).apply(variables, tokens_BxT, ...)`; with `return_hidden=True` it returns
+  `(logits_BxTxV, hidden_BxTxD)` where `hidden` is the final-norm output that scalar heads (reward, value) read.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+               attention_mask_BxT: jax.Array | None = None, deterministic: bool = True,
+               return_hidden: bool = False) -> Any:
+    """Args:
+      tokens_BxT: int token ids, all < vocab_size (checked on the host by the data pipeline).
+      positions_BxT: position of each token (default 0..T-1); lets left-padded rows start at 0.
+      attention_mask_BxT: 1 for real tokens, 0 for padding that no query may attend to (default all 1).
+      deterministic: disables dropout (needs the 'dropout' rng when False).
+      return_hidden: also return the final hidden states.
+    Returns:
+      float32 logits [B, T, V] (and hidden [B, T, D] in the compute dtype).
+    """
+    cfg = self.config
+    if cfg.vocab_size <= 0:
+      raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model.")
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    causal_TxS = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    mask_Bx1xTxS = jnp.broadcast_to(causal_TxS, (b, 1, t, t))
+    if attention_mask_BxT is not None:
+      mask_Bx1xTxS = mask_Bx1xTxS & attention_mask_BxT.astype(jnp.bool_)[:, None, None, :]
+
+    embedding_VxD = self.param("token_embedding",
+                               nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), param_dtype)
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(dtype)
+    if cfg.pos_embedding == "learned":
+      pos_TxD = self.param("position_embedding",
+                           nn.with_logical_partitioning(_init(cfg.init_std), ("positions", "embed")),
+                           (cfg.max_len, cfg.d_model), param_dtype)
+      x_BxTxD = x_BxTxD + jnp.take(pos_TxD, positions_BxT, axis=0).astype(dtype)
+    x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+    x_BxTxD = _constrain(x_BxTxD, "batch", "length", "act_embed")
+
+    block_cls = Block
+    if cfg.remat != "none":
+      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
+    for i in range(cfg.num_layers):
+      x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxS)
+    hidden_BxTxD = Norm(cfg, name="ln_final")(x_BxTxD)
+
+    if cfg.tie_embeddings:
+      logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD, embedding_VxD.astype(dtype),
+                                preferred_element_type=jnp.float32)
+    else:
+      head_DxV = self.param("head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
+                            (cfg.d_model, cfg.vocab_size), param_dtype)
+      logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV.astype(dtype),
+                                preferred_element_type=jnp.float32)
+    logits_BxTxV = _constrain(logits_BxTxV.astype(jnp.float32), "batch", "length", "act_vocab")
+    if return_hidden:
+      return logits_BxTxV, hidden_BxTxD
+    return logits_BxTxV
+
+
+def count_params(params: Any) -> int:
+  """Total number of parameters in a (possibly boxed) parameter tree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params))))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False) -> float:
+  """Training FLOPs per token (forward + backward): 6N + 12*L*H*K*T (PaLM appendix B).
+
+  N counts the matmul parameters: every block's weights plus the output head (vocab x D), not the position
+  table or norms. With `causal_halved`, the attention term counts only the unmasked half (6*L*H*K*T).
+  """
+  d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+  n_matmul = layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+  attention = (6 if causal_halved else 12) * layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6.0 * n_matmul + attention
