@@ -181,8 +181,11 @@ class Loop:
 
 
 def save_checkpoint(loop: Loop, state: TrainState, step: int) -> None:
-  loop.checkpointer.save(step, state, data={"iterator": loop.train_iter.get_state(),
-                                            "fingerprint": loop.data_fingerprint}, meta=loop.meta)
+  data = {"iterator": loop.train_iter.get_state(), "fingerprint": loop.data_fingerprint}
+  parts = getattr(loop.train_iter, "fingerprint_parts", None)
+  if parts is not None:  # lets a refused resume name what differs
+    data["fingerprint_parts"] = parts
+  loop.checkpointer.save(step, state, data=data, meta=loop.meta)
 
 
 def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:

@@ -165,6 +165,10 @@ class _IteratorWithParts:
   def __init__(self, iterator, parts):
     self._iterator, self._parts = iterator, parts
 
+  @property
+  def fingerprint_parts(self):
+    return self._parts
+
   def __iter__(self):
     return self
 

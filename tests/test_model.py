@@ -1,0 +1,148 @@
+"""Tests for gptrl/model.py: causality, padding, a NumPy reference forward, dtypes, remat, variants, FLOPs."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptrl import model as model_lib
+from gptrl.config import ModelConfig
+
+TINY = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16, init_std=0.2)
+
+
+def _init(cfg, seed=0, t=8):
+  model = model_lib.GPT(cfg)
+  init = jax.jit(lambda r: nn.meta.unbox(model.init(r, jnp.zeros((1, t), jnp.int32))["params"]))
+  return model, init(jax.random.key(seed))
+
+
+def _apply(model, params, tokens, **kwargs):
+  return jax.jit(lambda p, x, kw: model.apply({"params": p}, x, **kw))(params, tokens, kwargs)
+
+
+def _tokens(b, t, seed=1, vocab=64):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+def test_changing_future_token_leaves_earlier_logits_unchanged(pos_embedding):
+  model, params = _init(dataclasses.replace(TINY, pos_embedding=pos_embedding))
+  tokens = _tokens(2, 12)
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 5) % 64)
+  a = _apply(model, params, tokens)
+  b = _apply(model, params, changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+def test_left_padded_prompt_matches_unpadded_at_real_positions(pos_embedding):
+  model, params = _init(dataclasses.replace(TINY, pos_embedding=pos_embedding))
+  prompt = _tokens(1, 6)
+  pad = 4
+  padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), prompt], axis=1)
+  mask = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), jnp.ones((1, 6), jnp.int32)], axis=1)
+  positions = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), jnp.arange(6, dtype=jnp.int32)[None]], axis=1)
+  ref = _apply(model, params, prompt)
+  out = _apply(model, params, padded, positions_BxT=positions, attention_mask_BxT=mask)
+  np.testing.assert_allclose(np.asarray(out[:, pad:]), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def _np_layernorm(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def _np_gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_forward(params, tokens, cfg):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  tokens = np.asarray(tokens)
+  _, t = tokens.shape
+  x = p["token_embedding"][tokens] + p["position_embedding"][np.arange(t)][None]
+  blk = p["block_0"]
+  h = _np_layernorm(x, blk["ln_attn"])
+  q = np.einsum("btd,dhk->bhtk", h, blk["attn"]["query"])
+  k = np.einsum("btd,dhk->bhtk", h, blk["attn"]["key"])
+  v = np.einsum("btd,dhk->bhtk", h, blk["attn"]["value"])
+  scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(cfg.head_dim)
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  attn = np.einsum("bhts,bhsk->bthk", probs, v)
+  x = x + np.einsum("bthk,hkd->btd", attn, blk["attn"]["out"])
+  h = _np_layernorm(x, blk["ln_mlp"])
+  h = _np_gelu_tanh(h @ blk["mlp"]["fc_in"]["kernel"] + blk["mlp"]["fc_in"]["bias"])
+  x = x + h @ blk["mlp"]["fc_out"]["kernel"] + blk["mlp"]["fc_out"]["bias"]
+  x = _np_layernorm(x, p["ln_final"])
+  return x @ p["token_embedding"].T
+
+
+def test_one_layer_forward_matches_numpy_float64_reference():
+  cfg = dataclasses.replace(TINY, num_layers=1)
+  model, params = _init(cfg)
+  # Non-trivial norm parameters and biases so that every term of the reference is exercised.
+  rng = np.random.default_rng(3)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32)
+      if path[-1].key in ("scale", "bias") else a, params)
+  tokens = _tokens(2, 10)
+  out = _apply(model, params, tokens)
+  ref = _np_forward(params, tokens, cfg)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_runs_and_keeps_fp32_params():
+  cfg = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32")
+  model, params = _init(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = _tokens(2, 8)
+
+  def loss(p):
+    return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  logits = _apply(model, params, tokens)
+  assert logits.dtype == jnp.float32
+  assert np.isfinite(float(value))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_remat_block_gives_same_loss_and_grads_as_no_remat():
+  tokens = _tokens(2, 12)
+  results = []
+  for remat in ("none", "block"):
+    model, params = _init(dataclasses.replace(TINY, remat=remat))
+
+    def loss(p, model=model):
+      logits = model.apply({"params": p}, tokens[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (l0, g0), (l1, g1) = results
+  np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+@pytest.mark.parametrize("variant", [dict(tie_embeddings=False), dict(norm="rmsnorm"),
+                                     dict(tie_embeddings=False, norm="rmsnorm", pos_embedding="rope")])
+def test_untied_head_and_rmsnorm_variants_build_and_run(variant):
+  cfg = dataclasses.replace(TINY, **variant)
+  model, params = _init(cfg)
+  assert ("head" in params) == (not cfg.tie_embeddings)
+  if cfg.norm == "rmsnorm":
+    assert set(params["ln_final"]) == {"scale"}
+  logits = _apply(model, params, _tokens(2, 8))
+  assert logits.shape == (2, 8, 64)
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_flops_per_token_matches_hand_computation():
+  cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16)
+  # N = L*(4*d*d + 2*d*f) + V*d = 2*(4096 + 8192) + 2048 = 26624; attention 12*L*H*K*T = 12*2*4*8*16 = 12288.
+  assert model_lib.flops_per_token(cfg, 16) == 6 * 26624 + 12288
+  assert model_lib.flops_per_token(cfg, 16, causal_halved=True) == 6 * 26624 + 6144
