@@ -35,7 +35,8 @@ def parse(argv: list[str]):
     _usage_error(str(e))
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     # config_flags raises these for `--config.a.typo=...`; their text already suggests the closest key.
-    _usage_error(f"bad config override: {str(e).strip(chr(39))}".replace("\\n", " ").replace("\n", " "))
+    text = str(e).strip("'").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    _usage_error(f"bad config override: {text}")
   if _CONFIG.value is None:
     _usage_error("--config is required, e.g. --config configs/pretrain_cpu.py")
   try:
