@@ -133,7 +133,6 @@ def _copy_run(finished, tmp_path: pathlib.Path) -> pathlib.Path:
   return workdir
 
 
-@pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(finished, corpus, tmp_path):
   workdir_a, _ = finished
   workdir_b, cache = tmp_path / "b", tmp_path / "cache"
@@ -166,7 +165,6 @@ def test_kill_and_resume_is_bitwise_identical(finished, corpus, tmp_path):
   assert steps_b == _train_steps(workdir_a)
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_exits_75_then_resumes(corpus, tmp_path):
   workdir, cache = tmp_path / "w", tmp_path / "cache"
   # Checkpoints every 100 steps (never, in STEPS): the only one before the end is the preemption's.
