@@ -105,7 +105,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, lr
     weight = jnp.maximum(sums["weight"], 1.0)
     loss = loss_sum / weight
     grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
