@@ -174,6 +174,7 @@ class Loop:
   checkpointer: ckpt_lib.Checkpointer
   meta: dict[str, Any]  # saved with each checkpoint
   data_fingerprint: str
+  data_fingerprint_parts: dict[str, Any]  # what the fingerprint hashes, so a refused resume names what differs
   tokens_per_step: int  # global tokens per optimizer step, for tokens/s
   eval_fn: Callable[[TrainState], dict[str, float]] | None = None
   sample_fn: Callable[[TrainState], list[str]] | None = None
@@ -181,10 +182,8 @@ class Loop:
 
 
 def save_checkpoint(loop: Loop, state: TrainState, step: int) -> None:
-  data = {"iterator": loop.train_iter.get_state(), "fingerprint": loop.data_fingerprint}
-  parts = getattr(loop.train_iter, "fingerprint_parts", None)
-  if parts is not None:  # lets a refused resume name what differs
-    data["fingerprint_parts"] = parts
+  data = {"iterator": loop.train_iter.get_state(), "fingerprint": loop.data_fingerprint,
+          "fingerprint_parts": loop.data_fingerprint_parts}
   loop.checkpointer.save(step, state, data=data, meta=loop.meta)
 
 

@@ -146,8 +146,8 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
           "num_params": n_params}
   loop = trainer.Loop(
       workdir=workdir, train_cfg=cfg.train, mesh=mesh, train_step=train_step,
-      train_iter=_IteratorWithParts(train_iter, fingerprint_parts), checkpointer=checkpointer, meta=meta,
-      data_fingerprint=fingerprint, tokens_per_step=tokens_per_step,
+      train_iter=train_iter, checkpointer=checkpointer, meta=meta, data_fingerprint=fingerprint,
+      data_fingerprint_parts=fingerprint_parts, tokens_per_step=tokens_per_step,
       eval_fn=make_eval_fn(model, mesh, eval_tokens, seq_len=seq_len, batch_size=cfg.data.batch_size,
                            max_batches=cfg.data.eval_batches),
       sample_fn=make_sample_fn(model, mesh, tok, cfg),
@@ -158,25 +158,3 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
     checkpointer.close()
   return state
 
-
-class _IteratorWithParts:
-  """The grain iterator, with its fingerprint parts added to the state saved in checkpoints."""
-
-  def __init__(self, iterator, parts):
-    self._iterator, self._parts = iterator, parts
-
-  @property
-  def fingerprint_parts(self):
-    return self._parts
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    return next(self._iterator)
-
-  def get_state(self):
-    return self._iterator.get_state()
-
-  def set_state(self, state):
-    self._iterator.set_state(state)
