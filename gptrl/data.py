@@ -159,9 +159,15 @@ def _read_text_file(path: str) -> Document | None:
   return Document(name=path, text=text, group=path)
 
 
-def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
-  """One Document per line of a .jsonl file; strict, errors name path:line and the field."""
-  docs, empty = [], 0
+def iter_jsonl(path: str, *, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """Yields (\"path:line\", record) for each non-blank line of a .jsonl file.
+
+  Args:
+    path: the file.
+    expected: what a record should hold, for error messages (e.g. "a string field 'text'").
+  Raises:
+    DataError: invalid UTF-8 or JSON, or a line that is not a JSON object; names path:line.
+  """
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
@@ -169,33 +175,112 @@ def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
       except UnicodeDecodeError as e:
         raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
-                        f"expected a UTF-8 JSON object with a string field "
-                        f"{text_field!r}.") from None
+                        f"expected a UTF-8 JSON object with {expected}.") from None
       if not line.strip():  # Blank lines (often a trailing one) carry no record.
-        empty += 1
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON "
-                        f"object per line with a string field {text_field!r}.") from None
+                        f"object per line with {expected}.") from None
       if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with a string field {text_field!r}, "
-                        f"got a {type(record).__name__}.")
-      if text_field not in record:
-        raise DataError(f"{where}: missing field {text_field!r} (keys: {sorted(record)[:10]}); "
-                        f"set text_field to the field that holds the text.")
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise DataError(f"{where}: field {text_field!r} must be a string, got "
-                        f"{type(text).__name__}.")
-      if not text:
-        empty += 1
-        continue
-      docs.append(Document(name=where, text=text, group=where))
+        raise DataError(f"{where}: expected a JSON object with {expected}, got a "
+                        f"{type(record).__name__}.")
+      yield where, record
+
+
+def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
+  """One Document per line of a .jsonl file; strict, errors name path:line and the field."""
+  docs, empty = [], 0
+  for where, record in iter_jsonl(path, expected=f"a string field {text_field!r}"):
+    if text_field not in record:
+      raise DataError(f"{where}: missing field {text_field!r} (keys: {sorted(record)[:10]}); "
+                      f"set text_field to the field that holds the text.")
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise DataError(f"{where}: field {text_field!r} must be a string, got "
+                      f"{type(text).__name__}.")
+    if not text:
+      empty += 1
+      continue
+    docs.append(Document(name=where, text=text, group=where))
   if empty:
-    logging.warning("%s: skipped %d line(s) with empty text or blank.", path, empty)
+    logging.warning("%s: skipped %d line(s) with empty text.", path, empty)
   return docs
+
+
+def _plain(value: Any) -> Any:
+  """A TFDS record's value as JSON-like Python: bytes -> str, arrays -> lists, dicts recursively."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return [_plain(v) for v in value.tolist()] if value.dtype == object else _plain(value.tolist())
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def load_records(sources: Sequence[str], *, expected: str,
+                 builtin: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+  """Structured records (chats, comparisons) with where each came from, for the stages after pretraining.
+
+  Args:
+    sources: .jsonl files, folders of them, glob patterns, `tfds:NAME[/CONFIG][:SPLIT][?data_dir=DIR]`, or a
+      name in `builtin`.
+    expected: what a record should hold, for error messages.
+    builtin: source name -> zero-argument callable returning [(where, record), ...].
+  Returns:
+    [(where, record)], where is "path:line" or "tfds:name:split#index".
+  """
+  out: list[tuple[str, dict[str, Any]]] = []
+  for source in sources:
+    if builtin and source in builtin:
+      out.extend(builtin[source]())
+      continue
+    if source.startswith("tfds:"):
+      out.extend(_tfds_records(source, expected=expected))
+      continue
+    paths = sorted(glob.glob(os.path.expanduser(source), recursive=True)) if glob.has_magic(source) else [
+        os.path.expanduser(source)]
+    if not paths:
+      raise DataError(f"data source {source!r}: the glob pattern matches no file.")
+    for path in paths:
+      if os.path.isdir(path):
+        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+                       if n.endswith(".jsonl"))
+        if not files:
+          raise DataError(f"data source {source!r}: folder {path} holds no .jsonl file.")
+      elif not os.path.exists(path):
+        known = f" (built-in sources: {sorted(builtin)})" if builtin else ""
+        raise DataError(f"data source {source!r}: no such file or folder{known}.")
+      elif not path.endswith(".jsonl"):
+        raise DataError(f"data source {source!r}: {path} is not a .jsonl file; expected one JSON object "
+                        f"per line with {expected}.")
+      else:
+        files = [path]
+      for file in files:
+        out.extend(iter_jsonl(file, expected=expected))
+  return out
+
+
+def _tfds_records(source: str, *, expected: str) -> list[tuple[str, dict[str, Any]]]:
+  name, split, data_dir = _parse_tfds_source(source)
+  records = _tfds_data_source(source, name, split, data_dir)
+  out = []
+  for i in range(len(records)):
+    where = f"tfds:{name}:{split}#{i}"
+    try:
+      record = _plain(records[i])
+    except UnicodeDecodeError as e:
+      raise DataError(f"{where}: a text feature is not valid UTF-8 ({e.reason}).") from None
+    if not isinstance(record, dict):
+      raise DataError(f"{where}: expected a record with {expected}, got {type(record).__name__}.")
+    out.append((where, record))
+  return out
 
 
 def _parse_tfds_source(source: str) -> tuple[str, str, str | None]:
@@ -212,9 +297,8 @@ def _parse_tfds_source(source: str) -> tuple[str, str, str | None]:
   return name, split or "train", data_dir
 
 
-def _load_tfds(source: str, *, text_field: str) -> list[Document]:
-  """Reads a prepared TFDS dataset through tfds.data_source (array_record, no TensorFlow)."""
-  name, split, data_dir = _parse_tfds_source(source)
+def _tfds_data_source(source: str, name: str, split: str, data_dir: str | None) -> Any:
+  """tfds.data_source(...) with clear errors (array_record, no TensorFlow)."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (optional extra)
   except ImportError as e:
@@ -222,13 +306,19 @@ def _load_tfds(source: str, *, text_field: str) -> list[Document]:
                     f"'gptrl[tfds]' (TensorFlow itself is not needed). ({e})") from None
   try:
     # download=False: most builders need TensorFlow or network to prepare; we only read.
-    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...).
     raise DataError(f"data source {source!r}: tfds.data_source({name!r}, split={split!r}, "
                     f"data_dir={data_dir!r}) failed: {type(e).__name__}: {e}\nPrepare the dataset "
                     f"first in array_record format, e.g. builder.download_and_prepare("
                     f"file_format='array_record'), and pass ?data_dir=DIR if it is not in the "
                     f"default TFDS folder.") from None
+
+
+def _load_tfds(source: str, *, text_field: str) -> list[Document]:
+  """Reads a prepared TFDS dataset through tfds.data_source (array_record, no TensorFlow)."""
+  name, split, data_dir = _parse_tfds_source(source)
+  records = _tfds_data_source(source, name, split, data_dir)
   docs, empty = [], 0
   prefix = f"tfds:{name}:{split}"
   for i in range(len(records)):

@@ -1,0 +1,343 @@
+"""Data for the stages after pretraining: conversations (SFT, prompts for labelling and PPO) and comparisons
+(reward model), from JSONL, TFDS or the built-in Shakespeare dialogue, into fixed-shape grain batches.
+
+SFT batches: {"inputs", "targets": int32[b, L], "weights": float32[b, L]}; one conversation per row, right-
+padded, weights 1 on assistant tokens only (see gptrl/chat.py).
+
+Reward batches, one prompt per row with up to K of its responses (InstructGPT: all the comparisons of a prompt
+in one batch element, so each prompt counts once and its K responses need K forward passes, not 2 per pair):
+  "tokens":    int32[b, K, L]    prompt + response + <|end|>, right-padded
+  "last":      int32[b, K]       index of the last token (the reward is read there)
+  "pairs":     float32[b, K, K]  pairs[i, j] = 1 if response i is preferred over response j
+  "margins":   float32[b, K, K]  optional per-pair margin (0 when the record gives none)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from gptrl import chat
+from gptrl import data as data_lib
+from gptrl import tokenizer as tokenizer_lib
+from gptrl.data import DataError
+
+Batch = dict[str, np.ndarray]
+
+_CHAT_EXPECTED = "{'prompt', 'response'} or {'messages': [{'role', 'content'}, ...]}"
+_PREF_EXPECTED = ("{'prompt' or 'messages', 'chosen', 'rejected'} or {'prompt' or 'messages', 'responses', "
+                  "'ranking'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  where: str  # file:line or source#id
+  group: str  # split unit: records of one group land on the same side (e.g. one play)
+  messages: tuple[chat.Message, ...]
+
+
+def _builtin_sources(cache_dir: str | None) -> dict[str, Any]:
+  def dialogue():
+    from gptrl import corpus, dialogue as dialogue_lib  # pylint: disable=import-outside-toplevel
+    records = dialogue_lib.shakespeare_dialogues(corpus.shakespeare_documents(cache_dir))
+    return [(f"shakespeare_dialogue:{r['id']}", r) for r in records]
+  return {"shakespeare_dialogue": dialogue}
+
+
+def load_conversations(sources: Sequence[str], *, cache_dir: str | None = None) -> list[Conversation]:
+  """Every demonstration of `sources`, validated; a bad record raises DataError naming file:line."""
+  out = []
+  for where, record in data_lib.load_records(sources, expected=_CHAT_EXPECTED, builtin=_builtin_sources(cache_dir)):
+    try:
+      messages = chat.conversation(record, where)
+    except chat.ChatFormatError as e:
+      raise DataError(str(e)) from None
+    group = record.get("group", where)
+    out.append(Conversation(where, str(group), tuple(messages)))
+  if not out:
+    raise DataError(f"data sources {list(sources)}: no conversation found.")
+  return out
+
+
+def split_by_group(items: Sequence[Any], *, eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+  """(train, eval) by each item's `.group`, deterministically; both sides non-empty when possible."""
+  groups = sorted({x.group for x in items})
+  scored = sorted(groups, key=lambda g: data_lib._unit_hash("split", seed, g))  # pylint: disable=protected-access
+  n_eval = min(max(1, round(eval_fraction * len(groups))), len(groups) - 1) if len(groups) > 1 else 0
+  eval_groups = set(scored[:n_eval])
+  return ([x for x in items if x.group not in eval_groups], [x for x in items if x.group in eval_groups])
+
+
+@dataclasses.dataclass
+class SFTExamples:
+  tokens: list[np.ndarray]
+  trainable: list[np.ndarray]
+  skipped: int  # conversations with no trainable token left after truncation
+  truncated: int  # conversations that lost leading turns or the end of their last reply
+
+  @property
+  def trainable_tokens(self) -> int:
+    return int(sum(t[1:].sum() for t in self.trainable))
+
+
+def encode_sft(conversations: Sequence[Conversation], tok: tokenizer_lib.Tokenizer, *, max_len: int) -> SFTExamples:
+  """Renders and truncates each conversation (see chat.encode_for_training); counts what was skipped."""
+  tokens, trainable, skipped, truncated = [], [], 0, 0
+  for conv in conversations:
+    full, _ = chat.render(conv.messages, tok)
+    enc = chat.encode_for_training(conv.messages, tok, max_len=max_len)
+    if enc is None:
+      skipped += 1
+      continue
+    truncated += int(len(enc.tokens) < len(full))
+    tokens.append(enc.tokens)
+    trainable.append(enc.trainable)
+  return SFTExamples(tokens, trainable, skipped, truncated)
+
+
+class _RowsToSFTBatch:
+  """Example ids of one global batch -> this process's padded rows."""
+
+  def __init__(self, examples: SFTExamples, seq_len: int, pad_id: int, lo: int, hi: int):
+    self._ex, self._seq_len, self._pad = examples, seq_len, pad_id
+    self._lo, self._hi = lo, hi
+
+  def __call__(self, ids: np.ndarray) -> Batch:
+    ids = np.asarray(ids, np.int64).reshape(-1)[self._lo:self._hi]
+    rows = self._hi - self._lo
+    seq = np.full((rows, self._seq_len + 1), self._pad, np.int32)
+    weights = np.zeros((rows, self._seq_len + 1), np.float32)
+    for r, i in enumerate(ids):
+      t, w = self._ex.tokens[i], self._ex.trainable[i]
+      seq[r, :len(t)] = t
+      weights[r, :len(w)] = w
+    return {"inputs": seq[:, :-1].copy(), "targets": seq[:, 1:].copy(), "weights": weights[:, 1:].copy()}
+
+
+def _read_options() -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+def _shard_bounds(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+  if global_batch_size % process_count:
+    raise DataError(f"global batch size {global_batch_size} is not divisible by process_count={process_count}.")
+  per = global_batch_size // process_count
+  return process_index * per, (process_index + 1) * per
+
+
+def sft_dataset(examples: SFTExamples, *, seq_len: int, pad_id: int, seed: int, global_batch_size: int,
+                process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                num_epochs: int | None = None) -> grain.IterDataset:
+  """Shuffled (per epoch), repeated, fixed-shape SFT batches; the iterator state is checkpointable."""
+  n = len(examples.tokens)
+  if n == 0:
+    raise DataError("no SFT example left to train on (all were empty or too long).")
+  lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
+  ds = grain.MapDataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
+  ds = ds.repeat(num_epochs, reseed_each_epoch=True).batch(global_batch_size, drop_remainder=num_epochs is None)
+  return ds.map(_RowsToSFTBatch(examples, seq_len, pad_id, lo, hi)).to_iter_dataset(_read_options())
+
+
+def sft_eval_batches(examples: SFTExamples, *, seq_len: int, pad_id: int, batch_size: int,
+                     max_batches: int = 0, process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """Every eval example once, in order; the last batch padded with weight-0 rows."""
+  ds = sft_dataset(examples, seq_len=seq_len, pad_id=pad_id, seed=0, global_batch_size=batch_size,
+                   process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1)
+  batches = []
+  for i, batch in enumerate(ds):
+    if max_batches and i >= max_batches:
+      break
+    if batch["inputs"].shape[0] < (batch_size // process_count):  # grain's final partial batch
+      pad = batch_size // process_count - batch["inputs"].shape[0]
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    batches.append(batch)
+  return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons for the reward model.
+
+
+@dataclasses.dataclass
+class PromptComparisons:
+  """All the compared responses to one prompt (at most K of them) and which beat which."""
+  prompt: tuple[chat.Message, ...]
+  responses: list[str]
+  pairs: list[tuple[int, int, float]]  # (winner index, loser index, margin)
+  where: list[str]
+
+  @property
+  def group(self) -> str:
+    return json.dumps([dataclasses.astuple(m) for m in self.prompt])
+
+
+def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], list[tuple[int, int, float]]]:
+  """(responses, [(winner, loser, margin)]) of one pairwise or ranked record; DataError on anything wrong."""
+  def text(value, name):
+    if not isinstance(value, str) or not value.strip():
+      raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r:.60}.")
+    return value
+  margin = record.get("margin", 0.0)
+  if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+    raise DataError(f"{where}: field 'margin' must be a number, got {margin!r}.")
+  if "chosen" in record or "rejected" in record:
+    for name in ("chosen", "rejected"):
+      if name not in record:
+        raise DataError(f"{where}: a pairwise comparison needs both 'chosen' and 'rejected'; {name!r} is missing.")
+    chosen, rejected = text(record["chosen"], "chosen"), text(record["rejected"], "rejected")
+    if chosen == rejected:
+      raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a comparison needs two different "
+                      "responses.")
+    return [chosen, rejected], [(0, 1, float(margin))]
+  if "responses" in record or "ranking" in record:
+    for name in ("responses", "ranking"):
+      if name not in record:
+        raise DataError(f"{where}: a ranked comparison needs both 'responses' and 'ranking'; {name!r} is missing.")
+    responses, ranking = record["responses"], record["ranking"]
+    if not isinstance(responses, list) or len(responses) < 2:
+      raise DataError(f"{where}: 'responses' must be a list of at least 2 strings.")
+    responses = [text(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    if len(set(responses)) != len(responses):
+      raise DataError(f"{where}: 'responses' holds the same text twice; each ranked response must differ.")
+    k = len(responses)
+    if (not isinstance(ranking, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranking)
+        or sorted(ranking) != list(range(k))):
+      raise DataError(f"{where}: 'ranking' must list the indices 0..{k - 1} of 'responses' once each, best "
+                      f"first; got {ranking!r:.80}.")
+    # A ranking of K responses gives all K(K-1)/2 pairs.
+    return responses, [(ranking[a], ranking[b], float(margin)) for a in range(k) for b in range(a + 1, k)]
+  raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {sorted(record)}.")
+
+
+def load_comparisons(sources: Sequence[str], *, max_responses: int,
+                     cache_dir: str | None = None) -> list[PromptComparisons]:
+  """Comparisons grouped by prompt, each group holding at most `max_responses` distinct responses.
+
+  Pairwise records of the same prompt are merged (responses matched by text); a prompt with more distinct
+  responses than `max_responses` is split into several groups. A single ranking longer than `max_responses`
+  is refused: its pairs belong together.
+  """
+  del cache_dir
+  groups: dict[str, list[PromptComparisons]] = {}
+  order: list[PromptComparisons] = []
+  n_records = 0
+  for where, record in data_lib.load_records(sources, expected=_PREF_EXPECTED):
+    try:
+      prompt = tuple(chat.prompt_messages(record, where))
+    except chat.ChatFormatError as e:
+      raise DataError(str(e)) from None
+    if prompt[-1].role == "assistant":
+      raise DataError(f"{where}: the prompt's last turn is the assistant's; the compared responses must answer "
+                      "a user (or system) turn.")
+    responses, pairs = _pairs_of_record(record, where)
+    if len(responses) > max_responses:
+      raise DataError(f"{where}: {len(responses)} ranked responses, more than data.max_responses="
+                      f"{max_responses}; raise data.max_responses.")
+    n_records += 1
+    key = json.dumps([dataclasses.astuple(m) for m in prompt])
+    target = None
+    for g in groups.get(key, []):
+      if len(set(g.responses) | set(responses)) <= max_responses:
+        target = g
+        break
+    if target is None:
+      target = PromptComparisons(prompt, [], [], [])
+      groups.setdefault(key, []).append(target)
+      order.append(target)
+    index = []
+    for r in responses:
+      if r not in target.responses:
+        target.responses.append(r)
+      index.append(target.responses.index(r))
+    target.pairs.extend((index[w], index[l], m) for w, l, m in pairs)
+    target.where.append(where)
+  if not order:
+    raise DataError(f"data sources {list(sources)}: no comparison found.")
+  logging.info("%d comparison records -> %d prompt groups, %d pairs.", n_records, len(order),
+               sum(len(g.pairs) for g in order))
+  return order
+
+
+@dataclasses.dataclass
+class EncodedComparisons:
+  tokens: np.ndarray  # int32[N, K, L]
+  last: np.ndarray  # int32[N, K]
+  pairs: np.ndarray  # float32[N, K, K]
+  margins: np.ndarray  # float32[N, K, K]
+
+
+def response_sequence(prompt: Sequence[chat.Message], response: str, tok: tokenizer_lib.Tokenizer, *,
+                      max_len: int) -> list[int]:
+  """Prompt + response + <|end|>, at most `max_len` tokens: the prompt keeps its latest turns, and a long
+  response keeps its beginning (at least half the context is left to it)."""
+  reply = chat.encode_content(response, tok) + [tok.end_of_turn_id]
+  reply = reply[:max(max_len // 2, max_len - len(chat.prompt_tokens(prompt, tok, max_tokens=max_len)))]
+  return chat.prompt_tokens(prompt, tok, max_tokens=max_len - len(reply)) + reply
+
+
+def encode_comparisons(groups: Sequence[PromptComparisons], tok: tokenizer_lib.Tokenizer, *, max_len: int,
+                       max_responses: int) -> EncodedComparisons:
+  n, k = len(groups), max_responses
+  tokens = np.full((n, k, max_len), tok.pad_id, np.int32)
+  last = np.zeros((n, k), np.int32)
+  pairs = np.zeros((n, k, k), np.float32)
+  margins = np.zeros((n, k, k), np.float32)
+  for g_index, g in enumerate(groups):
+    for r_index, response in enumerate(g.responses):
+      seq = response_sequence(g.prompt, response, tok, max_len=max_len)
+      tokens[g_index, r_index, :len(seq)] = seq
+      last[g_index, r_index] = len(seq) - 1
+    for w, l, m in g.pairs:
+      pairs[g_index, w, l] += 1.0
+      margins[g_index, w, l] = m
+  return EncodedComparisons(tokens, last, pairs, margins)
+
+
+class _RowsToRewardBatch:
+  def __init__(self, enc: EncodedComparisons, lo: int, hi: int):
+    self._enc, self._lo, self._hi = enc, lo, hi
+
+  def __call__(self, ids: np.ndarray) -> Batch:
+    ids = np.asarray(ids, np.int64).reshape(-1)[self._lo:self._hi]
+    rows = self._hi - self._lo
+    out = {}
+    for name in ("tokens", "last", "pairs", "margins"):
+      src = getattr(self._enc, name)
+      arr = np.zeros((rows,) + src.shape[1:], src.dtype)
+      arr[:ids.size] = src[ids]
+      out[name] = arr
+    return out
+
+
+def reward_dataset(enc: EncodedComparisons, *, seed: int, global_batch_size: int, process_index: int = 0,
+                   process_count: int = 1, shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
+  lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
+  ds = grain.MapDataset.range(enc.tokens.shape[0])
+  if shuffle:
+    ds = ds.shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
+  ds = ds.repeat(num_epochs, reseed_each_epoch=True).batch(global_batch_size, drop_remainder=num_epochs is None)
+  return ds.map(_RowsToRewardBatch(enc, lo, hi)).to_iter_dataset(_read_options())
+
+
+def reward_eval_batches(enc: EncodedComparisons, *, batch_size: int, max_batches: int = 0, process_index: int = 0,
+                        process_count: int = 1) -> list[Batch]:
+  """Every held-out prompt once; rows past the end are all-zero (no pairs, so they weigh nothing)."""
+  ds = reward_dataset(enc, seed=0, global_batch_size=batch_size, process_index=process_index,
+                      process_count=process_count, shuffle=False, num_epochs=1)
+  return [b for i, b in enumerate(ds) if not max_batches or i < max_batches]
+
+
+def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
+  """Writes records atomically (a crash leaves the old file or the new one, never half of one)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
