@@ -111,3 +111,108 @@ def check_tokenizer(meta: dict[str, Any], tokenizer_sha256: str, *, where: str) 
         f"{where} was trained with tokenizer sha256 {recorded}, but the tokenizer in use has sha256 "
         f"{tokenizer_sha256}. Token ids would mean different things. Use the tokenizer saved with that run "
         "(config.tokenizer.path = <its workdir>/tokenizer.model) or start from a fresh workdir.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-off between stages: parameters of one stage's checkpoint as the starting point of the next.
+
+
+def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
+  """The checkpoints folder and step that `path` names.
+
+  Args:
+    path: a run's workdir (holding checkpoints/), a checkpoints folder, or one step folder (<...>/<step>).
+    step: with a workdir or checkpoints folder, the step to use; -1: the newest complete one.
+  Returns:
+    (checkpoints folder, step).
+  Raises:
+    CheckpointError: nothing usable at `path`; says what was looked for.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"init checkpoint {path}: no such folder. Expected a run's workdir, its "
+                          "checkpoints/ folder or one checkpoints/<step> folder.")
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    if step not in (-1, int(base)):
+      raise CheckpointError(f"init checkpoint {path} is step {base}, but init.step={step}.")
+    return os.path.dirname(path), int(base)
+  folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  steps = sorted(int(n) for n in os.listdir(folder)
+                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+  if not steps:
+    raise CheckpointError(f"init checkpoint {path}: no complete checkpoint in {folder} (a step folder holds "
+                          "state/, meta/ and data/; interrupted saves are *.orbax-checkpoint-tmp-*).")
+  if step == -1:
+    return folder, steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"init checkpoint {folder}: no step {step}; available: {steps}.")
+  return folder, step
+
+
+def read_step_meta(folder: str, step: int) -> dict[str, Any]:
+  """The `meta` item of checkpoint `folder/step`, read without opening a CheckpointManager."""
+  try:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(folder, str(step), "meta"),
+                                                                 args=ocp.args.JsonRestore())
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{folder}/{step}: cannot read its meta item ({type(e).__name__}: {e}).") from e
+
+
+def _flat_names(tree: Any) -> dict[str, Any]:
+  """'a/b/c' -> leaf for a nested dict-like tree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
+  return out
+
+
+def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sha256: str | None,
+                unused_ok: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], str]:
+  """Restores only the parameters of another run's checkpoint, onto the shardings of `abstract_params`.
+
+  Every parameter of `abstract_params` must exist in the checkpoint with the same shape; every parameter of
+  the checkpoint must be wanted, except names under a prefix in `unused_ok` (e.g. the LM head of an SFT model
+  that a reward model does not use). All differences are reported together, by name, in one error.
+
+  Args:
+    path: see `resolve_checkpoint`.
+    abstract_params: ShapeDtypeStructs (with shardings) of the parameters to fill; dtypes are cast.
+    step: see `resolve_checkpoint`.
+    tokenizer_sha256: the tokenizer in use; refused if the checkpoint was trained with another. None: no check.
+    unused_ok: name prefixes ("head", "block_0/mlp") of checkpoint parameters that may be left out.
+  Returns:
+    (params, the checkpoint's meta, "folder/step" for logs).
+  Raises:
+    CheckpointError: missing, unexpected or differently shaped parameters.
+    TokenizerMismatchError: the checkpoint was trained with another tokenizer.
+  """
+  folder, step = resolve_checkpoint(path, step)
+  where = f"{folder}/{step}"
+  meta = read_step_meta(folder, step)
+  saved = ocp.PyTreeCheckpointer().metadata(os.path.join(where, "state")).item_metadata
+  if tokenizer_sha256 is not None:
+    check_tokenizer(meta, tokenizer_sha256, where=f"The init checkpoint {where}")
+  if saved is None or "params" not in saved:
+    raise CheckpointError(f"{where}: no params in the saved state (is this a gptrl training checkpoint?).")
+  have = {k: tuple(v.shape) for k, v in _flat_names(saved["params"]).items()}
+  want = {k: tuple(v.shape) for k, v in _flat_names(abstract_params).items()}
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(k for k in set(have) - set(want)
+                      if not any(k == p or k.startswith(p + "/") for p in unused_ok))
+  reshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  if missing or unexpected or reshaped:
+    lines = [f"  {k}: checkpoint {have[k]}, model {want[k]}" for k in reshaped]
+    lines += [f"  {k}: in the model {want[k]}, not in the checkpoint" for k in missing]
+    lines += [f"  {k}: in the checkpoint {have[k]}, not in the model" for k in unexpected]
+    stage = meta.get("stage", "?")
+    raise CheckpointError(
+        f"The parameters of {where} (stage {stage!r}, model {meta.get('model')}) do not fit the model being "
+        f"initialised; {len(lines)} parameter(s) differ:\n" + "\n".join(lines) +
+        "\nUse the same model shape as that run (shapes come from its checkpoint meta), or another checkpoint.")
+  target = {"params": abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(where, "state"),
+      args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True))
+  return restored["params"], meta, where

@@ -213,7 +213,195 @@ class PretrainConfig:
            f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {self.data.batch_size}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+def _check_trainable_stage(cfg: Any, *, init_from: str) -> None:
+  """Checks shared by the stages that train from another stage's checkpoint."""
+  _check(bool(cfg.workdir), "workdir", "must be set")
+  _check(bool(cfg.init.checkpoint), "init.checkpoint", f"must name {init_from} to start from")
+  _check(cfg.data.batch_size % cfg.optim.grad_accum_steps == 0, "data.batch_size",
+         f"must be divisible by optim.grad_accum_steps={cfg.optim.grad_accum_steps}, got {cfg.data.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where a stage's parameters start: another stage's checkpoint (params only, onto the current mesh)."""
+  checkpoint: str = ""  # a workdir, its checkpoints/ folder, or one step folder (checkpoints/<step>)
+  step: int = -1  # -1: the newest valid step
+
+  def __post_init__(self):
+    _check(self.step >= -1, "init.step", f"must be >= 0 or -1 (newest), got {self.step}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRuntimeConfig:
+  """How to run a model whose shape comes from its checkpoint; "" / -1 keep the checkpoint's setting."""
+  dropout: float = -1.0
+  dtype: str = ""
+  remat: str = ""
+  attention: str = ""
+
+  def apply(self, model: ModelConfig) -> ModelConfig:
+    changes = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", -1.0)}
+    return dataclasses.replace(model, **changes)  # ModelConfig checks the values, naming config.model.<key>
+
+  def __post_init__(self):
+    if self.dropout != -1.0:
+      _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) or -1 (keep), got {self.dropout}")
+    for name, allowed in (("dtype", ("float32", "bfloat16", "float16")), ("remat", ("none", "block", "dots")),
+                          ("attention", ("xla", "dot_product"))):
+      value = getattr(self, name)
+      _check(value == "" or value in allowed, f"model.{name}",
+             f"must be one of {list(allowed)} or '' (keep the checkpoint's), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDataConfig:
+  """Conversations for SFT (and the prompts the labelling stage and PPO sample from)."""
+  # JSONL files/folders/globs of {"prompt","response"} or {"messages": [...]}, tfds:NAME[:SPLIT] with the same
+  # fields, or "shakespeare_dialogue" (two-speaker exchanges from the plays, built by gptrl/dialogue.py).
+  sources: tuple[str, ...] = ("shakespeare_dialogue",)
+  eval_fraction: float = 0.05  # share of groups (plays, or records) held out
+  split_seed: int = 0
+  batch_size: int = 16  # conversations per optimizer step
+  eval_batches: int = 8  # 0: the whole eval split
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+    _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSampleConfig:
+  """Replies sampled at eval time to held-out prompts, for a person to read."""
+  num_prompts: int = 4
+  max_new_tokens: int = 48
+  temperature: float = 0.8
+  top_k: int = 40
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    _check(self.num_prompts >= 0, "sample.num_prompts", f"must be >= 0, got {self.num_prompts}")
+    _check(self.max_new_tokens >= 1, "sample.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+    _check(self.temperature >= 0, "sample.temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+    _check(self.top_k >= 0, "sample.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+    _check(0.0 < self.top_p <= 1.0, "sample.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Stage 2: supervised fine-tuning on demonstrations, initialised from a pretraining checkpoint."""
+  stage: str = "sft"
+  workdir: str = "runs/sft"
+  seed: int = 0
+  init: InitConfig = InitConfig()
+  tokenizer_path: str = ""  # "": the tokenizer.model of the init checkpoint's workdir
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: ChatDataConfig = ChatDataConfig()
+  sample: ChatSampleConfig = ChatSampleConfig()
+  train: TrainConfig = TrainConfig()
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check_trainable_stage(self, init_from="the pretraining run")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+  """The automatic rater that stands in for people when labelling comparisons."""
+  name: str = "vader"  # "vader": VADER sentiment compound score (kinder replies are better) | "length"
+  min_gap: float = 0.3  # drop pairs whose judge scores differ by less than this
+
+  def __post_init__(self):
+    _check(self.name in ("vader", "length"), "judge.name", f"must be 'vader' or 'length', got {self.name!r}")
+    _check(self.min_gap >= 0, "judge.min_gap", f"must be >= 0, got {self.min_gap}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+  """Labelling: the SFT model samples K replies per prompt, a judge compares them -> comparisons JSONL."""
+  stage: str = "label"
+  workdir: str = "runs/label"
+  seed: int = 0
+  init: InitConfig = InitConfig()  # the SFT run
+  tokenizer_path: str = ""
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: ChatDataConfig = ChatDataConfig()  # prompts: the training split of these conversations
+  num_prompts: int = 512  # 0: every training prompt
+  responses_per_prompt: int = 4
+  batch_size: int = 64  # sequences sampled together
+  sample: ChatSampleConfig = ChatSampleConfig(temperature=1.0, top_k=0)
+  judge: JudgeConfig = JudgeConfig()
+  progress_bar: bool = True
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check(bool(self.workdir), "workdir", "must be set")
+    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
+    _check(self.num_prompts >= 0, "num_prompts", f"must be >= 0 (0 = all), got {self.num_prompts}")
+    _check(self.responses_per_prompt >= 2, "responses_per_prompt", f"must be >= 2, got {self.responses_per_prompt}")
+    _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceDataConfig:
+  """Comparisons for the reward model: pairwise {chosen, rejected} or ranked {responses, ranking} JSONL."""
+  sources: tuple[str, ...] = ("runs/label/comparisons.jsonl",)
+  eval_fraction: float = 0.1  # share of prompts held out
+  split_seed: int = 0
+  batch_size: int = 16  # prompts per optimizer step (each with all its compared responses)
+  max_responses: int = 4  # K: responses per prompt in one batch element; a prompt with more is split
+  eval_batches: int = 0  # 0: the whole eval split
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+    _check(self.max_responses >= 2, "data.max_responses", f"must be >= 2, got {self.max_responses}")
+    _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardHeadConfig:
+  """The scalar head and its loss."""
+  head_init_std: float = 1e-3  # fresh head, small so initial rewards are near 0
+  margin_scale: float = 0.0  # loss -log sigmoid(r_c - r_r - margin_scale * margin); margin from each record
+  normalize_samples: int = 64  # SFT replies to training prompts scored to centre the reward (0: skip)
+  normalize_max_new_tokens: int = 48
+
+  def __post_init__(self):
+    _check(self.head_init_std > 0, "reward.head_init_std", f"must be > 0, got {self.head_init_std}")
+    _check(self.margin_scale >= 0, "reward.margin_scale", f"must be >= 0, got {self.margin_scale}")
+    _check(self.normalize_samples >= 0, "reward.normalize_samples", f"must be >= 0, got {self.normalize_samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """Stage 3: a Bradley-Terry reward model initialised from the SFT checkpoint."""
+  stage: str = "reward"
+  workdir: str = "runs/reward"
+  seed: int = 0
+  init: InitConfig = InitConfig()  # the SFT run
+  tokenizer_path: str = ""
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: PreferenceDataConfig = PreferenceDataConfig()
+  reward: RewardHeadConfig = RewardHeadConfig()
+  train: TrainConfig = TrainConfig()
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check_trainable_stage(self, init_from="the SFT run")
+
+
+STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig,
+                                  "reward": RewardConfig}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -277,6 +465,12 @@ def from_configdict(cls: type, config: Mapping[str, Any] | Any, *, prefix: str =
       _fail(full, f"unknown key.{_suggest(key, fields)} Valid keys here: {', '.join(sorted(fields))}.")
     kwargs[key] = _coerce(value, hints[key], full)
   return cls(**kwargs)
+
+
+def as_configdict(config: Any) -> Any:
+  """A dataclass config (e.g. `MeshConfig()`) as an ml_collections.ConfigDict, for config files to start from."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(to_dict(config))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

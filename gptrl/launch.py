@@ -19,7 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=None, help_string="P
                                           lock_config=True)
 
 # Stage name -> module with `run(typed_config)`; imported lazily so `--help` stays fast.
-STAGES = {"pretrain": "gptrl.stages.pretrain"}
+STAGES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
+          "reward": "gptrl.stages.reward"}
 
 
 def _usage_error(message: str) -> None:

@@ -5,13 +5,9 @@ tests that only need "a workdir with checkpoints" (copied, so they cannot distur
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -21,26 +17,11 @@ import pytest
 from gptrl import data as data_lib
 from gptrl import trainer
 from gptrl.corpus import Document
+from helpers import REPO, check_ok as _check_ok, complete_steps as _complete_steps, params as _params
+from helpers import run as _run, start as _start, train_steps as _train_steps, wait_for as _wait_for
+from helpers import write_corpus as _write_corpus
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
-
-
-def _write_corpus(folder: pathlib.Path, seed: int = 0, files: int = 4, lines: int = 120) -> None:
-  """A few hundred varied English-like sentences in several .txt files (one file per split group)."""
-  rng = random.Random(seed)
-  subj = ["the king", "a young sailor", "my old friend", "the quiet river", "every merchant", "the tall tower",
-          "a clever fox", "our neighbour"]
-  verb = ["walks to", "dreams of", "speaks with", "looks at", "carries", "remembers", "builds", "follows"]
-  obj = ["the market", "a silver cup", "the northern hills", "an empty boat", "the bright morning",
-         "a wooden bridge", "the winter garden", "seven stones"]
-  tail = ["before dawn", "with great care", "in the rain", "after supper", "without a word", "for many years",
-          "near the sea", "at the gate"]
-  folder.mkdir(parents=True, exist_ok=True)
-  for i in range(files):
-    with open(folder / f"book{i}.txt", "w", encoding="utf-8") as f:
-      for _ in range(lines):
-        f.write(f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}.\n")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +29,6 @@ def corpus(tmp_path_factory) -> pathlib.Path:
   folder = tmp_path_factory.mktemp("corpus")
   _write_corpus(folder)
   return folder
-
-
-def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = ""  # one CPU device: the fastest launch on a small machine
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def _argv(workdir: pathlib.Path, corpus: pathlib.Path, cache: pathlib.Path, **overrides) -> list[str]:
@@ -66,55 +39,6 @@ def _argv(workdir: pathlib.Path, corpus: pathlib.Path, cache: pathlib.Path, **ov
   flags.update(overrides)
   return [sys.executable, "-m", "gptrl.launch", "--config", str(REPO / "configs/pretrain_cpu.py:tiny")] + [
       f"--config.{k}={v}" for k, v in flags.items()]
-
-
-def _run(argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-  return subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _start(argv: list[str], log: pathlib.Path) -> tuple[subprocess.Popen, object]:
-  f = open(log, "w", encoding="utf-8")  # pylint: disable=consider-using-with
-  return subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT), f
-
-
-def _wait_for(proc: subprocess.Popen, path: pathlib.Path, timeout: float = 120) -> bool:
-  """Polls until `path` exists; False if the process ended first."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if path.is_dir():
-      return True
-    if proc.poll() is not None:
-      return path.is_dir()
-    time.sleep(0.02)
-  raise TimeoutError(f"{path} did not appear within {timeout} s")
-
-
-def _complete_steps(workdir: pathlib.Path) -> list[int]:
-  ckpts = workdir / "checkpoints"
-  return sorted(int(p.name) for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit()) if ckpts.exists() else []
-
-
-def _params(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
-  import jax
-  import orbax.checkpoint as ocp
-  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-  leaves = jax.tree_util.tree_leaves_with_path(restored["params"])
-  assert leaves
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-
-
-def _train_steps(workdir: pathlib.Path) -> list[int]:
-  steps = []
-  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        steps.append(row["step"])
-  return steps
-
-
-def _check_ok(result: subprocess.CompletedProcess) -> None:
-  assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")

@@ -101,3 +101,77 @@ def resolve_vocab_size(model_cfg: config_lib.ModelConfig, tok: tokenizer_lib.Tok
         f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
         f"({tok.path}). Set it to 0 to take the tokenizer's size.")
   return model_cfg
+
+
+def read_meta(path: str, step: int = -1) -> tuple[dict[str, Any], str, int]:
+  """(meta, checkpoints folder, step) of another run's checkpoint (see checkpoint.resolve_checkpoint)."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  folder, step = ckpt_lib.resolve_checkpoint(path, step)
+  meta = ckpt_lib.read_step_meta(folder, step)
+  return meta, folder, step
+
+
+def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
+                runtime: config_lib.ModelRuntimeConfig, *, expect_stage: tuple[str, ...]
+                ) -> tuple[config_lib.ModelConfig, tokenizer_lib.Tokenizer, dict[str, Any]]:
+  """The model shape, tokenizer and meta of the run a stage starts from.
+
+  The model's shape is the init checkpoint's (from its meta); `runtime` may change how it runs (dtype, remat,
+  dropout, attention). The tokenizer is `tokenizer_path` or the init run's `tokenizer.model`, copied into this
+  workdir, and must be the one the checkpoint was trained with.
+  """
+  meta, folder, step = read_meta(init.checkpoint, init.step)
+  where = f"{folder}/{step}"
+  if meta.get("stage") not in expect_stage:
+    logging.warning("init checkpoint %s is from stage %r; this stage expects %s.", where, meta.get("stage"),
+                    " or ".join(repr(s) for s in expect_stage))
+  if "model" not in meta:
+    raise config_lib.ConfigError(f"init.checkpoint: {where} has no model config in its meta.")
+  fields = {f for f in config_lib.ModelConfig.__dataclass_fields__}
+  model_cfg = config_lib.ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+  model_cfg = runtime.apply(model_cfg)
+  source_tok = tokenizer_path or os.path.join(os.path.dirname(folder), "tokenizer.model")
+  if not os.path.exists(source_tok):
+    raise config_lib.ConfigError(f"tokenizer_path: {source_tok} does not exist; set tokenizer_path to the "
+                                 f"tokenizer the run in {os.path.dirname(folder)} was trained with.")
+  tok = load_or_train_tokenizer(config_lib.TokenizerConfig(path=source_tok), workdir, None)
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  ckpt_lib.check_tokenizer(meta, tok.sha256, where=f"The init checkpoint {where}")
+  return model_cfg, tok, {**meta, "init_checkpoint": where}
+
+
+def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh, init: config_lib.InitConfig, *,
+                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = ()) -> Any:
+  """The parameters of `init.checkpoint` for `module`, laid out on `mesh` by the sharding rules (no optimizer
+  state): the way a stage loads a model it samples from or scores with but does not train."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import sharding  # pylint: disable=import-outside-toplevel
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), example_tokens)["params"])
+    shardings = sharding.tree_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                          abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  params, _, where = ckpt_lib.load_params(init.checkpoint, ckpt_lib.abstract_like(abstract, shardings),
+                                          step=init.step, tokenizer_sha256=tokenizer_sha256, unused_ok=unused_ok)
+  logging.info("Loaded the parameters of %s.", where)
+  return params
+
+
+def resume(checkpointer: Any, state: Any, state_shardings: Any, *, tokenizer_sha256: str, fingerprint: str,
+           fingerprint_parts: dict[str, Any], train_iter: Any) -> tuple[int, Any] | None:
+  """Restores this workdir's newest valid checkpoint into (state, train_iter), checking that it belongs to the
+  same tokenizer and data pipeline; None when there is none (a fresh start)."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import data as data_lib  # pylint: disable=import-outside-toplevel
+  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
+  if restored is None:
+    return None
+  step, state, data_state, meta = restored
+  where = f"{checkpointer.directory}/{step}"
+  ckpt_lib.check_tokenizer(meta, tokenizer_sha256, where=f"The checkpoint {where}")
+  data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
+                             saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
+  train_iter.set_state(data_state["iterator"])
+  logging.info("Resumed from %s.", where)
+  return step, state

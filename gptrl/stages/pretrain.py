@@ -10,7 +10,6 @@ import logging
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -128,15 +127,10 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
   logging.info("Model: %s parameters, %s.", f"{n_params:,}", model_cfg)
 
   start_step = 0
-  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
-  if restored is not None:
-    start_step, state, data_state, meta = restored
-    ckpt_lib.check_tokenizer(meta, tok.sha256, where=f"The checkpoint {checkpointer.directory}/{start_step}")
-    data_lib.check_fingerprint(data_state["fingerprint"], fingerprint,
-                               where=f"{checkpointer.directory}/{start_step}",
-                               saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
-    train_iter.set_state(data_state["iterator"])
-    logging.info("Resumed from %s/%d.", checkpointer.directory, start_step)
+  resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
+                          fingerprint_parts=fingerprint_parts, train_iter=train_iter)
+  if resumed is not None:
+    start_step, state = resumed
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(lm_loss_fn(model), optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
