@@ -63,6 +63,10 @@ def encode_content(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
 
 
 def _as_messages(value: Any, where: str) -> list[Message]:
+  if (isinstance(value, Mapping) and set(value) == {"role", "content"} and isinstance(value["role"], list)
+      and isinstance(value["content"], list) and len(value["role"]) == len(value["content"])):
+    # Columnar form, as TFDS returns a Sequence of {role, content} features: {"role": [...], "content": [...]}.
+    value = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"])]
   if not isinstance(value, list) or not value:
     raise ChatFormatError(f"{where}: field 'messages' must be a non-empty list of "
                           f"{{'role', 'content'}} objects, got {type(value).__name__}.")

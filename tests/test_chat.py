@@ -146,3 +146,37 @@ def test_split_by_group_keeps_groups_together():
   assert train and held and len(train) + len(held) == 70
   assert not {c.group for c in train} & {c.group for c in held}
   assert chat_data.split_by_group(convs, eval_fraction=0.3, seed=0) == (train, held)
+
+
+@pytest.fixture(scope="module")
+def chat_tfds_dir(tmp_path_factory):
+  """An array_record TFDS dataset of multi-turn chats (messages as a Sequence of role/content features)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class GptrlTinyChat(tfds.core.GeneratorBasedBuilder):
+    """Two conversations."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"messages": [{"role": "user", "content": "hi é"}, {"role": "assistant", "content": "hello"}]}
+      yield 1, {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a"}]}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  GptrlTinyChat(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_tfds_conversations(chat_tfds_dir):
+  convs = chat_data.load_conversations([f"tfds:gptrl_tiny_chat:train?data_dir={chat_tfds_dir}"])
+  assert sorted((c.messages for c in convs), key=len) == [
+      (Message("user", "hi é"), Message("assistant", "hello")),
+      (Message("system", "s"), Message("user", "q"), Message("assistant", "a"))]
+  assert all(c.where.startswith("tfds:gptrl_tiny_chat:train#") for c in convs)
