@@ -2,11 +2,17 @@
 
 Shape letters used in names (the legend is also in README.md):
   B batch, T sequence length (queries), S key/value length, D model width (d_model),
-  H attention heads, K head dimension, F MLP hidden width, V vocabulary size.
+  H attention heads, K head dimension, F MLP hidden width, V vocabulary size,
+  N new tokens per sequence (sampling), L a token buffer's length (prompt + N).
 
 Logical axis names (mapped to mesh axes only in gptrl/sharding.py):
   parameters:  vocab, embed, mlp, heads, kv, positions, norm
   activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab
+  (the decode cache uses the activation names: keys/values [batch, length, act_heads, act_kv].)
+
+Incremental decoding: `GPT.apply(..., decode=True, mutable=["cache"])` with a cache from `init_cache` runs
+only the new tokens through the model; each attention layer keeps their keys and values in the flax "cache"
+collection (see `Attention`).
 """
 from __future__ import annotations
 
@@ -65,15 +71,36 @@ def rotary_embedding(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: floa
   return out.astype(x_BxTxHxK.dtype)
 
 
+def _causal_mask(valid_BxT: jax.Array | None, t: int, b: int) -> jax.Array:
+  """[B, 1, T, T]: query t may attend to key s <= t, and only to valid keys (all valid when None)."""
+  mask_Bx1xTxS = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=jnp.bool_)), (b, 1, t, t))
+  if valid_BxT is not None:
+    mask_Bx1xTxS = mask_Bx1xTxS & valid_BxT.astype(jnp.bool_)[:, None, None, :]
+  return mask_Bx1xTxS
+
+
 class Attention(nn.Module):
-  """Multi-head causal self-attention."""
+  """Multi-head causal self-attention, over the current tokens or (decode=True) over a key/value cache.
+
+  With `decode=True` the layer keeps, in the "cache" collection:
+    cached_key, cached_value: [B, S, H, K] in the compute dtype (keys already rotated when rope is used);
+    cached_valid: [B, S] bool, which slots hold real tokens that queries may attend to;
+    index: int32 scalar, the next slot to write.
+  A call with T tokens writes them at slots [index, index + T), lets the query at slot index + t attend to the
+  valid slots s <= index + t, and advances index by T, so one code path serves prefill and per-token steps.
+  S (the cache length) is the length of the tokens `init` saw; during init the cache is only created.
+  Writing past S is not checked (dynamic_update_slice would clamp the index): callers size the cache.
+  """
   config: ModelConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array | None) -> jax.Array:
+    """x [B, T, D], positions [B, T], valid [B, T] (1 for real tokens; None: all) -> [B, T, D]."""
     cfg = self.config
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    b, t = x_BxTxD.shape[:2]
     # Explicit params + einsum (not nn.DenseGeneral, which reshapes a boxed flat kernel and so breaks
     # logical sharding under an active mesh).
     qkv_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "heads", "kv"))
@@ -88,7 +115,12 @@ class Attention(nn.Module):
     if cfg.pos_embedding == "rope":
       q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta)
       k_BxSxHxK = rotary_embedding(k_BxSxHxK, positions_BxT, cfg.rope_theta)
+    if self.decode:
+      k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS = self._update_cache(k_BxSxHxK, v_BxSxHxK, valid_BxT)
+    else:
+      mask_Bx1xTxS = _causal_mask(valid_BxT, t, b)
 
+    # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well.
     if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
       out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS)
     else:
@@ -104,6 +136,41 @@ class Attention(nn.Module):
                                             ("heads", "kv", "embed"))
     out_HxKxD = self.param("out", out_init, (cfg.num_heads, cfg.head_dim, cfg.d_model), param_dtype)
     return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, out_HxKxD.astype(dtype))
+
+  def _update_cache(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
+                    valid_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the new keys/values into the cache; returns all cached keys [B, S, H, K], values, mask [B,1,T,S]."""
+    b, t = k_BxTxHxK.shape[:2]
+    initializing = self.is_initializing()
+    if not initializing and not self.has_variable("cache", "cached_key"):
+      raise ValueError("GPT(decode=True) needs a cache: pass variables={'params': ..., 'cache': "
+                       "gptrl.model.init_cache(model, batch_size, length)} and mutable=['cache'].")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxHxK.shape, k_BxTxHxK.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxHxK.shape, v_BxTxHxK.dtype)
+    cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (b, t), jnp.bool_)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if initializing:  # The cache takes its shapes from the init input; nothing is written yet.
+      return k_BxTxHxK, v_BxTxHxK, _causal_mask(valid_BxT, t, b)
+
+    if valid_BxT is None:
+      valid_BxT = jnp.ones((b, t), jnp.bool_)
+    start = index.value
+    key_BxSxHxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxTxHxK.astype(cached_key.value.dtype),
+                                               (0, start, 0, 0))
+    value_BxSxHxK = jax.lax.dynamic_update_slice(cached_value.value,
+                                                 v_BxTxHxK.astype(cached_value.value.dtype), (0, start, 0, 0))
+    valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxT.astype(jnp.bool_), (0, start))
+    key_BxSxHxK = _constrain(key_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+    value_BxSxHxK = _constrain(value_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+    valid_BxS = _constrain(valid_BxS, "batch", "length")
+    cached_key.value, cached_value.value, cached_valid.value = key_BxSxHxK, value_BxSxHxK, valid_BxS
+    index.value = start + t
+
+    s = key_BxSxHxK.shape[1]
+    query_slot_T = start + jnp.arange(t, dtype=jnp.int32)
+    causal_TxS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+    mask_Bx1xTxS = causal_TxS[None, None] & valid_BxS[:, None, None, :]
+    return key_BxSxHxK, value_BxSxHxK, mask_Bx1xTxS
 
 
 class Mlp(nn.Module):
@@ -127,13 +194,14 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + Attn(Norm(x)), then + Mlp(Norm(x))."""
   config: ModelConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array | None) -> jax.Array:
     cfg = self.config
     drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=self.deterministic)
-    h = Attention(cfg, self.deterministic, name="attn")(Norm(cfg, name="ln_attn")(x_BxTxD), positions_BxT,
-                                                        mask_Bx1xTxS)
+    h = Attention(cfg, self.deterministic, self.decode, name="attn")(Norm(cfg, name="ln_attn")(x_BxTxD),
+                                                                     positions_BxT, valid_BxT)
     x_BxTxD = _constrain(x_BxTxD + drop(h), "batch", "length", "act_embed")
     h = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BxTxD))
     return _constrain(x_BxTxD + drop(h), "batch", "length", "act_embed")
@@ -149,22 +217,38 @@ class GPT(nn.Module):
   """The decoder-only transformer.
 
   Call: `logits_BxTxV = GPT(cfg).apply(variables, tokens_BxT, ...)`; with `return_hidden=True` it returns
-  `(logits_BxTxV, hidden_BxTxD)` where `hidden` is the final-norm output that scalar heads (reward, value) read.
+  `(logits_BxTxV, hidden_BxTxD)` where `hidden` is the final-norm output that scalar heads (reward, value) read;
+  with `compute_logits=False` it returns only `hidden_BxTxD` and skips the [D, V] output projection.
+
+  Incremental decoding (see `Attention` and `init_cache`):
+    cache = init_cache(model, batch_size, length)
+    logits_BxTxV, updated = model.apply({"params": params, "cache": cache}, tokens_BxT, positions_BxT=...,
+                                        attention_mask_BxT=..., decode=True, mutable=["cache"])
+  then pass `updated["cache"]` to the next call.
   """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                attention_mask_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False) -> Any:
+               return_hidden: bool = False, compute_logits: bool = True, decode: bool = False) -> Any:
     """Args:
       tokens_BxT: int token ids, all < vocab_size (checked on the host by the data pipeline).
-      positions_BxT: position of each token (default 0..T-1); lets left-padded rows start at 0.
-      attention_mask_BxT: 1 for real tokens, 0 for padding that no query may attend to (default all 1).
+      positions_BxT: position of each token (default 0..T-1); lets left-padded rows start at 0. Required with
+        `decode=True` (outside init): the positions of the new tokens.
+      attention_mask_BxT: 1 for real tokens, 0 for padding that no query may attend to (default all 1). With
+        `decode=True` it marks which of the new tokens later queries may attend to.
       deterministic: disables dropout (needs the 'dropout' rng when False).
       return_hidden: also return the final hidden states.
+      compute_logits: False skips the vocabulary projection and returns only the hidden states (for scalar
+        heads). With untied embeddings the "head" parameter is then not created by `init`, so initialise with
+        the default True when the logits will be needed later.
+      decode: attend over (and append to) the key/value cache in the "cache" collection instead of only over
+        `tokens_BxT`; needs `mutable=["cache"]` and a cache from `init_cache`. Tokens are written at the
+        cache's current index, so calls go prefill, then one step per new token.
     Returns:
-      float32 logits [B, T, V] (and hidden [B, T, D] in the compute dtype).
+      float32 logits [B, T, V]; `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
+      alone when `compute_logits=False`.
     """
     cfg = self.config
     if cfg.vocab_size <= 0:
@@ -172,11 +256,10 @@ class GPT(nn.Module):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     b, t = tokens_BxT.shape
     if positions_BxT is None:
+      if decode and not self.is_initializing():
+        raise ValueError("GPT(decode=True): pass positions_BxT, the positions of the new tokens (the model "
+                         "does not know where in the sequence the cache ends).")
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    causal_TxS = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-    mask_Bx1xTxS = jnp.broadcast_to(causal_TxS, (b, 1, t, t))
-    if attention_mask_BxT is not None:
-      mask_Bx1xTxS = mask_Bx1xTxS & attention_mask_BxT.astype(jnp.bool_)[:, None, None, :]
 
     embedding_VxD = self.param("token_embedding",
                                nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
@@ -194,8 +277,11 @@ class GPT(nn.Module):
     if cfg.remat != "none":
       block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
     for i in range(cfg.num_layers):
-      x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxS)
+      x_BxTxD = block_cls(cfg, deterministic, decode, name=f"block_{i}")(x_BxTxD, positions_BxT,
+                                                                        attention_mask_BxT)
     hidden_BxTxD = Norm(cfg, name="ln_final")(x_BxTxD)
+    if not compute_logits:
+      return hidden_BxTxD
 
     if cfg.tie_embeddings:
       logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD, embedding_VxD.astype(dtype),
@@ -209,6 +295,19 @@ class GPT(nn.Module):
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD
     return logits_BxTxV
+
+
+def init_cache(model: GPT, batch_size: int, length: int) -> Any:
+  """An empty decode cache for `batch_size` sequences of up to `length` tokens, without running the model.
+
+  The pytree (one entry per attention layer: cached_key/cached_value [B, S, H, K] in the compute dtype,
+  cached_valid [B, S] bool, index int32) is what `GPT.apply(..., decode=True)` expects as
+  `variables["cache"]`. Shapes come from `jax.eval_shape` of `init`, so no parameters are computed.
+  """
+  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, decode=True, compute_logits=False)["cache"], tokens)
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
 def count_params(params: Any) -> int:

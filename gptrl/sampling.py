@@ -2,7 +2,12 @@
 
 Prompts of different lengths are left-padded into one buffer; padding is masked out of attention and
 positions restart at 0 for each prompt's first real token, so a prompt's continuation does not depend on how
-much padding it got. This version recomputes the full forward pass for each new token (no KV cache).
+much padding it got.
+
+By default the prompt buffer is run through the model once (prefill) into a key/value cache
+(`gptrl.model.init_cache`, `GPT(decode=True)`), then each new token costs one single-token step. The
+full-recompute loop (`use_cache=False`: the whole buffer through the model for every token) is kept as the
+independent reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gptrl import losses
+from gptrl import model as model_lib
 
 
 def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -40,55 +48,107 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float, t
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "stop_id", "pad_id"))
-def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array,
-              rng: jax.Array, *, prompt_len: int, max_new_tokens: int, temperature: float, top_k: int,
-              top_p: float, stop_id: int, pad_id: int) -> jax.Array:
+def _next_token(logits_BxV: jax.Array, i: jax.Array | int, done_B: jax.Array, *, rng: jax.Array,
+                temperature: float, top_k: int, top_p: float, stop_id: int,
+                pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """New token i of every row (pad_id where the row had stopped), its log-prob, and the rows stopped after it.
+
+  The log-prob is under the raw model distribution (log_softmax of the unfiltered, untempered logits), 0 for
+  rows that had stopped. Step i draws from `fold_in(rng, i)` in both decoding loops, so they sample alike.
+  """
+  token_B = sample_token(logits_BxV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
+                         top_p=top_p)
+  token_B = jnp.where(done_B, pad_id, token_B)
+  logprob_B = jnp.where(done_B, 0.0, losses.token_log_probs(logits_BxV[:, None, :], token_B[:, None])[:, 0])
+  return token_B, logprob_B, done_B | (token_B == stop_id)
+
+
+def _recompute_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array,
+                    positions_BxL: jax.Array, next_token: Any, *, prompt_len: int,
+                    max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """The reference: every new token runs the whole buffer through the model. Returns tokens, log-probs [B, N]."""
   batch = buffer_BxL.shape[0]
 
   def body(i, carry):
-    buffer_BxL, mask_BxL, done_B = carry
+    buffer_BxL, mask_BxL, done_B, logprobs_BxN = carry
     logits_BxLxV = model.apply({"params": params}, buffer_BxL, positions_BxT=positions_BxL,
                                attention_mask_BxT=mask_BxL)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxLxV, prompt_len - 1 + i, axis=1, keepdims=False)
-    token_B = sample_token(logits_BxV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
-                           top_p=top_p)
-    token_B = jnp.where(done_B, pad_id, token_B)
+    token_B, logprob_B, new_done_B = next_token(logits_BxV, i, done_B)
     buffer_BxL = jax.lax.dynamic_update_slice_in_dim(buffer_BxL, token_B[:, None], prompt_len + i, axis=1)
+    # A row's stop token is attendable; its padding after the stop is not.
     mask_BxL = jax.lax.dynamic_update_slice_in_dim(mask_BxL, (~done_B)[:, None].astype(mask_BxL.dtype),
                                                    prompt_len + i, axis=1)
-    return buffer_BxL, mask_BxL, done_B | (token_B == stop_id)
+    logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, logprob_B[:, None], i, axis=1)
+    return buffer_BxL, mask_BxL, new_done_B, logprobs_BxN
 
-  buffer_BxL, _, _ = jax.lax.fori_loop(0, max_new_tokens, body,
-                                       (buffer_BxL, mask_BxL, jnp.zeros((batch,), jnp.bool_)))
-  return buffer_BxL[:, prompt_len:prompt_len + max_new_tokens]
+  buffer_BxL, _, _, logprobs_BxN = jax.lax.fori_loop(
+      0, max_new_tokens, body, (buffer_BxL, mask_BxL, jnp.zeros((batch,), jnp.bool_),
+                                jnp.zeros((batch, max_new_tokens), jnp.float32)))
+  return buffer_BxL[:, prompt_len:prompt_len + max_new_tokens], logprobs_BxN
 
 
-def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1) -> list[list[int]]:
-  """Samples continuations of token-id prompts.
+def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array,
+                 positions_BxL: jax.Array, next_token: Any, *, prompt_len: int,
+                 max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """Prefills the prompt into a KV cache, then one single-token step per new token.
 
-  Args:
-    model: a `gptrl.model.GPT` (its config's max_len bounds prompt + new tokens; prompts are cut from the left).
-    params: its parameters.
-    prompts: one list of token ids per prompt, each non-empty.
-    max_new_tokens: tokens to generate per prompt.
-    rng: PRNG key; row i uses the same draws whatever the other rows are.
-    temperature: 0 for greedy decoding.
-    top_k / top_p: filtering (0 / 1.0 disable).
-    stop_id: a row stops after emitting this token (kept in its output); -1: never stop early.
-    pad_id: the id used for padding.
-    batch_multiple: pad the batch to a multiple of this (the mesh's data-parallel size).
-  Returns:
-    The new tokens of each prompt, up to and including `stop_id` if it was emitted.
+  Same tokens and log-probs as `_recompute_loop` up to float summation order; returns both [B, N].
   """
-  if any(len(p) == 0 for p in prompts):
-    raise ValueError("generate: every prompt needs at least one token (prepend a BOS/EOS token).")
-  max_len = model.config.max_len
-  if max_new_tokens >= max_len:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
+  batch, length = buffer_BxL.shape
+
+  def forward(cache, tokens_BxT, positions_BxT, valid_BxT):
+    logits_BxTxV, variables = model.apply({"params": params, "cache": cache}, tokens_BxT,
+                                          positions_BxT=positions_BxT, attention_mask_BxT=valid_BxT,
+                                          decode=True, mutable=["cache"])
+    return logits_BxTxV[:, -1], variables["cache"]
+
+  logits_BxV, cache = forward(model_lib.init_cache(model, batch, length), buffer_BxL[:, :prompt_len],
+                              positions_BxL[:, :prompt_len], mask_BxL[:, :prompt_len])
+  token_B, logprob_B, done_B = next_token(logits_BxV, 0, jnp.zeros((batch,), jnp.bool_))
+  tokens_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
+  logprobs_BxN = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob_B)
+
+  def body(i, carry):
+    # Feeds token i-1 (attendable unless its row had stopped before it, as in `_recompute_loop`), then
+    # samples token i. The last token is never fed: N new tokens cost the prefill and N-1 steps.
+    cache, prev_token_B, prev_valid_B, done_B, tokens_BxN, logprobs_BxN = carry
+    position_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxL, prompt_len + i - 1, 1, axis=1)
+    logits_BxV, cache = forward(cache, prev_token_B[:, None], position_Bx1, prev_valid_B[:, None])
+    token_B, logprob_B, new_done_B = next_token(logits_BxV, i, done_B)
+    tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, token_B[:, None], i, axis=1)
+    logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, logprob_B[:, None], i, axis=1)
+    return cache, token_B, ~done_B, new_done_B, tokens_BxN, logprobs_BxN
+
+  _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.fori_loop(
+      1, max_new_tokens, body, (cache, token_B, jnp.ones((batch,), jnp.bool_), done_B, tokens_BxN, logprobs_BxN))
+  return tokens_BxN, logprobs_BxN
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "stop_id", "pad_id", "use_cache"))
+def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array,
+              rng: jax.Array, *, prompt_len: int, max_new_tokens: int, temperature: float, top_k: int,
+              top_p: float, stop_id: int, pad_id: int, use_cache: bool) -> tuple[jax.Array, jax.Array]:
+  """New tokens [B, N] (int32, pad_id after a row's stop) and their float32 log-probs [B, N]."""
+  if max_new_tokens == 0:
+    batch = buffer_BxL.shape[0]
+    return jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32)
+  next_token = functools.partial(_next_token, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 stop_id=stop_id, pad_id=pad_id)
+  loop = _cached_loop if use_cache else _recompute_loop
+  return loop(model, params, buffer_BxL, mask_BxL, positions_BxL, next_token, prompt_len=prompt_len,
+              max_new_tokens=max_new_tokens)
+
+
+def _prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,
+                   batch_multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """Left-pads the prompts (cut from the left to fit max_len) into int32 buffers [B, L], L = prompt_len + N.
+
+  Returns (tokens, mask, positions, prompt_len): mask is 1 on prompt tokens; positions count from 0 at each
+  prompt's first token through the new-token slots. B is rounded up to `batch_multiple` with copies of the
+  first prompt.
+  """
   prompts = [list(p)[-(max_len - max_new_tokens):] for p in prompts]
   prompt_len = max(len(p) for p in prompts)
   total = prompt_len + max_new_tokens
@@ -101,14 +161,55 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
     buffer[i, prompt_len - len(p):prompt_len] = p
     mask[i, prompt_len - len(p):prompt_len] = 1
     positions[i, prompt_len - len(p):] = np.arange(total - (prompt_len - len(p)))
-  out = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
-                  prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id))
-  out = np.asarray(jax.device_get(out))
-  results = []
-  for row in out[:len(prompts)]:
-    tokens = row.tolist()
-    if stop_id in tokens:
-      tokens = tokens[:tokens.index(stop_id) + 1]
-    results.append(tokens)
-  return results
+  return buffer, mask, positions, prompt_len
+
+
+def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1, use_cache: bool = True,
+             return_logprobs: bool = False) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
+  """Samples continuations of token-id prompts.
+
+  Args:
+    model: a `gptrl.model.GPT` (its config's max_len bounds prompt + new tokens; prompts are cut from the left).
+    params: its parameters.
+    prompts: one list of token ids per prompt, each non-empty.
+    max_new_tokens: tokens to generate per prompt.
+    rng: PRNG key; step i draws from `fold_in(rng, i)`, so row i uses the same draws whatever the other rows are.
+    temperature: 0 for greedy decoding.
+    top_k / top_p: filtering (0 / 1.0 disable).
+    stop_id: a row stops after emitting this token (kept in its output); -1: never stop early.
+    pad_id: the id used for padding.
+    batch_multiple: pad the batch to a multiple of this (the mesh's data-parallel size).
+    use_cache: prefill a key/value cache once, then one single-token step per new token; False recomputes the
+      whole buffer for every token (slow; the reference the cache is tested against). Both draw the same
+      random numbers, so they return the same tokens up to float rounding of near-tied logits.
+    return_logprobs: also return, per prompt, the float32 log-probability of each returned token under the
+      model's raw distribution (log_softmax of the logits, before temperature and top-k/top-p filtering), as
+      needed for PPO's old-policy log-probs.
+  Returns:
+    The new tokens of each prompt, up to and including `stop_id` if it was emitted; with `return_logprobs`,
+    `(tokens, logprobs)` where `logprobs[i]` is a float32 array as long as `tokens[i]`.
+  """
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("generate: every prompt needs at least one token (prepend a BOS/EOS token).")
+  max_len = model.config.max_len
+  if max_new_tokens >= max_len:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
+  buffer, mask, positions, prompt_len = _prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
+                                                       pad_id=pad_id, batch_multiple=batch_multiple)
+  out, logprobs = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
+                            prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                            top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id),
+                            use_cache=bool(use_cache))
+  out, logprobs = jax.device_get((out, logprobs))
+  tokens, token_logprobs = [], []
+  for row, row_logprobs in zip(np.asarray(out)[:len(prompts)], np.asarray(logprobs)[:len(prompts)]):
+    row = row.tolist()
+    if stop_id in row:
+      row = row[:row.index(stop_id) + 1]
+    tokens.append(row)
+    token_logprobs.append(np.asarray(row_logprobs[:len(row)], np.float32))
+  if return_logprobs:
+    return tokens, token_logprobs
+  return tokens
