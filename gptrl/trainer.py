@@ -179,6 +179,9 @@ class Loop:
   eval_fn: Callable[[TrainState], dict[str, float]] | None = None
   sample_fn: Callable[[TrainState], list[str]] | None = None
   flops_per_step: float = 0.0  # model FLOPs per optimizer step, for achieved FLOP/s
+  # Called once after the last step, before its checkpoint: returns entries added to that checkpoint's meta
+  # (and logged as metrics when numeric), e.g. the reward model's normalisation offset.
+  final_meta_fn: Callable[[TrainState], dict[str, Any]] | None = None
 
 
 def save_checkpoint(loop: Loop, state: TrainState, step: int) -> None:
@@ -244,6 +247,10 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
           pending = None
         evaluate(loop, state, done, writer)
         last_log = (done, time.perf_counter())  # eval time is not training throughput
+      if done == cfg.steps and loop.final_meta_fn is not None:
+        extra = loop.final_meta_fn(state)
+        loop.meta = {**loop.meta, **extra}
+        writer.write(done, {f"final/{k}": float(v) for k, v in extra.items() if isinstance(v, (int, float))})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps:
         save_checkpoint(loop, state, done)
     if pending:

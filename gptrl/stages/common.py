@@ -39,6 +39,21 @@ def prepare_workdir(cfg: Any) -> str:
   return workdir
 
 
+def setup(cfg: Any) -> tuple[str, str, jax.sharding.Mesh]:
+  """(workdir, data cache folder, mesh) of a training stage; checks the batch splits over the mesh."""
+  from gptrl import sharding  # pylint: disable=import-outside-toplevel
+  from gptrl.corpus import default_cache_dir  # pylint: disable=import-outside-toplevel
+  workdir = prepare_workdir(cfg)
+  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
+  mesh = sharding.make_mesh(cfg.mesh)
+  logging.info("Mesh %s over %d devices.", dict(mesh.shape), mesh.size)
+  if cfg.data.batch_size % sharding.data_parallel_size(mesh):
+    raise config_lib.ConfigError(
+        f"config.data.batch_size: {cfg.data.batch_size} must be divisible by the data-parallel size (mesh data x "
+        f"fsdp = {sharding.data_parallel_size(mesh)}).")
+  return workdir, cache_dir, mesh
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
   if isinstance(old, dict) and isinstance(new, dict):
     out = {}

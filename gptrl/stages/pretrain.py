@@ -22,7 +22,6 @@ from gptrl import sampling
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import PretrainConfig
-from gptrl.corpus import default_cache_dir
 from gptrl.stages import common
 
 
@@ -78,13 +77,7 @@ def make_sample_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, tok: Any, cfg:
 
 def run(cfg: PretrainConfig) -> trainer.TrainState:
   """Trains (or resumes training) the base model described by `cfg`; returns the final state."""
-  workdir = common.prepare_workdir(cfg)
-  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
-  mesh = sharding.make_mesh(cfg.mesh)
-  logging.info("Mesh %s over %d devices.", dict(mesh.shape), mesh.size)
-  if cfg.data.batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"config.data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel "
-                     f"size (mesh data x fsdp = {sharding.data_parallel_size(mesh)}).")
+  workdir, cache_dir, mesh = common.setup(cfg)
 
   docs = data_lib.load_documents(cfg.data.sources, text_field=cfg.data.text_field, cache_dir=cache_dir)
   train_docs, eval_docs = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction,

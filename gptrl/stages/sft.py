@@ -24,7 +24,6 @@ from gptrl import sampling
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import ChatSampleConfig, SFTConfig
-from gptrl.corpus import default_cache_dir
 from gptrl.stages import common
 from gptrl.stages.pretrain import lm_loss_fn
 
@@ -92,12 +91,7 @@ def make_chat_sample_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, tok: Any,
 
 def run(cfg: SFTConfig) -> trainer.TrainState:
   """Fine-tunes (or resumes fine-tuning) the model of `cfg.init.checkpoint` on demonstrations."""
-  workdir = common.prepare_workdir(cfg)
-  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
-  mesh = sharding.make_mesh(cfg.mesh)
-  if cfg.data.batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"config.data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel "
-                     f"size (mesh data x fsdp = {sharding.data_parallel_size(mesh)}).")
+  workdir, cache_dir, mesh = common.setup(cfg)
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("pretrain", "sft"))
   seq_len = model_cfg.max_len

@@ -1,0 +1,74 @@
+"""Train a Bradley-Terry reward model from the SFT model on the labelled comparisons (~5 minutes).
+
+  python -m gptrl.launch --config configs/reward_cpu.py
+  python -m gptrl.launch --config configs/reward_cpu.py --config.data.sources="('my_prefs.jsonl',)"
+
+Input: JSONL of pairwise {"prompt"|"messages", "chosen", "rejected"[, "margin"]} or ranked
+{"prompt"|"messages", "responses": [...], "ranking": [best index, ..., worst index]} records; by default the
+labelling stage's output. Output: a checkpoint whose meta holds `reward_offset` (the mean reward of SFT
+replies to training prompts), which PPO subtracts.
+"""
+import ml_collections
+
+from gptrl import config as config_lib
+
+
+def get_config(variant: str = ""):
+  c = ml_collections.ConfigDict()
+  c.stage = "reward"
+  c.workdir = "runs/reward_cpu"
+  c.seed = 0
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = "runs/sft_cpu"  # the SFT run: its newest checkpoint
+  c.init.step = -1
+  c.tokenizer_path = ""
+
+  # Runtime settings of the model whose shape comes from the checkpoint; "" / -1 keep the checkpoint's.
+  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # dropout, dtype, remat, attention
+
+  c.mesh = config_lib.as_configdict(config_lib.MeshConfig())  # data=-1 (all devices), fsdp=1, tensor=1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 10
+  c.optim.decay_steps = 0
+  c.optim.min_lr_ratio = 0.1
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum_steps = 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ("runs/label_cpu/comparisons.jsonl",)
+  c.data.eval_fraction = 0.15  # share of prompts held out
+  c.data.split_seed = 0
+  c.data.batch_size = 8  # prompts per step, each with up to max_responses replies
+  c.data.max_responses = 4
+  c.data.eval_batches = 0  # 0: every held-out prompt
+  c.data.cache_dir = ""
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.head_init_std = 1e-3
+  c.reward.margin_scale = 0.0  # > 0: require r_chosen - r_rejected > margin_scale * the record's margin
+  c.reward.normalize_samples = 64
+  c.reward.normalize_max_new_tokens = 40
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 150
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoint = True
+  c.train.progress_bar = True
+
+  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs
+  if variant == "tiny":
+    c.workdir = "runs/reward_cpu_tiny"
+    c.data.sources = ("runs/label_cpu_tiny/comparisons.jsonl",)
+    c.data.batch_size = 4
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 10, 5, 5
+    c.reward.normalize_samples, c.reward.normalize_max_new_tokens = 8, 8
+  elif variant:
+    raise ValueError(f"configs/reward_cpu.py: unknown variant {variant!r}; known: 'tiny'.")
+  return c

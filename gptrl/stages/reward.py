@@ -1,0 +1,178 @@
+"""Stage 3, reward modelling: a scalar-head transformer initialised from SFT learns a Bradley-Terry score.
+
+Initialisation order: resume this workdir's own checkpoint if there is one; else the transformer's parameters
+from the SFT checkpoint `init.checkpoint` and a fresh, small head.
+
+After the last step the reward is normalised as InstructGPT does before PPO: the SFT model answers
+`reward.normalize_samples` training prompts, the trained reward model scores the answers, and their mean is
+stored as `reward_offset` in the final checkpoint's meta (with `reward_std`). A consumer computes
+`reward = raw_score - reward_offset`, so the SFT policy starts PPO at mean reward 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptrl import chat
+from gptrl import chat_data
+from gptrl import checkpoint as ckpt_lib
+from gptrl import data as data_lib
+from gptrl import losses
+from gptrl import model as model_lib
+from gptrl import optim
+from gptrl import reward_model
+from gptrl import sampling
+from gptrl import sharding
+from gptrl import trainer
+from gptrl.config import RewardConfig
+from gptrl.stages import common
+
+
+def reward_loss_fn(model: reward_model.ScalarHeadModel, margin_scale: float):
+  deterministic = model.config.dropout == 0.0
+
+  def loss_fn(params, batch, rng):
+    rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
+                                               deterministic=deterministic,
+                                               rngs=None if deterministic else {"dropout": rng})
+    return losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
+  return loss_fn
+
+
+def make_reward_eval_fn(model: reward_model.ScalarHeadModel, mesh: jax.sharding.Mesh, batches: list[dict[str, Any]],
+                        margin_scale: float):
+  """Held-out loss, pairwise accuracy and mean reward margin, each prompt weighing 1."""
+  loss_fn = reward_loss_fn(model, margin_scale)
+  eval_step = jax.jit(lambda params, batch: loss_fn(params, batch, None))
+
+  def eval_fn(state: trainer.TrainState) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    with sharding.activate(mesh):
+      for batch in batches:
+        loss_sum, sums = eval_step(state.params, sharding.host_to_global(batch, mesh))
+        for k, v in {"loss": loss_sum, **sums}.items():
+          totals[k] = totals.get(k, 0.0) + float(v)
+    weight = max(totals.get("weight", 0.0), 1.0)
+    return {"eval/loss": totals.get("loss", 0.0) / weight, "eval/accuracy": totals.get("accuracy", 0.0) / weight,
+            "eval/reward_margin": totals.get("reward_margin", 0.0) / weight, "eval/prompts": totals.get("weight", 0.0),
+            "eval/pairs": totals.get("pairs", 0.0)}
+  return eval_fn
+
+
+def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh: jax.sharding.Mesh, tok: Any,
+                    prompts: list[tuple[chat.Message, ...]]):
+  """final_meta_fn: the mean and spread of the reward of the SFT model's replies to training prompts."""
+  def normalize(state: trainer.TrainState) -> dict[str, Any]:
+    n = min(cfg.reward.normalize_samples, len(prompts))
+    if n == 0:
+      return {"reward_offset": 0.0, "reward_std": 1.0, "reward_normalize_samples": 0}
+    model_cfg = model.config
+    policy = model_lib.GPT(model_cfg)
+    sft_params = common.load_frozen_params(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh, cfg.init,
+                                           tokenizer_sha256=tok.sha256)
+    picks = np.random.default_rng(cfg.seed).permutation(len(prompts))[:n]
+    max_new = cfg.reward.normalize_max_new_tokens
+    encoded = [chat.prompt_tokens(prompts[i], tok, max_tokens=model_cfg.max_len - max_new) for i in picks]
+    with sharding.activate(mesh):
+      outs = sampling.generate(policy, sft_params, encoded, max_new_tokens=max_new,
+                               rng=jax.random.key(cfg.seed + 2), temperature=1.0, stop_id=tok.end_of_turn_id,
+                               pad_id=tok.pad_id, batch_multiple=sharding.data_parallel_size(mesh))
+    seqs = [chat_data.response_sequence(prompts[i], chat.decode_reply(o, tok) or " ", tok,
+                                        max_len=model_cfg.max_len) for i, o in zip(picks, outs)]
+    length = model_cfg.max_len
+    tokens = np.full((len(seqs), 1, length), tok.pad_id, np.int32)
+    last = np.zeros((len(seqs), 1), np.int32)
+    for i, s in enumerate(seqs):
+      tokens[i, 0, :len(s)] = s
+      last[i, 0] = len(s) - 1
+    score = jax.jit(lambda p, t, l: reward_model.sequence_scores(model, p, t, l))
+    rewards = []
+    dp = sharding.data_parallel_size(mesh)
+    with sharding.activate(mesh):
+      for lo in range(0, len(seqs), 16 * dp):
+        t, l = tokens[lo:lo + 16 * dp], last[lo:lo + 16 * dp]
+        rows = t.shape[0]
+        pad = -rows % dp
+        if pad:
+          t, l = np.concatenate([t, t[:pad]]), np.concatenate([l, l[:pad]])
+        batch = sharding.host_to_global({"tokens": t, "last": l}, mesh)
+        rewards.extend(np.asarray(jax.device_get(score(state.params, batch["tokens"], batch["last"])))[:rows, 0])
+    rewards = np.asarray(rewards, np.float64)
+    logging.info("Reward of %d SFT replies to training prompts: mean %.4f, std %.4f (stored as the offset).",
+                 len(rewards), rewards.mean(), rewards.std())
+    return {"reward_offset": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "reward_normalize_samples": int(len(rewards))}
+  return normalize
+
+
+def run(cfg: RewardConfig) -> trainer.TrainState:
+  """Trains (or resumes training) the reward model."""
+  workdir, cache_dir, mesh = common.setup(cfg)
+  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
+                                                 expect_stage=("sft",))
+  seq_len, k = model_cfg.max_len, cfg.data.max_responses
+
+  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k, cache_dir=cache_dir)
+  train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
+                                                       seed=cfg.data.split_seed)
+  train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
+  eval_enc = chat_data.encode_comparisons(eval_groups, tok, max_len=seq_len, max_responses=k)
+  n_train_pairs, n_eval_pairs = int(train_enc.pairs.sum()), int(eval_enc.pairs.sum())
+  logging.info("Reward data: %d training prompts (%d pairs), %d held-out prompts (%d pairs).", len(train_groups),
+               n_train_pairs, len(eval_groups), n_eval_pairs)
+  if len(train_groups) < cfg.data.batch_size:
+    raise data_lib.DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
+                             f"data.batch_size={cfg.data.batch_size}; add comparisons or lower the batch size.")
+  train_iter = iter(chat_data.reward_dataset(train_enc, seed=cfg.seed, global_batch_size=cfg.data.batch_size,
+                                             process_index=jax.process_index(), process_count=jax.process_count()))
+  fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
+                           eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, seq_len=seq_len, max_responses=k,
+                           global_batch_size=cfg.data.batch_size, process_count=jax.process_count(),
+                           tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs)
+  fingerprint = data_lib.pipeline_fingerprint(stage="reward", **fingerprint_parts)
+
+  model = reward_model.ScalarHeadModel(model_cfg, head_init_std=cfg.reward.head_init_std)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state, state_shardings = trainer.create_train_state(
+      lambda rng: model.init(rng, np.zeros((1, seq_len), np.int32))["params"], optimizer, cfg.seed, mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                       async_save=cfg.train.async_checkpoint)
+  start_step = 0
+  resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
+                          fingerprint_parts=fingerprint_parts, train_iter=train_iter)
+  if resumed is not None:
+    start_step, state = resumed
+  else:
+    abstract = ckpt_lib.abstract_like(state.params, state_shardings.params)
+    backbone, _, where = ckpt_lib.load_params(cfg.init.checkpoint, abstract["transformer"], step=cfg.init.step,
+                                              tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
+    state = state.replace(params={**state.params, "transformer": backbone})
+    logging.info("Initialised the transformer from %s; the reward head is fresh.", where)
+
+  train_step = trainer.jit_train_step(
+      trainer.make_train_step(reward_loss_fn(model, cfg.reward.margin_scale), optimizer,
+                              optim.learning_rate_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum_steps),
+      state_shardings, mesh)
+  eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
+                                               max_batches=cfg.data.eval_batches, process_index=jax.process_index(),
+                                               process_count=jax.process_count())
+  meta = {"stage": "reward", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
+          "num_params": model_lib.count_params(state.params), "init_checkpoint": init_meta["init_checkpoint"],
+          "head": "reward_head", "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups)}
+  tokens_per_step = cfg.data.batch_size * k * seq_len
+  loop = trainer.Loop(
+      workdir=workdir, train_cfg=cfg.train, mesh=mesh, train_step=train_step, train_iter=train_iter,
+      checkpointer=checkpointer, meta=meta, data_fingerprint=fingerprint, data_fingerprint_parts=fingerprint_parts,
+      tokens_per_step=tokens_per_step,
+      eval_fn=make_reward_eval_fn(model, mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
+      flops_per_step=model_lib.flops_per_token(model_cfg, seq_len) * tokens_per_step,
+      final_meta_fn=make_normalizer(cfg, model, mesh, tok, [g.prompt for g in train_groups]))
+  try:
+    state = trainer.run_loop(loop, state, start_step=start_step)
+  finally:
+    checkpointer.close()
+  return state

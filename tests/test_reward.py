@@ -1,0 +1,152 @@
+"""Comparisons -> grouped pairs, the Bradley-Terry loss against NumPy, the scalar head, the judge."""
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptrl import chat_data
+from gptrl import judges
+from gptrl import losses
+from gptrl import reward_model
+from gptrl import tokenizer as tokenizer_lib
+from gptrl.config import ModelConfig
+from gptrl.data import DataError
+
+
+def _write(path, records):
+  path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8")
+  return str(path)
+
+
+def test_ranking_gives_all_pairs_in_one_group(tmp_path):
+  path = _write(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1]}])
+  [group] = chat_data.load_comparisons([path], max_responses=4)
+  assert group.responses == ["a", "b", "c", "d"]
+  # best first: c > a > d > b, all K(K-1)/2 = 6 pairs
+  assert sorted((w, l) for w, l, _ in group.pairs) == sorted([(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)])
+
+
+def test_pairwise_records_of_one_prompt_are_merged_and_split_at_k(tmp_path):
+  msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+  recs = [{"messages": msgs, "chosen": "a", "rejected": "b"}, {"messages": msgs, "chosen": "c", "rejected": "a"},
+          {"prompt": "other", "chosen": "x", "rejected": "y", "margin": 0.5},
+          {"messages": msgs, "chosen": "d", "rejected": "e"}]
+  groups = chat_data.load_comparisons([_write(tmp_path / "p.jsonl", recs)], max_responses=3)
+  assert [g.responses for g in groups] == [["a", "b", "c"], ["x", "y"], ["d", "e"]]
+  assert groups[0].pairs == [(0, 1, 0.0), (2, 0, 0.0)] and groups[1].pairs == [(0, 1, 0.5)]
+  assert groups[0].where[1].endswith("p.jsonl:2")
+  enc = chat_data.encode_comparisons(groups, _tok(tmp_path), max_len=32, max_responses=3)
+  assert enc.tokens.shape == (3, 3, 32) and enc.pairs[0, 2, 0] == 1 and enc.pairs.sum() == 4
+  assert enc.margins[1, 0, 1] == 0.5
+  # The reward is read at the response's <|end|> token.
+  assert all(enc.tokens[0, r, enc.last[0, r]] == tokenizer_lib.END_OF_TURN_ID for r in range(3))
+
+
+_TOK = {}
+
+
+def _tok(tmp_path):
+  if "t" not in _TOK:
+    rng = random.Random(0)
+    words = "good day to you my lord what say thou the king".split()
+    docs = [" ".join(rng.choice(words) for _ in range(300)) for _ in range(3)]
+    _TOK["t"] = tokenizer_lib.train_tokenizer(docs, tmp_path / "t.model", vocab_size=300)
+  return _TOK["t"]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "are the same text"),
+    ({"prompt": "p", "chosen": "a"}, "'rejected' is missing"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "'chosen' must be a non-empty string"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1]}, "'ranking' must list the indices 0..2"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}, "'ranking' must list"),
+    ({"prompt": "p", "responses": ["a", "a"], "ranking": [0, 1]}, "same text twice"),
+    ({"prompt": "p", "responses": ["a", "b", "c", "d", "e"], "ranking": [0, 1, 2, 3, 4]}, "max_responses=4"),
+    ({"chosen": "a", "rejected": "b"}, "exactly one of 'prompt'"),
+    ({"prompt": "p", "answer": "a"}, "expected {'prompt' or 'messages', 'chosen', 'rejected'}"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a number"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}], "chosen": "a",
+      "rejected": "b"}, "last turn is the assistant's"),
+])
+def test_bad_comparison_lines_name_file_and_line(tmp_path, record, message):
+  path = _write(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "x", "rejected": "y"}, record])
+  with pytest.raises(DataError) as e:
+    chat_data.load_comparisons([path], max_responses=4)
+  assert f"{path}:2" in str(e.value) and message in str(e.value)
+
+
+def _bt_numpy(r, pairs, margins, scale):
+  """float64 reference: per prompt, the mean over its pairs of -log sigmoid(r_w - r_l - scale * m)."""
+  r = r.astype(np.float64)
+  loss = acc = 0.0
+  n_prompts = 0
+  for b in range(r.shape[0]):
+    items = [(i, j, pairs[b, i, j]) for i in range(r.shape[1]) for j in range(r.shape[1]) if pairs[b, i, j]]
+    if not items:
+      continue
+    n_prompts += 1
+    total = sum(c for _, _, c in items)
+    for i, j, c in items:
+      d = r[b, i] - r[b, j] - scale * margins[b, i, j]
+      loss += c / total * np.log1p(np.exp(-d))
+      acc += c / total * float(r[b, i] > r[b, j])
+  return loss, acc, n_prompts
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.7])
+def test_bradley_terry_against_numpy(scale):
+  rng = np.random.default_rng(0)
+  r = rng.normal(size=(5, 4)).astype(np.float32) * 3
+  pairs = np.zeros((5, 4, 4), np.float32)
+  pairs[0, 0, 1] = pairs[0, 2, 1] = pairs[0, 0, 3] = 1
+  pairs[1, 3, 0] = 1
+  pairs[2] = np.triu(np.ones((4, 4)), 1)  # a full ranking 0 > 1 > 2 > 3
+  pairs[4, 1, 2] = 2  # the same pair seen twice counts twice within its prompt; row 3 has no pairs
+  margins = rng.uniform(size=(5, 4, 4)).astype(np.float32)
+  loss_sum, sums = losses.bradley_terry(jnp.asarray(r), jnp.asarray(pairs), jnp.asarray(margins), margin_scale=scale)
+  ref_loss, ref_acc, n = _bt_numpy(r, pairs, margins, scale)
+  np.testing.assert_allclose(float(loss_sum), ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["accuracy"]), ref_acc, rtol=1e-6)
+  assert float(sums["weight"]) == n == 4
+  # Gradient against central differences of the float64 reference.
+  grad = np.asarray(jax.grad(lambda x: losses.bradley_terry(x, jnp.asarray(pairs), jnp.asarray(margins),
+                                                            margin_scale=scale)[0])(jnp.asarray(r)))
+  eps = 1e-4
+  numeric = np.zeros_like(r, np.float64)
+  for idx in np.ndindex(r.shape):
+    hi, lo = r.astype(np.float64).copy(), r.astype(np.float64).copy()
+    hi[idx] += eps
+    lo[idx] -= eps
+    numeric[idx] = (_bt_numpy(hi, pairs, margins, scale)[0] - _bt_numpy(lo, pairs, margins, scale)[0]) / (2 * eps)
+  np.testing.assert_allclose(grad, numeric, atol=1e-5)
+  assert np.all(grad[3] == 0)
+
+
+def test_scalar_head_reads_last_token_and_ignores_padding():
+  cfg = ModelConfig(vocab_size=50, num_layers=1, num_heads=2, d_model=16, max_len=12)
+  model = reward_model.ScalarHeadModel(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  assert set(params) == {"transformer", "reward_head"} and "head" not in params["transformer"]
+  seq = np.array([5, 6, 7, 8, 9], np.int32)
+  padded = np.zeros((1, 2, 12), np.int32)
+  padded[0, 0, :5] = seq
+  padded[0, 1, :5] = seq
+  padded[0, 1, 5:] = 33  # different trailing junk must not change the score at the last real token
+  scores = reward_model.sequence_scores(model, params, jnp.asarray(padded), jnp.array([[4, 4]]))
+  alone = model.apply({"params": params}, jnp.asarray(seq[None]))[0, -1]
+  np.testing.assert_allclose(np.asarray(scores)[0], [alone, alone], rtol=1e-5)
+
+
+def test_judge_pairs_drop_close_scores():
+  assert judges.preference_pairs([0.9, 0.1, 0.75, 0.1], min_gap=0.3) == [
+      (0, 1, pytest.approx(0.8)), (0, 3, pytest.approx(0.8)), (2, 1, pytest.approx(0.65)),
+      (2, 3, pytest.approx(0.65))]
+  vader = judges.make_judge("vader")
+  kind, cruel = vader(["I love thee dearly, good friend.", "Thou art a villain and a wretched knave!"])
+  assert kind > 0.5 > -0.5 > cruel
+  assert vader([""]) == [0.0]

@@ -1,0 +1,225 @@
+"""SFT, labelling and reward-model stages end to end through the launcher, on tiny models and generated data:
+outputs, resume after kill -9 (bitwise), and the checks at the hand-off between stages."""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import shutil
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gptrl import checkpoint as ckpt_lib
+from gptrl import model as model_lib
+from gptrl import tokenizer as tokenizer_lib
+from gptrl.config import ModelConfig
+from helpers import REPO, check_ok, complete_steps, params, run, start, train_steps, wait_for, write_corpus
+
+_PLACES = ["the market", "the northern hills", "the winter garden", "the gate", "the sea", "the tall tower"]
+_PEOPLE = ["the king", "a young sailor", "my old friend", "every merchant", "a clever fox", "our neighbour"]
+
+
+def _chats(path: pathlib.Path, n: int = 120, seed: int = 0) -> pathlib.Path:
+  """Multi-turn conversations in the corpus's words, one group per person (so the split holds out people)."""
+  rng = random.Random(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n):
+      who, where = rng.choice(_PEOPLE), rng.choice(_PLACES)
+      messages = [{"role": "user", "content": f"Where does {who} walk?"},
+                  {"role": "assistant", "content": f"{who.capitalize()} walks to {where}."}]
+      if i % 2:
+        messages = [{"role": "system", "content": "Answer briefly."}] + messages + [
+            {"role": "user", "content": "And after supper?"},
+            {"role": "assistant", "content": f"{who.capitalize()} dreams of {rng.choice(_PLACES)}."}]
+      f.write(json.dumps({"messages": messages, "group": who}) + "\n")
+  return path
+
+
+def _launch(config: str, **flags) -> list[str]:
+  return [sys.executable, "-m", "gptrl.launch", "--config", str(REPO / f"configs/{config}")] + [
+      f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def _pretrain_argv(workdir, corpus, cache):
+  return _launch("pretrain_cpu.py:tiny", **{
+      "workdir": workdir, "data.sources": f"('{corpus}',)", "data.cache_dir": cache, "train.steps": 8,
+      "train.checkpoint_every": 8, "train.eval_every": 8, "tokenizer.vocab_size": 300, "model.max_len": 48,
+      "data.batch_size": 8, "train.progress_bar": False, "sample.max_new_tokens": 0})
+
+
+def _sft_argv(workdir, init, chats, cache, steps=12):
+  return _launch("sft_cpu.py:tiny", **{
+      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{chats}',)", "data.cache_dir": cache,
+      "data.eval_fraction": 0.2, "data.batch_size": 8, "data.eval_batches": 2, "train.steps": steps,
+      "train.checkpoint_every": 4, "train.eval_every": 6, "train.log_every": 2, "train.progress_bar": False,
+      "sample.num_prompts": 2, "sample.max_new_tokens": 8})
+
+
+def _label_argv(workdir, init, chats, cache):
+  return _launch("label_cpu.py:tiny", **{
+      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{chats}',)", "data.cache_dir": cache,
+      "data.eval_fraction": 0.2, "num_prompts": 40, "responses_per_prompt": 4, "batch_size": 32,
+      "sample.max_new_tokens": 10, "judge.name": "length", "judge.min_gap": 1.0, "progress_bar": False})
+
+
+def _reward_argv(workdir, init, comparisons, cache, steps=10):
+  return _launch("reward_cpu.py:tiny", **{
+      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{comparisons}',)", "data.cache_dir": cache,
+      "data.batch_size": 4, "data.eval_fraction": 0.25, "train.steps": steps, "train.checkpoint_every": 4,
+      "train.eval_every": 5, "train.log_every": 2, "train.progress_bar": False,
+      "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6})
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+  """One pretrain -> SFT -> label -> reward chain; returns its paths."""
+  root = tmp_path_factory.mktemp("pipeline")
+  corpus, cache = root / "corpus", root / "cache"
+  write_corpus(corpus)
+  chats = _chats(root / "chats.jsonl")
+  paths = {"root": root, "cache": cache, "chats": chats, "pretrain": root / "pretrain", "sft": root / "sft",
+           "label": root / "label", "reward": root / "reward"}
+  check_ok(run(_pretrain_argv(paths["pretrain"], corpus, cache)))
+  check_ok(run(_sft_argv(paths["sft"], paths["pretrain"], chats, cache)))
+  check_ok(run(_label_argv(paths["label"], paths["sft"], chats, cache)))
+  check_ok(run(_reward_argv(paths["reward"], paths["sft"], paths["label"] / "comparisons.jsonl", cache)))
+  return paths
+
+
+def _rows(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_sft_outputs(pipeline):
+  rows = _rows(pipeline["sft"])
+  evals = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [6, 12]
+  assert all(np.isfinite(r["eval/loss"]) and r["eval/tokens"] > 0 for r in evals)
+  # Only assistant tokens are counted: at most 8 times the most assistant tokens any one chat has.
+  tok = tokenizer_lib.load_tokenizer(pipeline["sft"] / "tokenizer.model")
+  longest = max(sum(len(tok.encode(m["content"])) + 1 for m in json.loads(line)["messages"] if m["role"] == "assistant")
+                for line in pipeline["chats"].read_text().splitlines())
+  weights = [r["train/weight"] for r in rows if "train/weight" in r]
+  assert weights and all(0 < w <= 8 * longest for w in weights)
+  with open(pipeline["sft"] / "samples.jsonl", encoding="utf-8") as f:
+    samples = [json.loads(line) for line in f]
+  assert samples and "[assistant, sampled]" in samples[-1]["texts"][0]
+  meta = ckpt_lib.read_step_meta(str(pipeline["sft"] / "checkpoints"), 12)
+  assert meta["stage"] == "sft" and meta["init_checkpoint"].endswith("pretrain/checkpoints/8")
+
+
+def test_label_outputs(pipeline):
+  lines = (pipeline["label"] / "comparisons.jsonl").read_text(encoding="utf-8").splitlines()
+  assert lines
+  for line in lines:
+    rec = json.loads(line)
+    assert rec["chosen"] != rec["rejected"] and rec["messages"][-1]["role"] == "user"
+    # The length judge: the chosen reply has at least min_gap = 1 more word.
+    assert len(rec["chosen"].split()) - len(rec["rejected"].split()) >= 1 == rec["margin"] // rec["margin"]
+  replies = (pipeline["label"] / "replies.jsonl").read_text(encoding="utf-8").splitlines()
+  assert len(replies) == 40 and all(len(json.loads(r)["responses"]) == 4 for r in replies)
+
+
+def test_reward_outputs(pipeline):
+  rows = _rows(pipeline["reward"])
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in evals] == [5, 10]
+  assert all(0.0 <= r["eval/accuracy"] <= 1.0 and np.isfinite(r["eval/loss"]) and r["eval/pairs"] > 0 for r in evals)
+  meta = ckpt_lib.read_step_meta(str(pipeline["reward"] / "checkpoints"), 10)
+  assert meta["stage"] == "reward" and np.isfinite(meta["reward_offset"]) and meta["reward_normalize_samples"] == 6
+  assert any("final/reward_offset" in r for r in rows)
+
+
+def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path) -> None:
+  proc, f = start(argv, log)
+  try:
+    appeared = wait_for(proc, workdir / "checkpoints" / "4")
+    assert proc.poll() is None and appeared, "the run ended before it could be killed mid-run"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    f.close()
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
+  workdir = tmp_path / stage
+  if stage == "sft":
+    argv, steps = _sft_argv(workdir, pipeline["pretrain"], pipeline["chats"], pipeline["cache"]), 12
+  else:
+    argv, steps = _reward_argv(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl",
+                               pipeline["cache"]), 10
+  _kill_after_first_checkpoint(argv, workdir, tmp_path / "killed.log")
+  assert max(complete_steps(workdir)) < steps
+  check_ok(run(argv))
+  a, b = params(pipeline[stage], steps), params(workdir, steps)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert np.array_equal(a[name], b[name]), f"{name} differs after kill + resume"
+  assert train_steps(workdir) == train_steps(pipeline[stage])
+
+
+def test_label_resumes_after_a_cut_chunk(pipeline, tmp_path):
+  """A kill between writing a chunk's lines and its progress record: the partial lines are dropped on resume."""
+  workdir = tmp_path / "label"
+  shutil.copytree(pipeline["label"], workdir)
+  full = (workdir / "comparisons.jsonl").read_bytes()
+  state = json.loads((workdir / "label_state.json").read_text())
+  # Pretend only the first chunk finished, and the second was cut mid-line.
+  first = json.loads((workdir / "replies.jsonl").read_text().splitlines()[0])
+  del first
+  with open(workdir / "comparisons.jsonl", "rb") as f:
+    lines = f.read().splitlines(keepends=True)
+  first_chunk = [l for l in lines if json.loads(l)["prompt_index"] < 8]
+  state.update(chunks_done=1, comparisons_bytes=sum(len(l) for l in first_chunk),
+               replies_bytes=sum(len(l) for l in (workdir / "replies.jsonl").read_bytes().splitlines(True)[:8]))
+  (workdir / "label_state.json").write_text(json.dumps(state))
+  with open(workdir / "comparisons.jsonl", "ab") as f:
+    f.write(b'{"messages": [{"role": "us')
+  (workdir / "metrics.jsonl").unlink()
+  check_ok(run(_label_argv(workdir, pipeline["sft"], pipeline["chats"], pipeline["cache"])))
+  assert (workdir / "comparisons.jsonl").read_bytes() == full
+  assert (workdir / "replies.jsonl").read_bytes() == (pipeline["label"] / "replies.jsonl").read_bytes()
+
+
+def test_handoff_names_every_mismatched_parameter(pipeline):
+  meta = ckpt_lib.read_step_meta(str(pipeline["pretrain"] / "checkpoints"), 8)
+  saved_cfg = ModelConfig(**meta["model"])
+  wrong = ModelConfig(**{**meta["model"], "num_layers": saved_cfg.num_layers + 1, "max_len": 64})
+  model = model_lib.GPT(wrong)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+  abstract = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, abstract,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+  tok = tokenizer_lib.load_tokenizer(pipeline["pretrain"] / "tokenizer.model")
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.load_params(str(pipeline["pretrain"]), abstract, tokenizer_sha256=tok.sha256)
+  text = str(e.value)
+  assert f"position_embedding: checkpoint (48, {saved_cfg.d_model}), model (64, {saved_cfg.d_model})" in text
+  extra = f"block_{saved_cfg.num_layers}"
+  assert f"{extra}/attn/query" in text and f"{extra}/mlp/fc_in/kernel" in text and "not in the checkpoint" in text
+  # The matching model loads, and bitwise equals what was saved.
+  good = model_lib.GPT(saved_cfg)
+  abstract = jax.eval_shape(lambda: good.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+  abstract = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, abstract,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+  loaded, _, where = ckpt_lib.load_params(str(pipeline["pretrain"] / "checkpoints" / "8"), abstract,
+                                          tokenizer_sha256=tok.sha256)
+  saved = params(pipeline["pretrain"], 8)
+  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  assert flat.keys() == saved.keys() and all(np.array_equal(flat[k], saved[k]) for k in flat)
+  assert where.endswith("checkpoints/8")
+
+
+def test_handoff_refuses_another_tokenizer(pipeline, tmp_path):
+  other = tokenizer_lib.train_tokenizer(["something else entirely, " * 200], tmp_path / "other.model", vocab_size=300)
+  result = run(_sft_argv(tmp_path / "sft", pipeline["pretrain"], pipeline["chats"], pipeline["cache"]) +
+               [f"--config.tokenizer_path={other.path}"])
+  assert result.returncode != 0
+  assert "TokenizerMismatchError" in result.stderr and other.sha256 in result.stderr
