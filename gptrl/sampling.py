@@ -141,16 +141,19 @@ def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: ja
               max_new_tokens=max_new_tokens)
 
 
-def _prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,
-                   batch_multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,
+                  batch_multiple: int, min_prompt_len: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """Left-pads the prompts (cut from the left to fit max_len) into int32 buffers [B, L], L = prompt_len + N.
+
+  prompt_len is the longest prompt's length, or `min_prompt_len` if larger (capped at max_len - N): a fixed
+  prompt_len gives every call the same shapes, so the sampler compiles once.
 
   Returns (tokens, mask, positions, prompt_len): mask is 1 on prompt tokens; positions count from 0 at each
   prompt's first token through the new-token slots. B is rounded up to `batch_multiple` with copies of the
   first prompt.
   """
   prompts = [list(p)[-(max_len - max_new_tokens):] for p in prompts]
-  prompt_len = max(len(p) for p in prompts)
+  prompt_len = min(max(max(len(p) for p in prompts), min_prompt_len), max_len - max_new_tokens)
   total = prompt_len + max_new_tokens
   rows = -(-len(prompts) // batch_multiple) * batch_multiple
   buffer = np.full((rows, total), pad_id, np.int32)
@@ -167,7 +170,7 @@ def _prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_to
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1, use_cache: bool = True,
-             return_logprobs: bool = False) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
+             return_logprobs: bool = False, min_prompt_len: int = 0) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
   """Samples continuations of token-id prompts.
 
   Args:
@@ -181,6 +184,8 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
     stop_id: a row stops after emitting this token (kept in its output); -1: never stop early.
     pad_id: the id used for padding.
     batch_multiple: pad the batch to a multiple of this (the mesh's data-parallel size).
+    min_prompt_len: left-pad prompts to at least this length, so calls with shorter prompts reuse one
+      compiled sampler (see `prompt_buffer`).
     use_cache: prefill a key/value cache once, then one single-token step per new token; False recomputes the
       whole buffer for every token (slow; the reference the cache is tested against). Both draw the same
       random numbers, so they return the same tokens up to float rounding of near-tied logits.
@@ -196,8 +201,9 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   max_len = model.config.max_len
   if max_new_tokens >= max_len:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
-  buffer, mask, positions, prompt_len = _prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
-                                                       pad_id=pad_id, batch_multiple=batch_multiple)
+  buffer, mask, positions, prompt_len = prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
+                                                      pad_id=pad_id, batch_multiple=batch_multiple,
+                                                      min_prompt_len=min_prompt_len)
   out, logprobs = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
                             prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id),

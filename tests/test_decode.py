@@ -164,7 +164,7 @@ def test_stop_id_ends_a_row_and_pads_it_while_other_rows_continue():
 
   # Before generate trims them, the stopped row holds pad_id (with log-prob 0) after its stop token.
   model, params = _model()
-  buffer, mask, positions, prompt_len = sampling._prompt_buffer(  # pylint: disable=protected-access
+  buffer, mask, positions, prompt_len = sampling.prompt_buffer(
       PROMPTS, max_len=TINY.max_len, max_new_tokens=NEW, pad_id=0, batch_multiple=1)
   tokens, logprobs = sampling._generate(  # pylint: disable=protected-access
       model, params, buffer, mask, positions, jax.random.key(7), prompt_len=prompt_len, max_new_tokens=NEW,

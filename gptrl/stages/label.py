@@ -133,7 +133,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                                  rng=jax.random.fold_in(jax.random.key(cfg.seed), c),
                                  temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
                                  stop_id=tok.end_of_turn_id, pad_id=tok.pad_id,
-                                 batch_multiple=sharding.data_parallel_size(mesh))
+                                 batch_multiple=sharding.data_parallel_size(mesh), min_prompt_len=max_prompt)
       replies = [chat.decode_reply(o, tok).strip() for o in outs]
       finished = [chat.reply_tokens(o, tok)[1] for o in outs]
       scores = judge(replies)
