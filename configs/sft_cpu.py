@@ -60,6 +60,7 @@ def get_config(variant: str = ""):
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.progress_bar = True
+  c.train.eval_at_start = True  # the starting point's held-out score, for comparison
 
   c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs
   if variant == "tiny":

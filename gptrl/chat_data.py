@@ -65,9 +65,13 @@ def load_conversations(sources: Sequence[str], *, cache_dir: str | None = None) 
 
 
 def split_by_group(items: Sequence[Any], *, eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-  """(train, eval) by each item's `.group`, deterministically; both sides non-empty when possible."""
+  """(train, eval) by each item's `.group`, deterministically; both sides non-empty when possible.
+
+  Groups are ranked as data.split_documents ranks them, so with the same seed and a matching fraction the
+  built-in dialogue holds out the plays that pretraining held out (groups are the plays' document groups).
+  """
   groups = sorted({x.group for x in items})
-  scored = sorted(groups, key=lambda g: data_lib._unit_hash("split", seed, g))  # pylint: disable=protected-access
+  scored = sorted(groups, key=lambda g: (data_lib._unit_hash(seed, g), g))  # pylint: disable=protected-access
   n_eval = min(max(1, round(eval_fraction * len(groups))), len(groups) - 1) if len(groups) > 1 else 0
   eval_groups = set(scored[:n_eval])
   return ([x for x in items if x.group not in eval_groups], [x for x in items if x.group in eval_groups])

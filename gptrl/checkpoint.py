@@ -168,7 +168,7 @@ def _flat_names(tree: Any) -> dict[str, Any]:
 
 
 def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sha256: str | None,
-                unused_ok: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], str]:
+                unused_ok: tuple[str, ...] = (), subtree: str = "") -> tuple[Any, dict[str, Any], str]:
   """Restores only the parameters of another run's checkpoint, onto the shardings of `abstract_params`.
 
   Every parameter of `abstract_params` must exist in the checkpoint with the same shape; every parameter of
@@ -181,6 +181,8 @@ def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sh
     step: see `resolve_checkpoint`.
     tokenizer_sha256: the tokenizer in use; refused if the checkpoint was trained with another. None: no check.
     unused_ok: name prefixes ("head", "block_0/mlp") of checkpoint parameters that may be left out.
+    subtree: load the checkpoint's parameters under this top-level name (e.g. "transformer" of a reward
+      model) instead of all of them; the rest of the checkpoint is not read.
   Returns:
     (params, the checkpoint's meta, "folder/step" for logs).
   Raises:
@@ -195,7 +197,12 @@ def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sh
     check_tokenizer(meta, tokenizer_sha256, where=f"The init checkpoint {where}")
   if saved is None or "params" not in saved:
     raise CheckpointError(f"{where}: no params in the saved state (is this a gptrl training checkpoint?).")
-  have = {k: tuple(v.shape) for k, v in _flat_names(saved["params"]).items()}
+  saved_params = saved["params"]
+  if subtree:
+    if subtree not in saved_params:
+      raise CheckpointError(f"{where}: no parameters under {subtree!r} (top-level names: {sorted(saved_params)}).")
+    saved_params = saved_params[subtree]
+  have = {k: tuple(v.shape) for k, v in _flat_names(saved_params).items()}
   want = {k: tuple(v.shape) for k, v in _flat_names(abstract_params).items()}
   missing = sorted(set(want) - set(have))
   unexpected = sorted(k for k in set(have) - set(want)
@@ -210,9 +217,9 @@ def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sh
         f"The parameters of {where} (stage {stage!r}, model {meta.get('model')}) do not fit the model being "
         f"initialised; {len(lines)} parameter(s) differ:\n" + "\n".join(lines) +
         "\nUse the same model shape as that run (shapes come from its checkpoint meta), or another checkpoint.")
-  target = {"params": abstract_params}
+  target = {"params": {subtree: abstract_params} if subtree else abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
       os.path.join(where, "state"),
       args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True))
-  return restored["params"], meta, where
+  return (restored["params"][subtree] if subtree else restored["params"]), meta, where

@@ -173,6 +173,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True  # write checkpoints in a background thread
   progress_bar: bool = True
+  eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the starting point's score)
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -400,8 +401,87 @@ class RewardConfig:
     _check_trainable_stage(self, init_from="the SFT run")
 
 
+@dataclasses.dataclass(frozen=True)
+class PPOAlgoConfig:
+  """PPO for RLHF (Ziegler et al. 2019; InstructGPT): rollout, rewards, and the learning update."""
+  rollout_batch_size: int = 32  # prompts (= responses) per iteration
+  minibatch_size: int = 16  # responses per optimizer step
+  epochs: int = 4  # passes over each rollout
+  max_new_tokens: int = 40
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  # Rewards.
+  kl_estimator: str = "k1"  # "k1" (log ratio) | "k3" (Schulman, always >= 0) | "full" (exact, all of the vocabulary)
+  kl_in_reward: bool = True  # True: -beta * KL per token in the reward; False: beta * KL as a loss term
+  init_beta: float = 0.05  # KL coefficient
+  target_kl: float = 6.0  # adaptive controller's target KL per response (nats); 0: fixed beta
+  kl_horizon: int = 10000  # responses over which beta adapts (lm-human-preferences)
+  reward_gain: float = 1.0  # reward = gain * (RM score - RM offset) + bias
+  reward_bias: float = 0.0
+  whiten_rewards: bool = False  # whiten RM scores over each rollout
+  truncation_penalty: float = 0.0  # subtracted from the score of responses that hit max_new_tokens unfinished
+  # Learning.
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  clip_eps: float = 0.2
+  clip_eps_value: float = 0.2  # <= 0: no value clipping
+  vf_coef: float = 0.1
+  entropy_coef: float = 0.0
+  max_approx_kl: float = 0.0  # > 0: stop an iteration's epochs early once approximate KL exceeds it
+  # Models.
+  critic: str = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy's trunk)
+  critic_init: str = "reward"  # "reward" (the reward model's weights) | "sft" (the SFT transformer, fresh head)
+  value_head_init_std: float = 1e-3  # for a fresh value head
+  # Debugging.
+  save_rollouts: bool = False  # write each iteration's rollout to <workdir>/rollouts/ (grain-readable)
+  num_eval_prompts: int = 32  # held-out prompts scored at each eval (fixed set, greedy-free sampling, same key)
+
+  def __post_init__(self):
+    for name in ("rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
+      _check(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
+    _check(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
+           f"must divide ppo.rollout_batch_size={self.rollout_batch_size}, got {self.minibatch_size}")
+    _check(self.kl_estimator in ("k1", "k3", "full"), "ppo.kl_estimator",
+           f"must be 'k1', 'k3' or 'full', got {self.kl_estimator!r}")
+    _check(self.critic in ("separate", "shared"), "ppo.critic", f"must be 'separate' or 'shared', got {self.critic!r}")
+    _check(self.critic_init in ("reward", "sft"), "ppo.critic_init",
+           f"must be 'reward' or 'sft', got {self.critic_init!r}")
+    _check(not (self.critic == "shared" and self.critic_init == "reward"), "ppo.critic_init",
+           "a shared critic lives on the policy's trunk (SFT weights); use critic_init='sft' or critic='separate'")
+    _check(self.init_beta >= 0 and self.target_kl >= 0, "ppo.init_beta", "init_beta and target_kl must be >= 0")
+    _check(0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0, "ppo.gamma", "gamma and lam must be in [0, 1]")
+    _check(self.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {self.clip_eps}")
+    _check(self.temperature > 0, "ppo.temperature", f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
+    _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """Stage 4: RLHF with PPO against a frozen reward model, KL-anchored to the frozen SFT policy."""
+  stage: str = "ppo"
+  workdir: str = "runs/ppo"
+  seed: int = 0
+  init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
+  reward_model: InitConfig = InitConfig()  # the reward-model run
+  tokenizer_path: str = ""
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: ChatDataConfig = ChatDataConfig()  # prompts: training split for rollouts, held-out split for eval
+  ppo: PPOAlgoConfig = PPOAlgoConfig()
+  train: TrainConfig = TrainConfig()  # steps = PPO iterations; eval/checkpoint cadence in iterations
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check(bool(self.workdir), "workdir", "must be set")
+    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run (policy start and reference)")
+    _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
+
+
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig,
-                                  "reward": RewardConfig}
+                                  "reward": RewardConfig, "ppo": PPOConfig}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:

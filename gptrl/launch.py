@@ -20,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=None, help_string="P
 
 # Stage name -> module with `run(typed_config)`; imported lazily so `--help` stays fast.
 STAGES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
-          "reward": "gptrl.stages.reward"}
+          "reward": "gptrl.stages.reward", "ppo": "gptrl.stages.ppo"}
 
 
 def _usage_error(message: str) -> None:

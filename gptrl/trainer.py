@@ -198,7 +198,8 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
   """
   cfg = loop.train_cfg
   is_main = jax.process_index() == 0
-  writer = MetricsWriter(loop.workdir, enabled=is_main, resume_step=start_step)
+  # A fresh start (step 0) keeps no earlier rows: a run killed before its first checkpoint starts over.
+  writer = MetricsWriter(loop.workdir, enabled=is_main, resume_step=start_step if start_step else -1)
   guard = PreemptionGuard()
   bar = tqdm.tqdm(total=cfg.steps, initial=start_step, disable=not (is_main and cfg.progress_bar),
                   dynamic_ncols=True, desc="train", file=sys.stderr)
@@ -222,6 +223,9 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
                     tok_s=f"{metrics.get('train/tokens_per_sec', 0):.0f}", refresh=False)
 
   try:
+    if start_step == 0 and cfg.eval_at_start:
+      evaluate(loop, state, 0, writer)
+      last_log = (0, time.perf_counter())
     for step in range(start_step, cfg.steps):
       if guard.should_stop(step):
         if pending:

@@ -150,3 +150,44 @@ def test_judge_pairs_drop_close_scores():
   kind, cruel = vader(["I love thee dearly, good friend.", "Thou art a villain and a wretched knave!"])
   assert kind > 0.5 > -0.5 > cruel
   assert vader([""]) == [0.0]
+
+
+def _reward_step(shape):
+  """(metrics of one reward-model train step, gradients) on mesh `shape` (None: one device)."""
+  from gptrl import optim, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl.config import MeshConfig, OptimConfig  # pylint: disable=import-outside-toplevel
+  from gptrl.stages.reward import reward_loss_fn  # pylint: disable=import-outside-toplevel
+  mesh = (sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]) if shape is None
+          else sharding.make_mesh(MeshConfig(*shape)))
+  cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16)
+  model = reward_model.ScalarHeadModel(cfg, head_init_std=0.1)
+  opt_cfg = OptimConfig(lr=1e-2, warmup_steps=0)
+  optimizer = optim.make_optimizer(opt_cfg, 10)
+  state, shardings = trainer.create_train_state(
+      lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32))["params"], optimizer, 0, mesh)
+  rng = np.random.default_rng(1)
+  pairs = np.zeros((8, 3, 3), np.float32)
+  pairs[:, 0, 1] = 1
+  pairs[::2, 2, 0] = 1
+  batch = {"tokens": rng.integers(1, 64, (8, 3, 16)).astype(np.int32),
+           "last": rng.integers(4, 16, (8, 3)).astype(np.int32), "pairs": pairs,
+           "margins": np.zeros((8, 3, 3), np.float32)}
+  loss_fn = reward_loss_fn(model, 0.0)
+  batch = sharding.host_to_global(batch, mesh)
+  with sharding.activate(mesh):
+    (_, sums), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, batch, None)
+  step = trainer.jit_train_step(trainer.make_train_step(loss_fn, optimizer, optim.learning_rate_schedule(opt_cfg, 10)),
+                                shardings, mesh)
+  _, metrics = step(state, batch)
+  return jax.device_get(metrics), jax.device_get(grads)
+
+
+def test_reward_train_step_sharded_matches_single_device():
+  """data x fsdp x tensor = 2 x 2 x 2: the K responses of a prompt stay on its data shard."""
+  metrics, grads = _reward_step((2, 2, 2))
+  ref_metrics, ref_grads = _reward_step(None)
+  for k in ("train/loss", "train/accuracy", "train/reward_margin", "train/grad_norm"):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-7)
+  # (Not the Adam-updated params: the loss is invariant to a shift of every reward, so the gradient of the final
+  # norm's bias and the head's bias is 0 up to rounding, which Adam's first step scales up to +-lr.)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)

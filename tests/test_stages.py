@@ -98,7 +98,7 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
 def test_sft_outputs(pipeline):
   rows = _rows(pipeline["sft"])
   evals = [r for r in rows if "eval/loss" in r]
-  assert [r["step"] for r in evals] == [6, 12]
+  assert [r["step"] for r in evals] == [0, 6, 12]  # 0: the pretrained model, before SFT
   assert all(np.isfinite(r["eval/loss"]) and r["eval/tokens"] > 0 for r in evals)
   # Only assistant tokens are counted: at most 8 times the most assistant tokens any one chat has.
   tok = tokenizer_lib.load_tokenizer(pipeline["sft"] / "tokenizer.model")
@@ -128,7 +128,7 @@ def test_label_outputs(pipeline):
 def test_reward_outputs(pipeline):
   rows = _rows(pipeline["reward"])
   evals = [r for r in rows if "eval/accuracy" in r]
-  assert [r["step"] for r in evals] == [5, 10]
+  assert [r["step"] for r in evals] == [0, 5, 10]
   assert all(0.0 <= r["eval/accuracy"] <= 1.0 and np.isfinite(r["eval/loss"]) and r["eval/pairs"] > 0 for r in evals)
   meta = ckpt_lib.read_step_meta(str(pipeline["reward"] / "checkpoints"), 10)
   assert meta["stage"] == "reward" and np.isfinite(meta["reward_offset"]) and meta["reward_normalize_samples"] == 6

@@ -1,0 +1,83 @@
+"""RLHF with PPO on the CPU: the SFT policy learns to please the reward model, KL-anchored to SFT (~15 min).
+
+  python -m gptrl.launch --config configs/ppo_cpu.py
+  python -m gptrl.launch --config configs/ppo_cpu.py --config.ppo.critic=shared --config.ppo.critic_init=sft
+
+Policy and frozen reference: the SFT run. Frozen reward model: the reward run (its stored offset is
+subtracted, so the SFT policy starts near reward 0). Prompts: the SFT data's training split for rollouts, its
+held-out plays for eval (`eval/reward`, `eval/kl` on a fixed set of prompts with a fixed key).
+"""
+import ml_collections
+
+from gptrl import config as config_lib
+
+
+def get_config(variant: str = ""):
+  c = ml_collections.ConfigDict()
+  c.stage = "ppo"
+  c.workdir = "runs/ppo_cpu"
+  c.seed = 0
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = "runs/sft_cpu"  # policy start and frozen reference
+  c.init.step = -1
+  c.reward_model = ml_collections.ConfigDict()
+  c.reward_model.checkpoint = "runs/reward_cpu"
+  c.reward_model.step = -1
+  c.tokenizer_path = ""
+
+  # Runtime settings of the models whose shapes come from their checkpoints; "" / -1 keep the checkpoint's.
+  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # dropout, dtype, remat, attention
+  c.mesh = config_lib.as_configdict(config_lib.MeshConfig())  # data=-1 (all devices), fsdp=1, tensor=1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = 0
+  c.optim.min_lr_ratio = 1.0  # constant
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum_steps = 1
+
+  c.data = ml_collections.ConfigDict()  # the prompts: keep these equal to the SFT run's data settings
+  c.data.sources = ("shakespeare_dialogue",)
+  c.data.eval_fraction = 0.08
+  c.data.split_seed = 0
+  c.data.batch_size = 16  # unused here (see ppo.rollout_batch_size)
+  c.data.eval_batches = 0  # unused here
+  c.data.cache_dir = ""
+
+  c.ppo = config_lib.as_configdict(config_lib.PPOAlgoConfig())
+  c.ppo.rollout_batch_size = 32
+  c.ppo.minibatch_size = 16
+  c.ppo.epochs = 4
+  c.ppo.max_new_tokens = 32
+  c.ppo.kl_estimator = "k1"  # "k1" | "k3" | "full"
+  c.ppo.kl_in_reward = True
+  c.ppo.init_beta = 0.05
+  c.ppo.target_kl = 4.0  # nats per response; 0: fixed beta
+  c.ppo.critic = "separate"  # "separate" | "shared"
+  c.ppo.critic_init = "reward"  # "reward" | "sft"
+  c.ppo.num_eval_prompts = 64
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 40  # PPO iterations
+  c.train.log_every = 1
+  c.train.eval_every = 10
+  c.train.checkpoint_every = 10
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoint = True
+  c.train.progress_bar = True
+  c.train.eval_at_start = True
+
+  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs
+  if variant == "tiny":
+    c.workdir = "runs/ppo_cpu_tiny"
+    c.ppo.rollout_batch_size, c.ppo.minibatch_size, c.ppo.epochs, c.ppo.max_new_tokens = 8, 4, 2, 8
+    c.ppo.num_eval_prompts = 8
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 4, 2, 2
+  elif variant:
+    raise ValueError(f"configs/ppo_cpu.py: unknown variant {variant!r}; known: 'tiny'.")
+  return c

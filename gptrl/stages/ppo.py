@@ -1,0 +1,531 @@
+"""Stage 4, RLHF with PPO: the policy (from SFT) answers prompts, the frozen reward model scores the answers, a
+per-token KL penalty against the frozen SFT policy keeps it close, and PPO with a value function improves it.
+
+One iteration:
+  1. rollout: `ppo.rollout_batch_size` training prompts -> sampled responses (KV-cache sampler, fixed shapes);
+  2. score (one jitted function): the policy's and the reference's log-probs of the response tokens, the
+     critic's values, the reward model's score at the response's last token (minus its stored offset), the
+     per-token KL estimate; rewards = -beta * KL per token + score at the last token; GAE advantages/returns;
+  3. learn: `ppo.epochs` passes over minibatches with the clipped surrogate, clipped value loss and entropy
+     bonus (the shared jitted train step of gptrl/trainer.py: clipping, non-finite skip, grad accumulation);
+  4. adapt beta toward `ppo.target_kl` (Ziegler et al. 2019).
+
+Parameters in the train state: {"policy": GPT params, "value": critic params}; with `ppo.critic="separate"` the
+critic is a scalar-head transformer of its own (initialised from the reward model or SFT), with "shared" a
+value head on the policy's final hidden states. The reference policy and the reward model are frozen params
+outside the train state.
+
+Checks every iteration, logged: on the first minibatch the probability ratio is 1 and the approximate KL is 0
+(the trainer recomputes exactly what the rollout computed), and the sampler's own log-probs agree with the
+scorer's; a breach is a warning with numbers.
+
+Resume: the train state (policy, critic, optimizer, step, RNG) is an Orbax checkpoint; beta, the prompt
+iterator position and the pipeline fingerprint are in its data item. Every random draw derives from
+(seed, iteration), so a killed run resumes to the same result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gptrl import chat
+from gptrl import chat_data
+from gptrl import checkpoint as ckpt_lib
+from gptrl import data as data_lib
+from gptrl import model as model_lib
+from gptrl import optim
+from gptrl import ppo_math as pm
+from gptrl import reward_model
+from gptrl import sampling
+from gptrl import sharding
+from gptrl import trainer
+from gptrl.config import PPOConfig
+from gptrl.corpus import default_cache_dir
+from gptrl.metrics import MetricsWriter
+from gptrl.stages import common
+
+# Rollout arrays: B responses, L = P + N token buffer (P prompt slots, left-padded; N response slots).
+ROLLOUT_KEYS = ("tokens", "positions", "attention", "response_mask", "logp", "ref_logp", "values", "advantages",
+                "returns", "kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  policy: model_lib.GPT
+  critic: nn.Module  # ScalarHeadModel (separate) or ScalarHead (shared, applied to the policy's hidden states)
+  reward: reward_model.ScalarHeadModel
+  shared: bool
+  prompt_len: int  # P
+  new_tokens: int  # N
+
+
+def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
+  """The positions whose outputs predict / evaluate the N response tokens: P-1 .. P+N-2."""
+  return x_BxLx[:, models.prompt_len - 1:models.prompt_len - 1 + models.new_tokens]
+
+
+def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Log-probs (fp32), values and entropy of the response tokens under `params`: the one function both the
+  rollout (old) and the learner (new) use, so that on unchanged parameters the ratio is exactly 1."""
+  logits, hidden = models.policy.apply({"params": params["policy"]}, batch["tokens"],
+                                       positions_BxT=batch["positions"], attention_mask_BxT=batch["attention"],
+                                       return_hidden=True)
+  logits_BxNxV = _response_slice(logits, models)
+  targets_BxN = batch["tokens"][:, models.prompt_len:]
+  logp_all = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
+  logp_BxN = jnp.take_along_axis(logp_all, targets_BxN[..., None], axis=-1)[..., 0]
+  entropy_BxN = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  if models.shared:
+    values_BxL = models.critic.apply({"params": params["value"]}, hidden)
+  else:
+    values_BxL = models.critic.apply({"params": params["value"]}, batch["tokens"], positions_BxT=batch["positions"],
+                                     attention_mask_BxT=batch["attention"])
+  return {"logp": logp_BxN, "values": _response_slice(values_BxL, models), "entropy": entropy_BxN,
+          "logits": logits_BxNxV}
+
+
+def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  logits = models.policy.apply({"params": ref_params}, batch["tokens"], positions_BxT=batch["positions"],
+                               attention_mask_BxT=batch["attention"])
+  return _response_slice(logits, models)
+
+
+def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """The reward model's raw score of each response, read at its last token (its <|end|> when it finished)."""
+  rm_scores_BxL = models.reward.apply({"params": rm_params}, batch["tokens"], positions_BxT=batch["positions"],
+                                      attention_mask_BxT=batch["attention"])
+  length_B = jnp.sum(batch["response_mask"], axis=1).astype(jnp.int32)
+  last_B = models.prompt_len + jnp.maximum(length_B, 1) - 1
+  return jnp.take_along_axis(rm_scores_BxL, last_B[:, None], axis=1)[:, 0]
+
+
+def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_score_fn=None):
+  """jitted (params, ref_params, rm_params, batch, beta) -> rollout arrays and per-response stats.
+
+  raw_score_fn(rm_params, batch) -> [B] replaces the reward model (tests use synthetic rewards).
+  """
+  p = cfg.ppo
+  raw_score_fn = raw_score_fn or (lambda rm_params, batch: reward_model_score(models, rm_params, batch))
+
+  def score(params, ref_params, rm_params, batch, beta):
+    mask = batch["response_mask"].astype(jnp.float32)
+    out = evaluate_actions(models, params, batch)
+    ref_logits = reference_logits(models, ref_params, batch)
+    ref_logp_all = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+    targets = batch["tokens"][:, models.prompt_len:]
+    ref_logp = jnp.take_along_axis(ref_logp_all, targets[..., None], axis=-1)[..., 0]
+    if p.kl_estimator == "full":
+      kl = pm.exact_kl(out["logits"], ref_logits)
+    else:
+      kl = pm.kl_estimate(out["logp"], ref_logp, p.kl_estimator)
+    kl = jnp.where(mask > 0, kl, 0.0)
+    length_B = jnp.sum(mask, axis=1).astype(jnp.int32)
+    raw_B = raw_score_fn(rm_params, batch)
+    score_B = p.reward_gain * (raw_B - reward_offset) + p.reward_bias
+    if p.whiten_rewards:
+      score_B = pm.masked_whiten(score_B, jnp.ones_like(score_B), shift_mean=False)
+    truncated_B = batch["truncated"].astype(jnp.bool_)
+    rewards = pm.per_token_rewards(score_B, kl, mask, beta if p.kl_in_reward else 0.0, truncated_B=truncated_B,
+                                   truncation_penalty=p.truncation_penalty)
+    values = jnp.where(mask > 0, out["values"], 0.0)
+    advantages, returns = pm.gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+      advantages = pm.masked_whiten(advantages, mask)
+    stats = {"score": score_B, "raw_score": raw_B, "kl_sum": jnp.sum(kl, axis=1), "length": length_B,
+             "entropy": pm.masked_mean(out["entropy"], mask)}
+    return {"logp": out["logp"], "ref_logp": ref_logp, "values": values, "advantages": advantages,
+            "returns": returns, "kl": kl}, stats
+  return jax.jit(score)
+
+
+def make_ppo_loss(models: Models, cfg: PPOConfig):
+  """loss_fn(params, minibatch, rng) -> (loss_sum, sums) for trainer.make_train_step: token sums, weight =
+  the minibatch's response tokens, so micro-batching does not change the result."""
+  p = cfg.ppo
+
+  def loss_fn(params, batch, rng):
+    del rng
+    mask = batch["response_mask"].astype(jnp.float32)
+    out = evaluate_actions(models, params, batch)
+    pg_loss, pg_stats = pm.policy_loss(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps)
+    vf_loss, vf_stats = pm.value_loss(out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
+    ent = pm.masked_mean(out["entropy"], mask)
+    loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * ent
+    kl_loss = jnp.zeros(())
+    if not p.kl_in_reward:
+      kl_loss = pm.masked_mean(pm.kl_estimate(out["logp"], batch["ref_logp"], "k3"), mask)
+      loss = loss + batch["beta"][0, 0] * kl_loss
+    n = jnp.sum(mask)
+    ratio_max = jnp.max(jnp.where(mask > 0, jnp.exp(out["logp"] - batch["logp"]), 0.0))
+    sums = {"weight": n, "policy_loss": pg_loss * n, "value_loss": vf_loss * n, "entropy": ent * n,
+            "clip_frac": pg_stats["clip_frac"] * n, "value_clip_frac": vf_stats["clip_frac"] * n,
+            "approx_kl": pg_stats["approx_kl"] * n, "ratio_mean": pg_stats["ratio_mean"] * n,
+            "ratio_max": ratio_max * n, "kl_loss": kl_loss * n}
+    return loss * n, sums
+  return loss_fn
+
+
+class Prompts:
+  """An endless, shuffled, checkpointable stream of encoded training prompts (grain), `batch` per call."""
+
+  def __init__(self, prompts: list[list[int]], *, seed: int, batch: int):
+    if len(prompts) < batch:
+      raise data_lib.DataError(f"{len(prompts)} training prompts, fewer than ppo.rollout_batch_size={batch}.")
+    self._prompts = prompts
+    ds = grain.MapDataset.range(len(prompts)).shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
+    self._iter = iter(ds.repeat(None, reseed_each_epoch=True).batch(batch).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  def next(self) -> list[list[int]]:
+    return [self._prompts[int(i)] for i in next(self._iter)]
+
+  def get_state(self):
+    return self._iter.get_state()
+
+  def set_state(self, state):
+    self._iter.set_state(state)
+
+
+def _last_turn(prompt: list[int], tok: Any) -> str:
+  turns = [m for m in chat.parse(prompt, tok) if m.content]
+  return turns[-1].content if turns else ""
+
+
+def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], *, prompt_len: int, new_tokens: int,
+                        pad_id: int, stop_id: int) -> dict[str, np.ndarray]:
+  """Left-padded prompt + right-padded response buffers with positions and masks, as the sampler laid them out."""
+  b = len(prompts)
+  tokens, attention, positions, _ = sampling.prompt_buffer(prompts, max_len=prompt_len + new_tokens,
+                                                          max_new_tokens=new_tokens, pad_id=pad_id,
+                                                          batch_multiple=1, min_prompt_len=prompt_len)
+  response_mask = np.zeros((b, new_tokens), np.int32)
+  truncated = np.zeros((b,), np.int32)
+  for i, r in enumerate(responses):
+    tokens[i, prompt_len:prompt_len + len(r)] = r
+    attention[i, prompt_len:prompt_len + len(r)] = 1
+    response_mask[i, :len(r)] = 1
+    truncated[i] = int(not r or r[-1] != stop_id)
+  return {"tokens": tokens, "positions": positions, "attention": attention, "response_mask": response_mask,
+          "truncated": truncated}
+
+
+def save_rollout(directory: str, iteration: int, arrays: dict[str, np.ndarray]) -> None:
+  """One .npz per iteration; RolloutSource reads them back as grain-indexable records (one per response)."""
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f"iter_{iteration:06d}.tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, os.path.join(directory, f"iter_{iteration:06d}.npz"))
+
+
+class RolloutSource:
+  """A grain RandomAccessDataSource over saved rollouts: record i is one response's arrays (and its iteration)."""
+
+  def __init__(self, directory: str):
+    self._files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                         if f.startswith("iter_") and f.endswith(".npz") and ".tmp" not in f)
+    self._index = []
+    for f_i, f in enumerate(self._files):
+      with np.load(f) as z:
+        self._index.extend((f_i, r) for r in range(z["tokens"].shape[0]))
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    f_i, r = self._index[i]
+    with np.load(self._files[f_i]) as z:
+      rec = {k: z[k][r] for k in z.files}
+    rec["iteration"] = np.int32(int(os.path.basename(self._files[f_i])[5:11]))
+    return rec
+
+
+class Learner:
+  """One PPO iteration (rollout, scoring, learning, beta update) and the held-out evaluation, on a mesh."""
+
+  def __init__(self, cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh, optimizer: Any, state_shardings: Any,
+               ref_params: Any, rm_params: Any, score_fn: Any, *, pad_id: int, stop_id: int):
+    p = cfg.ppo
+    self.cfg, self.models, self.mesh = cfg, models, mesh
+    self.ref_params, self.rm_params, self.score_fn = ref_params, rm_params, score_fn
+    self.pad_id, self.stop_id = pad_id, stop_id
+    self.dp = sharding.data_parallel_size(mesh)
+    updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
+    self.train_step = trainer.jit_train_step(
+        trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
+                                optim.learning_rate_schedule(cfg.optim, updates), cfg.optim.grad_accum_steps),
+        state_shardings, mesh)
+    self.last_rollout: dict[str, np.ndarray] = {}
+    self.last_prompts: list[list[int]] = []
+
+  def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array):
+    """(responses, the sampler's log-probs, host arrays of the rollout buffer)."""
+    p = self.cfg.ppo
+    with sharding.activate(self.mesh):
+      responses, sampler_logp = sampling.generate(
+          self.models.policy, params["policy"], prompts, max_new_tokens=self.models.new_tokens, rng=rng,
+          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_id=self.stop_id, pad_id=self.pad_id,
+          batch_multiple=self.dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
+    host = build_rollout_batch(prompts, responses, prompt_len=self.models.prompt_len,
+                               new_tokens=self.models.new_tokens, pad_id=self.pad_id, stop_id=self.stop_id)
+    return responses, sampler_logp, host
+
+  def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
+    rows = host["tokens"].shape[0]
+    pad = -rows % self.dp
+    if pad:
+      host = {k: np.concatenate([v, v[:pad]]) for k, v in host.items()}
+    with sharding.activate(self.mesh):
+      arrays, stats = self.score_fn(params, self.ref_params, self.rm_params, sharding.host_to_global(host, self.mesh),
+                                    jnp.float32(beta))
+    arrays, stats = jax.device_get((arrays, stats))
+    return ({k: np.asarray(v)[:rows] for k, v in arrays.items()},
+            {k: np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v) for k, v in stats.items()})
+
+  def iteration(self, state: trainer.TrainState, prompts: list[list[int]], it: int, beta: float):
+    """One PPO iteration; returns (state, metrics row, next beta, responses, per-response stats)."""
+    p = self.cfg.ppo
+    t0 = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), it)
+    responses, sampler_logp, host = self.rollout(state.params, prompts, jax.random.fold_in(rng, 0))
+    arrays, stats = self.score(state.params, host, beta)
+    t_rollout = time.perf_counter() - t0
+    roll = {**host, **arrays}
+    self.last_rollout, self.last_prompts = {**roll, "score": stats["score"]}, prompts
+    sampler_gap = max((float(np.max(np.abs(np.asarray(sl) - roll["logp"][i, :len(sl)]))) for i, sl in
+                       enumerate(sampler_logp) if len(sl)), default=0.0)
+
+    # Learning: epochs x minibatches of the rollout, in an order drawn from this iteration's key.
+    perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, 1))).astype(np.uint32))
+    learn_metrics, updates, stopped = [], 0, False
+    n_mb = p.rollout_batch_size // p.minibatch_size
+    for _ in range(p.epochs):
+      order = perm_rng.permutation(p.rollout_batch_size)
+      for m in range(n_mb):
+        idx = order[m * p.minibatch_size:(m + 1) * p.minibatch_size]
+        mb = {k: roll[k][idx] for k in ROLLOUT_KEYS}
+        mb["beta"] = np.full((p.minibatch_size, 1), beta, np.float32)  # rank 2: sharded like the batch
+        state, metrics = self.train_step(state, sharding.host_to_global(mb, self.mesh))
+        learn_metrics.append(jax.device_get(metrics))
+        updates += 1
+      if p.max_approx_kl > 0 and float(learn_metrics[-1]["train/approx_kl"]) > p.max_approx_kl:
+        stopped = True
+        break
+    t_learn = time.perf_counter() - t0 - t_rollout
+
+    # The invariants: the first minibatch sees ratio 1 and approximate KL 0 (same code, same params), and the
+    # sampler's log-probs are the scorer's.
+    first = learn_metrics[0]
+    ratio0, kl0 = float(first["train/ratio_mean"]), float(first["train/approx_kl"])
+    if abs(ratio0 - 1.0) > 1e-4 or kl0 > 1e-6 or sampler_gap > 2e-2:
+      logging.warning("PPO invariant breached at iteration %d: first-minibatch ratio %.6f (want 1), approx KL "
+                      "%.3g (want 0), sampler vs scorer log-prob gap %.3g.", it, ratio0, kl0, sampler_gap)
+    kl_mean = float(np.mean(stats["kl_sum"]))
+    new_beta = float(pm.update_kl_coef(beta, kl_mean, target=p.target_kl, horizon=p.kl_horizon,
+                                       n_steps=p.rollout_batch_size)) if p.target_kl > 0 else beta
+    row = {"ppo/reward": float(np.mean(stats["score"])), "ppo/reward_std": float(np.std(stats["score"])),
+           "ppo/raw_score": float(np.mean(stats["raw_score"])), "ppo/kl": kl_mean, "ppo/beta": beta,
+           "ppo/length": float(np.mean(stats["length"])), "ppo/truncated": float(np.mean(host["truncated"])),
+           "ppo/entropy": float(np.mean(stats["entropy"])), "ppo/first_ratio": ratio0, "ppo/first_approx_kl": kl0,
+           "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": updates, "ppo/early_stopped": float(stopped),
+           "time/rollout_s": t_rollout, "time/learn_s": t_learn,
+           "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)}
+    for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
+              "ratio_max", "kl_loss", "grad_norm", "skipped"):
+      row[f"ppo/{k}"] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
+    return state, row, new_beta, responses, stats
+
+  def evaluate(self, params: Any, prompts: list[list[int]], beta: float, tok: Any = None
+               ) -> tuple[dict[str, float], list[str]]:
+    """Mean normalised reward and KL of the policy's answers to fixed held-out prompts, with a fixed key."""
+    if not prompts:
+      return {}, []
+    p = self.cfg.ppo
+    eval_rng = jax.random.key(self.cfg.seed + 11)
+    scores, kls, lengths, texts = [], [], [], []
+    for lo in range(0, len(prompts), p.rollout_batch_size):
+      chunk = prompts[lo:lo + p.rollout_batch_size]
+      responses, _, host = self.rollout(params, chunk, jax.random.fold_in(eval_rng, lo))
+      _, stats = self.score(params, host, beta)
+      scores.append(stats["score"])
+      kls.append(stats["kl_sum"])
+      lengths.append(stats["length"])
+      if tok is not None:
+        for i in range(min(len(chunk), 4 - len(texts))):
+          texts.append(f"{chat.decode_reply(responses[i], tok)!r} (reward {float(stats['score'][i]):+.3f})")
+    scores, kls, lengths = np.concatenate(scores), np.concatenate(kls), np.concatenate(lengths)
+    return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std()),
+            "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}, texts
+
+
+def run(cfg: PPOConfig) -> trainer.TrainState:
+  """Runs (or resumes) PPO for `cfg.train.steps` iterations."""
+  workdir = common.prepare_workdir(cfg)
+  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
+  mesh = sharding.make_mesh(cfg.mesh)
+  p = cfg.ppo
+  dp = sharding.data_parallel_size(mesh)
+  if p.minibatch_size % dp or p.rollout_batch_size % dp:
+    raise common.config_lib.ConfigError(
+        f"config.ppo.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
+        f"divisible by the data-parallel size {dp}.")
+  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
+                                                 expect_stage=("sft",))
+  rm_meta, rm_folder, rm_step = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
+  if rm_meta.get("stage") != "reward":
+    raise common.config_lib.ConfigError(f"config.reward_model.checkpoint: {rm_folder}/{rm_step} is a "
+                                        f"{rm_meta.get('stage')!r} checkpoint, not a reward model.")
+  ckpt_lib.check_tokenizer(rm_meta, tok.sha256, where=f"The reward model {rm_folder}/{rm_step}")
+  if "reward_offset" not in rm_meta:
+    logging.warning("The reward model %s/%d has no reward_offset (trained without normalisation); using 0.",
+                    rm_folder, rm_step)
+  reward_offset = float(rm_meta.get("reward_offset", 0.0))
+  rm_cfg = common.config_lib.ModelConfig(**{k: v for k, v in rm_meta["model"].items()
+                                            if k in common.config_lib.ModelConfig.__dataclass_fields__})
+  rm_cfg = cfg.model.apply(rm_cfg)
+  n_new = p.max_new_tokens
+  prompt_len = model_cfg.max_len - n_new
+  if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
+    raise common.config_lib.ConfigError(
+        f"config.ppo.max_new_tokens={n_new} leaves {prompt_len} prompt tokens of the policy's {model_cfg.max_len} "
+        f"(and the reward model's context is {rm_cfg.max_len}); lower it.")
+  shared = p.critic == "shared"
+  models = Models(policy=model_lib.GPT(model_cfg),
+                  critic=(reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
+                          reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std,
+                                                       head_name="value_head")),
+                  reward=reward_model.ScalarHeadModel(rm_cfg), shared=shared, prompt_len=prompt_len, new_tokens=n_new)
+
+  # Prompts: the training split for rollouts, the held-out split for evaluation.
+  conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
+  train_convs, eval_convs = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
+                                                     seed=cfg.data.split_seed)
+  from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
+  train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in training_prompts(train_convs, 0, cfg.seed)]
+  eval_messages = training_prompts(eval_convs, p.num_eval_prompts, cfg.seed + 7)
+  eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in eval_messages]
+  prompts = Prompts(train_prompts, seed=cfg.seed, batch=p.rollout_batch_size)
+  logging.info("PPO prompts: %d training, %d held-out for eval.", len(train_prompts), len(eval_prompts))
+
+  # Parameters: the policy and critic train; the reference and the reward model are frozen.
+  example = np.zeros((1, model_cfg.max_len), np.int32)
+
+  def init_params(rng):
+    r1, r2 = jax.random.split(rng)
+    policy = models.policy.init(r1, example)["params"]
+    if shared:
+      value = models.critic.init(r2, jnp.zeros((1, model_cfg.max_len, model_cfg.d_model), jnp.float32))["params"]
+    else:
+      value = models.critic.init(r2, example)["params"]
+    return {"policy": policy, "value": value}
+
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size))
+  state, state_shardings = trainer.create_train_state(init_params, optimizer, cfg.seed, mesh)
+  ref_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
+  rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                       async_save=cfg.train.async_checkpoint)
+  fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
+                           eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
+                           process_count=jax.process_count(), tokenizer_sha256=tok.sha256,
+                           num_prompts=len(train_prompts), prompt_len=prompt_len)
+  fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
+  start, beta = 0, p.init_beta
+  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
+  if restored is not None:
+    start, state, data_state, meta = restored
+    where = f"{checkpointer.directory}/{start}"
+    ckpt_lib.check_tokenizer(meta, tok.sha256, where=f"The checkpoint {where}")
+    data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
+                               saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
+    prompts.set_state(data_state["iterator"])
+    beta = float(data_state["beta"])
+    logging.info("Resumed from %s (beta %.4f).", where, beta)
+  else:
+    params = dict(state.params)
+    # The trained policy starts equal to the frozen reference, in buffers of its own (the train step donates).
+    params["policy"] = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), ref_params,
+                                    state_shardings.params["policy"])
+    abstract_value = ckpt_lib.abstract_like(state.params["value"], state_shardings.params["value"])
+    if p.critic_init == "reward":
+      trunk, _, _ = ckpt_lib.load_params(cfg.reward_model.checkpoint, abstract_value["transformer"],
+                                         step=cfg.reward_model.step, tokenizer_sha256=tok.sha256, subtree="transformer")
+      head = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), rm_params["reward_head"],
+                          state_shardings.params["value"]["value_head"])
+      params["value"] = {"transformer": trunk, "value_head": head}
+    elif not shared:  # (a shared critic is a fresh value head on the policy's trunk)
+      trunk, _, _ = ckpt_lib.load_params(cfg.init.checkpoint, abstract_value["transformer"], step=cfg.init.step,
+                                         tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
+      params["value"] = {**params["value"], "transformer": trunk}
+    state = state.replace(params=params)
+    logging.info("Policy from %s, critic from %s, reward model %s/%d (offset %.4f).", init_meta["init_checkpoint"],
+                 "a fresh head on the policy" if shared else p.critic_init, rm_folder, rm_step, reward_offset)
+
+  learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
+                    make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
+
+  is_main = jax.process_index() == 0
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if start else -1)
+  guard = trainer.PreemptionGuard()
+  bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (is_main and cfg.train.progress_bar),
+                  desc="ppo", file=sys.stderr, dynamic_ncols=True)
+  meta = {"stage": "ppo", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
+          "num_params": model_lib.count_params(state.params["policy"]), "init_checkpoint": init_meta["init_checkpoint"],
+          "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": reward_offset, "critic": p.critic}
+
+  def save(step):
+    checkpointer.save(step, state, data={"iterator": prompts.get_state(), "fingerprint": fingerprint,
+                                         "fingerprint_parts": fingerprint_parts, "beta": beta}, meta=meta)
+
+  def log_eval(step):
+    metrics, texts = learner.evaluate(state.params, eval_prompts, beta, tok)
+    if metrics:
+      writer.write(step, metrics)
+      writer.write_texts(step, "samples", texts)
+      logging.info("iteration %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+  try:
+    if start == 0 and cfg.train.eval_at_start:
+      log_eval(0)
+    for it in range(start, cfg.train.steps):
+      if guard.should_stop(it):
+        save(it)
+        checkpointer.wait()
+        logging.warning("Preempted at iteration %d: checkpoint saved; exiting with code %d.", it,
+                        trainer.EXIT_PREEMPTED)
+        sys.exit(trainer.EXIT_PREEMPTED)
+      state, row, beta, responses, stats = learner.iteration(state, prompts.next(), it, beta)
+      if p.save_rollouts and is_main:
+        save_rollout(os.path.join(workdir, "rollouts"), it, learner.last_rollout)
+      kl_mean = row["ppo/kl"]
+      writer.write(it + 1, row)
+      if is_main:
+        writer.write_texts(it + 1, "rollouts", [json.dumps(
+            {"prompt": _last_turn(learner.last_prompts[i], tok), "response": chat.decode_reply(responses[i], tok),
+             "reward": round(float(stats["score"][i]), 4)}, ensure_ascii=False) for i in range(min(3, len(responses)))])
+      bar.update(1)
+      bar.set_postfix(reward=f"{row['ppo/reward']:+.3f}", kl=f"{kl_mean:.2f}", refresh=False)
+      done = it + 1
+      if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+        log_eval(done)
+      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        save(done)
+    checkpointer.wait()
+  finally:
+    bar.close()
+    writer.close()
+    guard.restore()
+    checkpointer.close()
+  return state
