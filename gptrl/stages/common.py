@@ -156,7 +156,7 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
 
 
 def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh, init: config_lib.InitConfig, *,
-                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = ()) -> Any:
+                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = (), subtree: str = "") -> Any:
   """The parameters of `init.checkpoint` for `module`, laid out on `mesh` by the sharding rules (no optimizer
   state): the way a stage loads a model it samples from or scores with but does not train."""
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
@@ -168,7 +168,8 @@ def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh
   abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
                           abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   params, _, where = ckpt_lib.load_params(init.checkpoint, ckpt_lib.abstract_like(abstract, shardings),
-                                          step=init.step, tokenizer_sha256=tokenizer_sha256, unused_ok=unused_ok)
+                                          step=init.step, tokenizer_sha256=tokenizer_sha256, unused_ok=unused_ok,
+                                          subtree=subtree)
   logging.info("Loaded the parameters of %s.", where)
   return params
 
