@@ -74,6 +74,14 @@ def _reward_argv(workdir, init, comparisons, cache, steps=10):
       "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6})
 
 
+def _ppo_argv(workdir, sft, reward, chats, cache):
+  return _launch("ppo_cpu.py:tiny", **{
+      "workdir": workdir, "init.checkpoint": sft, "reward_model.checkpoint": reward, "data.sources": f"('{chats}',)",
+      "data.cache_dir": cache, "data.eval_fraction": 0.2, "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4,
+      "ppo.epochs": 2, "ppo.max_new_tokens": 6, "ppo.num_eval_prompts": 4, "train.steps": 4,
+      "train.checkpoint_every": 2, "train.eval_every": 2, "train.progress_bar": False})
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
   """One pretrain -> SFT -> label -> reward chain; returns its paths."""
@@ -87,6 +95,8 @@ def pipeline(tmp_path_factory):
   check_ok(run(_sft_argv(paths["sft"], paths["pretrain"], chats, cache)))
   check_ok(run(_label_argv(paths["label"], paths["sft"], chats, cache)))
   check_ok(run(_reward_argv(paths["reward"], paths["sft"], paths["label"] / "comparisons.jsonl", cache)))
+  paths["ppo"] = root / "ppo"
+  check_ok(run(_ppo_argv(paths["ppo"], paths["sft"], paths["reward"], chats, cache)))
   return paths
 
 
@@ -135,10 +145,10 @@ def test_reward_outputs(pipeline):
   assert any("final/reward_offset" in r for r in rows)
 
 
-def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path) -> None:
+def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path, step: int = 4) -> None:
   proc, f = start(argv, log)
   try:
-    appeared = wait_for(proc, workdir / "checkpoints" / "4")
+    appeared = wait_for(proc, workdir / "checkpoints" / str(step))
     assert proc.poll() is None and appeared, "the run ended before it could be killed mid-run"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -148,22 +158,44 @@ def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path)
     f.close()
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   workdir = tmp_path / stage
+  first = 4
   if stage == "sft":
     argv, steps = _sft_argv(workdir, pipeline["pretrain"], pipeline["chats"], pipeline["cache"]), 12
-  else:
+  elif stage == "reward":
     argv, steps = _reward_argv(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl",
                                pipeline["cache"]), 10
-  _kill_after_first_checkpoint(argv, workdir, tmp_path / "killed.log")
+  else:
+    argv, steps, first = _ppo_argv(workdir, pipeline["sft"], pipeline["reward"], pipeline["chats"],
+                                   pipeline["cache"]), 4, 2
+  _kill_after_first_checkpoint(argv, workdir, tmp_path / "killed.log", first)
   assert max(complete_steps(workdir)) < steps
   check_ok(run(argv))
   a, b = params(pipeline[stage], steps), params(workdir, steps)
   assert a.keys() == b.keys()
   for name in a:
     assert np.array_equal(a[name], b[name]), f"{name} differs after kill + resume"
-  assert train_steps(workdir) == train_steps(pipeline[stage])
+  if stage == "ppo":
+    keys = ("step", "ppo/reward", "ppo/kl", "ppo/beta", "ppo/policy_loss", "ppo/value_loss")
+    resumed, straight = ([{k: r[k] for k in keys} for r in _rows(w) if "ppo/reward" in r]
+                         for w in (workdir, pipeline["ppo"]))
+    assert resumed == straight and len(resumed) == 4
+  else:
+    assert train_steps(workdir) == train_steps(pipeline[stage])
+
+
+def test_ppo_outputs(pipeline):
+  rows = _rows(pipeline["ppo"])
+  iters = [r for r in rows if "ppo/reward" in r]
+  assert [r["step"] for r in iters] == [1, 2, 3, 4]
+  for r in iters:
+    assert abs(r["ppo/first_ratio"] - 1) < 1e-5 and r["ppo/first_approx_kl"] < 1e-8
+    assert np.isfinite(r["ppo/policy_loss"]) and np.isfinite(r["ppo/value_loss"]) and r["ppo/beta"] > 0
+  assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
+  meta = ckpt_lib.read_step_meta(str(pipeline["ppo"] / "checkpoints"), 4)
+  assert meta["stage"] == "ppo" and meta["reward_model"].endswith("reward/checkpoints/10")
 
 
 def test_label_resumes_after_a_cut_chunk(pipeline, tmp_path):
