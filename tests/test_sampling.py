@@ -63,3 +63,12 @@ def test_stop_id_ends_a_row():
   out = _greedy([PROMPT, LONG], stop_id=stop)
   assert out[0] == full[:full.index(stop) + 1]
   assert out[0][-1] == stop
+
+
+def test_sampled_tokens_do_not_depend_on_how_much_padding_a_prompt_gets():
+  """Under a fixed key, a prompt's sampled continuation is the same alone, next to a longer prompt, and padded to a
+  fixed prompt length: padding is masked out and positions restart at each prompt's first token."""
+  alone = _greedy([PROMPT], temperature=1.0)[0]
+  assert _greedy([PROMPT, LONG], temperature=1.0)[0] == alone
+  assert _greedy([PROMPT], temperature=1.0, min_prompt_len=9)[0] == alone
+  assert _greedy([PROMPT, LONG], temperature=1.0, min_prompt_len=10) == _greedy([PROMPT, LONG], temperature=1.0)
