@@ -122,3 +122,17 @@ def test_kl_in_loss_and_full_kl_options_run():
     learner, state = _learner(cfg, mesh)
     _, row, _, _, _ = learner.iteration(state, _prompts(), 0, 0.1)
     assert np.isfinite(row["ppo/policy_loss"]) and abs(row["ppo/first_ratio"] - 1) < 1e-5
+
+
+def test_saved_rollouts_read_back_through_grain(tmp_path):
+  import grain  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  iters = {it: {"tokens": rng.integers(0, 9, (n, 10)).astype(np.int32), "logp": rng.normal(size=(n, 6)).astype(np.float32)}
+           for it, n in ((3, 2), (4, 3))}
+  for it, arrays in iters.items():
+    ppo.save_rollout(str(tmp_path), it, arrays)
+  source = ppo.RolloutSource(str(tmp_path))
+  records = list(grain.MapDataset.source(source))
+  assert len(records) == 5 and [int(r["iteration"]) for r in records] == [3, 3, 4, 4, 4]
+  np.testing.assert_array_equal(records[3]["tokens"], iters[4]["tokens"][1])
+  np.testing.assert_array_equal(records[1]["logp"], iters[3]["logp"][1])
