@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
   c.mesh = config_lib.as_configdict(config_lib.MeshConfig())  # data=-1 (all devices), fsdp=1, tensor=1
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-5
+  c.optim.lr = 2e-5
   c.optim.warmup_steps = 0
   c.optim.decay_steps = 0
   c.optim.min_lr_ratio = 1.0  # constant
