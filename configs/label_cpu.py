@@ -1,4 +1,4 @@
-"""Label comparisons for the reward model: the SFT model writes 4 replies to each of 384 training prompts and
+"""Label comparisons for the reward model: the SFT model writes 4 replies to each of 1536 training prompts and
 VADER sentiment ranks them ("kinder replies are better"), standing in for human raters.
 
   python -m gptrl.launch --config configs/label_cpu.py
@@ -36,7 +36,7 @@ def get_config(variant: str = ""):
   c.data.eval_batches = 0  # unused here
   c.data.cache_dir = ""
 
-  c.num_prompts = 384
+  c.num_prompts = 1536
   c.responses_per_prompt = 4
   c.batch_size = 64  # sequences sampled at once (16 prompts x 4 replies)
 
