@@ -1,5 +1,6 @@
 """Label comparisons for the reward model: the SFT model writes 4 replies to each of 1536 training prompts and
-VADER sentiment ranks them ("kinder replies are better"), standing in for human raters.
+VADER sentiment ranks them ("kinder replies are better"), standing in for human raters (about 15 minutes on 2
+cores).
 
   python -m gptrl.launch --config configs/label_cpu.py
   -> runs/label_cpu/comparisons.jsonl (pairwise records: the reward stage's input), replies.jsonl

@@ -1,4 +1,5 @@
-"""RLHF with PPO on the CPU: the SFT policy learns to please the reward model, KL-anchored to SFT (~15 min).
+"""RLHF with PPO on the CPU: the SFT policy learns to please the reward model, KL-anchored to SFT
+(about 25 minutes on 2 cores).
 
   python -m gptrl.launch --config configs/ppo_cpu.py
   python -m gptrl.launch --config configs/ppo_cpu.py --config.ppo.critic=shared --config.ppo.critic_init=sft

@@ -1,4 +1,5 @@
-"""Train a Bradley-Terry reward model from the SFT model on the labelled comparisons (~5 minutes).
+"""Train a Bradley-Terry reward model from the SFT model on the labelled comparisons
+(about 12 minutes on 2 cores).
 
   python -m gptrl.launch --config configs/reward_cpu.py
   python -m gptrl.launch --config configs/reward_cpu.py --config.data.sources="('my_prefs.jsonl',)"
@@ -54,7 +55,7 @@ def get_config(variant: str = ""):
   c.reward.normalize_max_new_tokens = 40
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 150
+  c.train.steps = 150  # about one epoch of the default comparisons: more over-fits (held-out loss rises)
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.checkpoint_every = 50

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of the pretrained CPU model on Shakespeare dialogue turned into chats (~5 minutes).
+"""Supervised fine-tuning of the pretrained CPU model on Shakespeare dialogue turned into chats
+(about 10 minutes on 2 cores).
 
   python -m gptrl.launch --config configs/sft_cpu.py
   python -m gptrl.launch --config configs/sft_cpu.py:tiny --config.init.checkpoint=/tmp/tiny_pretrain ...
