@@ -453,7 +453,8 @@ class PPOAlgoConfig:
     _check(self.init_beta >= 0 and self.target_kl >= 0, "ppo.init_beta", "init_beta and target_kl must be >= 0")
     _check(0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0, "ppo.gamma", "gamma and lam must be in [0, 1]")
     _check(self.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {self.clip_eps}")
-    _check(self.temperature > 0, "ppo.temperature", f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
+    _check(self.temperature > 0, "ppo.temperature",
+           f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
     _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
 
 

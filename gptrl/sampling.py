@@ -170,7 +170,8 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1, use_cache: bool = True,
-             return_logprobs: bool = False, min_prompt_len: int = 0) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
+             return_logprobs: bool = False, min_prompt_len: int = 0
+             ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
   """Samples continuations of token-id prompts.
 
   Args:

@@ -127,8 +127,8 @@ def test_kl_in_loss_and_full_kl_options_run():
 def test_saved_rollouts_read_back_through_grain(tmp_path):
   import grain  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
-  iters = {it: {"tokens": rng.integers(0, 9, (n, 10)).astype(np.int32), "logp": rng.normal(size=(n, 6)).astype(np.float32)}
-           for it, n in ((3, 2), (4, 3))}
+  iters = {it: {"tokens": rng.integers(0, 9, (n, 10)).astype(np.int32),
+                "logp": rng.normal(size=(n, 6)).astype(np.float32)} for it, n in ((3, 2), (4, 3))}
   for it, arrays in iters.items():
     ppo.save_rollout(str(tmp_path), it, arrays)
   source = ppo.RolloutSource(str(tmp_path))

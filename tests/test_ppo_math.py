@@ -119,7 +119,8 @@ def test_k1_and_k3_averaged_over_samples_from_the_policy_approximate_the_exact_k
   tokens = np.random.default_rng(8).choice(len(logits), size=200_000, p=np.exp(logp))
   sample_logp = logp[tokens].astype(np.float32)[None]
   sample_ref_logp = ref_logp[tokens].astype(np.float32)[None]
-  exact = float(ppo_math.exact_kl(logits[None, None].astype(np.float32), ref_logits[None, None].astype(np.float32))[0, 0])
+  exact = float(ppo_math.exact_kl(logits[None, None].astype(np.float32),
+                                  ref_logits[None, None].astype(np.float32))[0, 0])
   for kind in ("k1", "k3"):
     samples = np.asarray(ppo_math.kl_estimate(sample_logp, sample_ref_logp, kind), np.float64)
     standard_error = samples.std() / np.sqrt(samples.size)

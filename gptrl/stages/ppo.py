@@ -184,7 +184,8 @@ class Prompts:
     if len(prompts) < batch:
       raise data_lib.DataError(f"{len(prompts)} training prompts, fewer than ppo.rollout_batch_size={batch}.")
     self._prompts = prompts
-    ds = grain.MapDataset.range(len(prompts)).shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
+    shuffle_seed = data_lib._shuffle_seed(seed)  # pylint: disable=protected-access
+    ds = grain.MapDataset.range(len(prompts)).shuffle(seed=shuffle_seed)
     self._iter = iter(ds.repeat(None, reseed_each_epoch=True).batch(batch).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
@@ -412,7 +413,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   train_convs, eval_convs = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
                                                      seed=cfg.data.split_seed)
   from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
-  train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in training_prompts(train_convs, 0, cfg.seed)]
+  train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
+                   for m in training_prompts(train_convs, 0, cfg.seed)]
   eval_messages = training_prompts(eval_convs, p.num_eval_prompts, cfg.seed + 7)
   eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in eval_messages]
   prompts = Prompts(train_prompts, seed=cfg.seed, batch=p.rollout_batch_size)
