@@ -430,6 +430,9 @@ class PPOAlgoConfig:
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
   max_approx_kl: float = 0.0  # > 0: stop an iteration's epochs early once approximate KL exceeds it
+  # PPO-ptx (InstructGPT): add ptx_coef * the next-token loss on pretraining text to each update (0: off).
+  ptx_coef: float = 0.0
+  ptx_sources: tuple[str, ...] = ("shakespeare",)  # as data.sources of pretraining; its training split is used
   # Models.
   critic: str = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy's trunk)
   critic_init: str = "reward"  # "reward" (the reward model's weights) | "sft" (the SFT transformer, fresh head)
@@ -456,6 +459,7 @@ class PPOAlgoConfig:
     _check(self.temperature > 0, "ppo.temperature",
            f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
     _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
+    _check(self.ptx_coef >= 0, "ppo.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
 
 
 @dataclasses.dataclass(frozen=True)

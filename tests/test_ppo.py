@@ -136,3 +136,19 @@ def test_saved_rollouts_read_back_through_grain(tmp_path):
   assert len(records) == 5 and [int(r["iteration"]) for r in records] == [3, 3, 4, 4, 4]
   np.testing.assert_array_equal(records[3]["tokens"], iters[4]["tokens"][1])
   np.testing.assert_array_equal(records[1]["logp"], iters[3]["logp"][1])
+
+
+def test_ptx_mixes_a_pretraining_loss_into_each_update():
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  cfg = dataclasses.replace(_cfg(ptx_coef=0.5), train=TrainConfig(steps=1))
+  learner, state = _learner(cfg, mesh)
+  rng = np.random.default_rng(0)
+
+  def batches():
+    while True:
+      tokens = rng.integers(1, VOCAB, (16, 17)).astype(np.int32)
+      yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((16, 16), np.float32)}
+  learner.ptx_iter = batches()
+  _, row, _, _, _ = learner.iteration(state, _prompts(), 0, 0.1)
+  # A random-init model's next-token loss on uniform tokens is about log(VOCAB).
+  assert abs(row["ppo/ptx_loss"] - np.log(VOCAB)) < 0.5 and abs(row["ppo/first_ratio"] - 1) < 1e-5

@@ -44,6 +44,7 @@ from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import data as data_lib
+from gptrl import losses
 from gptrl import model as model_lib
 from gptrl import optim
 from gptrl import ppo_math as pm
@@ -169,7 +170,13 @@ def make_ppo_loss(models: Models, cfg: PPOConfig):
       loss = loss + batch["beta"][0, 0] * kl_loss
     n = jnp.sum(mask)
     ratio_max = jnp.max(jnp.where(mask > 0, jnp.exp(out["logp"] - batch["logp"]), 0.0))
-    sums = {"weight": n, "policy_loss": pg_loss * n, "value_loss": vf_loss * n, "entropy": ent * n,
+    ptx = jnp.zeros(())
+    if p.ptx_coef > 0:
+      ptx_logits = models.policy.apply({"params": params["policy"]}, batch["ptx_inputs"])
+      ptx_sum, ptx_weight = losses.weighted_cross_entropy(ptx_logits, batch["ptx_targets"], batch["ptx_weights"])
+      ptx = ptx_sum / jnp.maximum(ptx_weight, 1.0)
+      loss = loss + p.ptx_coef * ptx
+    sums = {"weight": n, "ptx_loss": ptx * n, "policy_loss": pg_loss * n, "value_loss": vf_loss * n, "entropy": ent * n,
             "clip_frac": pg_stats["clip_frac"] * n, "value_clip_frac": vf_stats["clip_frac"] * n,
             "approx_kl": pg_stats["approx_kl"] * n, "ratio_mean": pg_stats["ratio_mean"] * n,
             "ratio_max": ratio_max * n, "kl_loss": kl_loss * n}
@@ -269,6 +276,7 @@ class Learner:
         state_shardings, mesh)
     self.last_rollout: dict[str, np.ndarray] = {}
     self.last_prompts: list[list[int]] = []
+    self.ptx_iter = None  # PPO-ptx: an iterator of pretraining batches of minibatch_size rows (set by run)
 
   def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array):
     """(responses, the sampler's log-probs, host arrays of the rollout buffer)."""
@@ -317,6 +325,8 @@ class Learner:
         idx = order[m * p.minibatch_size:(m + 1) * p.minibatch_size]
         mb = {k: roll[k][idx] for k in ROLLOUT_KEYS}
         mb["beta"] = np.full((p.minibatch_size, 1), beta, np.float32)  # rank 2: sharded like the batch
+        if p.ptx_coef > 0:
+          mb.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items()})
         state, metrics = self.train_step(state, sharding.host_to_global(mb, self.mesh))
         learn_metrics.append(jax.device_get(metrics))
         updates += 1
@@ -343,7 +353,7 @@ class Learner:
            "time/rollout_s": t_rollout, "time/learn_s": t_learn,
            "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)}
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
-              "ratio_max", "kl_loss", "grad_norm", "skipped"):
+              "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
       row[f"ppo/{k}"] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
     return state, row, new_beta, responses, stats
 
@@ -442,9 +452,10 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
                            eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
                            process_count=jax.process_count(), tokenizer_sha256=tok.sha256,
-                           num_prompts=len(train_prompts), prompt_len=prompt_len)
+                           num_prompts=len(train_prompts), prompt_len=prompt_len,
+                           ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
   fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
-  start, beta = 0, p.init_beta
+  start, beta, ptx_state = 0, p.init_beta, None
   restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
   if restored is not None:
     start, state, data_state, meta = restored
@@ -454,6 +465,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                                saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
     prompts.set_state(data_state["iterator"])
     beta = float(data_state["beta"])
+    ptx_state = data_state.get("ptx_iterator")
     logging.info("Resumed from %s (beta %.4f).", where, beta)
   else:
     params = dict(state.params)
@@ -477,6 +489,16 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
                     make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
+  if p.ptx_coef > 0:
+    docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
+    ptx_docs, _ = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)
+    ptx_tokens = data_lib.tokenize_documents(ptx_docs, tok, cache_dir=os.path.join(cache_dir, "tokens"))
+    learner.ptx_iter = iter(data_lib.lm_dataset(
+        ptx_tokens, seq_len=model_cfg.max_len, seed=cfg.seed, global_batch_size=p.minibatch_size,
+        process_index=jax.process_index(), process_count=jax.process_count()))
+    if ptx_state is not None:
+      learner.ptx_iter.set_state(ptx_state)
+    logging.info("PPO-ptx: %d pretraining tokens, coefficient %g.", ptx_tokens.size, p.ptx_coef)
 
   is_main = jax.process_index() == 0
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if start else -1)
@@ -489,7 +511,9 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   def save(step):
     checkpointer.save(step, state, data={"iterator": prompts.get_state(), "fingerprint": fingerprint,
-                                         "fingerprint_parts": fingerprint_parts, "beta": beta}, meta=meta)
+                                         "fingerprint_parts": fingerprint_parts, "beta": beta,
+                                         "ptx_iterator": learner.ptx_iter.get_state() if learner.ptx_iter else None},
+                    meta=meta)
 
   def log_eval(step):
     metrics, texts = learner.evaluate(state.params, eval_prompts, beta, tok)
