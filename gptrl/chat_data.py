@@ -41,6 +41,14 @@ class Conversation:
   messages: tuple[chat.Message, ...]
 
 
+def prompt_and_reply(conv: Conversation) -> tuple[list[chat.Message], str] | None:
+  """The conversation cut before its last assistant turn, and that turn's text; None without a prompt before it."""
+  messages = list(conv.messages)
+  while messages and messages[-1].role != "assistant":
+    messages.pop()
+  return (messages[:-1], messages[-1].content) if len(messages) >= 2 else None
+
+
 def _builtin_sources(cache_dir: str | None) -> dict[str, Any]:
   def dialogue():
     from gptrl import corpus, dialogue as dialogue_lib  # pylint: disable=import-outside-toplevel
@@ -220,15 +228,13 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
   raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {sorted(record)}.")
 
 
-def load_comparisons(sources: Sequence[str], *, max_responses: int,
-                     cache_dir: str | None = None) -> list[PromptComparisons]:
+def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[PromptComparisons]:
   """Comparisons grouped by prompt, each group holding at most `max_responses` distinct responses.
 
   Pairwise records of the same prompt are merged (responses matched by text); a prompt with more distinct
   responses than `max_responses` is split into several groups. A single ranking longer than `max_responses`
   is refused: its pairs belong together.
   """
-  del cache_dir
   groups: dict[str, list[PromptComparisons]] = {}
   order: list[PromptComparisons] = []
   n_records = 0

@@ -126,6 +126,12 @@ def read_meta(path: str, step: int = -1) -> tuple[dict[str, Any], str, int]:
   return meta, folder, step
 
 
+def model_config_from_meta(meta: dict[str, Any]) -> config_lib.ModelConfig:
+  """The model shape a checkpoint's meta records (fields unknown to this version are ignored)."""
+  fields = set(config_lib.ModelConfig.__dataclass_fields__)
+  return config_lib.ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+
+
 def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
                 runtime: config_lib.ModelRuntimeConfig, *, expect_stage: tuple[str, ...]
                 ) -> tuple[config_lib.ModelConfig, tokenizer_lib.Tokenizer, dict[str, Any]]:
@@ -142,9 +148,7 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
                     " or ".join(repr(s) for s in expect_stage))
   if "model" not in meta:
     raise config_lib.ConfigError(f"init.checkpoint: {where} has no model config in its meta.")
-  fields = {f for f in config_lib.ModelConfig.__dataclass_fields__}
-  model_cfg = config_lib.ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
-  model_cfg = runtime.apply(model_cfg)
+  model_cfg = runtime.apply(model_config_from_meta(meta))
   source_tok = tokenizer_path or os.path.join(os.path.dirname(folder), "tokenizer.model")
   if not os.path.exists(source_tok):
     raise config_lib.ConfigError(f"tokenizer_path: {source_tok} does not exist; set tokenizer_path to the "
@@ -175,9 +179,10 @@ def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh
 
 
 def resume(checkpointer: Any, state: Any, state_shardings: Any, *, tokenizer_sha256: str, fingerprint: str,
-           fingerprint_parts: dict[str, Any], train_iter: Any) -> tuple[int, Any] | None:
+           fingerprint_parts: dict[str, Any], train_iter: Any) -> tuple[int, Any, dict[str, Any]] | None:
   """Restores this workdir's newest valid checkpoint into (state, train_iter), checking that it belongs to the
-  same tokenizer and data pipeline; None when there is none (a fresh start)."""
+  same tokenizer and data pipeline; returns (step, state, the checkpoint's data item), or None when there is
+  none (a fresh start)."""
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gptrl import data as data_lib  # pylint: disable=import-outside-toplevel
   restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
@@ -190,4 +195,4 @@ def resume(checkpointer: Any, state: Any, state_shardings: Any, *, tokenizer_sha
                              saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
   train_iter.set_state(data_state["iterator"])
   logging.info("Resumed from %s.", where)
-  return step, state
+  return step, state, data_state

@@ -41,13 +41,7 @@ from gptrl.stages import common
 
 def training_prompts(conversations: list[chat_data.Conversation], n: int, seed: int) -> list[list[chat.Message]]:
   """Up to `n` (0: all) prompts, each a conversation cut before its last assistant turn, in a seeded order."""
-  prompts = []
-  for conv in conversations:
-    messages = list(conv.messages)
-    while messages and messages[-1].role != "assistant":
-      messages.pop()
-    if len(messages) >= 2:
-      prompts.append(messages[:-1])
+  prompts = [cut[0] for cut in map(chat_data.prompt_and_reply, conversations) if cut is not None]
   order = np.random.default_rng(seed).permutation(len(prompts))
   if n:
     order = order[:n]

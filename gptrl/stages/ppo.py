@@ -402,9 +402,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     logging.warning("The reward model %s/%d has no reward_offset (trained without normalisation); using 0.",
                     rm_folder, rm_step)
   reward_offset = float(rm_meta.get("reward_offset", 0.0))
-  rm_cfg = common.config_lib.ModelConfig(**{k: v for k, v in rm_meta["model"].items()
-                                            if k in common.config_lib.ModelConfig.__dataclass_fields__})
-  rm_cfg = cfg.model.apply(rm_cfg)
+  rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
   n_new = p.max_new_tokens
   prompt_len = model_cfg.max_len - n_new
   if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
@@ -456,17 +454,13 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                            ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
   fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
   start, beta, ptx_state = 0, p.init_beta, None
-  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
-  if restored is not None:
-    start, state, data_state, meta = restored
-    where = f"{checkpointer.directory}/{start}"
-    ckpt_lib.check_tokenizer(meta, tok.sha256, where=f"The checkpoint {where}")
-    data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
-                               saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
-    prompts.set_state(data_state["iterator"])
+  resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
+                          fingerprint_parts=fingerprint_parts, train_iter=prompts)
+  if resumed is not None:
+    start, state, data_state = resumed
     beta = float(data_state["beta"])
     ptx_state = data_state.get("ptx_iterator")
-    logging.info("Resumed from %s (beta %.4f).", where, beta)
+    logging.info("Resumed at beta %.4f.", beta)
   else:
     params = dict(state.params)
     # The trained policy starts equal to the frozen reference, in buffers of its own (the train step donates).

@@ -123,7 +123,7 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
                           fingerprint_parts=fingerprint_parts, train_iter=train_iter)
   if resumed is not None:
-    start_step, state = resumed
+    start_step, state, _ = resumed
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(lm_loss_fn(model), optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),

@@ -111,12 +111,12 @@ def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh
 
 def run(cfg: RewardConfig) -> trainer.TrainState:
   """Trains (or resumes training) the reward model."""
-  workdir, cache_dir, mesh = common.setup(cfg)
+  workdir, _, mesh = common.setup(cfg)
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("sft",))
   seq_len, k = model_cfg.max_len, cfg.data.max_responses
 
-  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k, cache_dir=cache_dir)
+  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
   train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
                                                        seed=cfg.data.split_seed)
   train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
@@ -145,7 +145,7 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
                           fingerprint_parts=fingerprint_parts, train_iter=train_iter)
   if resumed is not None:
-    start_step, state = resumed
+    start_step, state, _ = resumed
   else:
     abstract = ckpt_lib.abstract_like(state.params, state_shardings.params)
     backbone, _, where = ckpt_lib.load_params(cfg.init.checkpoint, abstract["transformer"], step=cfg.init.step,

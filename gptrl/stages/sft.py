@@ -51,15 +51,9 @@ def make_batches_eval_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, batches:
 def held_out_prompts(conversations: Sequence[chat_data.Conversation],
                      n: int) -> list[tuple[list[chat.Message], str]]:
   """(prompt messages, reference reply) for the last assistant turn of the first `n` conversations."""
-  out = []
   picks = sorted({int(i) for i in np.linspace(0, len(conversations) - 1, n)}) if n and conversations else []
-  for conv in (conversations[i] for i in picks):
-    messages = list(conv.messages)
-    while messages and messages[-1].role != "assistant":
-      messages.pop()
-    if len(messages) >= 2:
-      out.append((messages[:-1], messages[-1].content))
-  return out
+  cut = (chat_data.prompt_and_reply(conversations[i]) for i in picks)
+  return [c for c in cut if c is not None]
 
 
 def format_exchange(prompt: Sequence[chat.Message], reply: str, reference: str | None = None) -> str:
@@ -126,7 +120,7 @@ def run(cfg: SFTConfig) -> trainer.TrainState:
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
                           fingerprint_parts=fingerprint_parts, train_iter=train_iter)
   if resumed is not None:
-    start_step, state = resumed
+    start_step, state, _ = resumed
   else:
     params, _, where = ckpt_lib.load_params(cfg.init.checkpoint, ckpt_lib.abstract_like(state.params,
                                                                                         state_shardings.params),
