@@ -1,76 +1,101 @@
-"""RLHF with PPO on a Cloud TPU pod slice (multi-host): one process per host, one mesh over every chip.
+"""RLHF with PPO for a 125M-7B policy on a Cloud TPU slice (multi-host): one process per host, one mesh over
+every chip for all four models (policy, critic, frozen reference, frozen reward model).
 
-  # on every host of the slice (gptrl.launch joins the job when it detects a multi-host TPU VM):
-  python -m gptrl.launch --config configs/ppo_tpu.py --config.workdir=/mnt/gptrl/runs/ppo \\
-      --config.init.checkpoint=/mnt/gptrl/runs/sft --config.reward_model.checkpoint=/mnt/gptrl/runs/reward
+  python launch/tpu_vm.py run --config configs/ppo_tpu.py:size=1b --name gptrl-1b --zone us-east5-a
+  # or, on every host of an existing slice (gptrl.launch joins the job when it detects a multi-host TPU VM):
+  python -m gptrl.launch --config configs/ppo_tpu.py:size=1b --config.workdir=/mnt/gptrl/runs/ppo_1b \\
+      --config.init.checkpoint=/mnt/gptrl/runs/sft_1b --config.reward_model.checkpoint=/mnt/gptrl/runs/reward_1b
 
 Paths must be a filesystem every host sees at the same path (a gcsfuse mount of a GCS bucket or a shared
 persistent disk): process 0 writes config.json and the tokenizer copy, every process writes its shards of each
-checkpoint. Model shapes come from the SFT and reward checkpoints; this file sets how they run and how PPO
-learns. Parameters and optimizer state are sharded over all chips (fsdp); compute in bfloat16 with fp32
-parameters; each block is rematerialised in the backward pass.
+checkpoint. Model shapes come from the SFT and reward checkpoints; the size variant picks the mesh, batches and
+micro-batching made for that size. Variants: `size=125m|350m|1b|3b|7b` (default 1b), `chip=v5p|v4|v6e|v5e`,
+`chips=N` (see configs/pretrain_tpu.py). Parameters and optimizer state are sharded over all chips (fsdp), and
+for 3b/7b over heads / MLP / vocabulary too (tensor); compute in bfloat16 with fp32 parameters; each block is
+rematerialised in the backward pass. Rollouts run over the whole context (prompts left-padded to
+max_len - max_new_tokens), so the rollout batch per device bounds the slice from below.
 """
 import ml_collections
 
 from gptrl import config as config_lib
+from gptrl import presets
+
+# size: (responses per minibatch update, tensor-parallel ways, {chip: (chips, responses per device per
+# micro-batch)}). ROLLOUTS: responses sampled per iteration.
+PLANS = {
+    "125m": (64, 1, {"v5p": (8, 8), "v4": (16, 4), "v6e": (16, 4), "v5e": (32, 2)}),
+    "350m": (64, 1, {"v5p": (16, 4), "v4": (16, 4), "v6e": (16, 4), "v5e": (32, 2)}),
+    "1b": (64, 1, {"v5p": (32, 2), "v4": (32, 2), "v6e": (32, 2), "v5e": (64, 1)}),
+    "3b": (64, 2, {"v5p": (64, 2), "v4": (64, 2), "v6e": (64, 2), "v5e": (128, 1)}),
+    "7b": (64, 4, {"v5p": (128, 2), "v4": (128, 2), "v6e": (128, 2), "v5e": (256, 1)}),
+}
+ROLLOUTS = {"125m": 256, "350m": 256, "1b": 512, "3b": 512, "7b": 512}
+LEARNING_RATES = {"125m": 3e-6, "350m": 2e-6, "1b": 1.5e-6, "3b": 1e-6, "7b": 1e-6}
 
 
 def get_config(variant: str = ""):
+  return build(presets.resolve_plan(variant, file="configs/ppo_tpu.py", table=PLANS, default_size="1b"))
+
+
+def build(plan: presets.Plan) -> ml_collections.ConfigDict:
+  """The config of `plan` (also used by configs/ppo_gpu.py with its own plans)."""
   c = ml_collections.ConfigDict()
   c.stage = "ppo"
-  c.workdir = "/mnt/gptrl/runs/ppo"
+  c.workdir = f"/mnt/gptrl/runs/ppo_{plan.size}"
   c.seed = 0
 
   c.init = ml_collections.ConfigDict()
-  c.init.checkpoint = "/mnt/gptrl/runs/sft"  # policy start and frozen reference
+  c.init.checkpoint = f"/mnt/gptrl/runs/sft_{plan.size}"  # policy start and frozen reference
   c.init.step = -1
   c.reward_model = ml_collections.ConfigDict()
-  c.reward_model.checkpoint = "/mnt/gptrl/runs/reward"
+  c.reward_model.checkpoint = f"/mnt/gptrl/runs/reward_{plan.size}"  # frozen; its reward_offset is subtracted
   c.reward_model.step = -1
-  c.tokenizer_path = ""
+  c.tokenizer_path = ""  # "": the SFT run's tokenizer.model
 
-  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())
+  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # "" / -1 keep the checkpoint's setting
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, log-probs and losses in fp32
-  c.model.remat = "block"
+  c.model.remat = "block"  # recompute each block in the backward pass
+  c.model.dropout = 0.0  # PPO's ratio needs the same function at rollout and update
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
+  c.mesh.data = 1  # no pure data parallelism
   c.mesh.fsdp = -1  # every chip: params, optimizer state and the batch are sharded over it
-  c.mesh.tensor = 1  # raise (4, 8) for models whose layers do not fit one chip's share
+  c.mesh.tensor = plan.tensor  # heads, MLP units and vocabulary split this many ways
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-6
+  c.optim.lr = LEARNING_RATES[plan.size]
   c.optim.warmup_steps = 10
   c.optim.decay_steps = 0
-  c.optim.min_lr_ratio = 1.0
+  c.optim.min_lr_ratio = 1.0  # constant after warmup
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.0
   c.optim.clip_norm = 1.0
-  c.optim.grad_accum_steps = 4  # micro-batches per minibatch update
+  c.optim.grad_accum_steps = plan.grad_accum_steps  # micro-batches per minibatch update
 
-  c.data = ml_collections.ConfigDict()
-  c.data.sources = ("shakespeare_dialogue",)  # or JSONL/TFDS prompts: {"prompt"} / {"messages"}
-  c.data.eval_fraction = 0.08
+  c.data = ml_collections.ConfigDict()  # the prompts: keep these equal to the SFT run's data settings
+  c.data.sources = ("/mnt/gptrl/data/sft",)  # JSONL/TFDS prompts: {"prompt"} / {"messages"}, or shakespeare_dialogue
+  c.data.eval_fraction = 0.02
   c.data.split_seed = 0
-  c.data.batch_size = 512  # unused here (see ppo.rollout_batch_size)
-  c.data.eval_batches = 0
-  c.data.cache_dir = ""
+  c.data.batch_size = plan.batch  # unused here (see ppo.rollout_batch_size, ppo.minibatch_size)
+  c.data.eval_batches = 0  # unused here
+  c.data.cache_dir = "/mnt/gptrl/cache"
+  c.data.reset_position = False  # True: resume a changed prompt pipeline from its first batch instead of refusing
 
   c.ppo = config_lib.as_configdict(config_lib.PPOAlgoConfig())
-  c.ppo.rollout_batch_size = 512
-  c.ppo.minibatch_size = 64
-  c.ppo.epochs = 4
+  c.ppo.rollout_batch_size = ROLLOUTS[plan.size]  # responses sampled and scored per iteration
+  c.ppo.minibatch_size = plan.batch  # responses per optimizer step
+  c.ppo.epochs = 4  # passes over each rollout
   c.ppo.max_new_tokens = 128
-  c.ppo.kl_estimator = "k1"
+  c.ppo.kl_estimator = "k1"  # "k1" | "k3" | "full"
   c.ppo.init_beta = 0.02
-  c.ppo.target_kl = 6.0
-  c.ppo.critic = "separate"
-  c.ppo.critic_init = "reward"
+  c.ppo.target_kl = 6.0  # nats per response; 0: fixed beta
+  c.ppo.critic = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy)
+  c.ppo.critic_init = "reward"  # "reward" | "sft"
   c.ppo.whiten_rewards = False
-  c.ppo.truncation_penalty = 1.0
-  c.ppo.max_approx_kl = 0.05
-  c.ppo.num_eval_prompts = 512
+  c.ppo.truncation_penalty = 1.0  # subtracted from replies that hit max_new_tokens unfinished
+  c.ppo.max_approx_kl = 0.05  # stop an iteration's epochs early beyond this approximate KL
+  c.ppo.num_eval_prompts = 512  # held-out prompts, answered in chunks of rollout_batch_size
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500  # PPO iterations
@@ -79,10 +104,15 @@ def get_config(variant: str = ""):
   c.train.checkpoint_every = 25
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
-  c.train.progress_bar = True
+  c.train.progress_bar = False
   c.train.eval_at_start = True
+  c.train.max_bad_steps = 8  # skipped minibatch updates in a row before a rollback
+  c.train.max_rollbacks = 3
 
   c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # "auto": detects the TPU pod
-  if variant:
-    raise ValueError(f"configs/ppo_tpu.py: unknown variant {variant!r}.")
+
+  c.hardware = ml_collections.ConfigDict()
+  c.hardware.chip = plan.chip  # the chip this plan is sized for
+  c.hardware.num_chips = plan.chips  # the slice size
+  c.hardware.memory_check = "refuse"  # "warn": start even when the estimate exceeds device memory
   return c

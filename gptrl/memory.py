@@ -1,0 +1,527 @@
+"""Per-device memory estimate of a run, from abstract sharded shapes: nothing is allocated.
+
+Parameters and optimizer state are counted exactly: `jax.eval_shape` of the stage's own initialisation (the
+model's `init` and the optimizer's `init`, as gptrl/trainer.py:create_train_state runs them) gives every array's
+shape and dtype, and gptrl/sharding.py's rules give its NamedSharding on a `jax.sharding.AbstractMesh` of the
+run's mesh shape, hence the shape of the shard one device holds.
+
+Everything transient is a formula over the shapes of the tensors gptrl/model.py makes, per device (the batch
+split over data x fsdp, heads / MLP / vocabulary over tensor), assuming XLA keeps what the backward pass needs
+and no more:
+  - train step: gradients (+ the accumulator with optim.grad_accum_steps > 1) and the optimizer's update, both
+    sharded like the parameters; two layers' weights gathered whole over fsdp (the one in use and the next);
+    activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
+    incl. the [B, H, T, T] float32 attention probabilities; "dots": the block input and the matmul outputs;
+    "block": the block input), plus one layer recomputed with its gradients and the float32 scores, plus the
+    float32 logits, their log-softmax and gradient [B, T, V];
+  - sampling (KV cache): keys and values [B, S, G, K] of every layer, plus one layer's prefill over the prompt
+    and the prefill's logits;
+  - eval and PPO scoring: one layer's forward at a time and the logits they keep.
+The peak is the persistent state (parameters, optimizer state, frozen models) plus the largest phase.
+Compiler temporaries and fragmentation come on top: the launcher warns under 10% headroom.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptrl import config as config_lib
+from gptrl import presets
+from gptrl import sharding
+
+GIB = 1024 ** 3
+HEADROOM_WARNING = 0.10  # warn when less than this share of the device's memory is left
+
+
+@dataclasses.dataclass
+class Estimate:
+  """Bytes per device: what stays resident, and each phase's transient needs (only one phase runs at a time)."""
+  title: str
+  persistent: dict[str, float]
+  phases: dict[str, dict[str, float]]
+
+  @property
+  def persistent_bytes(self) -> float:
+    return float(sum(self.persistent.values()))
+
+  def phase_bytes(self, phase: str) -> float:
+    return float(sum(self.phases[phase].values()))
+
+  @property
+  def peak_phase(self) -> str:
+    return max(self.phases, key=self.phase_bytes) if self.phases else ""
+
+  @property
+  def peak_bytes(self) -> float:
+    """Persistent state plus the largest phase."""
+    return self.persistent_bytes + (self.phase_bytes(self.peak_phase) if self.phases else 0.0)
+
+  def table(self, capacity_bytes: float | None = None, device: str = "") -> str:
+    """The estimate as one text table; with `capacity_bytes`, the device's memory and the headroom left."""
+    rows = [self.title]
+
+    def line(name: str, value: float, indent: int = 2, note: str = "") -> None:
+      rows.append(f"{' ' * indent}{name:<64}{format_bytes(value):>11}{note}")
+
+    rows.append("  resident")
+    for name, value in self.persistent.items():
+      line(name, value, 4)
+    for phase in self.phases:
+      line(f"{phase}:", self.phase_bytes(phase), 2, "  <- peak" if phase == self.peak_phase else "")
+      for name, value in self.phases[phase].items():
+        if value:  # e.g. no weights to gather without fsdp
+          line(name, value, 4)
+    line(f"peak (resident + {self.peak_phase or 'nothing'})", self.peak_bytes)
+    if capacity_bytes:
+      left = capacity_bytes - self.peak_bytes
+      line("device memory", capacity_bytes, 2, f"  ({device})")
+      line("headroom", left, 2, f"  ({100 * left / capacity_bytes:.0f}%)")
+    else:
+      rows.append(f"  device memory: unknown ({device or 'no accelerator'}); not checked")
+    return "\n".join(rows)
+
+
+def format_bytes(n: float) -> str:
+  """'1.50 GiB', '12.0 MiB', '3.0 KiB' (negative for a shortfall)."""
+  for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if abs(n) >= size or unit == "KiB":
+      return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_count(n: int) -> str:
+  """'6.74B', '134M', '136K'."""
+  for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= size:
+      return f"{n / size:.2f}{suffix}" if suffix == "B" else f"{n / size:.0f}{suffix}"
+  return str(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact: parameters and optimizer state from abstract shapes.
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> jax.sharding.AbstractMesh:
+  """An AbstractMesh with gptrl's axes (data, fsdp, tensor) of the given sizes: shardings without devices."""
+  sizes = tuple(int(mesh_shape[a]) for a in sharding.MESH_AXES)
+  return jax.sharding.AbstractMesh(sizes, sharding.MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+
+
+def _unbox(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def sharded_bytes(boxed_abstract: Any, mesh: Any) -> int:
+  """Bytes one device holds of a tree of abstract arrays boxed with logical axis names (as `model.init` returns
+  them), laid out by gptrl/sharding.py's rules on `mesh` (a Mesh or AbstractMesh)."""
+  shardings = sharding.tree_shardings(boxed_abstract, mesh)
+  leaves = jax.tree.leaves(_unbox(boxed_abstract))
+  return int(sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for s, x in zip(jax.tree.leaves(shardings), leaves)))
+
+
+def abstract_params(init_params: Callable[[jax.Array], Any]) -> Any:
+  """The boxed abstract parameters `init_params(rng)` would make (e.g. `lambda r: model.init(r, x)["params"]`)."""
+  return jax.eval_shape(init_params, jax.random.key(0))
+
+
+def abstract_train_state(init_params: Callable[[jax.Array], Any], optimizer: Any) -> tuple[Any, Any]:
+  """(params, optimizer state), boxed and abstract, initialised as trainer.create_train_state does."""
+  def init(rng):
+    params = init_params(rng)
+    return params, optimizer.init(params)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def _shape_only(cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
+  """The model config with the settings that do not change parameter shapes reset (a cache key)."""
+  return dataclasses.replace(cfg, dtype="float32", remat="none", attention="xla", dropout=0.0)
+
+
+def init_fn(kind: str, model_cfg: config_lib.ModelConfig, critic: str = "separate") -> Callable[[jax.Array], Any]:
+  """rng -> boxed parameters of a stage's trained model, as the stage initialises it.
+
+  kind: "lm" (GPT: pretraining, SFT, labelling), "scalar" (the reward model), "ppo" ({"policy", "value"} with
+  `critic` "separate" (a scalar-head transformer) or "shared" (a value head on the policy's hidden states)).
+  """
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import reward_model  # pylint: disable=import-outside-toplevel
+  example = jnp.zeros((1, model_cfg.max_len), jnp.int32)
+  if kind == "lm":
+    return lambda r: model_lib.GPT(model_cfg).init(r, example)["params"]
+  if kind == "scalar":
+    return lambda r: reward_model.ScalarHeadModel(model_cfg).init(r, example)["params"]
+  if kind != "ppo":
+    raise ValueError(f"memory.init_fn: unknown kind {kind!r}")
+
+  def init_ppo(rng):  # as gptrl/stages/ppo.py:run builds the train state's parameters
+    r1, r2 = jax.random.split(rng)
+    if critic == "shared":
+      value = reward_model.ScalarHead(name="value_head").init(
+          r2, jnp.zeros((1, model_cfg.max_len, model_cfg.d_model), jnp.float32))["params"]
+    else:
+      value = reward_model.ScalarHeadModel(model_cfg, head_name="value_head").init(r2, example)["params"]
+    return {"policy": model_lib.GPT(model_cfg).init(r1, example)["params"], "value": value}
+  return init_ppo
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_state(kind: str, model_cfg: config_lib.ModelConfig, critic: str, clip: bool) -> tuple[Any, Any]:
+  from gptrl import optim  # pylint: disable=import-outside-toplevel
+  # Only the optimizer's structure matters here (a clipping stage or not), not its numbers.
+  optimizer = optim.make_optimizer(config_lib.OptimConfig(clip_norm=1.0 if clip else 0.0), 1000)
+  return abstract_train_state(init_fn(kind, model_cfg, critic), optimizer)
+
+
+def abstract_state(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib.OptimConfig | None = None,
+                   critic: str = "separate") -> tuple[Any, Any]:
+  """(params, optimizer state) of `init_fn(kind, ...)`, boxed and abstract; cached by parameter shapes, since
+  tracing a large model's init takes seconds."""
+  clip = True if optim_cfg is None else optim_cfg.clip_norm > 0
+  return _cached_state(kind, _shape_only(model_cfg), critic, clip)
+
+
+def param_count(boxed_abstract: Any) -> int:
+  """Total number of parameters (all devices) of an abstract parameter tree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(_unbox(boxed_abstract))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Formulas: activations, logits, KV cache (per device).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+  """Per-device widths of one model on one mesh: a dimension is split over tensor only when divisible (as the
+  sharding rules do), rows over data x fsdp (rounded up: the samplers pad the batch to a multiple)."""
+  cfg: config_lib.ModelConfig
+  tensor: int
+  batch_ways: int
+
+  def split(self, n: int) -> int:
+    return n // self.tensor if n % self.tensor == 0 else n
+
+  def rows(self, global_rows: int) -> int:
+    return max(1, -(-global_rows // self.batch_ways))
+
+  @property
+  def c(self) -> int:  # bytes of the compute dtype
+    return np.dtype(jnp.dtype(self.cfg.dtype)).itemsize
+
+  @property
+  def heads(self) -> int:
+    return self.split(self.cfg.num_heads)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.split(self.cfg.kv_heads)
+
+  @property
+  def vocab(self) -> int:
+    return self.split(self.cfg.vocab_size)
+
+  def layer_full(self, b: int, t: int) -> float:
+    """Bytes one block keeps for its backward pass without remat, for b rows of t tokens."""
+    cfg, c, k, d = self.cfg, self.c, self.cfg.head_dim, self.cfg.d_model
+    h, g, f = self.heads, self.kv_heads, self.split(cfg.mlp_dim)
+    rope = cfg.pos_embedding == "rope"
+    per_token = (4 * d  # block input, attention norm output, attention projection, residual sum
+                 + (h + 2 * g) * k  # query, key, value
+                 + ((h + g) * k if rope else 0)  # rotated query and key
+                 + h * k  # attention output before its projection
+                 + 2 * d  # MLP norm output, MLP output
+                 + f * (3 if cfg.gated_mlp else 2))  # fc_in (and fc_gate) outputs, activation output
+    # Softmax output in float32 and its cast for the value matmul; the boolean mask [B, 1, T, T].
+    return b * t * per_token * c + b * h * t * t * (4 + c) + b * t * t
+
+  def layer_saved(self, b: int, t: int, remat: str) -> float:
+    """Bytes a block keeps until the backward pass under the remat policy."""
+    cfg, c, d = self.cfg, self.c, self.cfg.d_model
+    if remat == "block":  # nothing_saveable: only the block's input survives
+      return float(b * t * d * c)
+    if remat == "dots":  # dots without batch dims: the projections and MLP matmuls (not the attention einsums)
+      h, g, f = self.heads, self.kv_heads, self.split(cfg.mlp_dim)
+      return float(b * t * c * (3 * d + (h + 2 * g) * cfg.head_dim + f * (2 if cfg.gated_mlp else 1)))
+    return self.layer_full(b, t)
+
+  def scores(self, b: int, t: int, s: int | None = None) -> float:
+    """The float32 attention scores and masked scores [B, H, T, S] of one layer (transient)."""
+    return float(b * self.heads * t * (t if s is None else s) * 8)
+
+  def training(self, b: int, t: int) -> float:
+    """Activations of a forward + backward pass over b rows of t tokens (no logits)."""
+    cfg = self.cfg
+    recompute = 1 if cfg.remat == "none" else 2  # one layer recomputed (remat) and that layer's gradients
+    return cfg.num_layers * self.layer_saved(b, t, cfg.remat) + recompute * self.layer_full(b, t) + self.scores(b, t)
+
+  def forward(self, b: int, t: int) -> float:
+    """Transient of a forward pass alone (no gradients): one layer's tensors at a time."""
+    return self.layer_full(b, t) + self.scores(b, t)
+
+  def logits(self, b: int, t: int, copies: int) -> float:
+    """`copies` float32 [b, t, V] tensors (logits, their log-softmax, their gradient, ...)."""
+    return float(copies * b * t * self.vocab * 4)
+
+  def kv_cache(self, b: int, s: int) -> float:
+    """Keys and values [b, S, G, K] of every layer in the compute dtype, and the valid-slot mask."""
+    cfg = self.cfg
+    return float(cfg.num_layers * (2 * b * s * self.kv_heads * cfg.head_dim * self.c + b * s))
+
+
+def _gathered_weights(params: Any, mesh_shape: Mapping[str, int]) -> float:
+  """FSDP: two layers' weights (or the embedding table, if larger) gathered whole over fsdp, still split over
+  tensor: the layer in use and the next one being fetched. `params`: one model's boxed abstract parameters."""
+  if mesh_shape["fsdp"] == 1:
+    return 0.0
+  tensor_only = abstract_mesh({"data": 1, "fsdp": 1, "tensor": mesh_shape["tensor"]})
+  tree = params.get("transformer", params)  # a scalar-head model keeps the GPT under "transformer"
+  pieces = [sharded_bytes(v, tensor_only) for k, v in tree.items() if k.startswith("block_")][:1]
+  pieces += [sharded_bytes(tree[k], tensor_only) for k in ("token_embedding", "head") if k in tree]
+  return 2.0 * max(pieces) if pieces else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages.
+
+
+def _title(stage: str, mesh_shape: Mapping[str, int], *models: str) -> str:
+  """"Per-device memory estimate: <stage> on mesh ...", then one indented line per model."""
+  n = math.prod(mesh_shape.values())
+  mesh = f"data={mesh_shape['data']} fsdp={mesh_shape['fsdp']} tensor={mesh_shape['tensor']} ({n} devices)"
+  return "\n".join([f"Per-device memory estimate: {stage} on mesh {mesh}", *(f"  {m}" for m in models)])
+
+
+def _shape_title(cfg: config_lib.ModelConfig, n_params: int) -> str:
+  return (f"{format_count(n_params)} params ({cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, "
+          f"vocab {cfg.vocab_size}, context {cfg.max_len}; {cfg.dtype} compute, {cfg.param_dtype} params, "
+          f"remat {cfg.remat})")
+
+
+def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib.OptimConfig,
+             mesh_shape: Mapping[str, int], critic: str = "separate") -> tuple[dict[str, float], dict[str, float], Any]:
+  """Resident (params, optimizer state) and train-step (gradients, update, gathered weights) bytes, and the
+  boxed abstract parameters."""
+  mesh = abstract_mesh(mesh_shape)
+  params, opt_state = abstract_state(kind, model_cfg, optim_cfg, critic)
+  params_b = sharded_bytes(params, mesh)
+  resident = {"parameters (trained)": params_b, "optimizer state (AdamW moments)": sharded_bytes(opt_state, mesh)}
+  grads = {"gradients" + (" + accumulator" if optim_cfg.grad_accum_steps > 1 else ""):
+           params_b * (2 if optim_cfg.grad_accum_steps > 1 else 1),
+           "optimizer update": params_b,
+           "weights gathered over fsdp (2 layers)": _gathered_weights(params.get("policy", params), mesh_shape)}
+  return resident, grads, params
+
+
+def _sampling(shard: _Shard, rows: int, new_tokens: int) -> dict[str, float]:
+  """A sampler call over `rows` prompts in a buffer of the model's context (prompt + new tokens)."""
+  b, s = shard.rows(rows), shard.cfg.max_len
+  prompt = max(s - new_tokens, 1)
+  return {f"KV cache ({rows} rows x {s} slots)": shard.kv_cache(b, s),
+          "prefill: one layer + scores": shard.forward(b, prompt),
+          "prefill logits": shard.logits(b, prompt, 1)}
+
+
+def _micro_rows(global_rows: int, accum: int, shard: _Shard) -> int:
+  return shard.rows(max(global_rows // accum, 1))
+
+
+def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
+  """Pretraining and SFT: next-token loss over data.batch_size rows of model.max_len tokens."""
+  resident, step, params = _trained("lm", model_cfg, cfg.optim, mesh_shape)
+  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
+  t, accum = model_cfg.max_len, cfg.optim.grad_accum_steps
+  b = _micro_rows(cfg.data.batch_size, accum, shard)
+  step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
+               "logits, log-softmax, gradient (float32)": shard.logits(b, t, 3)})
+  b_eval = shard.rows(cfg.data.batch_size)
+  phases = {"train step": step,
+            "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),
+                                                      "logits, log-softmax (float32)": shard.logits(b_eval, t, 2)}}
+  sample_rows = len(cfg.sample.prompts) if hasattr(cfg.sample, "prompts") else cfg.sample.num_prompts
+  if sample_rows and cfg.sample.max_new_tokens:
+    phases["eval sampling"] = _sampling(shard, sample_rows, cfg.sample.max_new_tokens)
+  title = _title(cfg.stage, mesh_shape, "model: " + _shape_title(model_cfg, param_count(params)))
+  return Estimate(title, resident, phases)
+
+
+def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
+  """The reward model: K responses per prompt through the scalar-head model; then the SFT model samples replies
+  to normalise the reward (with its parameters loaded beside the trained state)."""
+  resident, step, params = _trained("scalar", model_cfg, cfg.optim, mesh_shape)
+  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
+  t, accum, k = model_cfg.max_len, cfg.optim.grad_accum_steps, cfg.data.max_responses
+  b = _micro_rows(cfg.data.batch_size * k, accum, shard)
+  step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = shard.training(b, t)
+  phases = {"train step": step,
+            "eval (whole batch)": {
+                "forward: one layer + scores": shard.forward(shard.rows(cfg.data.batch_size * k), t)}}
+  if cfg.reward.normalize_samples:
+    # The SFT model is the reward model's trunk with the LM head (untied) instead of the scalar head.
+    sft_params = dict(params["transformer"])
+    if not model_cfg.tie_embeddings:
+      sft_params["head"] = nn.LogicallyPartitioned(jax.ShapeDtypeStruct(
+          (model_cfg.d_model, model_cfg.vocab_size), jnp.dtype(model_cfg.param_dtype)), ("embed", "vocab"))
+    phases["reward normalisation (SFT model samples)"] = {
+        "SFT parameters (loaded for sampling)": sharded_bytes(sft_params, abstract_mesh(mesh_shape)),
+        **_sampling(shard, cfg.reward.normalize_samples, cfg.reward.normalize_max_new_tokens)}
+  title = _title("reward", mesh_shape, "reward model: " + _shape_title(model_cfg, param_count(params)))
+  return Estimate(title, resident, phases)
+
+
+def estimate_label(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
+  """Labelling: the SFT model's parameters and its sampler over batch_size rows."""
+  params, _ = abstract_state("lm", model_cfg)
+  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
+  rows = max(1, cfg.batch_size // cfg.responses_per_prompt) * cfg.responses_per_prompt
+  title = _title("label", mesh_shape, "model: " + _shape_title(model_cfg, param_count(params)))
+  return Estimate(title, {"parameters (frozen)": sharded_bytes(params, abstract_mesh(mesh_shape))},
+                  {"sampling": _sampling(shard, rows, cfg.sample.max_new_tokens)})
+
+
+def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig,
+                 mesh_shape: Mapping[str, int]) -> Estimate:
+  """PPO, every model on the one mesh: policy and critic trained; reference and reward model frozen."""
+  p = cfg.ppo
+  shared = p.critic == "shared"
+  resident, step, params = _trained("ppo", model_cfg, cfg.optim, mesh_shape, critic=p.critic)
+  mesh = abstract_mesh(mesh_shape)
+  resident["reference policy (frozen)"] = sharded_bytes(params["policy"], mesh)  # the policy's shape
+  rm_params, _ = abstract_state("scalar", rm_cfg)
+  resident["reward model (frozen)"] = sharded_bytes(rm_params, mesh)
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  shard = _Shard(model_cfg, mesh_shape["tensor"], dp)
+  rm_shard = _Shard(rm_cfg, mesh_shape["tensor"], dp)
+  t, n, accum = model_cfg.max_len, p.max_new_tokens, cfg.optim.grad_accum_steps
+  b = _micro_rows(p.minibatch_size, accum, shard)
+  # The policy's logits over the whole buffer [b, L, V] and their gradient; log-softmax, entropy terms and their
+  # gradient over the N response positions.
+  step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)":
+               shard.training(b, t),
+               "policy logits (float32)": shard.logits(b, t, 2) + shard.logits(b, n, 3)})
+  if not shared:
+    step["critic activations"] = shard.training(b, t)
+  if p.ptx_coef > 0:
+    step["PPO-ptx: pretraining batch activations + logits"] = shard.training(b, t) + shard.logits(b, t, 3)
+  rows = shard.rows(p.rollout_batch_size)
+  phases = {
+      "rollout sampling": _sampling(shard, p.rollout_batch_size, n),
+      "scoring (policy, reference, critic, reward model over the rollout)": {
+          "forward: one layer + scores": max(shard.forward(rows, t), rm_shard.forward(rows, t)),
+          "policy and reference logits, response log-softmax (float32)":
+              shard.logits(rows, t, 2) + shard.logits(rows, n, 3)},
+      "train step": step}
+  title = _title("ppo", mesh_shape, "policy (and reference): " + _shape_title(model_cfg, param_count(params["policy"])),
+                 f"critic: {p.critic}; reward model: " + _shape_title(rm_cfg, param_count(rm_params)))
+  return Estimate(title, resident, phases)
+
+
+def estimate(cfg: Any, mesh_shape: Mapping[str, int], model_cfg: config_lib.ModelConfig,
+             rm_cfg: config_lib.ModelConfig | None = None) -> Estimate:
+  """The estimate of a typed stage config on a mesh of `mesh_shape` ({"data", "fsdp", "tensor"} sizes).
+
+  Args:
+    cfg: a typed stage config (PretrainConfig, SFTConfig, LabelConfig, RewardConfig, PPOConfig).
+    mesh_shape: the resolved mesh sizes.
+    model_cfg: the model's shape with its vocabulary size set (for SFT/label/reward/PPO: the init checkpoint's,
+      with cfg.model's runtime settings applied).
+    rm_cfg: PPO only: the reward model's shape.
+  """
+  if model_cfg.vocab_size <= 0:
+    raise ValueError("memory.estimate: model_cfg.vocab_size must be set (the tokenizer's size).")
+  if cfg.stage in ("pretrain", "sft"):
+    return estimate_lm(cfg, model_cfg, mesh_shape)
+  if cfg.stage == "reward":
+    return estimate_reward(cfg, model_cfg, mesh_shape)
+  if cfg.stage == "label":
+    return estimate_label(cfg, model_cfg, mesh_shape)
+  if cfg.stage == "ppo":
+    return estimate_ppo(cfg, model_cfg, rm_cfg or model_cfg, mesh_shape)
+  raise ValueError(f"memory.estimate: no estimate for stage {cfg.stage!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# At launch.
+
+
+def device_memory(chip: str = "", devices: Sequence[Any] | None = None) -> tuple[float | None, str]:
+  """(bytes one device may use, a description): what the device reports (`memory_stats()["bytes_limit"]`),
+  else the HBM of `chip` (config.hardware.chip) or of the chip its device_kind names; None on a CPU."""
+  device = (devices or jax.local_devices())[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    stats = {}
+  if stats.get("bytes_limit"):
+    return float(stats["bytes_limit"]), f"{device.device_kind} (as the device reports it)"
+  spec = presets.CHIPS.get(chip) or presets.chip_for_device_kind(getattr(device, "device_kind", ""))
+  if spec is not None and (device.platform != "cpu" or chip):
+    return spec.hbm_gib * GIB, f"{spec.name}, {spec.hbm_gib:g} GiB HBM" + ("" if device.platform != "cpu" else
+                                                                           " (config.hardware.chip; running on CPU)")
+  return None, getattr(device, "device_kind", device.platform)
+
+
+def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None]:
+  """The run's model shape(s) as the stage will build them: pretraining's from the config (the vocabulary from
+  the tokenizer it is given or will train), the other stages' from their init checkpoints."""
+  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
+  if cfg.stage == "pretrain":
+    vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    if not cfg.model.vocab_size and cfg.tokenizer.path:
+      from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+      vocab = tokenizer_lib.load_tokenizer(cfg.tokenizer.path).vocab_size
+    return dataclasses.replace(cfg.model, vocab_size=vocab), None
+  meta, _, _ = common.read_meta(cfg.init.checkpoint, cfg.init.step)
+  model_cfg = cfg.model.apply(common.model_config_from_meta(meta))
+  rm_cfg = None
+  if cfg.stage == "ppo":
+    rm_meta, _, _ = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
+    rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
+  return model_cfg, rm_cfg
+
+
+def check_at_launch(cfg: Any) -> Estimate | None:
+  """Logs the per-device estimate of `cfg` next to the device's memory; refuses a run that cannot fit.
+
+  Called by gptrl/launch.py before the stage runs. `config.hardware.memory_check`: "refuse" (default) raises,
+  "warn" logs, "off" skips the estimate. A config whose estimate cannot be made (a missing init checkpoint, an
+  unknown stage, a mesh that does not fit the devices) is left to the stage to report.
+
+  Raises:
+    config_lib.ConfigError: the estimate exceeds the device's memory and memory_check is "refuse".
+  """
+  hardware = getattr(cfg, "hardware", None)
+  if hardware is None or hardware.memory_check == "off" or cfg.stage not in ("pretrain", "sft", "label", "reward",
+                                                                              "ppo"):
+    return None
+  try:
+    mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, jax.device_count())))
+    model_cfg, rm_cfg = _model_configs(cfg)
+    result = estimate(cfg, mesh_shape, model_cfg, rm_cfg)
+  except Exception as e:  # pylint: disable=broad-except  # the estimate must never be why a run fails
+    logging.info("No memory estimate: %s: %s", type(e).__name__, e)
+    return None
+  capacity, device = device_memory(hardware.chip)
+  logging.info("%s", result.table(capacity, device))
+  if capacity and result.peak_bytes > capacity:
+    remat = "" if getattr(cfg.model, "remat", "") == "block" else "set model.remat='block', "
+    message = (f"the per-device memory estimate, {result.peak_bytes / GIB:.1f} GiB at its peak ({result.peak_phase}), "
+               f"exceeds the {capacity / GIB:.1f} GiB of one device ({device}). Use smaller micro-batches "
+               f"(a larger optim.grad_accum_steps or a smaller batch), shard more (mesh.fsdp / mesh.tensor), "
+               f"{remat}or run on more or larger chips; config.hardware.memory_check='warn' runs it anyway.")
+    if hardware.memory_check == "refuse":
+      raise config_lib.ConfigError(f"config.hardware.memory_check: {message}")
+    logging.warning("%s", message)
+  elif capacity and result.peak_bytes > (1 - HEADROOM_WARNING) * capacity:
+    logging.warning("Less than %d%% of device memory is left by the estimate (%.1f of %.1f GiB): compiler "
+                    "temporaries may not fit.", 100 * HEADROOM_WARNING, result.peak_bytes / GIB, capacity / GIB)
+  return result

@@ -1,0 +1,294 @@
+"""The scale-out configs (configs/*_tpu.py, configs/*_gpu.py) at every model size, built abstractly on a fake mesh
+of the slice they are written for (jax.sharding.AbstractMesh: no devices, nothing allocated), and the memory
+estimate (gptrl/memory.py) against independent references: the bytes of real sharded arrays, and XLA's own
+count for a compiled train step.
+"""
+import dataclasses
+import logging
+import math
+import os
+import runpy
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptrl import config as config_lib
+from gptrl import memory
+from gptrl import presets
+from gptrl import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [f"configs/{stage}_{platform}.py" for stage in ("pretrain", "sft", "reward", "ppo")
+           for platform in ("tpu", "gpu")]
+KIND = {"pretrain": "lm", "sft": "lm", "reward": "scalar", "ppo": "ppo"}
+HEADROOM = 0.9  # a plan must leave 10% of device memory for what the estimate does not count
+
+# The mesh axes every weight is meant to be split over, written out by hand (not from sharding.RULES): the
+# embedding table and the output head over (vocabulary: tensor, width: fsdp); attention projections over
+# (width: fsdp, heads: tensor); MLP matrices over (width: fsdp, hidden: tensor); norms and scalar biases whole.
+EXPECTED_SPEC = {
+    "token_embedding": ("tensor", "fsdp"),
+    "head": ("fsdp", "tensor"),
+    "query": ("fsdp", "tensor", None),
+    "key": ("fsdp", "tensor", None),
+    "value": ("fsdp", "tensor", None),
+    "out": ("tensor", None, "fsdp"),
+    "fc_in/kernel": ("fsdp", "tensor"),
+    "fc_gate/kernel": ("fsdp", "tensor"),
+    "fc_out/kernel": ("tensor", "fsdp"),
+    "scale": (None,),
+    "reward_head/kernel": ("fsdp",),
+    "reward_head/bias": (),
+    "value_head/kernel": ("fsdp",),
+    "value_head/bias": (),
+}
+
+
+def load(path: str, variant: str) -> tuple[object, dict]:
+  """The typed config of `path:variant` and the config file's module globals."""
+  module = runpy.run_path(os.path.join(ROOT, path))
+  return config_lib.stage_config(module["get_config"](variant)), module
+
+
+def model_configs(cfg, size: str) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None]:
+  """The model a stage of this size builds: pretraining's from its config, the later stages' from the checkpoint
+  of the previous stage (a pretraining run of `size`), with the stage's runtime settings applied."""
+  if cfg.stage == "pretrain":
+    return dataclasses.replace(cfg.model, vocab_size=cfg.tokenizer.vocab_size), None
+  shape = config_lib.ModelConfig(**{**presets.model_shape(size), "vocab_size": presets.VOCAB_SIZE})
+  model = cfg.model.apply(shape)
+  return model, (model if cfg.stage == "ppo" else None)
+
+
+def intended_mesh(cfg) -> dict[str, int]:
+  """The mesh of config.hardware.num_chips devices, as gptrl/sharding.py resolves the config's mesh sizes."""
+  n = cfg.hardware.num_chips
+  assert n > 0, "a scale-out config names the slice it is sized for (hardware.num_chips)"
+  return dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, n)))
+
+
+def param_specs(params, mesh) -> dict[str, tuple]:
+  """'path/to/param' -> the mesh axes of each dimension, for every parameter."""
+  shardings = sharding.tree_shardings(params, mesh)
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(s.spec) for path, s in flat}
+
+
+def expected_spec(path: str) -> tuple:
+  for suffix, spec in EXPECTED_SPEC.items():
+    if path == suffix or path.endswith("/" + suffix):
+      return spec
+  raise AssertionError(f"parameter {path} has no intended sharding in EXPECTED_SPEC: add it")
+
+
+def padded(spec: tuple, ndim: int) -> tuple:
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+CASES = [(path, size) for path in CONFIGS for size in presets.MODEL_SIZES]
+
+
+@pytest.mark.parametrize("path,size", CASES, ids=[f"{os.path.basename(p)[:-3]}:{s}" for p, s in CASES])
+def test_config_builds_on_its_slice_shards_every_weight_as_intended_and_fits(path, size):
+  cfg, _ = load(path, f"size={size}")
+  mesh_shape = intended_mesh(cfg)
+  assert math.prod(mesh_shape.values()) == cfg.hardware.num_chips
+  assert cfg.model.dtype == "bfloat16" and cfg.model.remat == "block"
+  if cfg.stage == "pretrain":
+    assert cfg.model.param_dtype == "float32"
+  model_cfg, rm_cfg = model_configs(cfg, size)
+  params, _ = memory.abstract_state(KIND[cfg.stage], model_cfg, cfg.optim, getattr(getattr(cfg, "ppo", None),
+                                                                                    "critic", "separate"))
+  # Every parameter split over exactly the mesh axes intended for it (a dimension the mesh does not divide
+  # would be replicated instead, and fail here).
+  mesh = memory.abstract_mesh(mesh_shape)
+  unboxed = memory._unbox(params)  # pylint: disable=protected-access
+  leaves = {"/".join(str(getattr(k, "key", k)) for k in path): x
+            for path, x in jax.tree_util.tree_flatten_with_path(unboxed)[0]}
+  for name, spec in param_specs(params, mesh).items():
+    ndim = leaves[name].ndim
+    assert padded(spec, ndim) == padded(expected_spec(name), ndim), name
+  # The size's name is its parameter count (the reward model has no vocabulary head: up to 20% fewer at 125m).
+  n_params = memory.param_count(params.get("policy", params))
+  nominal = {"125m": 0.134e9, "350m": 0.374e9, "1b": 1.26e9, "3b": 3.43e9, "7b": 6.74e9}[size]
+  assert 0.8 * nominal < n_params < 1.01 * nominal
+  estimate = memory.estimate(cfg, mesh_shape, model_cfg, rm_cfg)
+  hbm = presets.CHIPS[cfg.hardware.chip].hbm_gib * memory.GIB
+  assert estimate.peak_bytes <= HEADROOM * hbm, estimate.table(hbm, cfg.hardware.chip)
+
+
+def test_every_plan_row_fits_its_chip():
+  """Each config's rows for the other chips (v4/v6e/v5e, a100/h200) too: mesh, micro-batching and the estimate."""
+  misfits = []
+  for path in CONFIGS:
+    module = runpy.run_path(os.path.join(ROOT, path))
+    for size, (_, _, per_chip) in module["PLANS"].items():
+      for chip in per_chip:
+        cfg = config_lib.stage_config(module["get_config"](f"size={size},chip={chip}"))
+        assert cfg.hardware.chip == chip and cfg.hardware.num_chips == per_chip[chip][0]
+        mesh_shape = intended_mesh(cfg)
+        batch = cfg.ppo.minibatch_size if cfg.stage == "ppo" else cfg.data.batch_size
+        assert batch % (mesh_shape["fsdp"] * cfg.optim.grad_accum_steps) == 0, (path, size, chip)
+        model_cfg, rm_cfg = model_configs(cfg, size)
+        estimate = memory.estimate(cfg, mesh_shape, model_cfg, rm_cfg)
+        hbm = presets.CHIPS[chip].hbm_gib * memory.GIB
+        if estimate.peak_bytes > HEADROOM * hbm:
+          misfits.append(f"{path}:size={size},chip={chip}: {estimate.peak_bytes / memory.GIB:.1f} GiB "
+                         f"({estimate.peak_phase}) of {hbm / memory.GIB:.0f}")
+  assert not misfits, "\n".join(misfits)
+
+
+def test_variant_with_another_slice_keeps_the_global_batch_and_changes_the_micro_batching():
+  base, _ = load("configs/pretrain_tpu.py", "size=1b")  # 32 v5p chips, 16 rows per chip per micro-batch
+  bigger, _ = load("configs/pretrain_tpu.py", "size=1b,chips=64")
+  assert base.data.batch_size == bigger.data.batch_size == 512
+  assert (base.optim.grad_accum_steps, bigger.optim.grad_accum_steps) == (1, 1)
+  smaller, _ = load("configs/pretrain_tpu.py", "size=1b,chips=8")
+  assert smaller.optim.grad_accum_steps == 4 and smaller.hardware.num_chips == 8  # 512 / (8 chips x 16 rows)
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("size=13b", "unknown size '13b'"),
+    ("chip=h100", "no plan for chip 'h100'"),
+    ("size=7b,chips=6", "not a multiple of the 4 tensor-parallel ways"),
+    ("size=1b,chips=3", "does not split over fsdp=3"),
+    ("sise=1b", "unknown variant key 'sise'"),
+    ("1b", "is not key=value"),
+])
+def test_bad_variant_is_refused_naming_the_file_and_what_is_allowed(variant, message):
+  module = runpy.run_path(os.path.join(ROOT, "configs/pretrain_tpu.py"))
+  with pytest.raises(ValueError, match="configs/pretrain_tpu.py") as e:
+    module["get_config"](variant)
+  assert message in str(e.value)
+
+
+def test_config_accepts_exactly_the_chips_presets_knows():
+  assert set(config_lib.HARDWARE_CHIPS) == set(presets.CHIPS)
+  with pytest.raises(config_lib.ConfigError, match="config.hardware.chip: .*Did you mean 'v5p'"):
+    config_lib.HardwareConfig(chip="v5pp")
+
+
+def test_accelerator_types_follow_cloud_tpu_naming():
+  # v4 and v5p count TensorCores (2 per chip), v5e and v6e count chips.
+  assert presets.accelerator_type("v5p", 64) == "v5p-128"
+  assert presets.accelerator_type("v4", 16) == "v4-32"
+  assert presets.accelerator_type("v5e", 32) == "v5litepod-32"
+  assert presets.accelerator_type("v6e", 8) == "v6e-8"
+  with pytest.raises(ValueError, match="not a Cloud TPU chip"):
+    presets.accelerator_type("h100", 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate against independent references.
+
+
+def test_sharded_bytes_equal_the_bytes_of_real_sharded_arrays():
+  """The exact part of the estimate: per-device bytes of params and optimizer state from abstract shapes equal
+  the bytes each device holds of a real train state initialised on the fake 8-device mesh."""
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import optim  # pylint: disable=import-outside-toplevel
+  from gptrl import trainer  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, d_model=64, max_len=32, gated_mlp=True,
+                               tie_embeddings=False, pos_embedding="rope", norm="rmsnorm")
+  model = model_lib.GPT(cfg)
+  optimizer = optim.make_optimizer(config_lib.OptimConfig(), 10)
+  init = lambda r: model.init(r, jnp.zeros((1, 32), jnp.int32))["params"]
+  mesh_cfg = config_lib.MeshConfig(data=1, fsdp=4, tensor=2)
+  state, _ = trainer.create_train_state(init, optimizer, 0, sharding.make_mesh(mesh_cfg))
+  device = jax.devices()[0]
+
+  def held(tree):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+  params, opt_state = memory.abstract_train_state(init, optimizer)
+  mesh = memory.abstract_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  assert memory.sharded_bytes(params, mesh) == held(state.params)
+  assert memory.sharded_bytes(opt_state, mesh) == held(state.opt_state)
+  assert held(state.params) < sum(x.nbytes for x in jax.tree.leaves(state.params)) / 4  # really sharded
+
+
+def test_train_step_estimate_is_close_to_xla_count_for_a_compiled_step():
+  """Resident state + the train-step phase against XLA's buffer assignment for the real jitted train step of a
+  small model on one CPU device: arguments + temporaries + outputs not aliased to donated inputs. Only float32
+  without remat is comparable on CPU: XLA's CPU backend computes bfloat16 in float32 and its scheduler does not
+  honour remat policies (its temporaries are the same with and without them)."""
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import optim  # pylint: disable=import-outside-toplevel
+  from gptrl import trainer  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import pretrain  # pylint: disable=import-outside-toplevel
+  model_cfg = config_lib.ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, d_model=64, max_len=128)
+  cfg = config_lib.PretrainConfig(model=model_cfg, data=config_lib.DataConfig(batch_size=8),
+                                  sample=config_lib.SampleConfig(max_new_tokens=16))
+  est = memory.estimate(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, model_cfg)
+  ours = est.persistent_bytes + est.phase_bytes("train step")
+  model = model_lib.GPT(model_cfg)
+  optimizer = optim.make_optimizer(cfg.optim, 10)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=1), devices=jax.devices()[:1])
+  state, _ = trainer.create_train_state(lambda r: model.init(r, jnp.zeros((1, 128), jnp.int32))["params"],
+                                        optimizer, 0, mesh)
+  step = trainer.make_train_step(pretrain.lm_loss_fn(model), optimizer, lambda s: 1e-3)
+  batch = {"inputs": jnp.zeros((8, 128), jnp.int32), "targets": jnp.zeros((8, 128), jnp.int32),
+           "weights": jnp.ones((8, 128), jnp.float32)}
+  with sharding.activate(mesh):
+    analysis = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile().memory_analysis()
+  xla = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+         - analysis.alias_size_in_bytes)
+  assert 0.7 < ours / xla < 1.3, (ours, xla, est.table())
+
+
+def test_activation_formula_scales_as_the_model_code_does():
+  """Hand-computed bytes for one layer of a small model (the tensors of gptrl/model.py, written out)."""
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=32, max_len=16, dtype="bfloat16")
+  shard = memory._Shard(cfg, tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  b, t = 2, 16
+  h, k, d, f = 2, 8, 32, 64  # heads and MLP split over tensor=2
+  per_token = 4 * d + 3 * h * k + h * k + 2 * d + 2 * f
+  assert shard.layer_full(b, t) == b * t * per_token * 2 + b * h * t * t * (4 + 2) + b * t * t
+  assert shard.layer_saved(b, t, "block") == b * t * d * 2
+  assert shard.kv_cache(b, t) == 3 * (2 * b * t * h * k * 2 + b * t)
+  assert shard.logits(b, t, 3) == 3 * b * t * 500 * 4
+  assert shard.rows(10) == 3  # 10 rows over 4 data-parallel ways: the sampler pads to 12
+
+
+# ----------------------------------------------------------------------------------------------
+# At launch.
+
+
+def test_check_at_launch_refuses_a_plan_that_cannot_fit_and_warn_lets_it_run(caplog):
+  cfg, _ = load("configs/pretrain_tpu.py", "size=7b,chip=v5e")
+  cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=4))  # on the 8 CPU devices
+  with pytest.raises(config_lib.ConfigError, match=r"config.hardware.memory_check: .* exceeds the 16.0 GiB"):
+    memory.check_at_launch(cfg)
+  warn = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, memory_check="warn"))
+  with caplog.at_level(logging.INFO):
+    result = memory.check_at_launch(warn)
+  assert result.peak_bytes > 16 * memory.GIB
+  assert "Per-device memory estimate: pretrain on mesh" in caplog.text and "headroom" in caplog.text
+  off = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, memory_check="off"))
+  assert memory.check_at_launch(off) is None
+
+
+def test_launcher_prints_the_estimate_and_refuses_before_touching_the_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "gptrl.launch", "--config", "configs/pretrain_tpu.py:size=7b,chip=v5e",
+                         f"--config.workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Per-device memory estimate: pretrain on mesh data=1 fsdp=2 tensor=4 (8 devices)" in proc.stderr
+  assert "model: 6.74B params (32 layers, d_model 4096" in proc.stderr
+  assert "device memory" in proc.stderr and "(v5e, 16 GiB HBM" in proc.stderr
+  assert "gptrl.launch: ConfigError: config.hardware.memory_check:" in proc.stderr
+  assert not workdir.exists()
+
+
+def test_cpu_devices_without_a_configured_chip_are_not_checked():
+  capacity, device = memory.device_memory("")
+  assert capacity is None and device
+  capacity, _ = memory.device_memory("v5p")
+  assert capacity == 95 * memory.GIB
+  assert np.isclose(presets.CHIPS["h100"].hbm_gib, 80)
