@@ -3,12 +3,14 @@
 Shape letters used in names (the legend is also in README.md):
   B batch, T sequence length (queries), S key/value length, D model width (d_model),
   H attention heads, K head dimension, F MLP hidden width, V vocabulary size,
+  G key/value heads (grouped-query attention; G = H without it), R query heads per key/value head (H / G),
   N new tokens per sequence (sampling), L a token buffer's length (prompt + N).
 
 Logical axis names (mapped to mesh axes only in gptrl/sharding.py):
   parameters:  vocab, embed, mlp, heads, kv, positions, norm
   activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab
   (the decode cache uses the activation names: keys/values [batch, length, act_heads, act_kv].)
+  Key/value projections and caches have G heads, also named heads / act_heads.
 
 Incremental decoding: `GPT.apply(..., decode=True, mutable=["cache"])` with a cache from `init_cache` runs
 only the new tokens through the model; each attention layer keeps their keys and values in the flax "cache"
@@ -50,12 +52,12 @@ class Norm(nn.Module):
     x = x_BxTxD.astype(jnp.float32)
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), param_dtype)
     if cfg.norm == "rmsnorm":
-      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale.astype(jnp.float32)
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.epsilon) * scale.astype(jnp.float32)
     else:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), param_dtype)
       mean = jnp.mean(x, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-      y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+      y = (x - mean) * jax.lax.rsqrt(var + cfg.epsilon) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(DTYPES[cfg.dtype])
 
 
@@ -79,11 +81,19 @@ def _causal_mask(valid_BxT: jax.Array | None, t: int, b: int) -> jax.Array:
   return mask_Bx1xTxS
 
 
+def _masked_softmax(scores_BxHxTxS: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+  """Softmax over keys of the float32 scores, masked keys excluded."""
+  return jax.nn.softmax(jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASK_VALUE), axis=-1)
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention, over the current tokens or (decode=True) over a key/value cache.
 
+  With `num_kv_heads` set (grouped-query attention, Llama 2/3), G < H key/value heads each serve R = H / G
+  consecutive query heads (query head h reads key/value head h // R, as in Hugging Face's `repeat_kv`).
+
   With `decode=True` the layer keeps, in the "cache" collection:
-    cached_key, cached_value: [B, S, H, K] in the compute dtype (keys already rotated when rope is used);
+    cached_key, cached_value: [B, S, G, K] in the compute dtype (keys already rotated when rope is used);
     cached_valid: [B, S] bool, which slots hold real tokens that queries may attend to;
     index: int32 scalar, the next slot to write.
   A call with T tokens writes them at slots [index, index + T), lets the query at slot index + t attend to the
@@ -104,42 +114,66 @@ class Attention(nn.Module):
     # Explicit params + einsum (not nn.DenseGeneral, which reshapes a boxed flat kernel and so breaks
     # logical sharding under an active mesh).
     qkv_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "heads", "kv"))
-    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
     x = x_BxTxD.astype(dtype)
-    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, self.param("query", qkv_init, shape, param_dtype).astype(dtype))
-    k_BxSxHxK = jnp.einsum("bsd,dhk->bshk", x, self.param("key", qkv_init, shape, param_dtype).astype(dtype))
-    v_BxSxHxK = jnp.einsum("bsd,dhk->bshk", x, self.param("value", qkv_init, shape, param_dtype).astype(dtype))
-    q_BxTxHxK = _constrain(q_BxTxHxK, "batch", "length", "act_heads", "act_kv")
-    k_BxSxHxK = _constrain(k_BxSxHxK, "batch", "length", "act_heads", "act_kv")
-    v_BxSxHxK = _constrain(v_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+
+    def project(name: str, heads: int) -> jax.Array:
+      """x [B, T, D] -> [B, T, heads, K] through the parameter `name` (and `name`_bias with attention_bias)."""
+      kernel_DxHxK = self.param(name, qkv_init, (cfg.d_model, heads, cfg.head_dim), param_dtype)
+      y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, kernel_DxHxK.astype(dtype))
+      if cfg.attention_bias:
+        y_BxTxHxK = y_BxTxHxK + self.param(f"{name}_bias", bias_init, (heads, cfg.head_dim),
+                                           param_dtype).astype(dtype)
+      return _constrain(y_BxTxHxK, "batch", "length", "act_heads", "act_kv")
+
+    q_BxTxHxK = project("query", cfg.num_heads)
+    k_BxSxGxK = project("key", cfg.kv_heads)
+    v_BxSxGxK = project("value", cfg.kv_heads)
     if cfg.pos_embedding == "rope":
       q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta)
-      k_BxSxHxK = rotary_embedding(k_BxSxHxK, positions_BxT, cfg.rope_theta)
+      k_BxSxGxK = rotary_embedding(k_BxSxGxK, positions_BxT, cfg.rope_theta)
     if self.decode:
-      k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS = self._update_cache(k_BxSxHxK, v_BxSxHxK, valid_BxT)
+      k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS = self._update_cache(k_BxSxGxK, v_BxSxGxK, valid_BxT)
     else:
       mask_Bx1xTxS = _causal_mask(valid_BxT, t, b)
 
-    # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well.
+    # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well; it
+    # groups query heads over key/value heads in the same order (h = g * R + r).
     if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
-      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS)
-    else:
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS)
+    elif cfg.kv_heads == cfg.num_heads:
       # Scores and softmax in float32: bf16 logits of nearby tokens are too coarse to rank.
-      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
                                   preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-      scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASK_VALUE)
-      probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+      probs_BxHxTxS = _masked_softmax(scores_BxHxTxS, mask_Bx1xTxS)
       probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=self.deterministic)
-      out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxHxK)
+      out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxGxK)
+    else:
+      # Grouped: the R query heads of a group share its keys/values without copying them R times.
+      g, r = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
+      q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, r, cfg.head_dim)
+      scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                                    preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+      s = scores_BxGxRxTxS.shape[-1]
+      probs_BxHxTxS = _masked_softmax(scores_BxGxRxTxS.reshape(b, cfg.num_heads, t, s), mask_Bx1xTxS)
+      probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=self.deterministic)
+      out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxHxTxS.reshape(b, g, r, t, s).astype(dtype),
+                                 v_BxSxGxK)
+      out_BxTxHxK = out_BxTxGxRxK.reshape(b, t, cfg.num_heads, cfg.head_dim)
     out_BxTxHxK = _constrain(out_BxTxHxK, "batch", "length", "act_heads", "act_kv")
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)),
                                             ("heads", "kv", "embed"))
     out_HxKxD = self.param("out", out_init, (cfg.num_heads, cfg.head_dim, cfg.d_model), param_dtype)
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, out_HxKxD.astype(dtype))
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, out_HxKxD.astype(dtype))
+    if cfg.attention_bias:
+      out_BxTxD = out_BxTxD + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                                         (cfg.d_model,), param_dtype).astype(dtype)
+    return out_BxTxD
 
   def _update_cache(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
                     valid_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes the new keys/values into the cache; returns all cached keys [B, S, H, K], values, mask [B,1,T,S]."""
+    """Writes the new keys/values [B, T, G, K] into the cache; returns all cached keys [B, S, G, K], values and
+    the mask [B, 1, T, S]. (H in the names below stands for the G key/value heads.)"""
     b, t = k_BxTxHxK.shape[:2]
     initializing = self.is_initializing()
     if not initializing and not self.has_variable("cache", "cached_key"):
@@ -173,18 +207,34 @@ class Attention(nn.Module):
     return key_BxSxHxK, value_BxSxHxK, mask_Bx1xTxS
 
 
+_ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
 class Mlp(nn.Module):
-  """Position-wise feed-forward block: D -> F -> GELU -> D."""
+  """Position-wise feed-forward block: D -> F -> activation -> D; gated (SwiGLU with silu):
+  fc_out(act(fc_gate(x)) * fc_in(x))."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = functools.partial(nn.Dense, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
-    h_BxTxF = dense(cfg.mlp_dim, name="fc_in",
-                    kernel_init=nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "mlp")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x_BxTxD)
-    h_BxTxF = _constrain(jax.nn.gelu(h_BxTxF), "batch", "length", "act_mlp")
+    dense = functools.partial(nn.Dense, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                              use_bias=cfg.mlp_bias)
+    in_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "mlp"))
+    in_bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
+    h_BxTxF = dense(cfg.mlp_dim, name="fc_in", kernel_init=in_init, bias_init=in_bias_init)(x_BxTxD)
+    activation = _ACTIVATIONS[cfg.mlp_activation]
+    if cfg.gated_mlp:
+      gate_BxTxF = dense(cfg.mlp_dim, name="fc_gate", kernel_init=in_init, bias_init=in_bias_init)(x_BxTxD)
+      h_BxTxF = activation(gate_BxTxF) * h_BxTxF
+    else:
+      h_BxTxF = activation(h_BxTxF)
+    h_BxTxF = _constrain(h_BxTxF, "batch", "length", "act_mlp")
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)), ("mlp", "embed"))
     return dense(cfg.d_model, name="fc_out", kernel_init=out_init,
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BxTxF)
@@ -318,10 +368,12 @@ def count_params(params: Any) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False) -> float:
   """Training FLOPs per token (forward + backward): 6N + 12*L*H*K*T (PaLM appendix B).
 
-  N counts the matmul parameters: every block's weights plus the output head (vocab x D), not the position
-  table or norms. With `causal_halved`, the attention term counts only the unmasked half (6*L*H*K*T).
+  N counts the matmul parameters: every block's weights (query/output D x D each, key/value D x G*K each,
+  two or, gated, three D x F MLP matrices) plus the output head (vocab x D), not the position table, norms or
+  biases. With `causal_halved`, the attention term counts only the unmasked half (6*L*H*K*T).
   """
   d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
-  n_matmul = layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+  kv_dim = cfg.kv_heads * cfg.head_dim
+  n_matmul = layers * (2 * d * d + 2 * d * kv_dim + (3 if cfg.gated_mlp else 2) * d * f) + cfg.vocab_size * d
   attention = (6 if causal_halved else 12) * layers * cfg.num_heads * cfg.head_dim * seq_len
   return 6.0 * n_matmul + attention
