@@ -19,6 +19,7 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ from gptrl import tokenizer as tokenizer_lib
 
 ROLES = ("system", "user", "assistant")
 _MARKERS = tokenizer_lib.USER_DEFINED_SYMBOLS[1:]  # the role markers and <|end|>; "\n" is ordinary text
+# One pattern for all markers: a single left-to-right scan, linear in the text even when it holds many markers.
+_MARKER_PATTERN = re.compile("|".join(re.escape(m) for m in _MARKERS))
 
 
 class ChatFormatError(ValueError):
@@ -47,16 +50,11 @@ def encode_content(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
   """Token ids of message text; literal role-marker strings are spelled in byte pieces, not as markers."""
   ids: list[int] = []
   start = 0
-  while True:
-    hits = [(text.find(m, start), m) for m in _MARKERS]
-    hits = [(i, m) for i, m in hits if i >= 0]
-    if not hits:
-      break
-    index, marker = min(hits)
-    if index > start:
-      ids.extend(tok.encode(text[start:index]))
-    ids.extend(tokenizer_lib.NUM_RESERVED - 256 + b for b in marker.encode("utf-8"))
-    start = index + len(marker)
+  for hit in _MARKER_PATTERN.finditer(text):
+    if hit.start() > start:
+      ids.extend(tok.encode(text[start:hit.start()]))
+    ids.extend(tokenizer_lib.NUM_RESERVED - 256 + b for b in hit.group().encode("utf-8"))
+    start = hit.end()
   if start < len(text):
     ids.extend(tok.encode(text[start:]))
   return ids
@@ -68,33 +66,61 @@ def _as_messages(value: Any, where: str) -> list[Message]:
     # Columnar form, as TFDS returns a Sequence of {role, content} features: {"role": [...], "content": [...]}.
     value = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"])]
   if not isinstance(value, list) or not value:
+    got = "an empty list" if isinstance(value, list) else _describe(value)
     raise ChatFormatError(f"{where}: field 'messages' must be a non-empty list of "
-                          f"{{'role', 'content'}} objects, got {type(value).__name__}.")
+                          f"{{'role', 'content'}} objects, got {got}.")
   out = []
   for i, m in enumerate(value):
     if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-      raise ChatFormatError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}.")
+      missing = [k for k in ("role", "content") if k not in m] if isinstance(m, Mapping) else []
+      raise ChatFormatError(f"{where}: messages[{i}] must be an object with 'role' and 'content'"
+                            + (f"; {' and '.join(repr(k) for k in missing)} missing" if missing else "")
+                            + f", got {_describe(m)}.")
     role, content = m["role"], m["content"]
-    if role not in ROLES:
-      raise ChatFormatError(f"{where}: messages[{i}].role must be one of {list(ROLES)}, got {role!r}.")
-    if not isinstance(content, str):
-      raise ChatFormatError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}.")
+    if not isinstance(role, str) or role not in ROLES:
+      raise ChatFormatError(f"{where}: messages[{i}].role must be one of {list(ROLES)}, got {_describe(role)}.")
+    _check_text(content, f"messages[{i}].content", where)
     if role == "system" and i != 0:
       raise ChatFormatError(f"{where}: messages[{i}] is a system message; only the first message may be one.")
     out.append(Message(role, content))
   return out
 
 
+def record_keys(record: Mapping[str, Any]) -> str:
+  """The first keys of a record, each cut short, for messages about a record that holds the wrong ones."""
+  keys = sorted(str(k) for k in record)
+  return "[" + ", ".join(repr(k[:40]) for k in keys[:20]) + (", ..." if len(keys) > 20 else "") + "]"
+
+
+def _describe(value: Any) -> str:
+  """A short description of a bad value for messages: its JSON type and the start of its text."""
+  kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "the string",
+          list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+  return f"{kind} {value!r:.60}" if value is not None else kind
+
+
+def _check_text(value: Any, field: str, where: str) -> str:
+  """`value` if it is a string with some non-whitespace text; ChatFormatError naming `field` otherwise."""
+  if not isinstance(value, str):
+    raise ChatFormatError(f"{where}: field {field!r} must be a string, got {_describe(value)}.")
+  if not value.strip():
+    raise ChatFormatError(f"{where}: field {field!r} is empty or whitespace only; give it text or drop the "
+                          "record.")
+  return value
+
+
 def prompt_messages(record: Mapping[str, Any], where: str) -> list[Message]:
-  """The prompt of a record: `"prompt": str` (one user turn) or `"messages": [...]` (a conversation so far)."""
+  """The prompt of a record: `"prompt": str` (one user turn) or `"messages": [...]` (a conversation so far).
+
+  Every text must be a string holding something besides whitespace; ChatFormatError (naming `where` and the
+  field) otherwise.
+  """
   has_prompt, has_messages = "prompt" in record, "messages" in record
   if has_prompt == has_messages:
     raise ChatFormatError(f"{where}: expected exactly one of 'prompt' (a string) or 'messages' (a list of "
-                          f"turns), got keys {sorted(record)}.")
+                          f"turns), got keys {record_keys(record)}.")
   if has_prompt:
-    if not isinstance(record["prompt"], str) or not record["prompt"]:
-      raise ChatFormatError(f"{where}: field 'prompt' must be a non-empty string.")
-    return [Message("user", record["prompt"])]
+    return [Message("user", _check_text(record["prompt"], "prompt", where))]
   return _as_messages(record["messages"], where)
 
 
@@ -102,16 +128,15 @@ def conversation(record: Mapping[str, Any], where: str) -> list[Message]:
   """A demonstration: `{"prompt", "response"}` or `{"messages": [...]}` with at least one assistant turn."""
   if "response" in record:
     messages = prompt_messages(record, where)
-    if not isinstance(record["response"], str):
-      raise ChatFormatError(f"{where}: field 'response' must be a string.")
-    messages = messages + [Message("assistant", record["response"])]
+    messages = messages + [Message("assistant", _check_text(record["response"], "response", where))]
   elif "messages" in record:
     messages = _as_messages(record["messages"], where)
   else:
     raise ChatFormatError(f"{where}: expected {{'prompt', 'response'}} or {{'messages': [...]}}, got keys "
-                          f"{sorted(record)}.")
+                          f"{record_keys(record)}.")
   if not any(m.role == "assistant" for m in messages):
-    raise ChatFormatError(f"{where}: the conversation has no assistant turn, so nothing to learn from.")
+    raise ChatFormatError(f"{where}: field 'messages': the conversation has no assistant turn, so nothing to learn "
+                          "from.")
   return messages
 
 
@@ -138,22 +163,31 @@ def render(messages: Sequence[Message], tok: tokenizer_lib.Tokenizer, *,
   return tokens, trainable
 
 
+def _suffix_lengths(turns: Sequence[list[int]]) -> list[int]:
+  """lengths[i] = total tokens of turns[i:] (lengths[len(turns)] = 0)."""
+  lengths = [0] * (len(turns) + 1)
+  for i in range(len(turns) - 1, -1, -1):
+    lengths[i] = lengths[i + 1] + len(turns[i])
+  return lengths
+
+
 def prompt_tokens(messages: Sequence[Message], tok: tokenizer_lib.Tokenizer, *, max_tokens: int) -> list[int]:
   """The generation prompt for `messages`, keeping the system message and the most recent turns that fit.
 
-  Raises:
-    ChatFormatError: not even the last turn fits in `max_tokens`.
+  Each turn is encoded once (a long conversation costs one pass of the tokenizer, not one per candidate cut).
+  If not even the last turn fits in `max_tokens`, its end (the most recent words) is kept behind a clean start.
   """
   messages = list(messages)
-  system = messages[:1] if messages and messages[0].role == "system" else []
-  turns = messages[len(system):]
+  system = [_turn_tokens(messages[0], tok)] if messages and messages[0].role == "system" else []
+  turns = [_turn_tokens(m, tok) for m in messages[len(system):]]
+  if not turns:  # a system message alone is the whole prompt
+    turns, system = system, []
+  after = _suffix_lengths(turns)
   for start in range(len(turns)):
     for sys_part in (system, []):
-      tokens, _ = render(sys_part + turns[start:], tok, add_generation_prompt=True)
-      if len(tokens) <= max_tokens:
-        return tokens
-  tokens, _ = render(turns[-1:], tok, add_generation_prompt=True)
-  # The last turn alone is too long: keep its end (the most recent words), behind a clean start.
+      if 2 + sum(map(len, sys_part)) + after[start] <= max_tokens:  # 2: the leading <eos> and <|assistant|>
+        return [tok.eos_id] + [t for turn in sys_part + turns[start:] for t in turn] + [tok.assistant_id]
+  tokens = [tok.eos_id] + (turns[-1] if turns else []) + [tok.assistant_id]
   return [tok.eos_id] + tokens[len(tokens) - max_tokens + 1:]
 
 
@@ -200,6 +234,7 @@ class Encoded:
   tokens: np.ndarray
   trainable: np.ndarray
   dropped_turns: int  # leading turns removed to fit
+  truncated: bool = False  # True when turns were dropped or the last reply was cut to fit
 
 
 def encode_for_training(messages: Sequence[Message], tok: tokenizer_lib.Tokenizer, *,
@@ -208,7 +243,8 @@ def encode_for_training(messages: Sequence[Message], tok: tokenizer_lib.Tokenize
 
   Truncation keeps the most recent turns: trailing non-assistant turns are dropped (nothing to learn), then
   the oldest turns after the system message (kept while it fits) until the rest fits; if the final exchange
-  alone is too long, its end is cut, keeping the prompt and the first part of the reply.
+  alone is too long, its end is cut, keeping the prompt and the first part of the reply. Each turn is encoded
+  once, however many cuts are tried.
 
   Returns:
     The encoded example, or None when no assistant token is left to train on.
@@ -218,19 +254,32 @@ def encode_for_training(messages: Sequence[Message], tok: tokenizer_lib.Tokenize
     messages.pop()
   if not messages:
     return None
-  system = messages[:1] if messages[0].role == "system" else []
-  turns = messages[len(system):]
+  has_system = messages[0].role == "system"
+  encoded = [_turn_tokens(m, tok) for m in messages]
+  system, turns = encoded[:int(has_system)], encoded[int(has_system):]
+  roles = [m.role for m in messages[int(has_system):]]
+
+  def assemble(sys_part: list[list[int]], first: int) -> tuple[list[int], list[int]]:
+    tokens, trainable = [tok.eos_id], [0]
+    for turn, role in zip(sys_part + turns[first:], ["system"] * len(sys_part) + roles[first:]):
+      tokens.extend(turn)
+      trainable.extend([0] + [int(role == "assistant")] * (len(turn) - 1))
+    return tokens, trainable
+
   budget = max_len + 1
+  after = _suffix_lengths(turns)
   for start in range(len(turns)):
-    if turns[start].role == "assistant" and start > 0:
+    if roles[start] == "assistant" and start > 0:
       continue  # a conversation should not start with an assistant turn when its prompt can be kept
     for sys_part in (system, []):
-      tokens, trainable = render(sys_part + turns[start:], tok)
-      if len(tokens) <= budget:
-        return Encoded(np.asarray(tokens, np.int32), np.asarray(trainable, np.int32), start)
-  tokens, trainable = render(turns[-2:] if len(turns) >= 2 else turns, tok)
+      if 1 + sum(map(len, sys_part)) + after[start] <= budget:
+        tokens, trainable = assemble(sys_part, start)
+        return Encoded(np.asarray(tokens, np.int32), np.asarray(trainable, np.int32), start,
+                       truncated=start > 0 or len(sys_part) < len(system))
+  first = max(len(turns) - 2, 0)
+  tokens, trainable = assemble([], first)
   tokens, trainable = tokens[:budget], trainable[:budget]
   # Targets are tokens[1:]: an example needs a trainable token past position 0.
   if sum(trainable[1:]) == 0:
     return None
-  return Encoded(np.asarray(tokens, np.int32), np.asarray(trainable, np.int32), max(len(turns) - 2, 0))
+  return Encoded(np.asarray(tokens, np.int32), np.asarray(trainable, np.int32), first, truncated=True)

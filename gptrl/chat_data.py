@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import sys
 from typing import Any, Sequence
 
 import grain
@@ -32,6 +34,8 @@ Batch = dict[str, np.ndarray]
 _CHAT_EXPECTED = "{'prompt', 'response'} or {'messages': [{'role', 'content'}, ...]}"
 _PREF_EXPECTED = ("{'prompt' or 'messages', 'chosen', 'rejected'} or {'prompt' or 'messages', 'responses', "
                   "'ranking'}")
+# Margins are differences of ratings or judge scores; far below float32's limit, so a margin never becomes inf.
+_MAX_MARGIN = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +62,11 @@ def _builtin_sources(cache_dir: str | None) -> dict[str, Any]:
 
 
 def load_conversations(sources: Sequence[str], *, cache_dir: str | None = None) -> list[Conversation]:
-  """Every demonstration of `sources`, validated; a bad record raises DataError naming file:line."""
+  """Every demonstration of `sources`, validated.
+
+  Fields other than the chat's own and `group` (a string or integer) are ignored, so records may carry ids or
+  metadata. A bad record raises DataError naming file:line and the field (see chat.conversation).
+  """
   out = []
   for where, record in data_lib.load_records(sources, expected=_CHAT_EXPECTED, builtin=_builtin_sources(cache_dir)):
     try:
@@ -66,6 +74,9 @@ def load_conversations(sources: Sequence[str], *, cache_dir: str | None = None) 
     except chat.ChatFormatError as e:
       raise DataError(str(e)) from None
     group = record.get("group", where)
+    if isinstance(group, bool) or not isinstance(group, (str, int)):
+      raise DataError(f"{where}: field 'group' must be a string or an integer (records of one group stay on one "
+                      f"side of the train/eval split), got {type(group).__name__} {group!r:.60}.")
     out.append(Conversation(where, str(group), tuple(messages)))
   if not out:
     raise DataError(f"data sources {list(sources)}: no conversation found.")
@@ -101,12 +112,11 @@ def encode_sft(conversations: Sequence[Conversation], tok: tokenizer_lib.Tokeniz
   """Renders and truncates each conversation (see chat.encode_for_training); counts what was skipped."""
   tokens, trainable, skipped, truncated = [], [], 0, 0
   for conv in conversations:
-    full, _ = chat.render(conv.messages, tok)
     enc = chat.encode_for_training(conv.messages, tok, max_len=max_len)
     if enc is None:
       skipped += 1
       continue
-    truncated += int(len(enc.tokens) < len(full))
+    truncated += int(enc.truncated)
     tokens.append(enc.tokens)
     trainable.append(enc.trainable)
   return SFTExamples(tokens, trainable, skipped, truncated)
@@ -148,7 +158,8 @@ def sft_dataset(examples: SFTExamples, *, seq_len: int, pad_id: int, seed: int, 
   """Shuffled (per epoch), repeated, fixed-shape SFT batches; the iterator state is checkpointable."""
   n = len(examples.tokens)
   if n == 0:
-    raise DataError("no SFT example left to train on (all were empty or too long).")
+    raise DataError("no SFT example left to train on: every conversation was skipped (its prompt fills the "
+                    "context, leaving no reply token to train on); use shorter prompts or a longer context.")
   lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
   ds = grain.MapDataset.range(n)
   if shuffle:
@@ -159,7 +170,10 @@ def sft_dataset(examples: SFTExamples, *, seq_len: int, pad_id: int, seed: int, 
 
 def sft_eval_batches(examples: SFTExamples, *, seq_len: int, pad_id: int, batch_size: int,
                      max_batches: int = 0, process_index: int = 0, process_count: int = 1) -> list[Batch]:
-  """Every eval example once, in order; the last batch padded with weight-0 rows."""
+  """Every eval example once, in order; the last batch padded with weight-0 rows. None at all: []."""
+  if not examples.tokens:  # a single group (nothing held out), or every held-out conversation skipped
+    logging.warning("No held-out SFT example to evaluate on; eval/loss will be 0 over 0 tokens.")
+    return []
   ds = sft_dataset(examples, seq_len=seq_len, pad_id=pad_id, seed=0, global_batch_size=batch_size,
                    process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1)
   batches = []
@@ -198,8 +212,20 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
     return value
   margin = record.get("margin", 0.0)
   if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-    raise DataError(f"{where}: field 'margin' must be a number, got {margin!r}.")
-  if "chosen" in record or "rejected" in record:
+    raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__} {margin!r:.60}.")
+  try:
+    margin = float(margin)
+  except OverflowError:
+    margin = math.inf
+  # NaN/Infinity are valid JSON to Python's parser, and a margin past float32's range becomes inf in the batch.
+  if not math.isfinite(margin) or abs(margin) > _MAX_MARGIN:
+    raise DataError(f"{where}: field 'margin' must be a finite number of magnitude at most {_MAX_MARGIN:g}, "
+                    f"got {margin!r:.60}.")
+  pairwise, ranked = ("chosen" in record or "rejected" in record), ("responses" in record or "ranking" in record)
+  if pairwise and ranked:
+    raise DataError(f"{where}: a record is either pairwise ('chosen', 'rejected') or ranked ('responses', "
+                    f"'ranking'), not both; got keys {chat.record_keys(record)}.")
+  if pairwise:
     for name in ("chosen", "rejected"):
       if name not in record:
         raise DataError(f"{where}: a pairwise comparison needs both 'chosen' and 'rejected'; {name!r} is missing.")
@@ -207,25 +233,26 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
     if chosen == rejected:
       raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a comparison needs two different "
                       "responses.")
-    return [chosen, rejected], [(0, 1, float(margin))]
-  if "responses" in record or "ranking" in record:
+    return [chosen, rejected], [(0, 1, margin)]
+  if ranked:
     for name in ("responses", "ranking"):
       if name not in record:
         raise DataError(f"{where}: a ranked comparison needs both 'responses' and 'ranking'; {name!r} is missing.")
     responses, ranking = record["responses"], record["ranking"]
     if not isinstance(responses, list) or len(responses) < 2:
-      raise DataError(f"{where}: 'responses' must be a list of at least 2 strings.")
+      got = f"{len(responses)} item(s)" if isinstance(responses, list) else f"{type(responses).__name__}"
+      raise DataError(f"{where}: field 'responses' must be a list of at least 2 strings, got {got}.")
     responses = [text(r, f"responses[{i}]") for i, r in enumerate(responses)]
     if len(set(responses)) != len(responses):
-      raise DataError(f"{where}: 'responses' holds the same text twice; each ranked response must differ.")
+      raise DataError(f"{where}: field 'responses' holds the same text twice; each ranked response must differ.")
     k = len(responses)
     if (not isinstance(ranking, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranking)
         or sorted(ranking) != list(range(k))):
-      raise DataError(f"{where}: 'ranking' must list the indices 0..{k - 1} of 'responses' once each, best "
+      raise DataError(f"{where}: field 'ranking' must list the indices 0..{k - 1} of 'responses' once each, best "
                       f"first; got {ranking!r:.80}.")
     # A ranking of K responses gives all K(K-1)/2 pairs.
-    return responses, [(ranking[a], ranking[b], float(margin)) for a in range(k) for b in range(a + 1, k)]
-  raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {sorted(record)}.")
+    return responses, [(ranking[a], ranking[b], margin) for a in range(k) for b in range(a + 1, k)]
+  raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {chat.record_keys(record)}.")
 
 
 def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[PromptComparisons]:
@@ -244,12 +271,12 @@ def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[Prom
     except chat.ChatFormatError as e:
       raise DataError(str(e)) from None
     if prompt[-1].role == "assistant":
-      raise DataError(f"{where}: the prompt's last turn is the assistant's; the compared responses must answer "
-                      "a user (or system) turn.")
+      raise DataError(f"{where}: field 'messages': the prompt's last turn is the assistant's; the compared "
+                      "responses must answer a user (or system) turn.")
     responses, pairs = _pairs_of_record(record, where)
     if len(responses) > max_responses:
-      raise DataError(f"{where}: {len(responses)} ranked responses, more than data.max_responses="
-                      f"{max_responses}; raise data.max_responses.")
+      raise DataError(f"{where}: field 'responses' holds {len(responses)} ranked responses, more than "
+                      f"data.max_responses={max_responses}; raise data.max_responses.")
     n_records += 1
     key = json.dumps([dataclasses.astuple(m) for m in prompt])
     target = None
@@ -281,33 +308,50 @@ class EncodedComparisons:
   last: np.ndarray  # int32[N, K]
   pairs: np.ndarray  # float32[N, K, K]
   margins: np.ndarray  # float32[N, K, K]
+  truncated: int = 0  # sequences whose prompt or response was cut to fit max_len
 
 
 def response_sequence(prompt: Sequence[chat.Message], response: str, tok: tokenizer_lib.Tokenizer, *,
                       max_len: int) -> list[int]:
   """Prompt + response + <|end|>, at most `max_len` tokens: the prompt keeps its latest turns, and a long
   response keeps its beginning (at least half the context is left to it)."""
+  return _response_sequence(prompt, response, tok, max_len=max_len)[0]
+
+
+def _response_sequence(prompt: Sequence[chat.Message], response: str, tok: tokenizer_lib.Tokenizer, *,
+                       max_len: int) -> tuple[list[int], bool]:
+  """(response_sequence(...), whether anything was cut to fit)."""
   reply = chat.encode_content(response, tok) + [tok.end_of_turn_id]
+  whole_prompt = chat.prompt_tokens(prompt, tok, max_tokens=sys.maxsize)
+  if len(whole_prompt) + len(reply) <= max_len:
+    return whole_prompt + reply, False
   reply = reply[:max(max_len // 2, max_len - len(chat.prompt_tokens(prompt, tok, max_tokens=max_len)))]
-  return chat.prompt_tokens(prompt, tok, max_tokens=max_len - len(reply)) + reply
+  return chat.prompt_tokens(prompt, tok, max_tokens=max_len - len(reply)) + reply, True
 
 
 def encode_comparisons(groups: Sequence[PromptComparisons], tok: tokenizer_lib.Tokenizer, *, max_len: int,
                        max_responses: int) -> EncodedComparisons:
+  """Every group's responses as prompt + response + <|end|> rows (see response_sequence) and its pair matrices.
+
+  A prompt or response longer than the context is cut (the prompt keeps its latest turns, the response its
+  beginning) and counted in `truncated`; nothing is dropped.
+  """
   n, k = len(groups), max_responses
   tokens = np.full((n, k, max_len), tok.pad_id, np.int32)
   last = np.zeros((n, k), np.int32)
   pairs = np.zeros((n, k, k), np.float32)
   margins = np.zeros((n, k, k), np.float32)
+  truncated = 0
   for g_index, g in enumerate(groups):
     for r_index, response in enumerate(g.responses):
-      seq = response_sequence(g.prompt, response, tok, max_len=max_len)
+      seq, cut = _response_sequence(g.prompt, response, tok, max_len=max_len)
       tokens[g_index, r_index, :len(seq)] = seq
       last[g_index, r_index] = len(seq) - 1
+      truncated += int(cut)
     for w, l, m in g.pairs:
       pairs[g_index, w, l] += 1.0
       margins[g_index, w, l] = m
-  return EncodedComparisons(tokens, last, pairs, margins)
+  return EncodedComparisons(tokens, last, pairs, margins, truncated)
 
 
 class _RowsToRewardBatch:

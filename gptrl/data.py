@@ -19,6 +19,7 @@ import itertools
 import hashlib
 import json
 import os
+import re
 import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -77,11 +78,12 @@ def load_documents(sources: Sequence[str], *, text_field: str = "text",
     cache_dir: where downloadable corpora (shakespeare) are cached.
 
   Returns:
-    The documents, sources in the given order, files in sorted order. Documents with empty text
-    are skipped (and the count logged).
+    The documents, sources in the given order, files in sorted order. Documents with empty or
+    whitespace-only text are skipped (and the count logged).
 
   Raises:
-    DataError: an unknown or missing source, or a malformed line/record (with file:line and field).
+    DataError: an unknown or missing source, a malformed line/record (with file:line and field), or
+      no document with text in any source.
   """
   if isinstance(sources, (str, os.PathLike)):
     raise DataError(f"load_documents takes a list of sources, got the single string {sources!r}; "
@@ -89,6 +91,9 @@ def load_documents(sources: Sequence[str], *, text_field: str = "text",
   docs = []
   for source in sources:
     docs.extend(_load_source(str(source), text_field=text_field, cache_dir=cache_dir))
+  if not docs:
+    raise DataError(f"data sources {[str(s) for s in sources]}: no document with text (empty files, or "
+                    f"every record's {text_field!r} empty).")
   return docs
 
 
@@ -145,16 +150,19 @@ def _load_path(path: str, *, source: str, text_field: str) -> list[Document]:
 
 
 def _read_text_file(path: str) -> Document | None:
-  """One Document for a whole UTF-8 text file; None if it is empty."""
-  with open(path, "rb") as f:
-    raw = f.read()
+  """One Document for a whole UTF-8 text file; None if it is empty or whitespace only."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
   try:
     text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not text.
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
     raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start} ({e.reason}); re-encode the "
                     f"file as UTF-8.") from None
-  if not text:
+  if not text.strip():
     return None
   return Document(name=path, text=text, group=path)
 
@@ -162,17 +170,26 @@ def _read_text_file(path: str) -> Document | None:
 def iter_jsonl(path: str, *, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields (\"path:line\", record) for each non-blank line of a .jsonl file.
 
+  A byte-order mark at the start of a line (files made by concatenating BOM files have them mid-file) is not
+  part of the record. Extra fields in a record are the caller's to ignore or refuse.
+
   Args:
     path: the file.
     expected: what a record should hold, for error messages (e.g. "a string field 'text'").
   Raises:
-    DataError: invalid UTF-8 or JSON, or a line that is not a JSON object; names path:line.
+    DataError: invalid UTF-8 or JSON (including numbers too long to convert and nesting too deep to parse), a
+      line that is not a JSON object, or a string with an unpaired UTF-16 surrogate escape ("\\ud800", which no
+      tokenizer can encode); names path:line, and the field where there is one.
   """
-  with open(path, "rb") as f:
+  try:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise DataError(f"{path}: cannot open the file ({e.strerror or e}).") from None
+  with f:
     for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
       try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        line = raw.decode("utf-8-sig")
       except UnicodeDecodeError as e:
         raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
                         f"expected a UTF-8 JSON object with {expected}.") from None
@@ -183,10 +200,47 @@ def iter_jsonl(path: str, *, expected: str) -> Iterator[tuple[str, dict[str, Any
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON "
                         f"object per line with {expected}.") from None
+      except (ValueError, RecursionError) as e:  # a number of > 4300 digits; nesting deeper than the stack
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise DataError(f"{where}: unreadable JSON ({reason}); expected one JSON object per line with "
+                        f"{expected}.") from None
       if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with {expected}, got a "
                         f"{type(record).__name__}.")
+      if _SURROGATE_ESCAPE.search(line):
+        field = _unpaired_surrogate(record)
+        if field is not None:
+          raise DataError(f"{where}: field {field} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff "
+                          f"without its pair), which is not text; fix the encoder that wrote the file.")
       yield where, record
+
+
+# JSON can spell half of a UTF-16 surrogate pair ("\ud83d" alone); json.loads accepts it and gives a str that
+# cannot be encoded as UTF-8, so the tokenizer would fail far from the line. Only lines with such an escape
+# are walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(value: Any, name: str = "") -> str | None:
+  """The field path (e.g. 'messages[1].content') of the first string holding an unpaired surrogate, or None."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      return repr(name or "<key>")
+    return None
+  if isinstance(value, dict):
+    for key, item in value.items():
+      child = f"{name}.{key}" if name else str(key)
+      found = _unpaired_surrogate(key, child) or _unpaired_surrogate(item, child)
+      if found:
+        return found
+  if isinstance(value, list):
+    for i, item in enumerate(value):
+      found = _unpaired_surrogate(item, f"{name}[{i}]")
+      if found:
+        return found
+  return None
 
 
 def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
@@ -194,18 +248,18 @@ def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
   docs, empty = [], 0
   for where, record in iter_jsonl(path, expected=f"a string field {text_field!r}"):
     if text_field not in record:
-      raise DataError(f"{where}: missing field {text_field!r} (keys: {sorted(record)[:10]}); "
+      raise DataError(f"{where}: missing field {text_field!r} (keys: {[k[:40] for k in sorted(record)[:10]]}); "
                       f"set text_field to the field that holds the text.")
     text = record[text_field]
     if not isinstance(text, str):
       raise DataError(f"{where}: field {text_field!r} must be a string, got "
                       f"{type(text).__name__}.")
-    if not text:
+    if not text.strip():  # Nothing to learn from; counted and logged, not an error.
       empty += 1
       continue
     docs.append(Document(name=where, text=text, group=where))
   if empty:
-    logging.warning("%s: skipped %d line(s) with empty text.", path, empty)
+    logging.warning("%s: skipped %d line(s) with empty or whitespace-only text.", path, empty)
   return docs
 
 
@@ -235,7 +289,11 @@ def load_records(sources: Sequence[str], *, expected: str,
     builtin: source name -> zero-argument callable returning [(where, record), ...].
   Returns:
     [(where, record)], where is "path:line" or "tfds:name:split#index".
+  Raises:
+    DataError: a missing source, a file that is not .jsonl, or a malformed line (see iter_jsonl).
   """
+  if isinstance(sources, (str, os.PathLike)):
+    raise DataError(f"data sources must be a list, got the single string {sources!r}; pass [{str(sources)!r}].")
   out: list[tuple[str, dict[str, Any]]] = []
   for source in sources:
     if builtin and source in builtin:
@@ -336,7 +394,7 @@ def _load_tfds(source: str, *, text_field: str) -> list[Document]:
                         f"{e.start}).") from None
     if not isinstance(text, str):
       raise DataError(f"{where}: field {text_field!r} must be text, got {type(text).__name__}.")
-    if not text:
+    if not text.strip():
       empty += 1
       continue
     docs.append(Document(name=where, text=text, group=where))
@@ -686,13 +744,19 @@ def check_fingerprint(saved: str, current: str, *, where: str,
     return
   detail = ""
   if saved_parts is not None and current_parts is not None:
-    keys = sorted(k for k in set(saved_parts) | set(current_parts)
-                  if saved_parts.get(k) != current_parts.get(k))
-    detail = "; differs in: " + ", ".join(
-        f"{k} (saved {saved_parts.get(k)!r}, now {current_parts.get(k)!r})" for k in keys)
+    detail = "; differs in: " + fingerprint_differences(saved_parts, current_parts)
   raise DataError(
       f"{where}: the saved data-iterator state belongs to a different data pipeline (fingerprint "
       f"{saved[:12]} saved, {current[:12]} now{detail}). Its position would silently mean other "
       f"batches. Resume with the same sources, seed, seq_len, global batch size, process count "
       f"and tokenizer as the run that saved it, or start the data iterator from the beginning "
-      f"(do not restore the saved iterator state).")
+      f"(do not restore the saved iterator state: --config.data.reset_position=True keeps the "
+      f"trained model and optimizer state).")
+
+
+def fingerprint_differences(saved_parts: dict[str, Any], current_parts: dict[str, Any]) -> str:
+  """'key (saved X, now Y), ...' for every part that differs between two fingerprints' parts ('' if none)."""
+  # Through JSON, as pipeline_fingerprint hashes them: a tuple equals a list, a numpy int a Python int.
+  saved_json, current_json = (json.loads(json.dumps(p, default=_jsonable)) for p in (saved_parts, current_parts))
+  keys = sorted(k for k in set(saved_json) | set(current_json) if saved_json.get(k) != current_json.get(k))
+  return ", ".join(f"{k} (saved {saved_json.get(k)!r}, now {current_json.get(k)!r})" for k in keys)
