@@ -30,6 +30,7 @@ import tqdm
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import judges
+from gptrl import labellers
 from gptrl import model as model_lib
 from gptrl import sampling
 from gptrl import sharding
@@ -42,6 +43,9 @@ from gptrl.stages import common
 def training_prompts(conversations: list[chat_data.Conversation], n: int, seed: int) -> list[list[chat.Message]]:
   """Up to `n` (0: all) prompts, each a conversation cut before its last assistant turn, in a seeded order."""
   prompts = [cut[0] for cut in map(chat_data.prompt_and_reply, conversations) if cut is not None]
+  if len(prompts) < len(conversations):  # an assistant turn with nothing before it gives no prompt
+    logging.warning("Skipped %d of %d conversations: no turn before the last assistant turn to use as a prompt.",
+                    len(conversations) - len(prompts), len(conversations))
   order = np.random.default_rng(seed).permutation(len(prompts))
   if n:
     order = order[:n]
@@ -72,7 +76,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
   model = model_lib.GPT(model_cfg)
   params = common.load_frozen_params(model, np.zeros((1, model_cfg.max_len), np.int32), mesh, cfg.init,
                                      tokenizer_sha256=tok.sha256)
-  judge = judges.make_judge(cfg.judge.name)
+  labeller = labellers.JudgeLabeller(cfg.judge.name)  # people label through gptrl.label instead
 
   conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
   train_convs, _ = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
@@ -130,11 +134,12 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                                  batch_multiple=sharding.data_parallel_size(mesh), min_prompt_len=max_prompt)
       replies = [chat.decode_reply(o, tok).strip() for o in outs]
       finished = [chat.reply_tokens(o, tok)[1] for o in outs]
-      scores = judge(replies)
+      labels = labeller.label_many(chunk, [replies[p_i * k:(p_i + 1) * k] for p_i in range(len(chunk))])
+      scores = [s for label in labels for s in label.scores]
       lines, reply_lines, kept, empty = [], [], 0, 0
       for p_i, prompt in enumerate(chunk):
         index = c * per_chunk + p_i
-        texts, sc = replies[p_i * k:(p_i + 1) * k], scores[p_i * k:(p_i + 1) * k]
+        texts, sc = replies[p_i * k:(p_i + 1) * k], list(labels[p_i].scores)
         messages = [{"role": m.role, "content": m.content} for m in prompt]
         reply_lines.append(json.dumps({"prompt_index": index, "messages": messages, "responses": texts,
                                        "scores": sc}, ensure_ascii=False) + "\n")

@@ -1,0 +1,529 @@
+"""People in the loop: the labeller interface, `python -m gptrl.label`'s records and their persistence (kill -9
+mid-write, restart: nothing acknowledged lost, nothing duplicated), its JSON API, and the page itself in a real
+headless browser (Debian's chromium + chromedriver through selenium; skipped when they are not installed).
+
+Servers run as subprocesses on a free 127.0.0.1 port, mostly on a replies file (no model: they start in about a
+second); one runs on a tiny SFT-stage checkpoint written here (random weights: the replies are noise, which is all
+the page needs).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from gptrl import chat
+from gptrl import label
+from gptrl import labellers
+from helpers import REPO, env
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+USER = [chat.Message("user", "Where does the fox walk?")]
+
+# Readable replies for the page (a labelling run's replies.jsonl has the same fields).
+_REPLIES = [
+    ("Where does the king walk at dawn?",
+     ["The king walks to the market before dawn.", "He does not walk; he rides.",
+      "To the northern hills, with great care, as every morning.", "I cannot say."]),
+    ("What does the sailor carry?",
+     ["A silver cup.", "Seven stones from the winter garden.", "Nothing but his name.", "An empty boat, somehow."]),
+    ("Who speaks with the merchant?",
+     ["Our neighbour, after supper.", "A clever fox.", "The quiet river, in its way.", "Nobody at all."]),
+    ("Where is the wooden bridge?",
+     ["Near the sea.", "At the gate of the tall tower.", "Past the market.", "Near the sea."]),  # a repeat: 3 shown
+]
+
+
+def _write_replies(path: pathlib.Path, n: int | None = None) -> pathlib.Path:
+  with open(path, "w", encoding="utf-8") as f:
+    for i, (prompt, replies) in enumerate(_REPLIES[:n]):
+      messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": prompt}]
+      f.write(json.dumps({"prompt_index": i, "messages": messages, "responses": replies,
+                          "scores": [0.0] * len(replies)}) + "\n")
+  return path
+
+
+def _many_replies(path: pathlib.Path, n: int) -> pathlib.Path:
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n):
+      f.write(json.dumps({"prompt": f"Question {i}?", "responses": [f"Answer {i}.{j}." for j in range(4)]}) + "\n")
+  return path
+
+
+def _jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  data = path.read_text(encoding="utf-8")
+  assert not data or data.endswith("\n"), f"{path} ends in a partial line"
+  return [json.loads(line) for line in data.splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# The labeller interface.
+
+
+def test_judge_labeller_ranks_as_the_judges_scores_say():
+  replies = ["two words", "four words right here", "", "one"]
+  got = labellers.JudgeLabeller("length").label(USER, replies)
+  assert got.scores == (2.0, 4.0, 0.0, 1.0)  # word counts, by hand
+  assert got.ranking == (1, 0, 3, 2) and got.better_reply == ""
+  # Ties keep reply order; a batch is labelled as its prompts one by one.
+  batch = labellers.JudgeLabeller("length").label_many([USER, USER], [["a b", "c d", "e"], replies])
+  assert batch[0].ranking == (0, 1, 2) and batch[1] == got
+
+
+def test_label_check_refuses_what_is_not_a_ranking_of_the_replies():
+  labellers.Label((2, 0, 1)).check(3)
+  for ranking in [(0, 0, 1), (0, 1), (1, 2, 3), (0, True, 2)]:
+    with pytest.raises(labellers.LabelError, match="ranking must list the reply indices 0..2"):
+      labellers.Label(ranking).check(3)
+
+
+def test_web_labeller_answers_with_what_the_person_submitted():
+  person = label.WebLabeller()
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(label=person.label(USER, ["Yes.", "No."])))
+  thread.start()
+  deadline = time.monotonic() + 5
+  while person.question is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+  question = person.question
+  assert question.replies == ("Yes.", "No.") and question.prompt == tuple(USER)
+  assert not person.answer("not-this-one", labellers.Label((0, 1)))
+  assert person.answer(question.prompt_id, labellers.Label((1, 0), better_reply="Gladly."))
+  thread.join(5)
+  assert result["label"] == labellers.Label((1, 0), better_reply="Gladly.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The JSON API, in process (Flask's test client).
+
+
+@pytest.fixture
+def web(tmp_path):
+  """A labelling app on the readable replies, its loop running; .post(path, body) -> (status, json)."""
+  replies = _write_replies(tmp_path / "replies.jsonl")
+  store = label.LabelStore(str(tmp_path / "out"))
+  questions = label.replies_questions(str(replies), k=4)
+  labeller, progress = label.WebLabeller(), label.Progress()
+  threading.Thread(target=label.labelling_loop, args=(iter(questions), labeller, store, progress),
+                   daemon=True).start()
+  client = label.create_app(store, labeller, progress, [q.prompt_id for q in questions], save_timeout=10).test_client()
+
+  class Web:
+    out = tmp_path / "out"
+
+    @staticmethod
+    def state():
+      deadline = time.monotonic() + 5
+      while (body := client.get("/api/state").get_json())["status"] == "waiting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+      return body
+
+    @staticmethod
+    def post(path, body):
+      response = client.post(path, json=body)
+      return response.status_code, response.get_json()
+  yield Web
+  store.close()
+
+
+def test_a_submission_is_a_ranked_comparison_and_a_demonstration_the_stages_read(web):
+  from gptrl import chat_data  # pylint: disable=import-outside-toplevel
+  question = web.state()["question"]
+  assert question["replies"] == _REPLIES[0][1] and question["messages"][-1]["content"] == _REPLIES[0][0]
+  status, body = web.post("/api/submit", {"prompt_id": question["prompt_id"], "ranking": [2, 0, 3, 1],
+                                          "better_reply": "  To the hills, gladly.  "})
+  assert status == 200 and body == {"ok": True, "duplicate": False, "action": "submitted"}
+  [record] = _jsonl(web.out / "comparisons.jsonl")
+  assert record["ranking"] == [2, 0, 3, 1] and record["responses"] == _REPLIES[0][1]
+  assert record["labeller"] == "human" and record["prompt_id"] == question["prompt_id"] and record["time"] > 0
+  [group] = chat_data.load_comparisons([str(web.out / "comparisons.jsonl")], max_responses=4)
+  r = _REPLIES[0][1]
+  expected = {(r[2], r[0]), (r[2], r[3]), (r[2], r[1]), (r[0], r[3]), (r[0], r[1]), (r[3], r[1])}  # by hand
+  assert {(group.responses[w], group.responses[l]) for w, l, _ in group.pairs} == expected
+  [demo] = chat_data.load_conversations([str(web.out / "demonstrations.jsonl")])
+  assert [m.content for m in demo.messages] == ["Answer briefly.", _REPLIES[0][0], "To the hills, gladly."]
+  assert web.state()["progress"] == {"submitted": 1, "skipped": 0, "total": 4}
+
+
+def test_a_decision_sent_twice_is_written_once(web):
+  pid = web.state()["question"]["prompt_id"]
+  first = web.post("/api/submit", {"prompt_id": pid, "ranking": [0, 1, 2, 3]})
+  again = web.post("/api/submit", {"prompt_id": pid, "ranking": [3, 2, 1, 0]})  # a browser retry; first one counts
+  skip = web.post("/api/skip", {"prompt_id": pid})
+  assert first[0] == again[0] == skip[0] == 200 and again[1]["duplicate"] and skip[1]["duplicate"]
+  assert [r["ranking"] for r in _jsonl(web.out / "comparisons.jsonl")] == [[0, 1, 2, 3]]
+  assert [e["prompt_id"] for e in _jsonl(web.out / "label_log.jsonl")] == [pid]
+  assert web.state()["question"]["prompt_id"] != pid
+
+
+def test_a_bad_or_stale_submission_is_refused_and_writes_nothing(web):
+  pid = web.state()["question"]["prompt_id"]
+  status, body = web.post("/api/submit", {"prompt_id": pid, "ranking": [0, 0, 1, 2]})
+  assert status == 400 and "ranking must list the reply indices 0..3" in body["error"]
+  status, body = web.post("/api/submit", {"prompt_id": "0123456789ab", "ranking": [0, 1, 2, 3]})
+  assert status == 409 and "not the one waiting" in body["error"]
+  assert web.post("/api/submit", {"ranking": [0, 1, 2, 3]})[0] == 400
+  assert not any(_jsonl(web.out / name) for name in ("comparisons.jsonl", "label_log.jsonl"))
+  assert web.state()["question"]["prompt_id"] == pid
+
+
+def test_skipped_and_submitted_prompts_are_not_asked_again_after_a_restart(web, tmp_path):
+  first = web.state()["question"]
+  assert web.post("/api/skip", {"prompt_id": first["prompt_id"]})[1]["action"] == "skipped"
+  second = web.state()["question"]
+  assert web.post("/api/submit", {"prompt_id": second["prompt_id"], "ranking": [1, 0, 2, 3]})[0] == 200
+  assert not _jsonl(web.out / "demonstrations.jsonl") and len(_jsonl(web.out / "comparisons.jsonl")) == 1
+  store = label.LabelStore(str(web.out))  # what a restarted server reads
+  questions = label.replies_questions(str(tmp_path / "replies.jsonl"), k=4)
+  assert [store.action(q.prompt_id) for q in questions] == ["skipped", "submitted", None, None]
+  # The repeated reply of the last prompt is shown once; the record keeps the 3 distinct ones.
+  assert questions[3].replies == tuple(_REPLIES[3][1][:3]) and questions[3].dropped == 1
+  store.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# A real server, killed.
+
+
+class Server:
+  """`python -m gptrl.label --port 0 ...` in a subprocess; waits until it listens."""
+
+  def __init__(self, args: list[str], log: pathlib.Path, extra_env: dict[str, str] | None = None,
+               timeout: float = 60):
+    self.log = log
+    with open(log, "w", encoding="utf-8") as f:
+      self.proc = subprocess.Popen([sys.executable, "-m", "gptrl.label", "--port", "0", *map(str, args)], cwd=REPO,
+                                   env={**env(), **(extra_env or {})}, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not (match := re.search(r"Labelling page: (http://\S+)/", log.read_text())):
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
+      time.sleep(0.05)
+    self.url = match.group(1)
+
+  def request(self, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(req, timeout=timeout) as response:
+        return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  def question(self, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := self.request("/api/state")[1])["status"] == "waiting" and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert state["status"] == "ready", state
+    return state["question"]
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGINT)
+      try:
+        self.proc.wait(10)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _ranking_for(pid: str) -> list[int]:
+  """A ranking that differs between prompts, the same for every send of one prompt."""
+  r = [0, 1, 2, 3]
+  shift = int(pid[:4], 16) % 4
+  return r[shift:] + r[:shift]
+
+
+def _assert_each_once(out: pathlib.Path, acked: dict[str, list[int]]) -> dict[str, dict]:
+  """Every acknowledged prompt is in the log and comparisons.jsonl exactly once, with its ranking; no prompt twice."""
+  comparisons, log = _jsonl(out / "comparisons.jsonl"), _jsonl(out / "label_log.jsonl")
+  for records in (comparisons, log, _jsonl(out / "demonstrations.jsonl")):
+    ids = [r["prompt_id"] for r in records]
+    assert len(ids) == len(set(ids)), "a record was written twice"
+  by_id = {r["prompt_id"]: r for r in comparisons}
+  assert set(acked) <= set(by_id) and set(acked) <= {e["prompt_id"] for e in log}, "an acknowledged record is lost"
+  assert all(by_id[pid]["ranking"] == ranking for pid, ranking in acked.items())
+  return by_id
+
+
+@pytest.mark.parametrize("torn", ["decision", "comparison"])
+def test_kill_mid_write_then_restart_loses_and_duplicates_nothing(tmp_path, torn):
+  replies, out = _many_replies(tmp_path / "replies.jsonl", 6), tmp_path / "out"
+  # Each submission appends 3 lines: its decision (label_log), its comparison, its demonstration. The 3rd one's
+  # decision (line 7) or comparison (line 8) is cut in half, then the server kills itself (SIGKILL).
+  line = {"decision": 7, "comparison": 8}[torn]
+  server = Server(["--replies", replies, "--out", out], tmp_path / "crash.log", {label.CRASH_ENV: str(line)})
+  acked = {}
+  with pytest.raises((urllib.error.URLError, ConnectionError)):
+    for i in range(6):
+      pid = server.question()["prompt_id"]
+      status, body = server.request("/api/submit", {"prompt_id": pid, "ranking": _ranking_for(pid),
+                                                    "better_reply": f"Better {i}."})
+      assert status == 200, body
+      acked[pid] = _ranking_for(pid)
+  assert server.proc.wait(10) == -signal.SIGKILL and len(acked) == 2
+  torn_file = out / ("label_log.jsonl" if torn == "decision" else "comparisons.jsonl")
+  assert not torn_file.read_text(encoding="utf-8").endswith("\n")
+
+  server = Server(["--replies", replies, "--out", out], tmp_path / "restart.log")
+  try:
+    restart_log = server.log.read_text()
+    assert f"{torn_file}: dropped a partial last line" in restart_log
+    third = label.replies_questions(str(replies), k=4)[2].prompt_id
+    if torn == "decision":  # never decided: asked again
+      assert server.question()["prompt_id"] == third
+    else:  # decided: its records come back from the log, and it is not asked again
+      assert "appended 1 record(s)" in restart_log and server.question()["prompt_id"] != third
+      acked[third] = _ranking_for(third)
+    pid = server.question()["prompt_id"]
+    assert server.request("/api/submit", {"prompt_id": pid, "ranking": _ranking_for(pid)})[0] == 200
+    acked[pid] = _ranking_for(pid)
+    by_id = _assert_each_once(out, acked)
+    assert set(by_id) == set(acked)
+    demos = {d["prompt_id"]: d["messages"][-1]["content"] for d in _jsonl(out / "demonstrations.jsonl")}
+    assert set(demos) == set(acked) - {pid}  # the last one had no better reply
+  finally:
+    server.stop()
+
+
+def test_kill_during_a_burst_of_submissions_loses_and_duplicates_nothing(tmp_path):
+  replies, out = _many_replies(tmp_path / "replies.jsonl", 200), tmp_path / "out"
+  server = Server(["--replies", replies, "--out", out], tmp_path / "burst.log")
+  acked: dict[str, list[int]] = {}
+  lock, stop = threading.Lock(), threading.Event()
+
+  def client():  # three of these send the same prompt's decision at once: double submits under load
+    while not stop.is_set():
+      try:
+        state = server.request("/api/state", timeout=5)[1]
+        if state["status"] != "ready":
+          continue
+        pid = state["question"]["prompt_id"]
+        status, _ = server.request("/api/submit", {"prompt_id": pid, "ranking": _ranking_for(pid)}, timeout=5)
+      except (OSError, ValueError, http.client.HTTPException):  # URLError, ConnectionError are OSErrors
+        return  # the server is gone
+      if status == 200:
+        with lock:
+          acked[pid] = _ranking_for(pid)
+
+  threads = [threading.Thread(target=client) for _ in range(3)]
+  for t in threads:
+    t.start()
+  deadline = time.monotonic() + 30
+  while len(acked) < 12 and time.monotonic() < deadline:
+    time.sleep(0.005)
+  server.proc.send_signal(signal.SIGKILL)
+  server.proc.wait(10)
+  stop.set()
+  for t in threads:
+    t.join(10)
+  assert len(acked) >= 12
+  server = Server(["--replies", replies, "--out", out], tmp_path / "burst-restart.log")
+  try:
+    by_id = _assert_each_once(out, acked)
+    state = server.request("/api/state")[1]
+    assert state["progress"]["submitted"] == len(by_id) and state["question"]["prompt_id"] not in by_id
+  finally:
+    server.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny checkpoint to sample from.
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+  """An SFT-stage workdir holding a 1-layer GPT with random weights and a 320-piece tokenizer (made in ~1 s)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("tiny") / "sft"
+  texts = [prompt + " " + " ".join(replies) for prompt, replies in _REPLIES] * 20
+  tok = tokenizer_lib.train_tokenizer(texts, workdir / "tokenizer.model", vocab_size=320)
+  cfg = config_lib.ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=32, max_len=64)
+  # Random normal weights of the model's shapes: initialising the model itself takes seconds on a busy CPU.
+  shapes = nn.meta.unbox(jax.eval_shape(model_lib.GPT(cfg).init, jax.random.key(0), np.zeros((1, 64), np.int32)))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes["params"])
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  checkpointer.save(1, {"params": params, "step": np.int32(1)}, data={},
+                    meta={"stage": "sft", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(cfg)})
+  checkpointer.close()
+  return workdir
+
+
+def _prompts_file(path: pathlib.Path) -> pathlib.Path:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(json.dumps({"prompt": "Where does the king walk?"}) + "\n")
+    f.write(json.dumps({"prompt": "What does the sailor carry?", "response": "A cup."}) + "\n")  # cut: a prompt
+  return path
+
+
+def test_sampled_replies_depend_only_on_the_prompt_and_the_seed(tiny_sft, tmp_path):
+  from gptrl import sample  # pylint: disable=import-outside-toplevel
+  source = sample.open_checkpoint(str(tiny_sft))
+  prompts = label.load_prompts([str(_prompts_file(tmp_path / "prompts.jsonl"))], cache_dir=None, num_prompts=0,
+                               seed=0)
+  assert sorted(p[-1].content for _, p in prompts) == ["What does the sailor carry?", "Where does the king walk?"]
+  store = label.LabelStore(str(tmp_path / "out"))
+
+  def replies(order, seed=0):
+    questions = label.sampled_questions(source, [prompts[i] for i in order], store, k=3, seed=seed, max_new_tokens=8,
+                                        temperature=1.0, top_k=0, top_p=1.0, progress=label.Progress())
+    return {q.prompt_id: q.replies for q in questions}
+  forward = replies([0, 1])
+  assert forward == replies([1, 0])  # the other prompts and their order do not matter
+  second = label.prompt_id(prompts[1][1])
+  assert replies([1], seed=1)[second] != forward[second]  # the seed does
+  store.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The page in a real browser.
+
+
+@pytest.fixture(scope="module")
+def browser():
+  """Headless Debian chromium driven by selenium through /usr/bin/chromedriver (never a downloaded driver)."""
+  if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip(f"no {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
+  webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras")
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1300",
+               "--disable-extensions", "--no-first-run"):
+    options.add_argument(flag)
+  driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+  driver.implicitly_wait(0)
+  yield driver
+  driver.quit()
+
+
+def _wait(predicate, timeout: float = 30, what: str = "the page"):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(0.05)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def _shown_id(driver, by) -> str:
+  task = driver.find_element(by.ID, "task")
+  return driver.find_element(by.ID, "prompt-id").text if task.is_displayed() else ""
+
+
+def _card(driver, by, letter: str):
+  index = "ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(letter)
+  return driver.find_element(by.CSS_SELECTOR, f'.card[data-index="{index}"]')
+
+
+def _order(driver, by, list_id: str) -> list[int]:
+  return [int(c.get_attribute("data-index")) for c in driver.find_elements(by.CSS_SELECTOR, f"#{list_id} .card")]
+
+
+def test_the_page_ranks_by_keys_clicks_and_drags_and_saves_what_it_shows(browser, tmp_path):
+  from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.common.keys import Keys  # pylint: disable=import-outside-toplevel
+  replies, out = _write_replies(tmp_path / "replies.jsonl"), tmp_path / "out"
+  ids = [q.prompt_id for q in label.replies_questions(str(replies), k=4)]
+  server = Server(["--replies", replies, "--out", out], tmp_path / "page.log")
+  try:
+    browser.get(server.url + "/")
+    _wait(lambda: _shown_id(browser, By) == ids[0], what="the first prompt")
+    assert "Where does the king walk at dawn?" in browser.find_element(By.ID, "prompt").text
+    assert not browser.find_element(By.ID, "status").is_displayed()  # "Connecting…" is gone
+    assert "0 / 4 done" in browser.find_element(By.ID, "progress").text
+    submit = browser.find_element(By.ID, "submit")
+    assert not submit.is_enabled()
+    # C first by its key, then A by a click, then D dragged above C; B is left over: the worst.
+    ActionChains(browser).send_keys("c").perform()
+    _card(browser, By, "A").find_element(By.CLASS_NAME, "text").click()
+    assert _order(browser, By, "ranked") == [2, 0] and _order(browser, By, "pool") == [1, 3]
+    target = browser.find_elements(By.CSS_SELECTOR, "#ranked .card")[0]
+    ActionChains(browser).click_and_hold(_card(browser, By, "D")).move_by_offset(0, -20).move_to_element_with_offset(
+        target, 0, -target.size["height"] // 2 + 4).pause(0.1).release().perform()
+    assert _order(browser, By, "ranked") == [3, 2, 0] and _order(browser, By, "pool") == [1]
+    assert submit.is_enabled()
+    browser.find_element(By.ID, "better").send_keys("To the northern hills, at first light.")
+    if os.environ.get("GPTRL_LABEL_SCREENSHOT"):
+      browser.save_screenshot(os.environ["GPTRL_LABEL_SCREENSHOT"])
+    submit.click()
+    _wait(lambda: _shown_id(browser, By) == ids[1], what="the second prompt")
+    [record] = _jsonl(out / "comparisons.jsonl")
+    assert record["prompt_id"] == ids[0] and record["ranking"] == [3, 2, 0, 1]
+    assert record["responses"] == _REPLIES[0][1] and record["labeller"] == "human"
+    [demo] = _jsonl(out / "demonstrations.jsonl")
+    assert demo["messages"][-1] == {"role": "assistant", "content": "To the northern hills, at first light."}
+
+    browser.find_element(By.ID, "skip").click()  # the second prompt
+    _wait(lambda: _shown_id(browser, By) == ids[2], what="the third prompt")
+    # Rank B, A, C with their buttons, move A up, then undo C (Backspace) and redo it; submit with Ctrl+Enter.
+    for letter in "BAC":
+      _card(browser, By, letter).find_element(By.TAG_NAME, "button").click()
+    browser.find_element(By.CSS_SELECTOR, 'button[title="Move reply A up"]').click()
+    ActionChains(browser).send_keys(Keys.BACKSPACE).perform()
+    assert _order(browser, By, "ranked") == [0, 1] and _order(browser, By, "pool") == [2, 3]
+    ActionChains(browser).send_keys("c").key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+    _wait(lambda: _shown_id(browser, By) == ids[3], what="the fourth prompt")
+    assert [r["ranking"] for r in _jsonl(out / "comparisons.jsonl")] == [[3, 2, 0, 1], [0, 1, 2, 3]]
+    assert [(e["prompt_id"], e["action"]) for e in _jsonl(out / "label_log.jsonl")] == [
+        (ids[0], "submitted"), (ids[1], "skipped"), (ids[2], "submitted")]
+    assert "3 / 4 done" in browser.find_element(By.ID, "progress").text
+    # The fourth prompt's repeated reply is shown once, with a note saying so.
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#pool .card")) == 3
+    assert "1 of the 4 sampled replies were empty or repeated" in browser.find_element(By.ID, "dropped").text
+  finally:
+    server.stop()
+
+
+def test_the_page_labels_replies_sampled_from_a_checkpoint(browser, tiny_sft, tmp_path):
+  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  server = Server(["--checkpoint", tiny_sft, "--prompts", _prompts_file(tmp_path / "prompts.jsonl"), "--out", out,
+                   "--k", 3, "--max_new_tokens", 8, "--top_p", 1.0], tmp_path / "model.log")
+  try:
+    statuses, deadline = [], time.monotonic() + 120
+    while (state := server.request("/api/state")[1])["status"] == "waiting" and time.monotonic() < deadline:
+      statuses.append(state["message"])
+      time.sleep(0.02)
+    assert statuses and state["status"] == "ready", (statuses, state)  # "loading the model…" came first
+    question = state["question"]
+    browser.get(server.url + "/")
+    _wait(lambda: _shown_id(browser, By) == question["prompt_id"], what="the sampled replies")
+    shown = [c.find_element(By.CLASS_NAME, "text").text for c in browser.find_elements(By.CSS_SELECTOR, "#pool .card")]
+    assert len(shown) == len(question["replies"]) >= 1
+    k = len(question["replies"])
+    for i in range(k - 1, 0, -1):  # the last reply first; the first one is left over: the worst
+      browser.find_element(By.CSS_SELECTOR, f'#pool .card[data-index="{i}"] button').click()
+    browser.find_element(By.ID, "better").send_keys("The king walks to the market.")
+    browser.find_element(By.ID, "submit").click()
+    _wait(lambda: browser.find_element(By.ID, "message").text == "Saved.", what="the page to hear it was saved")
+    if len(question["replies"]) >= 2:
+      [record] = _jsonl(out / "comparisons.jsonl")
+      assert record["responses"] == question["replies"] and record["ranking"] == list(range(k - 1, 0, -1)) + [0]
+    [demo] = _jsonl(out / "demonstrations.jsonl")
+    assert demo["messages"][:-1] == question["messages"] and demo["prompt_id"] == question["prompt_id"]
+  finally:
+    server.stop()
