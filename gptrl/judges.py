@@ -7,9 +7,13 @@ and drops pairs whose gap is below `judge.min_gap`, where an automatic judge is 
   [-1, 1]: "kinder replies are better". Against human sentiment labels of movie-review sentences it agrees on
   about 69% of pairs, and on about 76% of the pairs whose score gap is >= 0.3.
 - "length": the number of words, for tests and as a deliberately gameable judge.
+- "textblob": the polarity of TextBlob's pattern sentiment lexicon (`textblob` on PyPI; its lexicon ships in the
+  package, no corpus download), in [-1, 1]. A second opinion on "kindness", built differently from VADER and
+  never used for labelling: PPO's over-optimisation watch (`ppo.watch_judges`) scores held-out replies with it.
+  When the reward model's reward keeps rising while this judge flattens or falls, the policy games the RM.
 
-Replace the judge with people through the label web UI (see the pipeline issue), or skip this stage and give
-the reward model your own comparisons JSONL.
+Replace the judge with people through the labelling web page (`python -m gptrl.label`; both are labellers,
+gptrl/labellers.py), or skip this stage and give the reward model your own comparisons JSONL.
 """
 from __future__ import annotations
 
@@ -27,6 +31,16 @@ def vader() -> Judge:
   return judge
 
 
+def textblob() -> Judge:
+  """TextBlob's pattern-lexicon polarity in [-1, 1] per text (0 for an empty one); works offline."""
+  from textblob.en.sentiments import PatternAnalyzer  # pylint: disable=import-outside-toplevel
+  analyzer = PatternAnalyzer()
+
+  def judge(texts: Sequence[str]) -> list[float]:
+    return [float(analyzer.analyze(t).polarity) if t.strip() else 0.0 for t in texts]
+  return judge
+
+
 def length() -> Judge:
   def judge(texts: Sequence[str]) -> list[float]:
     return [float(len(t.split())) for t in texts]
@@ -34,6 +48,7 @@ def length() -> Judge:
 
 
 JUDGES: dict[str, Callable[[], Judge]] = {"vader": vader, "length": length}
+JUDGES["textblob"] = textblob  # the default over-optimisation watch of PPO (config.ppo.watch_judges)
 
 
 def make_judge(name: str) -> Judge:

@@ -44,6 +44,7 @@ from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import data as data_lib
+from gptrl import judges as judges_lib
 from gptrl import losses
 from gptrl import model as model_lib
 from gptrl import optim
@@ -60,6 +61,8 @@ from gptrl.stages import common
 # Rollout arrays: B responses, L = P + N token buffer (P prompt slots, left-padded; N response slots).
 ROLLOUT_KEYS = ("tokens", "positions", "attention", "response_mask", "logp", "ref_logp", "values", "advantages",
                 "returns", "kl")
+# Every held-out eval reply with its RM reward and watch-judge scores, one line per eval: the report's SFT-vs-PPO table.
+EVAL_REPLIES_FILE = "eval_replies.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +262,29 @@ class RolloutSource:
     return rec
 
 
+def append_eval_replies(workdir: str, step: int, replies: list[dict[str, Any]]) -> None:
+  """Appends one eval's per-prompt records (see Learner.evaluate) as `{"step", "replies"}` to EVAL_REPLIES_FILE."""
+  with open(os.path.join(workdir, EVAL_REPLIES_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps({"step": int(step), "replies": replies}, ensure_ascii=False) + "\n")
+
+
+def _drop_eval_replies_after(path: str, step: int) -> None:
+  """On resume, drops the eval-reply lines an interrupted run wrote after `step` (as MetricsWriter does)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (json.JSONDecodeError, KeyError, TypeError):
+        continue  # a line torn by a kill mid-write
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
 class Learner:
   """One PPO iteration (rollout, scoring, learning, beta update) and the held-out evaluation, on a mesh."""
 
@@ -272,11 +298,14 @@ class Learner:
     updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
     self.train_step = trainer.jit_train_step(
         trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
-                                optim.learning_rate_schedule(cfg.optim, updates), cfg.optim.grad_accum_steps),
+                                optim.learning_rate_schedule(cfg.optim, updates), cfg.optim.grad_accum_steps,
+                                **trainer.spike_options(cfg.train)),
         state_shardings, mesh)
     self.last_rollout: dict[str, np.ndarray] = {}
     self.last_prompts: list[list[int]] = []
     self.ptx_iter = None  # PPO-ptx: an iterator of pretraining batches of minibatch_size rows (set by run)
+    self.watch_judges: dict[str, judges_lib.Judge] = {}  # name -> judge of the eval replies (set by run)
+    self.last_eval_replies: list[dict[str, Any]] = []  # the last evaluate()'s per-prompt records (needs tok)
 
   def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array):
     """(responses, the sampler's log-probs, host arrays of the rollout buffer)."""
@@ -355,16 +384,23 @@ class Learner:
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
               "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
       row[f"ppo/{k}"] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
+    for k in ("skipped_total", "spikes_total", "rollbacks"):  # the run's numerics-guard counts (gptrl/trainer.py)
+      row[f"ppo/{k}"] = float(learn_metrics[-1][f"train/{k}"])
     return state, row, new_beta, responses, stats
 
   def evaluate(self, params: Any, prompts: list[list[int]], beta: float, tok: Any = None
                ) -> tuple[dict[str, float], list[str]]:
-    """Mean normalised reward and KL of the policy's answers to fixed held-out prompts, with a fixed key."""
+    """Mean normalised reward and KL of the policy's answers to fixed held-out prompts, with a fixed key.
+
+    With `tok`, also the watch judges' mean scores of the decoded replies (`eval/judge_<name>`) and, in
+    `self.last_eval_replies`, one record per prompt: its turns, the reply, its reward, KL, length and judge scores.
+    """
+    self.last_eval_replies = []
     if not prompts:
       return {}, []
     p = self.cfg.ppo
     eval_rng = jax.random.key(self.cfg.seed + 11)
-    scores, kls, lengths, texts = [], [], [], []
+    scores, kls, lengths, texts, replies = [], [], [], [], []
     for lo in range(0, len(prompts), p.rollout_batch_size):
       chunk = prompts[lo:lo + p.rollout_batch_size]
       responses, _, host = self.rollout(params, chunk, jax.random.fold_in(eval_rng, lo))
@@ -375,9 +411,21 @@ class Learner:
       if tok is not None:
         for i in range(min(len(chunk), 4 - len(texts))):
           texts.append(f"{chat.decode_reply(responses[i], tok)!r} (reward {float(stats['score'][i]):+.3f})")
+        replies.extend({"prompt_index": lo + i,
+                        "messages": [{"role": m.role, "content": m.content} for m in chat.parse(chunk[i], tok)
+                                     if m.content],
+                        "reply": chat.decode_reply(responses[i], tok), "reward": float(stats["score"][i]),
+                        "kl": float(stats["kl_sum"][i]), "length": int(stats["length"][i])} for i in range(len(chunk)))
     scores, kls, lengths = np.concatenate(scores), np.concatenate(kls), np.concatenate(lengths)
-    return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std()),
-            "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}, texts
+    metrics = {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std()),
+               "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}
+    for name, judge in (self.watch_judges.items() if replies else ()):
+      judged = np.asarray(judge([r["reply"] for r in replies]), np.float64)
+      metrics[f"eval/judge_{name}"], metrics[f"eval/judge_{name}_std"] = float(judged.mean()), float(judged.std())
+      for r, value in zip(replies, judged):
+        r.setdefault("judges", {})[name] = float(value)
+    self.last_eval_replies = replies
+    return metrics, texts
 
 
 def run(cfg: PPOConfig) -> trainer.TrainState:
@@ -455,7 +503,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
   start, beta, ptx_state = 0, p.init_beta, None
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=prompts)
+                          fingerprint_parts=fingerprint_parts, train_iter=prompts,
+                          reset_data_position=cfg.data.reset_position)
   if resumed is not None:
     start, state, data_state = resumed
     beta = float(data_state["beta"])
@@ -483,6 +532,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
                     make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
+  learner.watch_judges = {name: judges_lib.make_judge(name) for name in p.watch_judges}
   if p.ptx_coef > 0:
     docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
     ptx_docs, _ = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)
@@ -496,6 +546,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   is_main = jax.process_index() == 0
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if start else -1)
+  if is_main:
+    _drop_eval_replies_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
   guard = trainer.PreemptionGuard()
   bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (is_main and cfg.train.progress_bar),
                   desc="ppo", file=sys.stderr, dynamic_ncols=True)
@@ -514,6 +566,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     if metrics:
       writer.write(step, metrics)
       writer.write_texts(step, "samples", texts)
+      if is_main and learner.last_eval_replies:
+        append_eval_replies(workdir, step, learner.last_eval_replies)
       logging.info("iteration %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
   try:
@@ -527,6 +581,14 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                         trainer.EXIT_PREEMPTED)
         sys.exit(trainer.EXIT_PREEMPTED)
       state, row, beta, responses, stats = learner.iteration(state, prompts.next(), it, beta)
+      rolled_back = False
+      streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
+      if streak >= cfg.train.max_bad_steps > 0:  # skipped minibatch updates in a row: roll back (trainer.rollback)
+        per_iteration = p.epochs * (p.rollout_batch_size // p.minibatch_size)
+        first_bad = it + 1 - -(-streak // per_iteration)  # the iteration the bad updates began in
+        state, _, saved = trainer.rollback(checkpointer, state, done=it + 1, streak=streak, first_bad=first_bad,
+                                           train_cfg=cfg.train, unit="iteration")
+        beta, rolled_back = float(saved["beta"]), True  # the KL controller's state goes back with the policy
       if p.save_rollouts and is_main:
         save_rollout(os.path.join(workdir, "rollouts"), it, learner.last_rollout)
       kl_mean = row["ppo/kl"]
@@ -540,7 +602,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
       done = it + 1
       if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
         log_eval(done)
-      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or rolled_back:
         save(done)
     checkpointer.wait()
   finally:
