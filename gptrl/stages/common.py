@@ -179,20 +179,42 @@ def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh
 
 
 def resume(checkpointer: Any, state: Any, state_shardings: Any, *, tokenizer_sha256: str, fingerprint: str,
-           fingerprint_parts: dict[str, Any], train_iter: Any) -> tuple[int, Any, dict[str, Any]] | None:
+           fingerprint_parts: dict[str, Any], train_iter: Any,
+           reset_data_position: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
   """Restores this workdir's newest valid checkpoint into (state, train_iter), checking that it belongs to the
   same tokenizer and data pipeline; returns (step, state, the checkpoint's data item), or None when there is
-  none (a fresh start)."""
+  none (a fresh start).
+
+  A data pipeline whose fingerprint differs from the saved one is refused (naming what differs), unless
+  `reset_data_position` (config data.reset_position): then the state is restored and `train_iter` keeps its
+  fresh position; the returned data item then has "position_reset": True and no saved iterator positions.
+  """
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gptrl import data as data_lib  # pylint: disable=import-outside-toplevel
-  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
+  from gptrl import trainer  # pylint: disable=import-outside-toplevel
+  abstract = ckpt_lib.abstract_like(state, state_shardings)
+  latest = checkpointer.latest_step()
+  if latest is not None:  # a checkpoint written before TrainState had the numerics counters
+    abstract = trainer.restore_target(checkpointer.directory, latest, abstract)
+  restored = checkpointer.restore_latest_valid(abstract)
   if restored is None:
     return None
-  step, state, data_state, meta = restored
+  step, restored_state, data_state, meta = restored
+  state = trainer.as_train_state(restored_state, state.numerics)
   where = f"{checkpointer.directory}/{step}"
   ckpt_lib.check_tokenizer(meta, tokenizer_sha256, where=f"The checkpoint {where}")
-  data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
-                             saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
+  try:
+    data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
+                               saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
+  except data_lib.DataError:
+    if not reset_data_position:
+      raise
+    saved_parts = data_state.get("fingerprint_parts")
+    differs = data_lib.fingerprint_differences(saved_parts, fingerprint_parts) if saved_parts else "unrecorded parts"
+    logging.warning("data.reset_position=True: the data position saved in %s belongs to another data pipeline "
+                    "(differs in: %s); restored the model, optimizer state and step %d, and starting the data "
+                    "iterator from the beginning.", where, differs, step)
+    return step, state, {**data_state, "iterator": None, "ptx_iterator": None, "position_reset": True}
   train_iter.set_state(data_state["iterator"])
   logging.info("Resumed from %s.", where)
   return step, state, data_state

@@ -121,13 +121,15 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
 
   start_step = 0
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=train_iter)
+                          fingerprint_parts=fingerprint_parts, train_iter=train_iter,
+                          reset_data_position=cfg.data.reset_position)
   if resumed is not None:
     start_step, state, _ = resumed
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(lm_loss_fn(model), optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
-                              cfg.optim.grad_accum_steps), state_shardings, mesh)
+                              cfg.optim.grad_accum_steps, **trainer.spike_options(cfg.train)),
+      state_shardings, mesh)
   tokens_per_step = cfg.data.batch_size * seq_len
   meta = {"stage": "pretrain", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
           "num_params": n_params}

@@ -112,18 +112,24 @@ def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh
 def run(cfg: RewardConfig) -> trainer.TrainState:
   """Trains (or resumes training) the reward model."""
   workdir, _, mesh = common.setup(cfg)
+  k = cfg.data.max_responses
+  # The data first: a bad record is reported before any checkpoint is read.
+  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("sft",))
-  seq_len, k = model_cfg.max_len, cfg.data.max_responses
-
-  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
+  seq_len = model_cfg.max_len
+  if cfg.reward.normalize_samples and cfg.reward.normalize_max_new_tokens >= seq_len:
+    raise common.config_lib.ConfigError(
+        f"config.reward.normalize_max_new_tokens: {cfg.reward.normalize_max_new_tokens} leaves no room for a "
+        f"prompt in the model's context of {seq_len} tokens; lower it.")
   train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
                                                        seed=cfg.data.split_seed)
   train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
   eval_enc = chat_data.encode_comparisons(eval_groups, tok, max_len=seq_len, max_responses=k)
   n_train_pairs, n_eval_pairs = int(train_enc.pairs.sum()), int(eval_enc.pairs.sum())
-  logging.info("Reward data: %d training prompts (%d pairs), %d held-out prompts (%d pairs).", len(train_groups),
-               n_train_pairs, len(eval_groups), n_eval_pairs)
+  logging.info("Reward data: %d training prompts (%d pairs), %d held-out prompts (%d pairs); %d sequences cut to "
+               "the context of %d tokens.", len(train_groups), n_train_pairs, len(eval_groups), n_eval_pairs,
+               train_enc.truncated + eval_enc.truncated, seq_len)
   if len(train_groups) < cfg.data.batch_size:
     raise data_lib.DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
                              f"data.batch_size={cfg.data.batch_size}; add comparisons or lower the batch size.")
@@ -143,7 +149,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
                                        async_save=cfg.train.async_checkpoint)
   start_step = 0
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=train_iter)
+                          fingerprint_parts=fingerprint_parts, train_iter=train_iter,
+                          reset_data_position=cfg.data.reset_position)
   if resumed is not None:
     start_step, state, _ = resumed
   else:
@@ -155,7 +162,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(reward_loss_fn(model, cfg.reward.margin_scale), optimizer,
-                              optim.learning_rate_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum_steps),
+                              optim.learning_rate_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum_steps,
+                              **trainer.spike_options(cfg.train)),
       state_shardings, mesh)
   eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
                                                max_batches=cfg.data.eval_batches, process_index=jax.process_index(),

@@ -86,11 +86,15 @@ def make_chat_sample_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, tok: Any,
 def run(cfg: SFTConfig) -> trainer.TrainState:
   """Fine-tunes (or resumes fine-tuning) the model of `cfg.init.checkpoint` on demonstrations."""
   workdir, cache_dir, mesh = common.setup(cfg)
+  # The data first: a bad record is reported before any checkpoint is read.
+  conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("pretrain", "sft"))
   seq_len = model_cfg.max_len
+  if cfg.sample.num_prompts and cfg.sample.max_new_tokens >= seq_len:
+    raise common.config_lib.ConfigError(f"config.sample.max_new_tokens: {cfg.sample.max_new_tokens} leaves no room "
+                                        f"for a prompt in the model's context of {seq_len} tokens; lower it.")
 
-  conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
   train_convs, eval_convs = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
                                                      seed=cfg.data.split_seed)
   train_ex = chat_data.encode_sft(train_convs, tok, max_len=seq_len)
@@ -118,7 +122,8 @@ def run(cfg: SFTConfig) -> trainer.TrainState:
                                        async_save=cfg.train.async_checkpoint)
   start_step = 0
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=train_iter)
+                          fingerprint_parts=fingerprint_parts, train_iter=train_iter,
+                          reset_data_position=cfg.data.reset_position)
   if resumed is not None:
     start_step, state, _ = resumed
   else:
@@ -130,7 +135,8 @@ def run(cfg: SFTConfig) -> trainer.TrainState:
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(lm_loss_fn(model), optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
-                              cfg.optim.grad_accum_steps), state_shardings, mesh)
+                              cfg.optim.grad_accum_steps, **trainer.spike_options(cfg.train)),
+      state_shardings, mesh)
   eval_batches = chat_data.sft_eval_batches(eval_ex, seq_len=seq_len, pad_id=tok.pad_id,
                                             batch_size=cfg.data.batch_size, max_batches=cfg.data.eval_batches,
                                             process_index=jax.process_index(), process_count=jax.process_count())
