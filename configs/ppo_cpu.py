@@ -49,6 +49,7 @@ def get_config(variant: str = ""):
   c.data.batch_size = 16  # unused here (see ppo.rollout_batch_size)
   c.data.eval_batches = 0  # unused here
   c.data.cache_dir = ""
+  c.data.reset_position = False  # True: resume a changed prompt pipeline from its first batch instead of refusing
 
   c.ppo = config_lib.as_configdict(config_lib.PPOAlgoConfig())
   c.ppo.rollout_batch_size = 32
@@ -62,6 +63,8 @@ def get_config(variant: str = ""):
   c.ppo.critic = "separate"  # "separate" | "shared"
   c.ppo.critic_init = "reward"  # "reward" | "sft"
   c.ppo.num_eval_prompts = 64
+  # A judge not used for labelling (VADER labels) scores the eval replies: eval/judge_textblob next to eval/reward.
+  c.ppo.watch_judges = ("textblob",)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 40  # PPO iterations
@@ -71,6 +74,11 @@ def get_config(variant: str = ""):
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.progress_bar = True
+  c.train.max_bad_steps = 8  # skipped minibatch updates (non-finite/spiking loss) in a row before a rollback
+  c.train.max_rollbacks = 3  # rollbacks to a checkpoint allowed in the run; needing one more stops it with an error
+  c.train.spike_zscore = 0.0  # > 0: skip an update whose loss is this many std above the recent mean (0: off)
+  c.train.spike_warmup = 50  # good minibatch updates before a spike can be flagged
+  c.train.spike_window = 100  # good minibatch updates the running mean/variance of the loss cover
   c.train.eval_at_start = True
 
   c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs

@@ -57,6 +57,7 @@ def get_config(variant: str = ""):
   c.data.batch_size = 16  # sequences per step
   c.data.eval_batches = 8
   c.data.cache_dir = ""  # "": $GPTRL_CACHE or ~/.cache/gptrl
+  c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ("ROMEO:\n", "First Citizen:\nWhat say you to", "KING HENRY:\nMy lords,")
@@ -72,6 +73,11 @@ def get_config(variant: str = ""):
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
   c.train.progress_bar = True
+  c.train.max_bad_steps = 8  # skipped steps (non-finite or spiking loss) in a row before rolling back (0: never)
+  c.train.max_rollbacks = 3  # rollbacks to a checkpoint allowed in the run; needing one more stops it with an error
+  c.train.spike_zscore = 0.0  # > 0: skip a step whose loss is this many std above the recent mean (0: off; 6 is usual)
+  c.train.spike_warmup = 50  # good steps before a spike can be flagged
+  c.train.spike_window = 100  # good steps the running mean/variance of the loss cover
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = "auto"

@@ -45,6 +45,7 @@ def get_config(variant: str = ""):
   c.data.batch_size = 16  # conversations per step
   c.data.eval_batches = 16
   c.data.cache_dir = ""
+  c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 4
@@ -61,6 +62,11 @@ def get_config(variant: str = ""):
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.progress_bar = True
+  c.train.max_bad_steps = 8  # skipped steps (non-finite or spiking loss) in a row before rolling back (0: never)
+  c.train.max_rollbacks = 3  # rollbacks to a checkpoint allowed in the run; needing one more stops it with an error
+  c.train.spike_zscore = 0.0  # > 0: skip a step whose loss is this many std above the recent mean (0: off; 6 is usual)
+  c.train.spike_warmup = 50  # good steps before a spike can be flagged
+  c.train.spike_window = 100  # good steps the running mean/variance of the loss cover
   c.train.eval_at_start = True  # the starting point's held-out score, for comparison
 
   c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import re
 import typing
 from typing import Any, Mapping
 
@@ -45,6 +48,13 @@ class ModelConfig:
   remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
   attention: str = "xla"  # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention)
   init_std: float = 0.02
+  # Architecture options for imported checkpoints (gptrl/hf.py: GPT-2, Llama); the defaults are gptrl's own model.
+  num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: num_heads (multi-head attention)
+  mlp_activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-2's gelu_new) | "gelu" (exact, erf) | "silu" | "relu"
+  gated_mlp: bool = False  # MLP = fc_out(act(fc_gate(x)) * fc_in(x)) (Llama's SwiGLU with "silu")
+  mlp_bias: bool = True  # biases in the MLP's dense layers
+  attention_bias: bool = False  # biases on the query/key/value/output projections (GPT-2)
+  norm_eps: float = 0.0  # epsilon inside the norm; 0: 1e-5 for layernorm, 1e-6 for rmsnorm
 
   def __post_init__(self):
     _check(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
@@ -66,10 +76,28 @@ class ModelConfig:
            f"must be 'none', 'block' or 'dots', got {self.remat!r}")
     _check(self.attention in ("xla", "dot_product"), "model.attention",
            f"must be 'xla' or 'dot_product', got {self.attention!r}")
+    _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
+    _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+    _check(self.num_kv_heads >= 0 and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),
+           "model.num_kv_heads", f"must be 0 (= num_heads) or divide model.num_heads={self.num_heads}, "
+           f"got {self.num_kv_heads}")
+    _check(self.mlp_activation in ("gelu_tanh", "gelu", "silu", "relu"), "model.mlp_activation",
+           f"must be 'gelu_tanh', 'gelu', 'silu' or 'relu', got {self.mlp_activation!r}")
+    _check(self.norm_eps >= 0, "model.norm_eps", f"must be >= 0 (0: the norm's default), got {self.norm_eps}")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when it is 0."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def epsilon(self) -> float:
+    """The norm's epsilon: norm_eps, or the default of the norm kind when it is 0."""
+    return self.norm_eps or (1e-6 if self.norm == "rmsnorm" else 1e-5)
 
   @property
   def mlp_dim(self) -> int:
@@ -111,7 +139,9 @@ class OptimConfig:
     _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
     _check(self.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {self.decay_steps}")
     _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-    _check(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "optim.b1", "b1 and b2 must be in [0, 1)")
+    for name in ("b1", "b2"):
+      _check(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+    _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
     _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
     _check(self.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 disables), got {self.clip_norm}")
     _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
@@ -141,12 +171,24 @@ class DataConfig:
   batch_size: int = 16  # global batch, in sequences, per optimizer step
   eval_batches: int = 8  # eval batches per evaluation (0: the whole eval split)
   cache_dir: str = ""  # corpus / token cache; "": $GPTRL_CACHE or ~/.cache/gptrl
+  # On resume, when the saved data position belongs to a different pipeline (fingerprint: sources, seed, tokenizer,
+  # batch size, process count, ...): keep the model, optimizer state and step but start the data iterator from the
+  # beginning, instead of refusing. An unchanged pipeline always resumes its position.
+  reset_position: bool = False
 
   def __post_init__(self):
-    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check_sources(self.sources, "data.sources")
+    _check(bool(self.text_field), "data.text_field", "must name the field that holds the text")
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
+
+
+def _check_sources(sources: tuple[str, ...], key: str) -> None:
+  _check(len(sources) > 0, key, "must name at least one source")
+  for i, source in enumerate(sources):
+    _check(bool(source.strip()), f"{key}[{i}]", f"is empty; name a file, folder, glob or dataset, got {source!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +216,28 @@ class TrainConfig:
   async_checkpoint: bool = True  # write checkpoints in a background thread
   progress_bar: bool = True
   eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the starting point's score)
+  # Numerics guard (gptrl/trainer.py). A step whose loss or gradient norm is not finite, or whose loss is a spike,
+  # is skipped (params and optimizer state kept). After `max_bad_steps` consecutive skipped steps the params and
+  # optimizer state roll back to the newest checkpoint from before they began and training goes on with the next
+  # batches (0: never roll back, skip forever); the run stops with an error when a rollback is needed after
+  # `max_rollbacks` of them (0: stop at the first).
+  max_bad_steps: int = 8  # consecutive skipped steps that trigger a rollback (PPO: minibatch updates)
+  max_rollbacks: int = 3  # rollbacks allowed in the whole run, resumes included
+  # Spike: a finite loss more than `spike_zscore` standard deviations above the running mean of the loss of
+  # recent good steps (exponential average over about `spike_window` of them; a plain average over the first
+  # `spike_window`), once `spike_warmup` good steps have been seen. 0: off (6 is a usual choice).
+  spike_zscore: float = 0.0
+  spike_warmup: int = 50  # good steps before the detector may flag a spike (>= 2)
+  spike_window: int = 100  # good steps the running mean and variance of the loss cover
 
   def __post_init__(self):
-    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "spike_window"):
       _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+    for name in ("max_bad_steps", "max_rollbacks"):
+      _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0 (0: off), got {getattr(self, name)}")
+    _check(self.spike_zscore >= 0, "train.spike_zscore", f"must be >= 0 (0: off), got {self.spike_zscore}")
+    _check(self.spike_warmup >= 2, "train.spike_warmup",
+           f"must be >= 2 (a variance needs two losses), got {self.spike_warmup}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +251,31 @@ class DistributedConfig:
   def __post_init__(self):
     _check(self.initialize in ("auto", "always", "never"), "distributed.initialize",
            f"must be 'auto', 'always' or 'never', got {self.initialize!r}")
+    _check(self.num_processes >= 0, "distributed.num_processes",
+           f"must be >= 0 (0 = from the environment), got {self.num_processes}")
+    _check(self.process_id >= -1, "distributed.process_id",
+           f"must be >= 0 or -1 (from the environment), got {self.process_id}")
+
+
+HARDWARE_CHIPS = ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200")  # gptrl/presets.py CHIPS (kept import-free here)
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareConfig:
+  """The accelerator a config is sized for, and what the launcher does with the memory estimate (gptrl/memory.py)."""
+  # "": the devices' own; else one of HARDWARE_CHIPS: its HBM is the limit when the devices do not report theirs,
+  # and launch/ creates slices of it.
+  chip: str = ""
+  num_chips: int = 0  # devices the config is sized for (the mesh tests and launch/ use it); 0: any
+  memory_check: str = "refuse"  # "refuse" | "warn" | "off": when the per-device estimate exceeds device memory
+
+  def __post_init__(self):
+    if self.chip and self.chip not in HARDWARE_CHIPS:
+      _fail("hardware.chip", f"must be '' (the devices' own) or one of {list(HARDWARE_CHIPS)}, got "
+                             f"{self.chip!r}.{_suggest(self.chip, HARDWARE_CHIPS)}")
+    _check(self.num_chips >= 0, "hardware.num_chips", f"must be >= 0 (0: any), got {self.num_chips}")
+    _check(self.memory_check in ("refuse", "warn", "off"), "hardware.memory_check",
+           f"must be 'refuse', 'warn' or 'off', got {self.memory_check!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,16 +292,21 @@ class PretrainConfig:
   sample: SampleConfig = SampleConfig()
   train: TrainConfig = TrainConfig()
   distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "data.batch_size",
            f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {self.data.batch_size}")
+    _check(self.sample.max_new_tokens < self.model.max_len, "sample.max_new_tokens",
+           f"must be < model.max_len={self.model.max_len} (the prompt needs room), got {self.sample.max_new_tokens}")
 
 
 def _check_trainable_stage(cfg: Any, *, init_from: str) -> None:
   """Checks shared by the stages that train from another stage's checkpoint."""
   _check(bool(cfg.workdir), "workdir", "must be set")
+  _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
   _check(bool(cfg.init.checkpoint), "init.checkpoint", f"must name {init_from} to start from")
   _check(cfg.data.batch_size % cfg.optim.grad_accum_steps == 0, "data.batch_size",
          f"must be divisible by optim.grad_accum_steps={cfg.optim.grad_accum_steps}, got {cfg.data.batch_size}")
@@ -265,10 +355,12 @@ class ChatDataConfig:
   batch_size: int = 16  # conversations per optimizer step
   eval_batches: int = 8  # 0: the whole eval split
   cache_dir: str = ""
+  reset_position: bool = False  # on resume with a changed data pipeline: see DataConfig.reset_position
 
   def __post_init__(self):
-    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check_sources(self.sources, "data.sources")
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
 
@@ -305,6 +397,7 @@ class SFTConfig:
   sample: ChatSampleConfig = ChatSampleConfig()
   train: TrainConfig = TrainConfig()
   distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
     _check_trainable_stage(self, init_from="the pretraining run")
@@ -339,9 +432,11 @@ class LabelConfig:
   judge: JudgeConfig = JudgeConfig()
   progress_bar: bool = True
   distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
     _check(self.num_prompts >= 0, "num_prompts", f"must be >= 0 (0 = all), got {self.num_prompts}")
     _check(self.responses_per_prompt >= 2, "responses_per_prompt", f"must be >= 2, got {self.responses_per_prompt}")
@@ -358,10 +453,12 @@ class PreferenceDataConfig:
   max_responses: int = 4  # K: responses per prompt in one batch element; a prompt with more is split
   eval_batches: int = 0  # 0: the whole eval split
   cache_dir: str = ""
+  reset_position: bool = False  # on resume with a changed data pipeline: see DataConfig.reset_position
 
   def __post_init__(self):
-    _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+    _check_sources(self.sources, "data.sources")
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+    _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
     _check(self.max_responses >= 2, "data.max_responses", f"must be >= 2, got {self.max_responses}")
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
@@ -379,6 +476,8 @@ class RewardHeadConfig:
     _check(self.head_init_std > 0, "reward.head_init_std", f"must be > 0, got {self.head_init_std}")
     _check(self.margin_scale >= 0, "reward.margin_scale", f"must be >= 0, got {self.margin_scale}")
     _check(self.normalize_samples >= 0, "reward.normalize_samples", f"must be >= 0, got {self.normalize_samples}")
+    _check(self.normalize_max_new_tokens >= 1, "reward.normalize_max_new_tokens",
+           f"must be >= 1, got {self.normalize_max_new_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,9 +495,13 @@ class RewardConfig:
   reward: RewardHeadConfig = RewardHeadConfig()
   train: TrainConfig = TrainConfig()
   distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
     _check_trainable_stage(self, init_from="the SFT run")
+
+
+WATCH_JUDGES = ("textblob", "vader", "length")  # the names in gptrl/judges.py JUDGES (kept import-free here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +543,9 @@ class PPOAlgoConfig:
   # Debugging.
   save_rollouts: bool = False  # write each iteration's rollout to <workdir>/rollouts/ (grain-readable)
   num_eval_prompts: int = 32  # held-out prompts scored at each eval (fixed set, greedy-free sampling, same key)
+  # Over-optimisation (Goodhart) watch: judges of gptrl/judges.py that were NOT used for labelling score the eval
+  # replies at every eval, logged as eval/judge_<name> next to eval/reward (the RM's); "textblob" | "vader" | "length".
+  watch_judges: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ("rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
@@ -453,13 +559,25 @@ class PPOAlgoConfig:
            f"must be 'reward' or 'sft', got {self.critic_init!r}")
     _check(not (self.critic == "shared" and self.critic_init == "reward"), "ppo.critic_init",
            "a shared critic lives on the policy's trunk (SFT weights); use critic_init='sft' or critic='separate'")
-    _check(self.init_beta >= 0 and self.target_kl >= 0, "ppo.init_beta", "init_beta and target_kl must be >= 0")
-    _check(0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0, "ppo.gamma", "gamma and lam must be in [0, 1]")
+    for name in ("init_beta", "target_kl", "vf_coef", "entropy_coef", "max_approx_kl", "truncation_penalty"):
+      _check(getattr(self, name) >= 0, f"ppo.{name}", f"must be >= 0, got {getattr(self, name)}")
+    for name in ("gamma", "lam"):
+      _check(0.0 <= getattr(self, name) <= 1.0, f"ppo.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+    _check(self.top_k >= 0, "ppo.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+    _check(0.0 < self.top_p <= 1.0, "ppo.top_p", f"must be in (0, 1], got {self.top_p}")
+    _check(self.value_head_init_std > 0, "ppo.value_head_init_std", f"must be > 0, got {self.value_head_init_std}")
+    if self.ptx_coef > 0:
+      _check_sources(self.ptx_sources, "ppo.ptx_sources")
     _check(self.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {self.clip_eps}")
     _check(self.temperature > 0, "ppo.temperature",
            f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
     _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
     _check(self.ptx_coef >= 0, "ppo.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
+    for name in self.watch_judges:
+      _check(name in WATCH_JUDGES, "ppo.watch_judges",
+             f"unknown judge {name!r}; known: {list(WATCH_JUDGES)}.{_suggest(name, WATCH_JUDGES)}")
+    _check(len(set(self.watch_judges)) == len(self.watch_judges), "ppo.watch_judges",
+           f"names a judge twice: {list(self.watch_judges)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,15 +596,62 @@ class PPOConfig:
   ppo: PPOAlgoConfig = PPOAlgoConfig()
   train: TrainConfig = TrainConfig()  # steps = PPO iterations; eval/checkpoint cadence in iterations
   distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run (policy start and reference)")
     _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
 
 
+PIPELINE_STAGES = ("pretrain", "sft", "label", "reward", "ppo")  # the order the pipeline runs them in
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The whole pipeline in one run: every stage's config, each in its own sub-folder `<workdir>/<stage>`.
+
+  The pipeline sets each stage's `workdir` and wires its inputs to the previous stages' sub-folders (SFT from
+  pretrain, label/reward/PPO from SFT, reward from label's comparisons, PPO's reward model from reward); a
+  stage left out of `stages` is not run, and the stages after it read the paths configured for them instead.
+  """
+  stage: str = "pipeline"
+  workdir: str = "runs/pipeline"
+  stages: tuple[str, ...] = PIPELINE_STAGES  # which stages to run (in pipeline order)
+  report: bool = True  # write <workdir>/report.html after the last stage (python -m gptrl.report)
+  pretrain: PretrainConfig = PretrainConfig()
+  sft: SFTConfig = SFTConfig(init=InitConfig(checkpoint="<pretrain>"))
+  label: LabelConfig = LabelConfig(init=InitConfig(checkpoint="<sft>"))
+  reward: RewardConfig = RewardConfig(init=InitConfig(checkpoint="<sft>"))
+  ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
+  distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
+
+  def __post_init__(self):
+    _check(bool(self.workdir), "workdir", "must be set")
+    _check(len(self.stages) > 0, "stages", f"must name at least one of {list(PIPELINE_STAGES)}")
+    for name in self.stages:
+      _check(name in PIPELINE_STAGES, "stages",
+             f"unknown stage {name!r}; known, in order: {list(PIPELINE_STAGES)}.{_suggest(name, PIPELINE_STAGES)}")
+    order = [PIPELINE_STAGES.index(n) for n in self.stages]
+    _check(order == sorted(set(order)), "stages",
+           f"must be in pipeline order without repeats ({' -> '.join(PIPELINE_STAGES)}), got {list(self.stages)}")
+    inputs = (("sft", "init", "pretrain"), ("label", "init", "sft"), ("reward", "init", "sft"),
+              ("ppo", "init", "sft"), ("ppo", "reward_model", "reward"))
+    for name, field, producer in inputs:
+      path = getattr(getattr(self, name), field).checkpoint
+      _check(name not in self.stages or producer in self.stages or not (path.startswith("<") and path.endswith(">")),
+             f"{name}.{field}.checkpoint",
+             f"{producer!r} is not in config.stages {list(self.stages)}, so {name} needs the path of an existing "
+             f"{producer} run (its workdir or a checkpoint folder); got {path!r}")
+    _check("reward" not in self.stages or "label" in self.stages
+           or not any(s.startswith("<label>") for s in self.reward.data.sources), "reward.data.sources",
+           f"'label' is not in config.stages {list(self.stages)}, so the reward model needs comparison files of "
+           f"its own; got {list(self.reward.data.sources)}")
+
+
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig,
-                                  "reward": RewardConfig, "ppo": PPOConfig}
+                                  "reward": RewardConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -501,26 +666,41 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return from_configdict(hint, value, prefix=key)
   if origin is tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-      _fail(key, f"expected a list or tuple, got {type(value).__name__} {value!r}")
+      _fail(key, f"expected a list or tuple, got {type(value).__name__} {value!r:.80}")
     (item_hint, _) = typing.get_args(hint)
     return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
   if hint is bool:
     if not isinstance(value, bool):
-      _fail(key, f"expected True or False, got {type(value).__name__} {value!r}")
+      _fail(key, f"expected True or False, got {type(value).__name__} {value!r:.80}")
     return value
   if hint is int:
     if isinstance(value, bool) or not isinstance(value, int):
-      _fail(key, f"expected an integer, got {type(value).__name__} {value!r}")
+      _fail(key, f"expected an integer, got {type(value).__name__} {value!r:.80}")
+    # Counts and sizes reach JAX as int32 and seeds as 32-bit words: a larger value fails far from here.
+    if not -2**31 <= value < 2**31:
+      shown = value if value.bit_length() <= 128 else f"a {value.bit_length()}-bit integer"
+      _fail(key, f"must fit in 32 bits (-2**31 <= value < 2**31), got {shown}")
     return value
   if hint is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-      _fail(key, f"expected a number, got {type(value).__name__} {value!r}")
-    return float(value)
+      _fail(key, f"expected a number, got {type(value).__name__} {value!r:.80}")
+    try:
+      value = float(value)
+    except OverflowError:
+      value = math.inf
+    if not math.isfinite(value):  # nan compares False with every bound, so range checks alone would let it in
+      _fail(key, f"must be a finite number, got {value}")
+    return value
   if hint is str:
     if not isinstance(value, str):
-      _fail(key, f"expected a string, got {type(value).__name__} {value!r}")
+      _fail(key, f"expected a string, got {type(value).__name__} {value!r:.80}")
     return value
   return value
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)  # resolves the string annotations: slow, and the same on every call
 
 
 def from_configdict(cls: type, config: Mapping[str, Any] | Any, *, prefix: str = "") -> Any:
@@ -541,15 +721,30 @@ def from_configdict(cls: type, config: Mapping[str, Any] | Any, *, prefix: str =
     config = config.to_dict()
   if not isinstance(config, Mapping):
     _fail(prefix or "<root>", f"expected a group of settings for {cls.__name__}, got {type(config).__name__}")
-  hints = typing.get_type_hints(cls)
+  hints = _type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in config.items():
-    full = f"{prefix}.{key}" if prefix else key
+    full = f"{prefix}.{key}" if prefix else str(key)
     if key not in fields:
-      _fail(full, f"unknown key.{_suggest(key, fields)} Valid keys here: {', '.join(sorted(fields))}.")
+      _fail(full, f"unknown key.{_suggest(str(key), fields)} Valid keys here: {', '.join(sorted(fields))}.")
     kwargs[key] = _coerce(value, hints[key], full)
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(_key_under(str(e), prefix, stage=cls in STAGE_CONFIGS.values())) from None
+
+
+def _key_under(message: str, prefix: str, *, stage: bool) -> str:
+  """A class's own check names its key from the stage's root ("train.steps") or, for a group, as the group's
+  usual name and the field ("init.step"); where the group sits elsewhere (PPO's `reward_model`, the pipeline's
+  `sft`), the message must name the key under `prefix`, where the user has to change it."""
+  if not prefix or not message.startswith("config."):
+    return message
+  key = message[len("config."):]
+  if stage:
+    return f"config.{prefix}.{key}"
+  return "config." + re.sub(r"^[^.\[:]+", lambda _: prefix, key, count=1)
 
 
 def as_configdict(config: Any) -> Any:
