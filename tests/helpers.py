@@ -85,3 +85,51 @@ def train_steps(workdir: pathlib.Path) -> list[int]:
 
 def check_ok(result: subprocess.CompletedProcess) -> None:
   assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-4000:]}"
+
+
+_PLACES = ["the market", "the northern hills", "the winter garden", "the gate", "the sea", "the tall tower"]
+_PEOPLE = ["the king", "a young sailor", "my old friend", "every merchant", "a clever fox", "our neighbour"]
+
+
+def write_chats(path: pathlib.Path, n: int = 120, seed: int = 0) -> pathlib.Path:
+  """Multi-turn conversations in the corpus's words, one group per person (so the split holds out people)."""
+  rng = random.Random(seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n):
+      who, where = rng.choice(_PEOPLE), rng.choice(_PLACES)
+      messages = [{"role": "user", "content": f"Where does {who} walk?"},
+                  {"role": "assistant", "content": f"{who.capitalize()} walks to {where}."}]
+      if i % 2:
+        messages = [{"role": "system", "content": "Answer briefly."}] + messages + [
+            {"role": "user", "content": "And after supper?"},
+            {"role": "assistant", "content": f"{who.capitalize()} dreams of {rng.choice(_PLACES)}."}]
+      f.write(json.dumps({"messages": messages, "group": who}) + "\n")
+  return path
+
+
+def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict[str, object]:
+  """Overrides that shrink configs/<stage>_cpu.py:tiny to seconds on generated data (inputs other than data
+  sources, e.g. init checkpoints, are the caller's)."""
+  if stage == "pretrain":
+    return {"data.sources": f"('{corpus}',)", "data.cache_dir": cache, "train.steps": 8,
+            "train.checkpoint_every": 8, "train.eval_every": 8, "tokenizer.vocab_size": 300, "model.max_len": 48,
+            "data.batch_size": 8, "train.progress_bar": False, "sample.max_new_tokens": 0}
+  if stage == "sft":
+    return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2,
+            "data.batch_size": 8, "data.eval_batches": 2, "train.steps": 12, "train.checkpoint_every": 4,
+            "train.eval_every": 6, "train.log_every": 2, "train.progress_bar": False, "sample.num_prompts": 2,
+            "sample.max_new_tokens": 8}
+  if stage == "label":
+    return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2, "num_prompts": 40,
+            "responses_per_prompt": 4, "batch_size": 32, "sample.max_new_tokens": 10, "judge.name": "length",
+            "judge.min_gap": 1.0, "progress_bar": False}
+  if stage == "reward":
+    return {"data.cache_dir": cache, "data.batch_size": 4, "data.eval_fraction": 0.25, "train.steps": 10,
+            "train.checkpoint_every": 4, "train.eval_every": 5, "train.log_every": 2, "train.progress_bar": False,
+            "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6}
+  if stage == "ppo":
+    return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2,
+            "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.epochs": 2, "ppo.max_new_tokens": 6,
+            "ppo.num_eval_prompts": 4, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2,
+            "train.progress_bar": False}
+  raise ValueError(stage)

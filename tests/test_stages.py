@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
 import shutil
 import signal
 import sys
@@ -17,26 +16,11 @@ from gptrl import checkpoint as ckpt_lib
 from gptrl import model as model_lib
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.config import ModelConfig
-from helpers import REPO, check_ok, complete_steps, params, run, start, train_steps, wait_for, write_corpus
-
-_PLACES = ["the market", "the northern hills", "the winter garden", "the gate", "the sea", "the tall tower"]
-_PEOPLE = ["the king", "a young sailor", "my old friend", "every merchant", "a clever fox", "our neighbour"]
-
+from helpers import (REPO, check_ok, complete_steps, params, run, start, tiny_stage_flags, train_steps, wait_for,
+                     write_chats, write_corpus)
 
 def _chats(path: pathlib.Path, n: int = 120, seed: int = 0) -> pathlib.Path:
-  """Multi-turn conversations in the corpus's words, one group per person (so the split holds out people)."""
-  rng = random.Random(seed)
-  with open(path, "w", encoding="utf-8") as f:
-    for i in range(n):
-      who, where = rng.choice(_PEOPLE), rng.choice(_PLACES)
-      messages = [{"role": "user", "content": f"Where does {who} walk?"},
-                  {"role": "assistant", "content": f"{who.capitalize()} walks to {where}."}]
-      if i % 2:
-        messages = [{"role": "system", "content": "Answer briefly."}] + messages + [
-            {"role": "user", "content": "And after supper?"},
-            {"role": "assistant", "content": f"{who.capitalize()} dreams of {rng.choice(_PLACES)}."}]
-      f.write(json.dumps({"messages": messages, "group": who}) + "\n")
-  return path
+  return write_chats(path, n, seed)
 
 
 def _launch(config: str, **flags) -> list[str]:
@@ -45,41 +29,28 @@ def _launch(config: str, **flags) -> list[str]:
 
 
 def _pretrain_argv(workdir, corpus, cache):
-  return _launch("pretrain_cpu.py:tiny", **{
-      "workdir": workdir, "data.sources": f"('{corpus}',)", "data.cache_dir": cache, "train.steps": 8,
-      "train.checkpoint_every": 8, "train.eval_every": 8, "tokenizer.vocab_size": 300, "model.max_len": 48,
-      "data.batch_size": 8, "train.progress_bar": False, "sample.max_new_tokens": 0})
+  return _launch("pretrain_cpu.py:tiny", workdir=workdir, **tiny_stage_flags("pretrain", corpus=corpus, cache=cache))
 
 
 def _sft_argv(workdir, init, chats, cache, steps=12):
-  return _launch("sft_cpu.py:tiny", **{
-      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{chats}',)", "data.cache_dir": cache,
-      "data.eval_fraction": 0.2, "data.batch_size": 8, "data.eval_batches": 2, "train.steps": steps,
-      "train.checkpoint_every": 4, "train.eval_every": 6, "train.log_every": 2, "train.progress_bar": False,
-      "sample.num_prompts": 2, "sample.max_new_tokens": 8})
+  return _launch("sft_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": init,
+                                       **tiny_stage_flags("sft", chats=chats, cache=cache), "train.steps": steps})
 
 
 def _label_argv(workdir, init, chats, cache):
-  return _launch("label_cpu.py:tiny", **{
-      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{chats}',)", "data.cache_dir": cache,
-      "data.eval_fraction": 0.2, "num_prompts": 40, "responses_per_prompt": 4, "batch_size": 32,
-      "sample.max_new_tokens": 10, "judge.name": "length", "judge.min_gap": 1.0, "progress_bar": False})
+  return _launch("label_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": init,
+                                         **tiny_stage_flags("label", chats=chats, cache=cache)})
 
 
 def _reward_argv(workdir, init, comparisons, cache, steps=10):
-  return _launch("reward_cpu.py:tiny", **{
-      "workdir": workdir, "init.checkpoint": init, "data.sources": f"('{comparisons}',)", "data.cache_dir": cache,
-      "data.batch_size": 4, "data.eval_fraction": 0.25, "train.steps": steps, "train.checkpoint_every": 4,
-      "train.eval_every": 5, "train.log_every": 2, "train.progress_bar": False,
-      "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6})
+  return _launch("reward_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": init,
+                                          "data.sources": f"('{comparisons}',)",
+                                          **tiny_stage_flags("reward", cache=cache), "train.steps": steps})
 
 
 def _ppo_argv(workdir, sft, reward, chats, cache):
-  return _launch("ppo_cpu.py:tiny", **{
-      "workdir": workdir, "init.checkpoint": sft, "reward_model.checkpoint": reward, "data.sources": f"('{chats}',)",
-      "data.cache_dir": cache, "data.eval_fraction": 0.2, "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4,
-      "ppo.epochs": 2, "ppo.max_new_tokens": 6, "ppo.num_eval_prompts": 4, "train.steps": 4,
-      "train.checkpoint_every": 2, "train.eval_every": 2, "train.progress_bar": False})
+  return _launch("ppo_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": sft, "reward_model.checkpoint": reward,
+                                       **tiny_stage_flags("ppo", chats=chats, cache=cache)})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,168 @@
+"""The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> PPO, then the HTML report.
+
+Each stage runs in its own sub-folder `<workdir>/<stage>/`, exactly as if it had been launched alone with its own
+config, and starts from the previous stage's Orbax checkpoint:
+
+  sft.init              <- <workdir>/pretrain
+  label.init            <- <workdir>/sft
+  reward.init           <- <workdir>/sft        reward.data.sources <- <workdir>/label/comparisons.jsonl
+  ppo.init              <- <workdir>/sft        ppo.reward_model    <- <workdir>/reward
+
+A stage left out of `config.stages` is not run; the stages after it read the paths configured for them (e.g.
+`--config.stages="('sft','label','reward','ppo')" --config.sft.init.checkpoint=runs/my_base`).
+
+Re-running the same command after an interruption skips the finished stages (recorded in
+`<workdir>/pipeline_state.json` when a stage returns) and resumes the interrupted one from its own checkpoint,
+as every stage does when relaunched. A stage that exits for preemption (code 75) stops the pipeline with the
+same code, so a launcher's retry resumes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from gptrl import config as config_lib
+from gptrl.config import PIPELINE_STAGES, PipelineConfig
+
+STATE_FILE = "pipeline_state.json"
+
+STAGE_MODULES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
+                 "reward": "gptrl.stages.reward", "ppo": "gptrl.stages.ppo"}
+
+
+def _input(cfg: PipelineConfig, workdir: str, produced_by: str, configured: str, key: str) -> str:
+  """The sibling sub-folder when `produced_by` runs in this pipeline, else the path configured in `key`."""
+  if produced_by in cfg.stages:
+    return os.path.join(workdir, produced_by)
+  if not configured or (configured.startswith("<") and configured.endswith(">")):
+    raise config_lib.ConfigError(
+        f"config.{key}: {produced_by!r} is not in config.stages {list(cfg.stages)}, so this stage needs the path "
+        f"of an existing {produced_by} run (its workdir or a checkpoint folder); got {configured!r}.")
+  return configured
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+  """The typed config of every stage to run, with workdirs and inputs wired as the module docstring says."""
+  workdir = os.path.abspath(cfg.workdir)
+  out = {}
+  for name in cfg.stages:
+    stage_cfg = getattr(cfg, name)
+    changes: dict[str, Any] = {"workdir": os.path.join(workdir, name), "distributed": cfg.distributed}
+    if name in ("sft", "label", "reward", "ppo"):
+      produced_by = "pretrain" if name == "sft" else "sft"
+      changes["init"] = dataclasses.replace(
+          stage_cfg.init, checkpoint=_input(cfg, workdir, produced_by, stage_cfg.init.checkpoint,
+                                            f"{name}.init.checkpoint"))
+    if name == "reward" and "label" in cfg.stages:
+      changes["data"] = dataclasses.replace(
+          stage_cfg.data, sources=(os.path.join(workdir, "label", "comparisons.jsonl"),))
+    if name == "ppo":
+      changes["reward_model"] = dataclasses.replace(
+          stage_cfg.reward_model, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
+                                                    "ppo.reward_model.checkpoint"))
+    out[name] = dataclasses.replace(stage_cfg, **changes)
+  _warn_on_split_mismatch(cfg)
+  return out
+
+
+def _warn_on_split_mismatch(cfg: PipelineConfig) -> None:
+  """Labelling and PPO prompts must come from the SFT run's training split, or held-out plays leak into them."""
+  keys = ("sources", "eval_fraction", "split_seed")
+  sft = {k: getattr(cfg.sft.data, k) for k in keys}
+  for name in ("label", "ppo"):
+    other = {k: getattr(getattr(cfg, name).data, k) for k in keys}
+    for k in keys:
+      if name in cfg.stages and other[k] != sft[k]:
+        logging.warning("config.%s.data.%s=%r differs from config.sft.data.%s=%r: its prompts are not split like "
+                        "the SFT run's, so SFT's held-out conversations may be used.", name, k, other[k], k, sft[k])
+
+
+def read_state(workdir: str) -> dict[str, Any]:
+  """The pipeline's progress record: {"done": {stage: {"finished", "seconds"}}}; empty for a fresh workdir."""
+  path = os.path.join(workdir, STATE_FILE)
+  if not os.path.exists(path):
+    return {"done": {}}
+  try:
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+    if not isinstance(state, dict) or not isinstance(state.get("done"), dict):
+      raise ValueError("expected an object with a 'done' object")
+    return state
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f"{path}: unreadable pipeline state ({e}). Delete it to re-check every stage: finished stages then run "
+        "again from their last checkpoint, which is quick when they are complete.") from e
+
+
+def _write_state(workdir: str, state: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, STATE_FILE)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(state, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _stage_fingerprint(stage_cfg: Any) -> str:
+  """The stage's resolved config (minus things that do not change its result), to notice edits after it ran."""
+  resolved = config_lib.to_dict(stage_cfg)
+  for key in ("distributed", "progress_bar"):
+    resolved.pop(key, None)
+  resolved.get("train", {}).pop("progress_bar", None)
+  return json.dumps(resolved, sort_keys=True)
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+  """Runs the configured stages in order, skipping finished ones; returns the pipeline state."""
+  workdir = os.path.abspath(cfg.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  configs = stage_configs(cfg)
+  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
+  common.prepare_workdir(cfg)  # the whole resolved pipeline config, as config.json
+  state = read_state(workdir)
+  total = len(cfg.stages)
+  for index, name in enumerate(cfg.stages, start=1):
+    stage_cfg = configs[name]
+    done = state["done"].get(name)
+    if done is not None:
+      if done.get("config") != _stage_fingerprint(stage_cfg):
+        logging.warning("Stage %d/%d %s: finished on %s with a config that differs from the current one; not "
+                        "re-running it (delete %s and its entry in %s to redo it, and the stages after it).",
+                        index, total, name, done.get("finished"), stage_cfg.workdir, STATE_FILE)
+      logging.info("Stage %d/%d %s: finished on %s (%.0f s); skipping.", index, total, name, done.get("finished"),
+                   done.get("seconds", 0.0))
+      continue
+    logging.info("Stage %d/%d %s -> %s", index, total, name, stage_cfg.workdir)
+    start = time.monotonic()
+    importlib.import_module(STAGE_MODULES[name]).run(stage_cfg)
+    seconds = time.monotonic() - start
+    state["done"][name] = {"finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "seconds": round(seconds, 1), "config": _stage_fingerprint(stage_cfg)}
+    _write_state(workdir, state)
+    logging.info("Stage %d/%d %s: done in %.1f min.", index, total, name, seconds / 60)
+  if cfg.report and jax.process_index() == 0:
+    _write_report(workdir, cfg)
+  spent = sum(d.get("seconds", 0.0) for d in state["done"].values())
+  logging.info("Pipeline done: %s (%.1f min of stage time in all).",
+               ", ".join(f"{n} {state['done'][n]['seconds'] / 60:.1f} min" for n in PIPELINE_STAGES
+                         if n in state["done"]), spent / 60)
+  return state
+
+
+def _write_report(workdir: str, cfg: PipelineConfig) -> None:  # pylint: disable=unused-argument
+  """The HTML report over every stage sub-folder of this pipeline (gptrl/report.py)."""
+  from gptrl import report  # pylint: disable=import-outside-toplevel
+  stage_dirs = {n: os.path.join(workdir, n) for n in PIPELINE_STAGES if os.path.isdir(os.path.join(workdir, n))}
+  path = report.write_report(stage_dirs, os.path.join(workdir, "report.html"))
+  logging.info("Report: %s", path)

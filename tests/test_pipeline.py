@@ -1,0 +1,132 @@
+"""`configs/pipeline_cpu.py`: every stage in one command, each in its own sub-folder from the previous one's
+checkpoint; re-running skips finished stages and resumes the interrupted one; stages can run alone."""
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO, check_ok, complete_steps, params, run, start, tiny_stage_flags, wait_for, write_chats
+from helpers import write_corpus
+
+STAGES = ("pretrain", "sft", "label", "reward", "ppo")
+
+
+def _argv(workdir: pathlib.Path, data: dict, **extra) -> list[str]:
+  flags = {"workdir": workdir}
+  for stage in STAGES:
+    flags.update({f"{stage}.{k}": v for k, v in tiny_stage_flags(stage, **data).items()})
+  flags.update(extra)
+  return [sys.executable, "-m", "gptrl.launch", "--config", str(REPO / "configs/pipeline_cpu.py:tiny")] + [
+      f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def _state(workdir: pathlib.Path) -> dict:
+  with open(workdir / "pipeline_state.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _rows(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline_data")
+  write_corpus(root / "corpus")
+  return {"corpus": root / "corpus", "chats": write_chats(root / "chats.jsonl"), "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+  """One whole tiny pipeline run; returns (workdir, its log)."""
+  workdir = tmp_path_factory.mktemp("pipeline") / "run"
+  result = run(_argv(workdir, data), timeout=600)
+  check_ok(result)
+  return workdir, result.stderr + result.stdout
+
+
+def test_every_stage_runs_in_its_subfolder_from_the_previous_checkpoint(finished):
+  workdir, log = finished
+  assert sorted(_state(workdir)["done"]) == sorted(STAGES)
+  for stage in ("pretrain", "sft", "reward", "ppo"):
+    assert complete_steps(workdir / stage), f"{stage} left no checkpoint"
+  assert (workdir / "label" / "comparisons.jsonl").stat().st_size > 0
+  configs = {s: json.loads((workdir / s / "config.json").read_text()) for s in STAGES}
+  assert configs["sft"]["init"]["checkpoint"] == str(workdir / "pretrain")
+  for stage in ("label", "reward", "ppo"):
+    assert configs[stage]["init"]["checkpoint"] == str(workdir / "sft")
+  assert configs["reward"]["data"]["sources"] == [str(workdir / "label" / "comparisons.jsonl")]
+  assert configs["ppo"]["reward_model"]["checkpoint"] == str(workdir / "reward")
+  report = (workdir / "report.html").read_text(encoding="utf-8")
+  for section in ("Loss curves", "Reward model accuracy", "PPO per iteration", "Over-optimisation watch"):
+    assert section in report, f"the report lacks its {section!r} section"
+  # The stages ran in order: each stage's log line comes after the previous one's.
+  positions = [log.index(f"/5 {s} -> ") for s in STAGES]
+  assert positions == sorted(positions)
+
+
+def test_rerun_skips_finished_stages(finished, data):
+  workdir, _ = finished
+  before = {s: (workdir / s / "metrics.jsonl").read_bytes() for s in ("pretrain", "sft", "reward", "ppo")}
+  result = run(_argv(workdir, data, report=False), timeout=300)
+  check_ok(result)
+  log = result.stderr + result.stdout
+  for i, stage in enumerate(STAGES, start=1):
+    assert f"Stage {i}/5 {stage}: finished on" in log and "skipping" in log
+  assert "Resumed from" not in log
+  assert {s: (workdir / s / "metrics.jsonl").read_bytes() for s in before} == before
+
+
+def test_interrupted_stage_resumes_and_ends_as_an_uninterrupted_run(finished, data, tmp_path):
+  workdir = tmp_path / "run"
+  argv = _argv(workdir, data, stages="('pretrain','sft')", report=False)
+  proc, f = start(argv, tmp_path / "killed.log")
+  try:
+    assert wait_for(proc, workdir / "sft" / "checkpoints" / "4", timeout=300) and proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    f.close()
+  assert sorted(_state(workdir)["done"]) == ["pretrain"]
+  result = run(argv, timeout=300)
+  check_ok(result)
+  log = result.stderr + result.stdout
+  assert "Stage 1/2 pretrain: finished on" in log and "Resumed from" in log
+  assert sorted(_state(workdir)["done"]) == ["pretrain", "sft"]
+  a, b = params(finished[0] / "sft", 12), params(workdir / "sft", 12)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_runs_alone_from_another_runs_checkpoint(finished, data, tmp_path):
+  source, _ = finished
+  workdir = tmp_path / "run"
+  result = run(_argv(workdir, data, stages="('label',)", report=False,
+                     **{"label.init.checkpoint": source / "sft"}), timeout=300)
+  check_ok(result)
+  assert sorted(_state(workdir)["done"]) == ["label"]
+  assert not (workdir / "sft").exists()
+  # Same checkpoint, seed and settings: the same comparisons as the whole pipeline's labelling stage.
+  assert (workdir / "label" / "comparisons.jsonl").read_bytes() == (source / "label" / "comparisons.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"stages": "('sft','label')"}, "config.sft.init.checkpoint: 'pretrain' is not in config.stages"),
+    ({"stages": "('reward','ppo')"}, "config.reward.init.checkpoint: 'sft' is not in config.stages"),
+    ({"stages": "('reward',)", "reward.init.checkpoint": "runs/x"}, "config.reward.data.sources: 'label' is not"),
+    ({"stages": "('sft','pretrain')"}, "config.stages: must be in pipeline order"),
+    ({"stages": "('pretrain','rewards')"}, "Did you mean 'reward'?"),
+    ({"ppo.ppo.epochz": 2}, 'Did you mean "epochs"'),
+])
+def test_config_mistakes_are_refused_before_any_work(data, tmp_path, extra, message):
+  result = run(_argv(tmp_path / "run", data, **extra), timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
