@@ -1,27 +1,76 @@
 """Orbax checkpoints: the one place that saves and restores training state and hands it between stages.
 
-A checkpoint directory `<workdir>/checkpoints/<step>/` holds three items:
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds three items and a manifest:
   state: the TrainState pytree (params, optimizer state, step, RNG), sharded arrays written by every process;
   data:  the data iterator's state and the fingerprint of the pipeline it belongs to (JSON);
-  meta:  what a later stage or a resume must check: stage, tokenizer hash, model config (JSON).
-Orbax writes each step into a temporary directory and renames it when complete, so a kill mid-save leaves
-the previous step as the latest complete one.
+  meta:  what a later stage or a resume must check: stage, tokenizer hash, model config (JSON);
+  manifest.json: every file of the step with its size and sha256.
+
+Integrity. Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when complete. The
+manifest is written inside that temporary folder after every item is final and before the rename (orbax's
+post-finalization callback, on process 0, which reads back and fsyncs every file), so a step that reached its
+final name always carries its manifest: there is no moment at which a kill leaves a committed step without one.
+A committed step without manifest.json is therefore either damaged (its meta says it was written with one) or
+written by a version of gptrl that had no manifests (accepted with a warning, unverified). Orbax rewrites two of
+its own bookkeeping files at the rename (`_CHECKPOINT_METADATA`, `commit_success.txt`); they are not hashed.
+
+Opening a Checkpointer on a run's own folder (what resume does) sets aside, by renaming and never deleting:
+leftover temporary folders of interrupted saves, and, newest first, every step that fails its manifest (missing
+or extra file, wrong size, wrong sha256, missing or unreadable manifest, empty folder) until a valid one is found.
+Each gets one log line naming the step, the file and what was wrong, and becomes `<step>.corrupt-<reason>-<time>`.
+`restore` of a named step (a rollback) checks it the same way first. A step that passes its manifest but does not
+restore into the configured state is an error, never a reason to fall back.
+Another run's checkpoint (the hand-off between stages) is verified the same way but never touched: a damaged
+step is refused with a CheckpointError naming the file, also when the newest step was asked for (step=-1), so a
+stage never silently starts from an older model than the one named.
+
+Old steps are deleted by this module, not by orbax, and only once `keep` newer steps pass the manifest check, so
+a newest step that turns out damaged can never cost the last good one. Multi-process: process 0 alone writes
+manifests, verifies, renames and deletes; the others wait at a barrier and take process 0's decision.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gptrl.tokenizer import TokenizerMismatchError
 
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "gptrl-checkpoint-manifest/1"
+# Written into every step's meta: a step whose meta says this but has no manifest.json lost its manifest.
+MANIFEST_META_KEY = "manifest"
+# Orbax rewrites these at the step's root after the manifest is written (commit time, commit marker): not hashed.
+_ORBAX_LATE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step being written (atomicity.TMP_DIR_SUFFIX)
+_GC_SUFFIX = ".gc-deleting"  # an old step this module was deleting when the process stopped
+_HASH_CHUNK = 4 << 20
+
 
 class CheckpointError(RuntimeError):
-  """A checkpoint is missing, unreadable, or belongs to another model/tokenizer."""
+  """A checkpoint is missing, unreadable, damaged, or belongs to another model/tokenizer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Why a step fails verification: `reason` names it in the set-aside folder, `file` is relative to the step."""
+  reason: str  # empty | no-manifest | bad-manifest | missing-file | size-mismatch | unexpected-file | hash-mismatch
+  file: str
+  what: str
+
+  def __str__(self) -> str:
+    return f"{self.file}: {self.what}"
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -29,15 +78,195 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+# ----------------------------------------------------------------------------------------------
+# The manifest: writing and verifying.
+
+
+def _step_files(step_dir: str) -> dict[str, str]:
+  """Relative path -> absolute path of every file of a step, except the manifest and orbax's late files."""
+  out = {}
+  for root, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir).replace(os.sep, "/")
+      if rel == MANIFEST or rel in _ORBAX_LATE_FILES:
+        continue
+      out[rel] = path
+  return out
+
+
+def _sha256(path: str, *, fsync: bool = False) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      digest.update(chunk)
+    if fsync:
+      os.fsync(f.fileno())
+  return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_manifest(step_dir: str, step: int) -> dict[str, Any]:
+  """Hashes every file of `step_dir` (reading it back from disk and fsyncing it) and writes `manifest.json`
+  atomically (temporary file, fsync, rename, fsync of the folder). Returns the manifest."""
+  files = []
+  for rel, path in sorted(_step_files(step_dir).items()):
+    files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path, fsync=True)})
+  for root, _, _ in os.walk(step_dir):
+    _fsync_dir(root)
+  manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files, "unhashed": list(_ORBAX_LATE_FILES)}
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  _fsync_dir(step_dir)
+  return manifest
+
+
+def _read_meta_dir(step_dir: str) -> dict[str, Any]:
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "meta"),
+                                                              args=ocp.args.JsonRestore())
+
+
+def verify_step(step_dir: str, *, hashes: bool = True) -> Problem | None:
+  """Checks a committed step folder against its manifest.
+
+  Args:
+    step_dir: `<checkpoints>/<step>`.
+    hashes: also compare sha256 (reads every byte); False: names and sizes only (a stat per file).
+  Returns:
+    None when the step is intact, or was written without a manifest by an older version (see the module
+    docstring); otherwise the first Problem found: an empty folder, a missing or unreadable manifest, a file
+    missing, of another size, not in the manifest, or with other bytes.
+  """
+  present = _step_files(step_dir)
+  manifest_path = os.path.join(step_dir, MANIFEST)
+  if not present and not os.path.exists(manifest_path):
+    return Problem("empty", ".", "the step folder holds no files (its save never wrote anything)")
+  if not os.path.exists(manifest_path):
+    try:
+      meta = _read_meta_dir(step_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      return Problem("no-manifest", MANIFEST, f"missing, and meta/ cannot be read either ({type(e).__name__})")
+    if isinstance(meta, dict) and MANIFEST_META_KEY in meta:
+      return Problem("no-manifest", MANIFEST, "missing, but the step's meta says it was written with one")
+    return None  # written before checkpoints carried manifests: nothing to verify against
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+      raise ValueError(f"format is not {MANIFEST_FORMAT!r}")
+    listed = {entry["path"]: (int(entry["size"]), str(entry["sha256"])) for entry in manifest["files"]}
+  except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+    return Problem("bad-manifest", MANIFEST, f"unreadable ({type(e).__name__}: {e})")
+  for rel, (size, _) in sorted(listed.items()):
+    if rel not in present:
+      return Problem("missing-file", rel, "listed in the manifest but missing")
+    actual = os.path.getsize(present[rel])
+    if actual != size:
+      return Problem("size-mismatch", rel, f"{actual} bytes, the manifest says {size} (truncated or overwritten)")
+  extra = sorted(set(present) - set(listed))
+  if extra:
+    return Problem("unexpected-file", extra[0],
+                   f"not in the manifest ({os.path.getsize(present[extra[0]])} bytes; written after the step "
+                   "was committed, e.g. by an interrupted copy)")
+  if hashes:
+    for rel, (_, sha) in sorted(listed.items()):
+      if _sha256(present[rel]) != sha:
+        return Problem("hash-mismatch", rel, "its sha256 differs from the manifest (bytes changed on disk)")
+  return None
+
+
+def _has_manifest(step_dir: str) -> bool:
+  return os.path.exists(os.path.join(step_dir, MANIFEST))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process agreement: process 0 decides, everyone follows.
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _broadcast(value: int) -> int:
+  """Process 0's `value` on every process."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _all_true(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _numbered(directory: str) -> list[int]:
+  """Steps with a committed folder in `directory`, ascending."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _set_aside(directory: str, name: str, step: int, reason: str) -> str:
+  """Renames `directory/name` to `<step>.corrupt-<reason>-<time>` (a free name) and returns the new name."""
+  stamp = time.strftime("%Y%m%dT%H%M%S")
+  target = f"{step}.corrupt-{reason}-{stamp}"
+  n = 1
+  while os.path.exists(os.path.join(directory, target)):
+    n += 1
+    target = f"{step}.corrupt-{reason}-{stamp}-{n}"
+  os.rename(os.path.join(directory, name), os.path.join(directory, target))
+  return target
+
+
 class Checkpointer:
-  """Saves and restores (state, data-iterator state, metadata) under `directory`, keeping the newest `keep`."""
+  """Saves and restores (state, data-iterator state, metadata) under `directory`, keeping the newest `keep`.
+
+  Opening it sets aside interrupted saves and damaged newest steps (see the module docstring), so that
+  `latest_step`, `read_meta` and `restore_latest_valid` see only steps that can be resumed from.
+  """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "meta"))
+    self.keep = keep
+    self._async = async_save
+    self._pending: int | None = None  # the step whose save may still be running in the background
+    self._verified: set[int] = set()  # steps whose sha256s were checked by this process
+    self._unverifiable: set[int] = set()  # steps without a manifest (older than manifests), warned about once
+    self._last_problem = ""  # what the last step set aside had, for error messages
+    if _is_primary():
+      os.makedirs(self.directory, exist_ok=True)
+      self._clear_interrupted()
+      for step in reversed(_numbered(self.directory)):
+        if self._verify_or_set_aside(step, then="looking at the previous step"):
+          break
+    _barrier(f"gptrl-checkpointer-open:{self.directory}")
+    # Orbax's own garbage collection (max_to_keep) is off: it would count damaged steps (see _collect_garbage).
+    # Saves are always asynchronous inside orbax, the only mode with a hook before the commit rename; a
+    # synchronous Checkpointer waits for each save.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_pending_manifest))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+  # -- what is on disk
 
   def latest_step(self) -> int | None:
     """The newest complete step, or None (temporary directories of interrupted saves are ignored)."""
@@ -46,61 +275,229 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _clear_interrupted(self) -> None:
+    """Sets aside temporary folders of saves a kill interrupted; finishes deletions of old steps (process 0)."""
+    for name in sorted(os.listdir(self.directory)):
+      path = os.path.join(self.directory, name)
+      match = re.fullmatch(r"(\d+)" + re.escape(_TMP_SUFFIX) + ".*", name)
+      if match and os.path.isdir(path):
+        aside = _set_aside(self.directory, name, int(match.group(1)), "interrupted-save")
+        logging.warning("Checkpoint %s: %s is an interrupted save of step %s (the process stopped while writing "
+                        "it); moved to %s.", self.directory, name, match.group(1), aside)
+      elif name.endswith(_GC_SUFFIX) and os.path.isdir(path):
+        logging.info("Checkpoint %s: finishing the deletion of old step %s.", self.directory, name)
+        shutil.rmtree(path, ignore_errors=True)
+
+  def _verify_or_set_aside(self, step: int, *, then: str, hashes: bool = True) -> bool:
+    """True if `step` is intact (or has no manifest to check, being older than manifests); otherwise sets it
+    aside with one log line and returns False. Process 0 only."""
+    if step in self._verified:
+      return True
+    step_dir = self._step_dir(step)
+    problem = verify_step(step_dir, hashes=hashes)
+    if problem is None:
+      if not _has_manifest(step_dir):
+        if step not in self._unverifiable:
+          logging.warning("Checkpoint %s has no %s (written before checkpoints carried one): it cannot be "
+                          "verified.", step_dir, MANIFEST)
+          self._unverifiable.add(step)
+      elif hashes:
+        self._verified.add(step)
+      return True
+    aside = _set_aside(self.directory, str(step), step, problem.reason)
+    self._last_problem = f"{problem}; moved to {aside}"
+    logging.error("Checkpoint %s is damaged: %s; moved to %s, %s.", step_dir, problem, aside, then)
+    return False
+
+  # -- saving
+
+  def _write_pending_manifest(self) -> None:
+    """Orbax's post-finalization callback (background thread, process 0): every item of the pending step is
+    final and the folder not yet renamed. Writes the manifest inside it, so the rename commits both."""
+    step = self._pending
+    if step is None:
+      raise CheckpointError(f"{self.directory}: orbax finalised a save that this Checkpointer did not start.")
+    tmp = self._step_dir(step) + _TMP_SUFFIX
+    # Orbax's commit-file mode (object stores) writes in place; the rename mode uses the temporary folder.
+    step_dir = tmp if os.path.isdir(tmp) else self._step_dir(step)
+    if not os.path.isdir(step_dir):
+      raise CheckpointError(f"{self.directory}: the save of step {step} has neither {tmp} nor its final folder; "
+                            "orbax's temporary-folder naming may have changed.")
+    start = time.perf_counter()
+    manifest = write_manifest(step_dir, step)
+    logging.info("Checkpoint %d: manifest of %d files, %.1f MB, in %.2f s.", step, len(manifest["files"]),
+                 sum(f["size"] for f in manifest["files"]) / 1e6, time.perf_counter() - start)
+
   def save(self, step: int, state: Any, *, data: dict[str, Any], meta: dict[str, Any]) -> None:
     """Starts saving `step` (returns once the arrays are copied off the device when saving asynchronously).
 
-    Any error of an earlier asynchronous save surfaces here rather than being lost.
+    First waits for the previous save: its error, if it failed in the background, is raised here as a
+    CheckpointError rather than lost; once it is committed, old steps beyond `keep` are deleted.
     """
+    self._finish_pending()
+    self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)),
-        force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave({**meta, MANIFEST_META_KEY: MANIFEST_FORMAT})), force=True)
+    if not self._async:
+      self._finish_pending()
 
   def wait(self) -> None:
-    """Blocks until every started save is complete on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is complete on disk; raises CheckpointError if one failed."""
+    self._finish_pending()
+
+  def poll(self) -> None:
+    """Never blocks: if the pending save has ended, completes it as `wait` does (raising CheckpointError if it
+    failed). Cheap enough to call every step, so that a background error stops the run within a step (in a
+    multi-process job it costs one scalar broadcast: every process must act on process 0's view)."""
+    if self._pending is not None and _broadcast(int(not self._manager.is_saving_in_progress())):
+      self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    step = self._pending  # stays set while waiting: the manifest callback reads it
+    error = None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if not _all_true(error is None):  # every process raises, or none does
+      self._pending = None
+      why = f"{type(error).__name__}: {error}" if error is not None else "on another process; see its log"
+      raise CheckpointError(
+          f"Saving checkpoint {self._step_dir(step) if step is not None else self.directory} failed in the "
+          f"background ({why}). Nothing was committed for step {step}; the newest complete checkpoint is step "
+          f"{self.latest_step()}. Check the disk (space, permissions, quota); relaunching resumes from that "
+          "checkpoint.") from error
+    self._pending = None
+    if step is None:
+      return
+    # The step just committed must pass the cheap check (every file present at its size) before it may
+    # count towards `keep`; its bytes were hashed from disk moments ago when its manifest was written.
+    ok = 1
+    if _is_primary():
+      ok = int(self._verify_or_set_aside(step, hashes=False, then="keeping the older steps"))
+    if not _broadcast(ok):
+      self._manager.reload()
+      raise CheckpointError(f"Checkpoint {self._step_dir(step)} was committed but fails its manifest check "
+                            f"({self._last_problem or 'see the log of process 0'}); no older step was deleted.")
+    self._collect_garbage()
+
+  def _collect_garbage(self) -> None:
+    """Deletes the steps older than the newest `keep` that pass the manifest check (sizes; see `verify_step`).
+
+    Steps that fail the check never count (they are set aside instead of deleted), and steps without a manifest
+    never count, so whatever turns out damaged, `keep` intact steps remain. Deletion renames first, so a kill
+    mid-delete leaves `<step>.gc-deleting` (finished at the next open), never a half-deleted step.
+    """
+    changed = 0
+    if _is_primary():
+      good = []
+      for step in reversed(_numbered(self.directory)):
+        step_dir = self._step_dir(step)
+        if len(good) < self.keep:
+          if not self._verify_or_set_aside(step, hashes=False, then="it is not counted among the kept steps"):
+            changed = 1
+          elif _has_manifest(step_dir):
+            good.append(step)
+          continue
+        changed = 1
+        if not self._verify_or_set_aside(step, hashes=False, then="instead of deleting it as an old step"):
+          continue
+        doomed = os.path.join(self.directory, f"{step}{_GC_SUFFIX}")
+        shutil.rmtree(doomed, ignore_errors=True)  # an earlier deletion of this step that did not finish
+        os.rename(step_dir, doomed)
+        shutil.rmtree(doomed)
+        self._verified.discard(step)
+    if _broadcast(changed):
+      _barrier(f"gptrl-checkpointer-gc:{self.directory}")
+      self._manager.reload()
+
+  # -- restoring
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The `meta` item of `step`."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Restores `step` onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs).
+    """Restores `step` onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs), after checking it
+    against its manifest (sha256, once per step and process).
 
     Returns:
       (state, data, meta).
+    Raises:
+      CheckpointError: the step is damaged; it has been set aside (renamed) with a log line.
     """
+    ok = 1
+    if _is_primary():
+      ok = int(self._verify_or_set_aside(step, then="not restoring it"))
+    if not _broadcast(ok):
+      self._manager.reload()
+      raise CheckpointError(f"Checkpoint {self._step_dir(step)} is damaged: "
+                            f"{self._last_problem or 'see the log of process 0'}.")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["meta"]
 
   def restore_latest_valid(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-    """Restores the newest step that reads back; an unreadable one is set aside (renamed, never deleted).
+    """Restores the newest step that passes its manifest and reads back; a damaged or unreadable one is set
+    aside (renamed, never deleted) with a log line saying why, and the previous one is tried.
 
     Returns:
       (step, state, data, meta), or None when there is no checkpoint at all.
+    Raises:
+      CheckpointError: a step does not fit `abstract_state` (another model or optimizer): always an error, as is
+        any restore failure of a step whose files match its manifest, rather than a reason to fall back.
     """
-    for step in reversed(self.all_steps()):
+    self._finish_pending()
+    while True:
+      step = -1
+      if _is_primary():
+        for candidate in reversed(_numbered(self.directory)):
+          if self._verify_or_set_aside(candidate, then="trying the previous step"):
+            step = candidate
+            break
+      step = _broadcast(step)
+      _barrier(f"gptrl-checkpointer-pick:{self.directory}")
+      self._manager.reload()
+      if step < 0:
+        return None
+      error = None
       try:
-        return (step, *self.restore(step, abstract_state))
+        restored = (step, *self.restore(step, abstract_state))
       except (TokenizerMismatchError, CheckpointError):
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if isinstance(e, (ValueError, TypeError)) and "shape" in str(e).lower():
-          raise CheckpointError(
-              f"Checkpoint {self.directory}/{step} does not fit the configured model: {e}") from e
-        aside = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
-        logging.error("Checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the previous one.",
-                      self.directory, step, type(e).__name__, e, aside)
-        if jax.process_index() == 0:
-          os.rename(os.path.join(self.directory, str(step)), aside)
-        self._manager.reload()
-    return None
+        error = e
+      if _all_true(error is None):
+        return restored
+      # A step whose files are as they were written (or whose error says so) does not fit the state being
+      # restored: setting it aside would silently restart the run from an older step, or from scratch.
+      verified = _broadcast(int(step in self._verified))
+      misfit = error is not None and (verified or (isinstance(error, (ValueError, TypeError)) and any(
+          word in str(error).lower() for word in ("shape", "structure", "dtype"))))
+      if not _all_true(not misfit):
+        why = f"{type(error).__name__}: {error}" if error is not None else "see the other processes' logs"
+        raise CheckpointError(
+            f"Checkpoint {self.directory}/{step} does not fit the configured model and optimizer"
+            f"{' (its files match its manifest)' if verified else ''}: {why}\n"
+            "Resume with the config that wrote it, or start in a fresh workdir.") from error
+      if _is_primary():
+        aside = _set_aside(self.directory, str(step), step, "unreadable")
+        logging.error("Checkpoint %s/%d cannot be restored (%s); moved to %s, trying the previous step.",
+                      self.directory, step, f"{type(error).__name__}: {error}" if error else "on another process",
+                      aside)
+        self._verified.discard(step)
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves (raising CheckpointError if one failed) and releases the manager's threads."""
+    try:
+      self._finish_pending()
+    finally:
+      self._manager.close()
 
 
 def check_tokenizer(meta: dict[str, Any], tokenizer_sha256: str, *, where: str) -> None:
@@ -122,7 +519,8 @@ def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
 
   Args:
     path: a run's workdir (holding checkpoints/), a checkpoints folder, or one step folder (<...>/<step>).
-    step: with a workdir or checkpoints folder, the step to use; -1: the newest complete one.
+    step: with a workdir or checkpoints folder, the step to use; -1: the newest committed one (which must then
+      pass its manifest: a damaged newest step is refused, not skipped).
   Returns:
     (checkpoints folder, step).
   Raises:
@@ -133,16 +531,15 @@ def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
     raise CheckpointError(f"init checkpoint {path}: no such folder. Expected a run's workdir, its "
                           "checkpoints/ folder or one checkpoints/<step> folder.")
   base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+  if base.isdigit() and (os.path.isdir(os.path.join(path, "state")) or _has_manifest(path)):
     if step not in (-1, int(base)):
       raise CheckpointError(f"init checkpoint {path} is step {base}, but init.step={step}.")
     return os.path.dirname(path), int(base)
   folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  steps = sorted(int(n) for n in os.listdir(folder)
-                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+  steps = _numbered(folder)
   if not steps:
     raise CheckpointError(f"init checkpoint {path}: no complete checkpoint in {folder} (a step folder holds "
-                          "state/, meta/ and data/; interrupted saves are *.orbax-checkpoint-tmp-*).")
+                          "state/, meta/ and data/; interrupted saves are *.orbax-checkpoint-tmp*).")
   if step == -1:
     return folder, steps[-1]
   if step not in steps:
@@ -150,11 +547,49 @@ def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
   return folder, step
 
 
+# Another run's steps verified by this process: folder -> (name, size, mtime) of its files when verified.
+_HANDOFF_VERIFIED: dict[str, tuple] = {}
+
+
+def _stat_signature(step_dir: str) -> tuple:
+  out = []
+  for root, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in sorted(files):
+      st = os.stat(os.path.join(root, name))
+      out.append((os.path.relpath(os.path.join(root, name), step_dir), st.st_size, st.st_mtime_ns))
+  return tuple(out)
+
+
+def verify_handoff(folder: str, step: int) -> None:
+  """Verifies another run's step `folder/step` against its manifest (once per process while its files are
+  unchanged). A damaged step is refused and left exactly as it is: it is not this run's to set aside.
+
+  Raises:
+    CheckpointError: names the file and what is wrong with it.
+  """
+  step_dir = os.path.realpath(os.path.join(folder, str(step)))
+  signature = _stat_signature(step_dir)
+  if _HANDOFF_VERIFIED.get(step_dir) == signature:
+    return
+  problem = verify_step(step_dir)
+  if problem is not None:
+    raise CheckpointError(
+        f"Checkpoint {folder}/{step} is damaged: {problem}. It belongs to another run, so it is neither repaired "
+        f"nor set aside here, and no older step is used in its place. Choose another step explicitly (available "
+        f"in {folder}: {_numbered(folder)}), or resume that run, which sets the damaged step aside.")
+  if not _has_manifest(step_dir):
+    logging.warning("Checkpoint %s/%d has no %s (written before checkpoints carried one): it cannot be "
+                    "verified.", folder, step, MANIFEST)
+  _HANDOFF_VERIFIED[step_dir] = signature
+
+
 def read_step_meta(folder: str, step: int) -> dict[str, Any]:
-  """The `meta` item of checkpoint `folder/step`, read without opening a CheckpointManager."""
+  """The `meta` item of checkpoint `folder/step` (verified against its manifest first), read without opening a
+  CheckpointManager."""
+  verify_handoff(folder, step)
   try:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(folder, str(step), "meta"),
-                                                                 args=ocp.args.JsonRestore())
+    return _read_meta_dir(os.path.join(folder, str(step)))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"{folder}/{step}: cannot read its meta item ({type(e).__name__}: {e}).") from e
 
@@ -186,7 +621,7 @@ def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sh
   Returns:
     (params, the checkpoint's meta, "folder/step" for logs).
   Raises:
-    CheckpointError: missing, unexpected or differently shaped parameters.
+    CheckpointError: missing, unexpected or differently shaped parameters; a step that fails its manifest.
     TokenizerMismatchError: the checkpoint was trained with another tokenizer.
   """
   folder, step = resolve_checkpoint(path, step)

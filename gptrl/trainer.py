@@ -435,6 +435,7 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
         sys.exit(EXIT_PREEMPTED)
       batch = sharding.host_to_global(next(loop.train_iter), loop.mesh)
       state, metrics = loop.train_step(state, batch)
+      loop.checkpointer.poll()  # a failed background save stops the run now, not at the next save
       rolled_back = False
       if cfg.max_bad_steps:
         streak = int(prev_streak)  # the previous step's verdict: waits for it while this step runs

@@ -38,7 +38,7 @@ def env() -> dict[str, str]:
   return env
 
 
-def run(argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
   return subprocess.run(argv, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

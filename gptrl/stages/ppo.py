@@ -581,6 +581,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                         trainer.EXIT_PREEMPTED)
         sys.exit(trainer.EXIT_PREEMPTED)
       state, row, beta, responses, stats = learner.iteration(state, prompts.next(), it, beta)
+      checkpointer.poll()  # a failed background save stops the run now, not at the next save
       rolled_back = False
       streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
       if streak >= cfg.train.max_bad_steps > 0:  # skipped minibatch updates in a row: roll back (trainer.rollback)
