@@ -5,8 +5,8 @@ cores).
   python -m gptrl.launch --config configs/label_cpu.py
   -> runs/label_cpu/comparisons.jsonl (pairwise records: the reward stage's input), replies.jsonl
 
-Swap the judge for people (the label web UI) or skip this stage and point configs/reward_cpu.py at your own
-comparisons JSONL.
+Swap the judge for people (`python -m gptrl.label`, a local web page) or skip this stage and point
+configs/reward_cpu.py at your own comparisons JSONL.
 """
 import ml_collections
 
