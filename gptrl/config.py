@@ -47,6 +47,10 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls/activations ("bfloat16" for bf16 compute)
   remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
   attention: str = "xla"  # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention)
+  # Query block length of causal attention over whole sequences (training, scoring, prefill): a block only reads
+  # the keys up to its end, so score blocks above the diagonal are skipped. 0: automatic (max(64, T // 8) from
+  # T = 128 tokens up; one block below); a value >= T: one dense T x T block.
+  causal_chunk: int = 0
   init_std: float = 0.02
   # Architecture options for imported checkpoints (gptrl/hf.py: GPT-2, Llama); the defaults are gptrl's own model.
   num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: num_heads (multi-head attention)
@@ -77,6 +81,7 @@ class ModelConfig:
     _check(self.attention in ("xla", "dot_product"), "model.attention",
            f"must be 'xla' or 'dot_product', got {self.attention!r}")
     _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
+    _check(self.causal_chunk >= 0, "model.causal_chunk", f"must be >= 0 (0: automatic), got {self.causal_chunk}")
     _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
     _check(self.num_kv_heads >= 0 and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),
            "model.num_kv_heads", f"must be 0 (= num_heads) or divide model.num_heads={self.num_heads}, "
@@ -329,12 +334,15 @@ class ModelRuntimeConfig:
   dtype: str = ""
   remat: str = ""
   attention: str = ""
+  causal_chunk: int = -1
 
   def apply(self, model: ModelConfig) -> ModelConfig:
     changes = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", -1.0)}
     return dataclasses.replace(model, **changes)  # ModelConfig checks the values, naming config.model.<key>
 
   def __post_init__(self):
+    _check(self.causal_chunk >= -1, "model.causal_chunk",
+           f"must be >= 0 (0: automatic) or -1 (keep the checkpoint's), got {self.causal_chunk}")
     if self.dropout != -1.0:
       _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) or -1 (keep), got {self.dropout}")
     for name, allowed in (("dtype", ("float32", "bfloat16", "float16")), ("remat", ("none", "block", "dots")),

@@ -7,11 +7,16 @@ import jax.numpy as jnp
 
 
 def token_log_probs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-  """log p(target) at each position, computed in float32 (bf16 log-softmax is too coarse for PPO ratios)."""
+  """log p(target) at each position, computed in float32 (bf16 log-softmax is too coarse for PPO ratios).
+
+  As logit(target) - logsumexp(logits): the [B, T, V] log-softmax is never written out, which makes the loss's
+  forward and backward about twice as fast on CPU (benchmarks/train_throughput.py) with the same gradient.
+  """
   chex.assert_rank(logits_BxTxV, 3)
   chex.assert_equal_shape_prefix((logits_BxTxV, targets_BxT), 2)
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
 
 
 def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,

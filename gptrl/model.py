@@ -86,6 +86,13 @@ def _masked_softmax(scores_BxHxTxS: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.A
   return jax.nn.softmax(jnp.where(mask_Bx1xTxS, scores_BxHxTxS, _MASK_VALUE), axis=-1)
 
 
+def causal_chunk_length(cfg: ModelConfig, t: int) -> int:
+  """Query block length of causal attention over `t` tokens (see ModelConfig.causal_chunk); >= t: one block."""
+  if cfg.causal_chunk:
+    return cfg.causal_chunk
+  return max(64, t // 8) if t >= 128 else t
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention, over the current tokens or (decode=True) over a key/value cache.
 
@@ -137,29 +144,18 @@ class Attention(nn.Module):
     else:
       mask_Bx1xTxS = _causal_mask(valid_BxT, t, b)
 
-    # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well; it
-    # groups query heads over key/value heads in the same order (h = g * R + r).
-    if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
-      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS)
-    elif cfg.kv_heads == cfg.num_heads:
-      # Scores and softmax in float32: bf16 logits of nearby tokens are too coarse to rank.
-      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
-                                  preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-      probs_BxHxTxS = _masked_softmax(scores_BxHxTxS, mask_Bx1xTxS)
-      probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=self.deterministic)
-      out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxGxK)
+    attention_dropout = nn.Dropout(cfg.dropout)
+    dropout = lambda p: attention_dropout(p, deterministic=self.deterministic)
+    chunk = causal_chunk_length(cfg, t)
+    if self.decode or chunk >= t:
+      out_BxTxHxK = self._attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, dropout)
     else:
-      # Grouped: the R query heads of a group share its keys/values without copying them R times.
-      g, r = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
-      q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, r, cfg.head_dim)
-      scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                                    preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-      s = scores_BxGxRxTxS.shape[-1]
-      probs_BxHxTxS = _masked_softmax(scores_BxGxRxTxS.reshape(b, cfg.num_heads, t, s), mask_Bx1xTxS)
-      probs_BxHxTxS = nn.Dropout(cfg.dropout)(probs_BxHxTxS, deterministic=self.deterministic)
-      out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxHxTxS.reshape(b, g, r, t, s).astype(dtype),
-                                 v_BxSxGxK)
-      out_BxTxHxK = out_BxTxGxRxK.reshape(b, t, cfg.num_heads, cfg.head_dim)
+      # Causal attention by blocks of queries: block [c0, c1) only reads keys [0, c1), so the score blocks
+      # wholly above the diagonal are never computed (about half the attention work for many blocks).
+      out_BxTxHxK = jnp.concatenate(
+          [self._attend(q_BxTxHxK[:, c0:c0 + chunk], k_BxSxGxK[:, :c0 + chunk], v_BxSxGxK[:, :c0 + chunk],
+                        mask_Bx1xTxS[:, :, c0:c0 + chunk, :c0 + chunk], dropout) for c0 in range(0, t, chunk)],
+          axis=1)
     out_BxTxHxK = _constrain(out_BxTxHxK, "batch", "length", "act_heads", "act_kv")
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)),
                                             ("heads", "kv", "embed"))
@@ -169,6 +165,38 @@ class Attention(nn.Module):
       out_BxTxD = out_BxTxD + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                          (cfg.d_model,), param_dtype).astype(dtype)
     return out_BxTxD
+
+  def _attend(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+              mask_Bx1xTxS: jax.Array, dropout: Any) -> jax.Array:
+    """Softmax attention of queries [B, T, H, K] over keys/values [B, S, G, K] under mask [B, 1, T, S];
+    `dropout` applies attention dropout to the probabilities."""
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    b, t = q_BxTxHxK.shape[:2]
+    # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well; it
+    # groups query heads over key/value heads in the same order (h = g * R + r).
+    if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS)
+    elif cfg.kv_heads == cfg.num_heads:
+      # Scores and softmax in float32: bf16 logits of nearby tokens are too coarse to rank.
+      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
+                                  preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+      probs_BxHxTxS = _masked_softmax(scores_BxHxTxS, mask_Bx1xTxS)
+      probs_BxHxTxS = dropout(probs_BxHxTxS)
+      out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(dtype), v_BxSxGxK)
+    else:
+      # Grouped: the R query heads of a group share its keys/values without copying them R times.
+      g, r = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
+      q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, r, cfg.head_dim)
+      scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                                    preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+      s = scores_BxGxRxTxS.shape[-1]
+      probs_BxHxTxS = _masked_softmax(scores_BxGxRxTxS.reshape(b, cfg.num_heads, t, s), mask_Bx1xTxS)
+      probs_BxHxTxS = dropout(probs_BxHxTxS)
+      out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxHxTxS.reshape(b, g, r, t, s).astype(dtype),
+                                 v_BxSxGxK)
+      out_BxTxHxK = out_BxTxGxRxK.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    return out_BxTxHxK
 
   def _update_cache(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
                     valid_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -365,15 +393,17 @@ def count_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params))))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_halved: bool = False, lm_head: bool = True) -> float:
   """Training FLOPs per token (forward + backward): 6N + 12*L*H*K*T (PaLM appendix B).
 
   N counts the matmul parameters: every block's weights (query/output D x D each, key/value D x G*K each,
-  two or, gated, three D x F MLP matrices) plus the output head (vocab x D), not the position table, norms or
-  biases. With `causal_halved`, the attention term counts only the unmasked half (6*L*H*K*T).
+  two or, gated, three D x F MLP matrices) plus the output head (vocab x D; not with `lm_head=False`, for a
+  scalar-head model that never computes logits), not the position table, norms or biases. With
+  `causal_halved`, the attention term counts only the unmasked half (6*L*H*K*T).
   """
   d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
   kv_dim = cfg.kv_heads * cfg.head_dim
-  n_matmul = layers * (2 * d * d + 2 * d * kv_dim + (3 if cfg.gated_mlp else 2) * d * f) + cfg.vocab_size * d
+  n_matmul = layers * (2 * d * d + 2 * d * kv_dim + (3 if cfg.gated_mlp else 2) * d * f)
+  n_matmul += cfg.vocab_size * d if lm_head else 0
   attention = (6 if causal_halved else 12) * layers * cfg.num_heads * cfg.head_dim * seq_len
   return 6.0 * n_matmul + attention

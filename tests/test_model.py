@@ -146,3 +146,44 @@ def test_flops_per_token_matches_hand_computation():
   # N = L*(4*d*d + 2*d*f) + V*d = 2*(4096 + 8192) + 2048 = 26624; attention 12*L*H*K*T = 12*2*4*8*16 = 12288.
   assert model_lib.flops_per_token(cfg, 16) == 6 * 26624 + 12288
   assert model_lib.flops_per_token(cfg, 16, causal_halved=True) == 6 * 26624 + 6144
+  head = cfg.vocab_size * cfg.d_model  # a scalar-head model (the reward model) never computes logits
+  assert model_lib.flops_per_token(cfg, 16, lm_head=False) == 6 * (26624 - head) + 12288
+
+
+def test_chunked_causal_attention_matches_numpy_float64_reference():
+  # Query blocks of 4 over 10 tokens: blocks [0, 4), [4, 8) and a short last block [8, 10).
+  cfg = dataclasses.replace(TINY, num_layers=1, causal_chunk=4)
+  model, params = _init(cfg)
+  tokens = _tokens(2, 10)
+  np.testing.assert_allclose(np.asarray(_apply(model, params, tokens), np.float64), _np_forward(params, tokens, cfg),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(attention="dot_product"), dict(num_kv_heads=2, pos_embedding="rope")])
+def test_chunked_causal_attention_gives_the_dense_logits_and_grads_with_padding(variant):
+  dense_cfg = dataclasses.replace(TINY, causal_chunk=16, **variant)
+  chunked_cfg = dataclasses.replace(dense_cfg, causal_chunk=5)
+  tokens = _tokens(3, 14)
+  mask = np.ones((3, 14), np.int32)
+  mask[1, :4] = 0  # a left-padded row
+  mask[2, 11:] = 0  # a right-padded row
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  results = []
+  for cfg in (dense_cfg, chunked_cfg):
+    model, params = _init(cfg)
+
+    def loss(p, model=model):
+      logits = model.apply({"params": p}, tokens, positions_BxT=positions, attention_mask_BxT=mask)
+      return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2) / 1000, logits
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+  ((_, l0), g0), ((_, l1), g1) = results
+  # (A padding query sees no valid key; its output is arbitrary and differs with the block's key count.)
+  np.testing.assert_allclose(np.asarray(l1)[mask > 0], np.asarray(l0)[mask > 0], rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+
+def test_causal_chunk_length_automatic_and_explicit():
+  assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8, max_len=1024), 1024) == 128
+  assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8), 256) == 64
+  assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8), 100) == 100  # short: one dense block
+  assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8, causal_chunk=32), 100) == 32

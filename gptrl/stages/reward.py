@@ -177,7 +177,7 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
       checkpointer=checkpointer, meta=meta, data_fingerprint=fingerprint, data_fingerprint_parts=fingerprint_parts,
       tokens_per_step=tokens_per_step,
       eval_fn=make_reward_eval_fn(model, mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
-      flops_per_step=model_lib.flops_per_token(model_cfg, seq_len) * tokens_per_step,
+      flops_per_step=model_lib.flops_per_token(model_cfg, seq_len, lm_head=False) * tokens_per_step,
       final_meta_fn=make_normalizer(cfg, model, mesh, tok, [g.prompt for g in train_groups]))
   try:
     state = trainer.run_loop(loop, state, start_step=start_step)
