@@ -7,13 +7,13 @@ every chip for all four models (policy, critic, frozen reference, frozen reward 
       --config.init.checkpoint=/mnt/gptrl/runs/sft_1b --config.reward_model.checkpoint=/mnt/gptrl/runs/reward_1b
 
 Paths must be a filesystem every host sees at the same path (a gcsfuse mount of a GCS bucket or a shared
-persistent disk): process 0 writes config.json and the tokenizer copy, every process writes its shards of each
-checkpoint. Model shapes come from the SFT and reward checkpoints; the size variant picks the mesh, batches and
-micro-batching made for that size. Variants: `size=125m|350m|1b|3b|7b` (default 1b), `chip=v5p|v4|v6e|v5e`,
-`chips=N` (see configs/pretrain_tpu.py). Parameters and optimizer state are sharded over all chips (fsdp), and
-for 3b/7b over heads / MLP / vocabulary too (tensor); compute in bfloat16 with fp32 parameters; each block is
-rematerialised in the backward pass. Rollouts run over the whole context (prompts left-padded to
-max_len - max_new_tokens), so the rollout batch per device bounds the slice from below.
+persistent disk), or gs:// URLs (data.cache_dir stays local): process 0 writes config.json and the tokenizer copy,
+every process writes its shards of each checkpoint. Model shapes come from the SFT and reward checkpoints; the
+size variant picks the mesh, batches and micro-batching made for that size. Variants: `size=125m|350m|1b|3b|7b`
+(default 1b), `chip=v5p|v4|v6e|v5e`, `chips=N` (see configs/pretrain_tpu.py). Parameters and optimizer state are
+sharded over all chips (fsdp), and for 3b/7b over heads / MLP / vocabulary too (tensor); compute in bfloat16 with
+fp32 parameters; each block is rematerialised in the backward pass. Rollouts run over the whole context (prompts
+left-padded to max_len - max_new_tokens), so the rollout batch per device bounds the slice from below.
 """
 import ml_collections
 
@@ -41,7 +41,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   """The config of `plan` (also used by configs/ppo_gpu.py with its own plans)."""
   c = ml_collections.ConfigDict()
   c.stage = "ppo"
-  c.workdir = f"/mnt/gptrl/runs/ppo_{plan.size}"
+  c.workdir = f"/mnt/gptrl/runs/ppo_{plan.size}"  # or gs://my-bucket/runs/ppo_1b
   c.seed = 0
 
   c.init = ml_collections.ConfigDict()

@@ -15,7 +15,10 @@ checks every row).
 Numerics: parameters and optimizer state in float32, matmuls in bfloat16, every block rematerialised in the
 backward pass. Parameters and optimizer state are sharded over all chips (mesh.fsdp), and for 3b/7b also over
 heads / MLP / vocabulary (mesh.tensor). Paths must be a filesystem every host sees at the same path (a gcsfuse
-mount of a bucket, or a shared disk): /mnt/gptrl below.
+mount of a bucket, or a shared disk): /mnt/gptrl below; or gs:// URLs for the workdir, data and checkpoints,
+with data.cache_dir on a local disk, e.g.
+  --config.workdir=gs://my-bucket/runs/pretrain_1b --config.data.sources="('gs://my-bucket/data/pretrain',)" \
+  --config.data.cache_dir=/tmp/gptrl-cache
 """
 import ml_collections
 
@@ -45,6 +48,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pretrain"
   c.workdir = f"/mnt/gptrl/runs/pretrain_{plan.size}"  # checkpoints, metrics.jsonl, tensorboard/, tokenizer.model
+  # or in a bucket, no mount needed: c.workdir = f"gs://my-bucket/runs/pretrain_{plan.size}"
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(presets.model_shape(plan.size))  # layers, heads, width, rope, SwiGLU, ...
@@ -83,7 +87,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   c.data.batch_size = plan.batch  # sequences per optimizer step (x 2048 tokens)
   c.data.eval_batches = 8  # global batches per evaluation
-  c.data.cache_dir = "/mnt/gptrl/cache"  # tokenized corpus, shared by the hosts
+  c.data.cache_dir = "/mnt/gptrl/cache"  # tokenized corpus, shared by the hosts; local or a mount, never gs://
   c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
   c.sample = ml_collections.ConfigDict()

@@ -36,7 +36,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   """The config of `plan` (also used by configs/reward_gpu.py with its own plans)."""
   c = ml_collections.ConfigDict()
   c.stage = "reward"
-  c.workdir = f"/mnt/gptrl/runs/reward_{plan.size}"
+  c.workdir = f"/mnt/gptrl/runs/reward_{plan.size}"  # or gs://my-bucket/runs/reward_1b (data.cache_dir stays local)
   c.seed = 0
 
   c.init = ml_collections.ConfigDict()

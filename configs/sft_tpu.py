@@ -8,7 +8,8 @@ The model's shape and tokenizer come from the init checkpoint (a pretraining run
 configs/pretrain_tpu.py:size=1b); the size variant picks the mesh, batch and micro-batching made for it.
 Variants: `size=125m|350m|1b|3b|7b` (default 1b), `chip=v5p|v4|v6e|v5e`, `chips=N` (see configs/pretrain_tpu.py).
 Demonstrations: JSONL of {"prompt", "response"} or {"messages": [...]} (gptrl/chat_data.py), or the built-in
-"shakespeare_dialogue". Paths are on a filesystem every host sees (/mnt/gptrl: a gcsfuse mount or shared disk).
+"shakespeare_dialogue". Paths are on a filesystem every host sees (/mnt/gptrl: a gcsfuse mount or shared disk),
+or gs:// URLs (workdir, data, init checkpoint; data.cache_dir stays local).
 """
 import ml_collections
 
@@ -34,11 +35,11 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   """The config of `plan` (also used by configs/sft_gpu.py with its own plans)."""
   c = ml_collections.ConfigDict()
   c.stage = "sft"
-  c.workdir = f"/mnt/gptrl/runs/sft_{plan.size}"
+  c.workdir = f"/mnt/gptrl/runs/sft_{plan.size}"  # or gs://my-bucket/runs/sft_1b
   c.seed = 0
 
   c.init = ml_collections.ConfigDict()
-  c.init.checkpoint = f"/mnt/gptrl/runs/pretrain_{plan.size}"  # the pretraining run: its newest checkpoint
+  c.init.checkpoint = f"/mnt/gptrl/runs/pretrain_{plan.size}"  # the pretraining run (or its gs:// workdir)
   c.init.step = -1
   c.tokenizer_path = ""  # "": the init run's tokenizer.model
 

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from gptrl import chat
 from gptrl import data as data_lib
+from gptrl import fileio
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.data import DataError
 
@@ -390,8 +390,4 @@ def reward_eval_batches(enc: EncodedComparisons, *, batch_size: int, max_batches
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
   """Writes records atomically (a crash leaves the old file or the new one, never half of one)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  fileio.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -14,6 +14,11 @@ A committed step without manifest.json is therefore either damaged (its meta say
 written by a version of gptrl that had no manifests (accepted with a warning, unverified). Orbax rewrites two of
 its own bookkeeping files at the rename (`_CHECKPOINT_METADATA`, `commit_success.txt`); they are not hashed.
 
+In a bucket (gs://; every file operation here goes through gptrl/fileio.py) orbax writes the step in place and
+commits it by writing `<step>/commit_success.txt` last, since a rename would copy every object. The manifest is
+written just before that file, a `<step>` folder without it is an interrupted save, writing the manifest reads
+the step's objects back once, and setting a step aside (a rename) copies its objects.
+
 Opening a Checkpointer on a run's own folder (what resume does) sets aside, by renaming and never deleting:
 leftover temporary folders of interrupted saves, and, newest first, every step that fails its manifest (missing
 or extra file, wrong size, wrong sha256, missing or unreadable manifest, empty folder) until a valid one is found.
@@ -36,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -45,6 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gptrl import fileio
 from gptrl.tokenizer import TokenizerMismatchError
 
 MANIFEST = "manifest.json"
@@ -55,6 +60,7 @@ MANIFEST_META_KEY = "manifest"
 _ORBAX_LATE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step being written (atomicity.TMP_DIR_SUFFIX)
 _GC_SUFFIX = ".gc-deleting"  # an old step this module was deleting when the process stopped
+_COMMIT_FILE = "commit_success.txt"  # what marks a step committed in orbax's commit-file mode (gs://)
 _HASH_CHUNK = 4 << 20
 
 
@@ -82,54 +88,43 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 # The manifest: writing and verifying.
 
 
-def _step_files(step_dir: str) -> dict[str, str]:
-  """Relative path -> absolute path of every file of a step, except the manifest and orbax's late files."""
+def _step_files(step_dir: str, *, hashed_only: bool = True) -> dict[str, str]:
+  """Relative path -> full path of every file of a step; `hashed_only`: except the manifest and orbax's late
+  files."""
   out = {}
-  for root, dirs, files in os.walk(step_dir):
+  for root, dirs, files in fileio.walk(step_dir):
     dirs.sort()
     for name in files:
       path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir).replace(os.sep, "/")
-      if rel == MANIFEST or rel in _ORBAX_LATE_FILES:
+      rel = path[len(step_dir):].lstrip("/" + os.sep).replace(os.sep, "/")
+      if hashed_only and (rel == MANIFEST or rel in _ORBAX_LATE_FILES):
         continue
       out[rel] = path
   return out
 
 
 def _sha256(path: str, *, fsync: bool = False) -> str:
+  """The sha256 of a file's bytes; with `fsync`, a local file is also flushed to the disk."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open(path, "rb") as f:
     while chunk := f.read(_HASH_CHUNK):
       digest.update(chunk)
-    if fsync:
+    if fsync and not fileio.is_remote(path):
       os.fsync(f.fileno())
   return digest.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def write_manifest(step_dir: str, step: int) -> dict[str, Any]:
-  """Hashes every file of `step_dir` (reading it back from disk and fsyncing it) and writes `manifest.json`
-  atomically (temporary file, fsync, rename, fsync of the folder). Returns the manifest."""
+  """Hashes every file of `step_dir` (reading it back from disk or the bucket, and fsyncing a local one) and
+  writes `manifest.json` atomically (fileio.atomic_write). Returns the manifest."""
   files = []
   for rel, path in sorted(_step_files(step_dir).items()):
-    files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path, fsync=True)})
-  for root, _, _ in os.walk(step_dir):
-    _fsync_dir(root)
+    files.append({"path": rel, "size": fileio.getsize(path), "sha256": _sha256(path, fsync=True)})
+  if not fileio.is_remote(step_dir):
+    for root, _, _ in os.walk(step_dir):
+      fileio.fsync_dir(root)
   manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files, "unhashed": list(_ORBAX_LATE_FILES)}
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
-  _fsync_dir(step_dir)
+  fileio.atomic_write(os.path.join(step_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
 
@@ -151,9 +146,9 @@ def verify_step(step_dir: str, *, hashes: bool = True) -> Problem | None:
   """
   present = _step_files(step_dir)
   manifest_path = os.path.join(step_dir, MANIFEST)
-  if not present and not os.path.exists(manifest_path):
+  if not present and not fileio.exists(manifest_path):
     return Problem("empty", ".", "the step folder holds no files (its save never wrote anything)")
-  if not os.path.exists(manifest_path):
+  if not fileio.exists(manifest_path):
     try:
       meta = _read_meta_dir(step_dir)
     except Exception as e:  # pylint: disable=broad-except
@@ -162,7 +157,7 @@ def verify_step(step_dir: str, *, hashes: bool = True) -> Problem | None:
       return Problem("no-manifest", MANIFEST, "missing, but the step's meta says it was written with one")
     return None  # written before checkpoints carried manifests: nothing to verify against
   try:
-    with open(manifest_path, encoding="utf-8") as f:
+    with fileio.open(manifest_path) as f:
       manifest = json.load(f)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
       raise ValueError(f"format is not {MANIFEST_FORMAT!r}")
@@ -172,13 +167,13 @@ def verify_step(step_dir: str, *, hashes: bool = True) -> Problem | None:
   for rel, (size, _) in sorted(listed.items()):
     if rel not in present:
       return Problem("missing-file", rel, "listed in the manifest but missing")
-    actual = os.path.getsize(present[rel])
+    actual = fileio.getsize(present[rel])
     if actual != size:
       return Problem("size-mismatch", rel, f"{actual} bytes, the manifest says {size} (truncated or overwritten)")
   extra = sorted(set(present) - set(listed))
   if extra:
     return Problem("unexpected-file", extra[0],
-                   f"not in the manifest ({os.path.getsize(present[extra[0]])} bytes; written after the step "
+                   f"not in the manifest ({fileio.getsize(present[extra[0]])} bytes; written after the step "
                    "was committed, e.g. by an interrupted copy)")
   if hashes:
     for rel, (_, sha) in sorted(listed.items()):
@@ -188,7 +183,7 @@ def verify_step(step_dir: str, *, hashes: bool = True) -> Problem | None:
 
 
 def _has_manifest(step_dir: str) -> bool:
-  return os.path.exists(os.path.join(step_dir, MANIFEST))
+  return fileio.exists(os.path.join(step_dir, MANIFEST))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,11 +212,20 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _commit_file_mode(directory: str) -> bool:
+  """Whether orbax commits steps in `directory` by writing commit_success.txt into them rather than by renaming a
+  temporary folder: its choice for gs:// (orbax atomicity_defaults), where a rename copies every object."""
+  return directory.startswith("gs://")
+
+
 def _numbered(directory: str) -> list[int]:
-  """Steps with a committed folder in `directory`, ascending."""
-  if not os.path.isdir(directory):
+  """Steps with a committed folder in `directory`, ascending (in commit-file mode: holding commit_success.txt)."""
+  if not fileio.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  steps = [n for n in fileio.listdir(directory) if n.isdigit() and fileio.isdir(os.path.join(directory, n))]
+  if _commit_file_mode(directory):
+    steps = [n for n in steps if fileio.exists(os.path.join(directory, n, _COMMIT_FILE))]
+  return sorted(int(n) for n in steps)
 
 
 def _set_aside(directory: str, name: str, step: int, reason: str) -> str:
@@ -229,10 +233,10 @@ def _set_aside(directory: str, name: str, step: int, reason: str) -> str:
   stamp = time.strftime("%Y%m%dT%H%M%S")
   target = f"{step}.corrupt-{reason}-{stamp}"
   n = 1
-  while os.path.exists(os.path.join(directory, target)):
+  while fileio.exists(os.path.join(directory, target)):
     n += 1
     target = f"{step}.corrupt-{reason}-{stamp}-{n}"
-  os.rename(os.path.join(directory, name), os.path.join(directory, target))
+  fileio.rename(os.path.join(directory, name), os.path.join(directory, target))
   return target
 
 
@@ -244,7 +248,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.abspath(directory)
     self.keep = keep
     self._async = async_save
     self._pending: int | None = None  # the step whose save may still be running in the background
@@ -252,7 +256,7 @@ class Checkpointer:
     self._unverifiable: set[int] = set()  # steps without a manifest (older than manifests), warned about once
     self._last_problem = ""  # what the last step set aside had, for error messages
     if _is_primary():
-      os.makedirs(self.directory, exist_ok=True)
+      fileio.makedirs(self.directory)
       self._clear_interrupted()
       for step in reversed(_numbered(self.directory)):
         if self._verify_or_set_aside(step, then="looking at the previous step"):
@@ -279,17 +283,47 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def _clear_interrupted(self) -> None:
-    """Sets aside temporary folders of saves a kill interrupted; finishes deletions of old steps (process 0)."""
-    for name in sorted(os.listdir(self.directory)):
+    """Sets aside the folders of saves a kill interrupted (temporary folders; in commit-file mode, step folders
+    without commit_success.txt) and finishes deletions of old steps (process 0)."""
+    if not fileio.isdir(self.directory):
+      return
+    names = sorted(fileio.listdir(self.directory))
+    for name in names:
+      if name.endswith(_GC_SUFFIX):
+        path = os.path.join(self.directory, name)
+        logging.info("Checkpoint %s: finishing the deletion of old step %s.", self.directory, name)
+        if fileio.is_remote(path):  # a marker object (see _delete_step); the step folder is still named <step>
+          fileio.rmtree(os.path.join(self.directory, name[:-len(_GC_SUFFIX)]), missing_ok=True)
+          fileio.remove(path)
+        else:
+          fileio.rmtree(path, missing_ok=True)
+    for name in names:
       path = os.path.join(self.directory, name)
       match = re.fullmatch(r"(\d+)" + re.escape(_TMP_SUFFIX) + ".*", name)
-      if match and os.path.isdir(path):
-        aside = _set_aside(self.directory, name, int(match.group(1)), "interrupted-save")
+      uncommitted = (_commit_file_mode(self.directory) and name.isdigit()
+                     and fileio.isdir(path) and not fileio.exists(os.path.join(path, _COMMIT_FILE)))
+      if (match and fileio.isdir(path)) or uncommitted:
+        step = match.group(1) if match else name
+        aside = _set_aside(self.directory, name, int(step), "interrupted-save")
         logging.warning("Checkpoint %s: %s is an interrupted save of step %s (the process stopped while writing "
-                        "it); moved to %s.", self.directory, name, match.group(1), aside)
-      elif name.endswith(_GC_SUFFIX) and os.path.isdir(path):
-        logging.info("Checkpoint %s: finishing the deletion of old step %s.", self.directory, name)
-        shutil.rmtree(path, ignore_errors=True)
+                        "it); moved to %s.", self.directory, name, step, aside)
+
+  def _delete_step(self, step: int) -> None:
+    """Deletes an old step so that a kill midway never leaves something that looks like a step. Local: rename to
+    `<step>.gc-deleting`, then delete. In a bucket, where a rename copies everything: an empty marker object
+    `<step>.gc-deleting` first, then the commit file (orbax stops counting the step), the folder, the marker."""
+    step_dir = self._step_dir(step)
+    doomed = os.path.join(self.directory, f"{step}{_GC_SUFFIX}")
+    if fileio.is_remote(step_dir):
+      fileio.atomic_write(doomed, b"")
+      if fileio.exists(os.path.join(step_dir, _COMMIT_FILE)):
+        fileio.remove(os.path.join(step_dir, _COMMIT_FILE))
+      fileio.rmtree(step_dir)
+      fileio.remove(doomed)
+      return
+    fileio.rmtree(doomed, missing_ok=True)  # an earlier deletion of this step that did not finish
+    fileio.rename(step_dir, doomed)
+    fileio.rmtree(doomed)
 
   def _verify_or_set_aside(self, step: int, *, then: str, hashes: bool = True) -> bool:
     """True if `step` is intact (or has no manifest to check, being older than manifests); otherwise sets it
@@ -321,9 +355,9 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"{self.directory}: orbax finalised a save that this Checkpointer did not start.")
     tmp = self._step_dir(step) + _TMP_SUFFIX
-    # Orbax's commit-file mode (object stores) writes in place; the rename mode uses the temporary folder.
-    step_dir = tmp if os.path.isdir(tmp) else self._step_dir(step)
-    if not os.path.isdir(step_dir):
+    # Orbax's commit-file mode (gs://) writes in place; the rename mode uses the temporary folder.
+    step_dir = tmp if not _commit_file_mode(self.directory) and fileio.isdir(tmp) else self._step_dir(step)
+    if not fileio.isdir(step_dir):
       raise CheckpointError(f"{self.directory}: the save of step {step} has neither {tmp} nor its final folder; "
                             "orbax's temporary-folder naming may have changed.")
     start = time.perf_counter()
@@ -406,10 +440,7 @@ class Checkpointer:
         changed = 1
         if not self._verify_or_set_aside(step, hashes=False, then="instead of deleting it as an old step"):
           continue
-        doomed = os.path.join(self.directory, f"{step}{_GC_SUFFIX}")
-        shutil.rmtree(doomed, ignore_errors=True)  # an earlier deletion of this step that did not finish
-        os.rename(step_dir, doomed)
-        shutil.rmtree(doomed)
+        self._delete_step(step)
         self._verified.discard(step)
     if _broadcast(changed):
       _barrier(f"gptrl-checkpointer-gc:{self.directory}")
@@ -526,16 +557,16 @@ def resolve_checkpoint(path: str, step: int = -1) -> tuple[str, int]:
   Raises:
     CheckpointError: nothing usable at `path`; says what was looked for.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = fileio.abspath(path)
+  if not fileio.isdir(path):
     raise CheckpointError(f"init checkpoint {path}: no such folder. Expected a run's workdir, its "
                           "checkpoints/ folder or one checkpoints/<step> folder.")
   base = os.path.basename(path)
-  if base.isdigit() and (os.path.isdir(os.path.join(path, "state")) or _has_manifest(path)):
+  if base.isdigit() and (fileio.isdir(os.path.join(path, "state")) or _has_manifest(path)):
     if step not in (-1, int(base)):
       raise CheckpointError(f"init checkpoint {path} is step {base}, but init.step={step}.")
     return os.path.dirname(path), int(base)
-  folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  folder = os.path.join(path, "checkpoints") if fileio.isdir(os.path.join(path, "checkpoints")) else path
   steps = _numbered(folder)
   if not steps:
     raise CheckpointError(f"init checkpoint {path}: no complete checkpoint in {folder} (a step folder holds "
@@ -552,13 +583,8 @@ _HANDOFF_VERIFIED: dict[str, tuple] = {}
 
 
 def _stat_signature(step_dir: str) -> tuple:
-  out = []
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in sorted(files):
-      st = os.stat(os.path.join(root, name))
-      out.append((os.path.relpath(os.path.join(root, name), step_dir), st.st_size, st.st_mtime_ns))
-  return tuple(out)
+  """(relative path, size, mtime) of every file of a step: what changes when any file is rewritten."""
+  return tuple((rel, *fileio.stat(path)) for rel, path in sorted(_step_files(step_dir, hashed_only=False).items()))
 
 
 def verify_handoff(folder: str, step: int) -> None:
@@ -568,7 +594,7 @@ def verify_handoff(folder: str, step: int) -> None:
   Raises:
     CheckpointError: names the file and what is wrong with it.
   """
-  step_dir = os.path.realpath(os.path.join(folder, str(step)))
+  step_dir = fileio.realpath(os.path.join(folder, str(step)))
   signature = _stat_signature(step_dir)
   if _HANDOFF_VERIFIED.get(step_dir) == signature:
     return

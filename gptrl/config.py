@@ -15,6 +15,8 @@ import re
 import typing
 from typing import Any, Mapping
 
+from gptrl import fileio
+
 
 class ConfigError(ValueError):
   """A configuration value or key is wrong; the message names the key and what is allowed."""
@@ -175,7 +177,7 @@ class DataConfig:
   split_seed: int = 0
   batch_size: int = 16  # global batch, in sequences, per optimizer step
   eval_batches: int = 8  # eval batches per evaluation (0: the whole eval split)
-  cache_dir: str = ""  # corpus / token cache; "": $GPTRL_CACHE or ~/.cache/gptrl
+  cache_dir: str = ""  # corpus / token cache, a local folder; "": $GPTRL_CACHE or ~/.cache/gptrl
   # On resume, when the saved data position belongs to a different pipeline (fingerprint: sources, seed, tokenizer,
   # batch size, process count, ...): keep the model, optimizer state and step but start the data iterator from the
   # beginning, instead of refusing. An unchanged pipeline always resumes its position.
@@ -183,6 +185,7 @@ class DataConfig:
 
   def __post_init__(self):
     _check_sources(self.sources, "data.sources")
+    _check_local_cache(self.cache_dir)
     _check(bool(self.text_field), "data.text_field", "must name the field that holds the text")
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
     _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
@@ -190,10 +193,35 @@ class DataConfig:
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
 
 
+def _check_url(path: str, key: str) -> None:
+  """A URL must have a scheme gptrl can use, with its packages installed (gptrl/fileio.py check_support)."""
+  try:
+    fileio.check_support(path)
+  except (ValueError, ImportError) as e:
+    _fail(key, str(e))
+
+
+def _check_paths(cfg: Any) -> None:
+  """Checks the URLs among a stage's paths (workdir, checkpoints to start from, tokenizer)."""
+  for key in ("workdir", "init.checkpoint", "reward_model.checkpoint", "tokenizer_path", "tokenizer.path"):
+    value = cfg
+    for part in key.split("."):
+      value = getattr(value, part, None)
+    if isinstance(value, str) and value:
+      _check_url(value, key)
+
+
+def _check_local_cache(cache_dir: str) -> None:
+  _check(not fileio.is_remote(cache_dir), "data.cache_dir",
+         f"must be a local folder (the corpus download and token caches are memory-mapped), got {cache_dir!r}; "
+         "data.sources and the workdir may be gs:// URLs")
+
+
 def _check_sources(sources: tuple[str, ...], key: str) -> None:
   _check(len(sources) > 0, key, "must name at least one source")
   for i, source in enumerate(sources):
     _check(bool(source.strip()), f"{key}[{i}]", f"is empty; name a file, folder, glob or dataset, got {source!r}")
+    _check_url(source, f"{key}[{i}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +315,7 @@ class HardwareConfig:
 class PretrainConfig:
   """Everything the pretraining stage reads."""
   stage: str = "pretrain"
-  workdir: str = "runs/pretrain"
+  workdir: str = "runs/pretrain"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
@@ -301,6 +329,7 @@ class PretrainConfig:
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check_paths(self)
     _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "data.batch_size",
            f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {self.data.batch_size}")
@@ -311,6 +340,7 @@ class PretrainConfig:
 def _check_trainable_stage(cfg: Any, *, init_from: str) -> None:
   """Checks shared by the stages that train from another stage's checkpoint."""
   _check(bool(cfg.workdir), "workdir", "must be set")
+  _check_paths(cfg)
   _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
   _check(bool(cfg.init.checkpoint), "init.checkpoint", f"must name {init_from} to start from")
   _check(cfg.data.batch_size % cfg.optim.grad_accum_steps == 0, "data.batch_size",
@@ -320,7 +350,7 @@ def _check_trainable_stage(cfg: Any, *, init_from: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
   """Where a stage's parameters start: another stage's checkpoint (params only, onto the current mesh)."""
-  checkpoint: str = ""  # a workdir, its checkpoints/ folder, or one step folder (checkpoints/<step>)
+  checkpoint: str = ""  # a workdir, its checkpoints/ folder, or one step folder (checkpoints/<step>); local or gs://
   step: int = -1  # -1: the newest valid step
 
   def __post_init__(self):
@@ -367,6 +397,7 @@ class ChatDataConfig:
 
   def __post_init__(self):
     _check_sources(self.sources, "data.sources")
+    _check_local_cache(self.cache_dir)
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
     _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -394,7 +425,7 @@ class ChatSampleConfig:
 class SFTConfig:
   """Stage 2: supervised fine-tuning on demonstrations, initialised from a pretraining checkpoint."""
   stage: str = "sft"
-  workdir: str = "runs/sft"
+  workdir: str = "runs/sft"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()
   tokenizer_path: str = ""  # "": the tokenizer.model of the init checkpoint's workdir
@@ -426,7 +457,7 @@ class JudgeConfig:
 class LabelConfig:
   """Labelling: the SFT model samples K replies per prompt, a judge compares them -> comparisons JSONL."""
   stage: str = "label"
-  workdir: str = "runs/label"
+  workdir: str = "runs/label"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run
   tokenizer_path: str = ""
@@ -444,6 +475,7 @@ class LabelConfig:
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check_paths(self)
     _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
     _check(self.num_prompts >= 0, "num_prompts", f"must be >= 0 (0 = all), got {self.num_prompts}")
@@ -465,6 +497,7 @@ class PreferenceDataConfig:
 
   def __post_init__(self):
     _check_sources(self.sources, "data.sources")
+    _check_local_cache(self.cache_dir)
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
     _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -492,7 +525,7 @@ class RewardHeadConfig:
 class RewardConfig:
   """Stage 3: a Bradley-Terry reward model initialised from the SFT checkpoint."""
   stage: str = "reward"
-  workdir: str = "runs/reward"
+  workdir: str = "runs/reward"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run
   tokenizer_path: str = ""
@@ -592,7 +625,7 @@ class PPOAlgoConfig:
 class PPOConfig:
   """Stage 4: RLHF with PPO against a frozen reward model, KL-anchored to the frozen SFT policy."""
   stage: str = "ppo"
-  workdir: str = "runs/ppo"
+  workdir: str = "runs/ppo"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
   reward_model: InitConfig = InitConfig()  # the reward-model run
@@ -608,6 +641,7 @@ class PPOConfig:
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check_paths(self)
     _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run (policy start and reference)")
     _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
@@ -625,7 +659,7 @@ class PipelineConfig:
   stage left out of `stages` is not run, and the stages after it read the paths configured for them instead.
   """
   stage: str = "pipeline"
-  workdir: str = "runs/pipeline"
+  workdir: str = "runs/pipeline"  # a local folder or a gs://bucket/... URL
   stages: tuple[str, ...] = PIPELINE_STAGES  # which stages to run (in pipeline order)
   report: bool = True  # write <workdir>/report.html after the last stage (python -m gptrl.report)
   pretrain: PretrainConfig = PretrainConfig()
@@ -637,6 +671,7 @@ class PipelineConfig:
 
   def __post_init__(self):
     _check(bool(self.workdir), "workdir", "must be set")
+    _check_paths(self)
     _check(len(self.stages) > 0, "stages", f"must name at least one of {list(PIPELINE_STAGES)}")
     for name in self.stages:
       _check(name in PIPELINE_STAGES, "stages",

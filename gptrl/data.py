@@ -14,13 +14,11 @@ caller stores `pipeline_fingerprint(...)` next to it and calls `check_fingerprin
 """
 from __future__ import annotations
 
-import glob
 import itertools
 import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -29,6 +27,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from gptrl import fileio
 from gptrl.corpus import Document
 
 Batch = dict[str, np.ndarray]
@@ -46,6 +45,7 @@ _ACCEPTED_SOURCES = """accepted sources:
   path/to/folder                        every .txt/.md file under it, sorted
   path/to/file.jsonl                    one document per line, text in field `text_field`
   data/*.jsonl (any glob pattern)       the matching files/folders above, sorted
+  gs://bucket/... (any of the above)    the same, in a bucket (no ** in its glob patterns)
   tfds:NAME[/CONFIG][:SPLIT][?data_dir=DIR]   a prepared TFDS dataset in array_record format"""
 
 
@@ -104,22 +104,34 @@ def _load_source(source: str, *, text_field: str, cache_dir: str | None) -> list
     return list(corpus.shakespeare_documents(cache_dir))
   if source.startswith("tfds:"):
     return _load_tfds(source, text_field=text_field)
-  if glob.has_magic(source):
-    matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
+  if fileio.has_magic(source):
+    matches = _glob(source)
     if not matches:
       raise DataError(f"data source {source!r}: the glob pattern matches no file.")
     docs = []
     for path in matches:
       docs.extend(_load_path(path, source=source, text_field=text_field))
     return docs
-  return _load_path(os.path.expanduser(source), source=source, text_field=text_field)
+  return _load_path(_expand(source), source=source, text_field=text_field)
+
+
+def _expand(source: str) -> str:
+  """A local source with `~` expanded; a URL (gs://...) as it is."""
+  return source if fileio.is_remote(source) else os.path.expanduser(source)
+
+
+def _glob(pattern: str) -> list[str]:
+  try:
+    return fileio.glob(pattern)
+  except ValueError as e:  # `**` in a URL
+    raise DataError(f"data source {pattern!r}: {e}") from None
 
 
 def _load_path(path: str, *, source: str, text_field: str) -> list[Document]:
   """Reads a text file, a .jsonl file or a folder of text files."""
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     files = sorted(os.path.join(root, name)
-                   for root, _, names in os.walk(path)
+                   for root, _, names in fileio.walk(path)
                    for name in names if name.lower().endswith(_TEXT_SUFFIXES))
     if not files:
       raise DataError(f"data source {source!r}: folder {path} holds no .txt or .md file.")
@@ -133,7 +145,7 @@ def _load_path(path: str, *, source: str, text_field: str) -> list[Document]:
     if empty:
       logging.warning("data source %r: skipped %d empty file(s).", source, empty)
     return docs
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise DataError(f"data source {source!r}: no such file or folder (and not a known source "
                     f"name).\n{_ACCEPTED_SOURCES}")
   lower = path.lower()
@@ -152,8 +164,7 @@ def _load_path(path: str, *, source: str, text_field: str) -> list[Document]:
 def _read_text_file(path: str) -> Document | None:
   """One Document for a whole UTF-8 text file; None if it is empty or whitespace only."""
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = fileio.read_bytes(path)
   except OSError as e:
     raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
   try:
@@ -182,7 +193,7 @@ def iter_jsonl(path: str, *, expected: str) -> Iterator[tuple[str, dict[str, Any
       tokenizer can encode); names path:line, and the field where there is one.
   """
   try:
-    f = open(path, "rb")  # pylint: disable=consider-using-with
+    f = fileio.open(path, "rb")  # pylint: disable=consider-using-with
   except OSError as e:
     raise DataError(f"{path}: cannot open the file ({e.strerror or e}).") from None
   with f:
@@ -302,17 +313,16 @@ def load_records(sources: Sequence[str], *, expected: str,
     if source.startswith("tfds:"):
       out.extend(_tfds_records(source, expected=expected))
       continue
-    paths = sorted(glob.glob(os.path.expanduser(source), recursive=True)) if glob.has_magic(source) else [
-        os.path.expanduser(source)]
+    paths = _glob(source) if fileio.has_magic(source) else [_expand(source)]
     if not paths:
       raise DataError(f"data source {source!r}: the glob pattern matches no file.")
     for path in paths:
-      if os.path.isdir(path):
-        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+      if fileio.isdir(path):
+        files = sorted(os.path.join(root, n) for root, _, names in fileio.walk(path) for n in names
                        if n.endswith(".jsonl"))
         if not files:
           raise DataError(f"data source {source!r}: folder {path} holds no .jsonl file.")
-      elif not os.path.exists(path):
+      elif not fileio.exists(path):
         known = f" (built-in sources: {sorted(builtin)})" if builtin else ""
         raise DataError(f"data source {source!r}: no such file or folder{known}.")
       elif not path.endswith(".jsonl"):
@@ -527,19 +537,8 @@ def _tokenize(docs: Sequence[Document], tokenizer: TokenizerLike) -> np.ndarray:
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
   """np.save to a temp file in the same folder, then rename, so readers never see half a file."""
-  folder = os.path.dirname(path) or "."
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_open(path, "wb") as f:
+    np.save(f, array)
 
 
 # ----------------------------------------------------------------------------------------------

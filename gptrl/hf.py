@@ -6,7 +6,8 @@
 `import` reads DIR/config.json and DIR/model.safetensors (or the shards of model.safetensors.index.json; no
 network, no torch) and writes a gptrl workdir: `checkpoints/0` (an Orbax checkpoint whose meta has stage
 "pretrain", the model config and the tokenizer's sha256) and `tokenizer.model`, so a later stage starts from it
-with `--config.init.checkpoint=WORKDIR` as from a pretraining run.
+with `--config.init.checkpoint=WORKDIR` as from a pretraining run. The Hugging Face folders (--hf-dir, export's
+--out and --vocab-from) are local; the gptrl side (import's --out, export's --checkpoint) may be a gs:// URL.
 
 Architectures (ModelConfig options in brackets):
   gpt2:  learned positions, LayerNorm, GELU MLP (gelu_new = "gelu_tanh"), biases everywhere [attention_bias].
@@ -38,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import struct
 import sys
 from typing import Any, Mapping, Sequence
@@ -47,6 +47,7 @@ import ml_dtypes
 import numpy as np
 
 from gptrl import config as config_lib
+from gptrl import fileio
 from gptrl import tokenizer as tokenizer_lib
 
 SUPPORTED = ("gpt2", "llama")
@@ -55,6 +56,12 @@ _PROG = "gptrl.hf"
 
 class HFError(ValueError):
   """A Hugging Face checkpoint cannot be imported or a gptrl checkpoint exported; the message says where."""
+
+
+def _require_local(path: str, what: str) -> None:
+  if fileio.is_remote(path):
+    raise HFError(f"{what} {path}: must be a local folder (safetensors files are memory-mapped); copy it first, "
+                  "e.g. with gcloud storage cp -r.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,13 +112,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     arrays.append(array)
   encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
   encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
+  with fileio.atomic_open(path, "wb") as f:
     f.write(struct.pack("<Q", len(encoded)))
     f.write(encoded)
     for array in arrays:
       f.write(array.tobytes())
-  os.replace(tmp, path)
 
 
 class _Tensors:
@@ -185,6 +190,7 @@ _HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "rel
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   """DIR/config.json as a dict; refuses a missing file or one of an unsupported model_type."""
+  _require_local(hf_dir, "Hugging Face folder")
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isdir(hf_dir):
     raise HFError(f"{hf_dir}: no such folder (expected a Hugging Face checkpoint folder with config.json).")
@@ -641,8 +647,9 @@ def import_checkpoint(hf_dir: str, workdir: str, *, param_dtype: str = "float32"
   import jax  # pylint: disable=import-outside-toplevel
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
 
-  workdir = os.path.abspath(workdir)
-  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+  _require_local(hf_dir, "--hf-dir")
+  workdir = fileio.abspath(workdir)
+  if fileio.isdir(os.path.join(workdir, "checkpoints")) and fileio.listdir(os.path.join(workdir, "checkpoints")):
     raise HFError(f"{workdir}/checkpoints already has checkpoints; import into a new workdir.")
   # The tokenizer first: refusing GPT-2's is cheaper before the weights are read.
   tok_bytes, vocab, tok_note = tokenizer_for_import(hf_dir)
@@ -653,7 +660,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, param_dtype: str = "float32"
   elif cfg.vocab_size < tok.vocab_size:
     raise HFError(f"{hf_dir}: config.json vocab_size {cfg.vocab_size} is smaller than tokenizer.model's "
                   f"{tok.vocab_size} pieces.")
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   tok.save(os.path.join(workdir, "tokenizer.model"))
   meta = {"stage": "pretrain", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(cfg),
           "num_params": int(sum(x.size for x in _flatten(params).values())),
@@ -693,7 +700,7 @@ def _restore_params(checkpoint: str, step: int) -> tuple[config_lib.ModelConfig,
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = ckpt_lib.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
   tok_path = os.path.join(os.path.dirname(folder), "tokenizer.model")
-  sha = tokenizer_lib.load_tokenizer(tok_path).sha256 if os.path.exists(tok_path) else None
+  sha = tokenizer_lib.load_tokenizer(tok_path).sha256 if fileio.exists(tok_path) else None
   params, _, _ = ckpt_lib.load_params(checkpoint, target, step=step, tokenizer_sha256=sha,
                                       subtree="policy" if stage == "ppo" else "")
   return cfg, jax.device_get(params), meta, where, tok_path
@@ -714,6 +721,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, step: int = -1, vocab_fr
   Returns:
     the config.json written.
   """
+  _require_local(out_dir, "--out")
+  if vocab_from:
+    _require_local(vocab_from, "--vocab-from")
   cfg, params, meta, where, tok_path = _restore_params(checkpoint, step)
   os.makedirs(out_dir, exist_ok=True)
   if vocab_from:
@@ -732,18 +742,17 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, step: int = -1, vocab_fr
     special = {k: original.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
       if os.path.exists(os.path.join(vocab_from, name)):
-        shutil.copyfile(os.path.join(vocab_from, name), os.path.join(out_dir, name))
+        fileio.atomic_write(os.path.join(out_dir, name), fileio.read_bytes(os.path.join(vocab_from, name)))
   else:
     special = {"bos_token_id": tokenizer_lib.BOS_ID, "eos_token_id": tokenizer_lib.EOS_ID,
                "pad_token_id": tokenizer_lib.PAD_ID}
-    if os.path.exists(tok_path):
-      shutil.copyfile(tok_path, os.path.join(out_dir, "tokenizer.model"))
+    if fileio.exists(tok_path):  # the run's tokenizer, perhaps in a bucket
+      fileio.atomic_write(os.path.join(out_dir, "tokenizer.model"), fileio.read_bytes(tok_path))
   hf_config = hf_config_from_model_config(cfg, special_ids=special, dtype=dtype)
   np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
   tensors = {k: v.astype(np_dtype) for k, v in hf_tensors_from_params(params, cfg).items()}
   write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+  fileio.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(hf_config, indent=2, sort_keys=True))
   logging.info("Exported %s (stage %r) as %s to %s.", where, meta.get("stage"), hf_config["architectures"][0],
                out_dir)
   return hf_config
@@ -781,9 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "import":
       meta = import_checkpoint(args.hf_dir, args.out, param_dtype=args.param_dtype, max_len=args.max_len)
-      print(f"imported {args.hf_dir} -> {os.path.abspath(args.out)} ({meta['num_params']:,} parameters; "
+      print(f"imported {args.hf_dir} -> {fileio.abspath(args.out)} ({meta['num_params']:,} parameters; "
             f"{meta['imported_from']['tokenizer']}).\nStart a stage from it with "
-            f"--config.init.checkpoint={os.path.abspath(args.out)}")
+            f"--config.init.checkpoint={fileio.abspath(args.out)}")
     else:
       hf_config = export_checkpoint(args.checkpoint, args.out, step=args.step, vocab_from=args.vocab_from,
                                     dtype=args.dtype)

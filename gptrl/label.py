@@ -15,7 +15,9 @@ Empty and repeated replies are not shown: the reward stage needs distinct ones.
 `{"messages"}` ending in a user turn, or of demonstrations (`{"prompt", "response"}`, or `{"messages"}` ending in
 an assistant turn, which is cut off); in a seeded order (--seed), the first --num_prompts of them.
 
-Written to --out, each record appended, flushed and fsynced before the page hears it was saved:
+Written to --out, a local folder, each record appended, flushed and fsynced before the page hears it was saved
+(copy it to a bucket afterwards if the reward stage reads from one; --checkpoint, --prompts and --replies may be
+gs:// URLs):
   comparisons.jsonl     one ranked record per submitted prompt, the reward stage's format:
                         {"messages", "responses", "ranking": [best, ..., worst], "labeller": "human",
                          "prompt_id", "where", "time"}
@@ -43,6 +45,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gptrl import chat
+from gptrl import fileio
 from gptrl import labellers
 
 _PROG = "gptrl.label"
@@ -116,7 +119,7 @@ class LabelStore:
                          "was this file written by another program?")
       self._actions.setdefault(entry["prompt_id"], entry["action"])
     self._files = {name: open(path, "ab") for name, path in paths.items()}  # pylint: disable=consider-using-with
-    _fsync_dir(folder)
+    fileio.fsync_dir(folder)
     # Repair: records of logged decisions that a kill kept out of the outputs.
     for name, field in ((self.COMPARISONS, "comparison"), (self.DEMONSTRATIONS, "demonstration")):
       have = {r.get("prompt_id") for _, r in existing[name]}
@@ -220,7 +223,7 @@ def _repair_torn_tail(path: str) -> bool:
 def _read_jsonl(path: str, expected: str) -> list[tuple[str, dict[str, Any]]]:
   """(\"path:line\", record) for each non-blank line of a JSONL file; UsageError naming path:line otherwise."""
   records = []
-  with open(path, "rb") as f:
+  with fileio.open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
       try:
@@ -234,15 +237,6 @@ def _read_jsonl(path: str, expected: str) -> list[tuple[str, dict[str, Any]]]:
         raise UsageError(f"{where}: expected a JSON object with {expected}, got {type(record).__name__}.")
       records.append((where, record))
   return records
-
-
-def _fsync_dir(folder: str) -> None:
-  """Makes newly created files in `folder` survive a power cut (their directory entries are on disk)."""
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +342,7 @@ def prefetch(items: Iterator[Question], ahead: int, progress: Progress) -> Itera
 
 def replies_questions(path: str, k: int) -> list[Question]:
   """One question per record of a replies file ({"messages"|"prompt", "responses"}), its first `k` replies."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UsageError(f"--replies {path}: no such file; give the replies.jsonl of a labelling run.")
   questions: dict[str, Question] = {}
   for where, record in _read_jsonl(path, _REPLIES_EXPECTED):
@@ -586,6 +580,10 @@ def run(args: argparse.Namespace) -> None:
   """
   if bool(args.checkpoint) == bool(args.replies):
     raise UsageError("give --checkpoint RUN (sample replies) or --replies replies.jsonl (rank given ones), not both.")
+  if fileio.is_remote(args.out):
+    raise UsageError(f"--out {args.out}: must be a local folder (each decision is appended and fsynced before the "
+                     "page hears it was saved, which a bucket cannot do); copy it to the bucket afterwards, e.g. "
+                     "gcloud storage cp -r.")
   if args.replies and (args.prompts or args.num_prompts):
     raise UsageError("--prompts and --num_prompts pick prompts to sample from a --checkpoint; with --replies the "
                      "file's prompts are used.")

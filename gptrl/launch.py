@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> None:
   stage = importlib.import_module(STAGES[cfg.stage])
   # Errors in what the user gave (config values, data files, checkpoints, tokenizers) end the run with their
   # message, which names the file:line/field or the key, instead of a traceback from deep inside the stage.
-  from gptrl import checkpoint, data, tokenizer, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint, data, fileio, tokenizer, trainer  # pylint: disable=import-outside-toplevel
   try:
     from gptrl import memory  # pylint: disable=import-outside-toplevel
     memory.check_at_launch(cfg)  # logs the per-device memory estimate; refuses a run that cannot fit
     stage.run(cfg)
   except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError, tokenizer.TokenizerMismatchError,
-          trainer.TrainingDivergedError) as e:
+          trainer.TrainingDivergedError, fileio.MissingDependencyError) as e:
     print(f"gptrl.launch: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -14,6 +14,7 @@ metric that is missing is skipped with a note. The pipeline stage calls `write_r
 What it reads from each stage folder: `metrics.jsonl` (rows `{"step": s, "<metric>": value, ...}` of
 gptrl/metrics.py), `config.json`, `samples.jsonl`; label: `summary.json`, `comparisons.jsonl`,
 `replies.jsonl`; ppo: `eval_replies.jsonl`; a pipeline's `pipeline_state.json` (stage times) in the parent.
+Folders and --out may be gs:// URLs (gptrl/fileio.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from gptrl import fileio
+
 STAGES = ("pretrain", "sft", "label", "reward", "ppo")  # pipeline order (gptrl/config.py PIPELINE_STAGES)
 TABLE_PROMPTS = 12  # held-out prompts shown in the SFT-vs-PPO table
 _JUDGE_PREFIX = "eval/judge_"
@@ -49,8 +52,7 @@ class ReportError(ValueError):
 def _read_json(path: str) -> dict[str, Any] | None:
   """The JSON object in `path`, or None if it is missing, unreadable or not an object."""
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
+    value = json.loads(fileio.read_text(path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None
   return value if isinstance(value, dict) else None
@@ -59,9 +61,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """The JSON objects of a JSONL file, skipping blank and torn lines (a kill mid-write); [] if it is missing."""
   rows = []
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return rows
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with fileio.open(path, errors="replace") as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -73,7 +75,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def _has_outputs(folder: str) -> bool:
-  return any(os.path.exists(os.path.join(folder, f)) for f in ("metrics.jsonl", "config.json", "summary.json"))
+  return any(fileio.exists(os.path.join(folder, f)) for f in ("metrics.jsonl", "config.json", "summary.json"))
 
 
 def find_stage_dirs(workdir: str | None = None, overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -86,21 +88,21 @@ def find_stage_dirs(workdir: str | None = None, overrides: dict[str, str] | None
   """
   found: dict[str, str] = {}
   if workdir:
-    if not os.path.isdir(workdir):
+    if not fileio.isdir(workdir):
       raise ReportError(f"--workdir {workdir}: no such folder.")
     own = (_read_json(os.path.join(workdir, "config.json")) or {}).get("stage")
     if own in STAGES:
       found[own] = workdir
     else:
       newest: dict[str, float] = {}
-      for name in sorted(os.listdir(workdir)):
+      for name in sorted(fileio.listdir(workdir)):
         sub = os.path.join(workdir, name)
-        if not os.path.isdir(sub):
+        if not fileio.isdir(sub):
           continue
         stage = name if name in STAGES else (_read_json(os.path.join(sub, "config.json")) or {}).get("stage")
         if stage not in STAGES or not _has_outputs(sub):
           continue
-        mtime = os.path.getmtime(os.path.join(sub, "metrics.jsonl")) if os.path.exists(
+        mtime = fileio.getmtime(os.path.join(sub, "metrics.jsonl")) if fileio.exists(
             os.path.join(sub, "metrics.jsonl")) else 0.0
         exact = name == stage  # the pipeline's own sub-folder beats a look-alike
         if stage not in found or (exact, mtime) > (os.path.basename(found[stage]) == stage, newest[stage]):
@@ -108,7 +110,7 @@ def find_stage_dirs(workdir: str | None = None, overrides: dict[str, str] | None
   for stage, folder in (overrides or {}).items():
     if stage not in STAGES:
       raise ReportError(f"unknown stage {stage!r}; known: {list(STAGES)}.")
-    if not os.path.isdir(folder):
+    if not fileio.isdir(folder):
       raise ReportError(f"--{stage} {folder}: no such folder.")
     found[stage] = folder
   if not found:
@@ -143,7 +145,7 @@ class Run:
     self.metrics = {s: read_jsonl(os.path.join(d, "metrics.jsonl")) for s, d in self.dirs.items()}
     self.configs = {s: _read_json(os.path.join(d, "config.json")) or {} for s, d in self.dirs.items()}
     # A pipeline keeps every stage in a sub-folder of its workdir, next to its record of the stage times.
-    parents = {os.path.dirname(os.path.abspath(d)) for d in self.dirs.values()}
+    parents = {os.path.dirname(fileio.abspath(d)) for d in self.dirs.values()}
     self.pipeline_state: dict[str, Any] = {}
     if len(parents) == 1:
       self.pipeline_state = _read_json(os.path.join(parents.pop(), "pipeline_state.json")) or {}
@@ -165,8 +167,8 @@ class Run:
       return float(done["seconds"]), True
     folder = self.dirs[stage]
     start, end = os.path.join(folder, "config.json"), os.path.join(folder, "metrics.jsonl")
-    if os.path.exists(start) and os.path.exists(end):
-      return max(os.path.getmtime(end) - os.path.getmtime(start), 0.0), False
+    if fileio.exists(start) and fileio.exists(end):
+      return max(fileio.getmtime(end) - fileio.getmtime(start), 0.0), False
     return None, False
 
 
@@ -667,16 +669,13 @@ def write_report(stage_dirs: dict[str, str], out_path: str) -> str:
   unknown = sorted(set(stage_dirs) - set(STAGES))
   if unknown:
     raise ReportError(f"unknown stage(s) {unknown}; known: {list(STAGES)}.")
-  present = {s: d for s, d in stage_dirs.items() if d and os.path.isdir(d) and _has_outputs(d)}
+  present = {s: d for s, d in stage_dirs.items() if d and fileio.isdir(d) and _has_outputs(d)}
   if not present:
     raise ReportError(f"nothing to report: none of {sorted(stage_dirs.values())} holds metrics.jsonl, config.json "
                       "or summary.json.")
   text = render_html(Run(present))
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, out_path)  # a reader never sees half a report
+  fileio.makedirs(os.path.dirname(fileio.abspath(out_path)))
+  fileio.atomic_write(out_path, text)  # a reader never sees half a report
   return out_path
 
 

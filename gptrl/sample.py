@@ -38,6 +38,7 @@ from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
+from gptrl import fileio
 from gptrl import model as model_lib
 from gptrl import reward_model
 from gptrl import sampling
@@ -94,7 +95,7 @@ def open_checkpoint(path: str, *, step: int = -1, tokenizer_path: str = "", dtyp
     UsageError: no checkpoint at `path`, no model config in its meta, or a tokenizer that is missing or is not
       the one the checkpoint was trained with.
   """
-  if not os.path.exists(os.path.expanduser(path)):
+  if not fileio.exists(fileio.abspath(path)):
     raise UsageError(f"--checkpoint {path}: no such folder; give a run's workdir, its checkpoints/ folder or "
                      "one checkpoints/<step> folder.")
   try:

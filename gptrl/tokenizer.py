@@ -34,12 +34,13 @@ import argparse
 import hashlib
 import io
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from gptrl import fileio
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
@@ -148,8 +149,8 @@ class Tokenizer:
     return self._sp.IdToPiece(int(token_id))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the model file to `path` atomically (e.g. next to a checkpoint)."""
-    _write_atomically(pathlib.Path(path), self._model_proto)
+    """Writes the model file to `path` (local or gs://) atomically (e.g. next to a checkpoint)."""
+    fileio.atomic_write(os.fspath(path), self._model_proto)
 
   def __getstate__(self) -> dict:
     # Only the model bytes: the processor is rebuilt (and re-checked) from them on unpickling,
@@ -213,7 +214,7 @@ def load_tokenizer(path: str | os.PathLike, *, expected_sha256: str | None = Non
   """Loads and checks a tokenizer model file.
 
   Args:
-    path: a .model file written by `train_tokenizer` (or `Tokenizer.save`).
+    path: a .model file written by `train_tokenizer` (or `Tokenizer.save`), local or gs://.
     expected_sha256: if given, the file's sha256 must equal it.
     what: who expects that hash, for the error message, e.g. "the checkpoint at /x/ckpt/100 was
       trained with".
@@ -226,11 +227,11 @@ def load_tokenizer(path: str | os.PathLike, *, expected_sha256: str | None = Non
     TokenizerMismatchError: the file's sha256 differs from `expected_sha256`.
     ValueError: the file is not a sentencepiece model with gptrl's reserved tokens.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = os.fspath(path)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"tokenizer model {path} does not exist; train one with "
                             f"`python -m gptrl.tokenizer --input ... --output {path}`.")
-  data = path.read_bytes()
+  data = fileio.read_bytes(path)
   actual = hashlib.sha256(data).hexdigest()
   if expected_sha256 is not None and actual != expected_sha256.lower():
     raise TokenizerMismatchError(
@@ -238,20 +239,6 @@ def load_tokenizer(path: str | os.PathLike, *, expected_sha256: str | None = Non
         f"{path} has sha256 {actual}. The same ids would mean different text: use the tokenizer "
         f"file that matches, or retrain from scratch with this one.")
   return Tokenizer(data, path=path)
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Writes data to a temp file beside `path`, then renames it: readers never see a half file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def _split_long_line(line: str, max_bytes: int) -> Iterator[str]:
@@ -298,7 +285,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, *,
 
   Args:
     texts: documents (any length; they are split into lines).
-    output_path: where the .model file goes (parent folders are created).
+    output_path: where the .model file goes, local (parent folders are created) or gs://.
     vocab_size: number of ids, including the 265 reserved ones of the module docstring.
     model_type: "bpe" or "unigram".
     character_coverage: share of characters that get their own piece; rarer ones fall back to
@@ -313,7 +300,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, *,
   Returns:
     The trained Tokenizer, with `path` = output_path.
   """
-  output_path = pathlib.Path(output_path)
+  output_path = os.fspath(output_path)
   if vocab_size <= NUM_RESERVED:
     raise ValueError(f"vocab_size={vocab_size} leaves no room for learned pieces: "
                      f"{NUM_RESERVED} ids are reserved (see gptrl/tokenizer.py); use e.g. 4096.")
@@ -352,7 +339,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, *,
   except RuntimeError as e:
     raise ValueError(f"training the tokenizer {output_path} failed: {e}\n(vocab_size={vocab_size}, "
                      f"model_type={model_type!r}, {len(sentences)} lines of text.)") from e
-  _write_atomically(output_path, writer.getvalue())
+  fileio.atomic_write(output_path, writer.getvalue())
   return Tokenizer(writer.getvalue(), path=output_path)
 
 

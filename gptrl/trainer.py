@@ -427,6 +427,7 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
       if guard.should_stop(step):
         if pending:
           flush(pending)
+        writer.sync()  # a bucket workdir's metrics rows first, then the checkpoint they lead up to
         save_checkpoint(loop, state, step)
         loop.checkpointer.wait()
         logging.warning("Preempted at step %d: checkpoint saved; exiting with code %d.", step, EXIT_PREEMPTED)
@@ -470,6 +471,10 @@ def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
         loop.meta = {**loop.meta, **extra}
         writer.write(done, {f"final/{k}": float(v) for k, v in extra.items() if isinstance(v, (int, float))})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or rolled_back:
+        if pending:  # its row goes with the checkpoint (a bucket workdir uploads the rows at `sync`)
+          flush(pending)
+          pending = None
+        writer.sync()
         save_checkpoint(loop, state, done)
     if pending:
       flush(pending)

@@ -124,7 +124,8 @@ def install_script(source: str, repo: str, branch: str, bucket: str, mount_point
   steps.append(f"python3 -m venv {REMOTE_VENV} || (sudo apt-get update -qq && sudo apt-get install -y -qq "
                f"python3-venv && python3 -m venv {REMOTE_VENV})")
   steps.append(f"{REMOTE_VENV}/bin/pip install -q -U pip")
-  steps.append(f"{REMOTE_VENV}/bin/pip install -q -e {REMOTE_SRC} "
+  # [gcs]: gcsfs and google-cloud-storage, for gs:// workdirs, data and checkpoints without a mount.
+  steps.append(f"{REMOTE_VENV}/bin/pip install -q -e {REMOTE_SRC}[gcs] "
                f"\"jax[tpu]{launchlib.JAX_VERSIONS}\"")
   return "; ".join(steps)
 

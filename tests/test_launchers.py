@@ -19,7 +19,7 @@ import tpu_vm  # noqa: E402  pylint: disable=wrong-import-position
 ARCHIVE = os.path.join(tempfile.gettempdir(), "gptrl-src-gptrl-1b.tgz")
 INSTALL = ("set -e; mkdir -p ~/gptrl && tar -xzf ~/gptrl-src.tgz -C ~/gptrl; python3 -m venv ~/gptrl-venv || "
            "(sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && python3 -m venv ~/gptrl-venv); "
-           "~/gptrl-venv/bin/pip install -q -U pip; ~/gptrl-venv/bin/pip install -q -e ~/gptrl "
+           "~/gptrl-venv/bin/pip install -q -U pip; ~/gptrl-venv/bin/pip install -q -e ~/gptrl[gcs] "
            "\"jax[tpu]>=0.10.2,<0.11\"")
 
 

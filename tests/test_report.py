@@ -16,7 +16,7 @@ import pytest
 
 from gptrl import judges
 from gptrl import report
-from gptrl.metrics import MetricsWriter
+from gptrl.metrics import MetricsWriter, truncate_jsonl_after
 from gptrl.stages import ppo
 from helpers import REPO, env
 
@@ -248,7 +248,7 @@ def test_resumed_ppo_drops_eval_replies_written_after_the_checkpoint(tmp_path):
     ppo.append_eval_replies(str(tmp_path), step, [{"prompt_index": 0, "reply": f"at {step}"}])
   with open(tmp_path / ppo.EVAL_REPLIES_FILE, "a", encoding="utf-8") as f:
     f.write('{"step": 12, "repl')  # torn
-  ppo._drop_eval_replies_after(str(tmp_path / ppo.EVAL_REPLIES_FILE), 4)  # pylint: disable=protected-access
+  truncate_jsonl_after(str(tmp_path / ppo.EVAL_REPLIES_FILE), 4)  # what the PPO stage does on resume
   assert [r["step"] for r in report.read_jsonl(str(tmp_path / ppo.EVAL_REPLIES_FILE))] == [0, 4]
 
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import jax
 
 from gptrl import config as config_lib
+from gptrl import fileio
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.corpus import Document
 
@@ -19,23 +20,19 @@ def prepare_workdir(cfg: Any) -> str:
   A config that differs from the one an earlier run left there is logged key by key (resuming with, say,
   more steps is fine; the data fingerprint and tokenizer checks refuse the changes that are not).
   """
-  workdir = os.path.abspath(cfg.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fileio.abspath(cfg.workdir)
+  fileio.makedirs(workdir)
   resolved = config_lib.to_dict(cfg)
   path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        try:
-          previous = json.load(f)
-        except json.JSONDecodeError:
-          previous = {}
+    if fileio.exists(path):
+      try:
+        previous = json.loads(fileio.read_text(path))
+      except json.JSONDecodeError:
+        previous = {}
       for key, (old, new) in sorted(_diff(previous, json.loads(json.dumps(resolved))).items()):
         logging.warning("config.%s changed since the last run in this workdir: %r -> %r", key, old, new)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(resolved, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.atomic_write(path, json.dumps(resolved, indent=2, sort_keys=True))
   return workdir
 
 
@@ -71,7 +68,7 @@ def load_or_train_tokenizer(cfg: config_lib.TokenizerConfig, workdir: str,
   else one trained on `train_docs` (deterministic, so every process trains the same model).
   """
   local = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(local):
+  if fileio.exists(local):
     tok = tokenizer_lib.load_tokenizer(local)
     if cfg.path:
       configured = tokenizer_lib.load_tokenizer(cfg.path)
@@ -83,8 +80,7 @@ def load_or_train_tokenizer(cfg: config_lib.TokenizerConfig, workdir: str,
   if cfg.path:
     source = tokenizer_lib.load_tokenizer(cfg.path)
     if jax.process_index() == 0:
-      with open(cfg.path, "rb") as f:
-        _atomic_write(local, f.read())
+      source.save(local)
     return source
   if not train_docs:
     raise config_lib.ConfigError("config.tokenizer.path: no tokenizer given and no training text to train one on.")
@@ -94,13 +90,6 @@ def load_or_train_tokenizer(cfg: config_lib.TokenizerConfig, workdir: str,
   tok = tokenizer_lib.train_tokenizer((d.text for d in train_docs), target, vocab_size=cfg.vocab_size,
                                       model_type=cfg.model_type)
   return tok
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def resolve_vocab_size(model_cfg: config_lib.ModelConfig, tok: tokenizer_lib.Tokenizer) -> config_lib.ModelConfig:
@@ -150,7 +139,7 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
     raise config_lib.ConfigError(f"init.checkpoint: {where} has no model config in its meta.")
   model_cfg = runtime.apply(model_config_from_meta(meta))
   source_tok = tokenizer_path or os.path.join(os.path.dirname(folder), "tokenizer.model")
-  if not os.path.exists(source_tok):
+  if not fileio.exists(source_tok):
     raise config_lib.ConfigError(f"tokenizer_path: {source_tok} does not exist; set tokenizer_path to the "
                                  f"tokenizer the run in {os.path.dirname(folder)} was trained with.")
   tok = load_or_train_tokenizer(config_lib.TokenizerConfig(path=source_tok), workdir, None)

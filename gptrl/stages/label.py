@@ -29,6 +29,7 @@ import tqdm
 
 from gptrl import chat
 from gptrl import chat_data
+from gptrl import fileio
 from gptrl import judges
 from gptrl import labellers
 from gptrl import model as model_lib
@@ -52,18 +53,8 @@ def training_prompts(conversations: list[chat_data.Conversation], n: int, seed: 
   return [prompts[i] for i in order]
 
 
-def _append(path: str, lines: list[str]) -> None:
-  with open(path, "a", encoding="utf-8") as f:
-    f.writelines(lines)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _write_state(path: str, state: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(state, f, indent=1)
-  os.replace(tmp, path)
+  fileio.atomic_write(path, json.dumps(state, indent=1))
 
 
 def run(cfg: LabelConfig) -> dict[str, Any]:
@@ -99,21 +90,19 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
        cfg.data.eval_fraction, cfg.num_prompts, k, cfg.batch_size, cfg.seed, common.config_lib.to_dict(cfg.sample),
        common.config_lib.to_dict(cfg.judge)]).encode()).hexdigest()
   done = 0
-  if os.path.exists(state_path):
-    with open(state_path, encoding="utf-8") as f:
-      state = json.load(f)
+  if fileio.exists(state_path):
+    state = json.loads(fileio.read_text(state_path))
     if state.get("fingerprint") != fingerprint:
       raise common.config_lib.ConfigError(
           f"{state_path}: this workdir holds comparisons made with another model, data or sampling config. "
           "Use a fresh workdir (or delete that folder's files to start over).")
     done = state["chunks_done"]
     for path, size in ((out_path, state["comparisons_bytes"]), (replies_path, state["replies_bytes"])):
-      with open(path, "r+b") as f:
-        f.truncate(size)  # drops lines of a chunk that was cut short by a kill
+      fileio.truncate(path, size)  # drops lines of a chunk that was cut short by a kill
     logging.info("Resuming after %d of %d chunks.", done, len(chunks))
   else:
     for path in (out_path, replies_path):
-      open(path, "w", encoding="utf-8").close()
+      fileio.atomic_write(path, b"")
   logging.info("Labelling %d prompts x %d replies with judge %r (min gap %.2f), %d chunks.", len(prompts), k,
                cfg.judge.name, cfg.judge.min_gap, len(chunks))
 
@@ -156,11 +145,12 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                                    "prompt_index": index}, ensure_ascii=False) + "\n")
           kept += 1
       if is_main:
-        _append(out_path, lines)
-        _append(replies_path, reply_lines)
+        # Appends, then the state that commits them (a bucket's objects are rewritten: fileio.append).
+        fileio.append(out_path, "".join(lines), fsync=True)
+        fileio.append(replies_path, "".join(reply_lines), fsync=True)
         _write_state(state_path, {"fingerprint": fingerprint, "chunks_done": c + 1,
-                                  "comparisons_bytes": os.path.getsize(out_path),
-                                  "replies_bytes": os.path.getsize(replies_path)})
+                                  "comparisons_bytes": fileio.getsize(out_path),
+                                  "replies_bytes": fileio.getsize(replies_path)})
       totals["pairs"] += kept
       totals["replies"] += len(replies)
       totals["empty"] += empty
@@ -173,7 +163,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
   finally:
     bar.close()
     writer.close()
-  with open(out_path, encoding="utf-8") as f:
+  with fileio.open(out_path) as f:
     n_pairs = sum(1 for _ in f)
   summary = {"prompts": len(prompts), "replies_per_prompt": k, "pairs": n_pairs, "judge": cfg.judge.name,
              "min_gap": cfg.judge.min_gap, "comparisons": out_path, "empty_replies_this_run": totals["empty"]}

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 
 from gptrl import config as config_lib
+from gptrl import fileio
 from gptrl.config import PIPELINE_STAGES, PipelineConfig
 
 STATE_FILE = "pipeline_state.json"
@@ -51,7 +52,7 @@ def _input(cfg: PipelineConfig, workdir: str, produced_by: str, configured: str,
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
   """The typed config of every stage to run, with workdirs and inputs wired as the module docstring says."""
-  workdir = os.path.abspath(cfg.workdir)
+  workdir = fileio.abspath(cfg.workdir)
   out = {}
   for name in cfg.stages:
     stage_cfg = getattr(cfg, name)
@@ -88,11 +89,10 @@ def _warn_on_split_mismatch(cfg: PipelineConfig) -> None:
 def read_state(workdir: str) -> dict[str, Any]:
   """The pipeline's progress record: {"done": {stage: {"finished", "seconds"}}}; empty for a fresh workdir."""
   path = os.path.join(workdir, STATE_FILE)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return {"done": {}}
   try:
-    with open(path, encoding="utf-8") as f:
-      state = json.load(f)
+    state = json.loads(fileio.read_text(path))
     if not isinstance(state, dict) or not isinstance(state.get("done"), dict):
       raise ValueError("expected an object with a 'done' object")
     return state
@@ -105,13 +105,7 @@ def read_state(workdir: str) -> dict[str, Any]:
 def _write_state(workdir: str, state: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, STATE_FILE)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(state, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fileio.atomic_write(os.path.join(workdir, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
 
 
 def _stage_fingerprint(stage_cfg: Any) -> str:
@@ -125,8 +119,8 @@ def _stage_fingerprint(stage_cfg: Any) -> str:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
   """Runs the configured stages in order, skipping finished ones; returns the pipeline state."""
-  workdir = os.path.abspath(cfg.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fileio.abspath(cfg.workdir)
+  fileio.makedirs(workdir)
   configs = stage_configs(cfg)
   from gptrl.stages import common  # pylint: disable=import-outside-toplevel
   common.prepare_workdir(cfg)  # the whole resolved pipeline config, as config.json
@@ -163,6 +157,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 def _write_report(workdir: str, cfg: PipelineConfig) -> None:  # pylint: disable=unused-argument
   """The HTML report over every stage sub-folder of this pipeline (gptrl/report.py)."""
   from gptrl import report  # pylint: disable=import-outside-toplevel
-  stage_dirs = {n: os.path.join(workdir, n) for n in PIPELINE_STAGES if os.path.isdir(os.path.join(workdir, n))}
+  stage_dirs = {n: os.path.join(workdir, n) for n in PIPELINE_STAGES if fileio.isdir(os.path.join(workdir, n))}
   path = report.write_report(stage_dirs, os.path.join(workdir, "report.html"))
   logging.info("Report: %s", path)

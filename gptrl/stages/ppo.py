@@ -44,6 +44,7 @@ from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import data as data_lib
+from gptrl import fileio
 from gptrl import judges as judges_lib
 from gptrl import losses
 from gptrl import model as model_lib
@@ -55,7 +56,7 @@ from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import PPOConfig
 from gptrl.corpus import default_cache_dir
-from gptrl.metrics import MetricsWriter
+from gptrl.metrics import MetricsWriter, truncate_jsonl_after
 from gptrl.stages import common
 
 # Rollout arrays: B responses, L = P + N token buffer (P prompt slots, left-padded; N response slots).
@@ -233,56 +234,42 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], *,
 
 
 def save_rollout(directory: str, iteration: int, arrays: dict[str, np.ndarray]) -> None:
-  """One .npz per iteration; RolloutSource reads them back as grain-indexable records (one per response)."""
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f"iter_{iteration:06d}.tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, os.path.join(directory, f"iter_{iteration:06d}.npz"))
+  """One .npz per iteration (local or gs://); RolloutSource reads them back as grain-indexable records (one per
+  response)."""
+  fileio.makedirs(directory)
+  with fileio.atomic_open(os.path.join(directory, f"iter_{iteration:06d}.npz"), "wb") as f:
+    np.savez(f, **arrays)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  with fileio.open(path, "rb") as f, np.load(f) as z:
+    return {k: z[k] for k in z.files}
 
 
 class RolloutSource:
   """A grain RandomAccessDataSource over saved rollouts: record i is one response's arrays (and its iteration)."""
 
   def __init__(self, directory: str):
-    self._files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
+    self._files = sorted(os.path.join(directory, f) for f in fileio.listdir(directory)
                          if f.startswith("iter_") and f.endswith(".npz") and ".tmp" not in f)
     self._index = []
     for f_i, f in enumerate(self._files):
-      with np.load(f) as z:
-        self._index.extend((f_i, r) for r in range(z["tokens"].shape[0]))
+      self._index.extend((f_i, r) for r in range(_load_npz(f)["tokens"].shape[0]))
 
   def __len__(self) -> int:
     return len(self._index)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     f_i, r = self._index[i]
-    with np.load(self._files[f_i]) as z:
-      rec = {k: z[k][r] for k in z.files}
+    rec = {k: v[r] for k, v in _load_npz(self._files[f_i]).items()}
     rec["iteration"] = np.int32(int(os.path.basename(self._files[f_i])[5:11]))
     return rec
 
 
 def append_eval_replies(workdir: str, step: int, replies: list[dict[str, Any]]) -> None:
   """Appends one eval's per-prompt records (see Learner.evaluate) as `{"step", "replies"}` to EVAL_REPLIES_FILE."""
-  with open(os.path.join(workdir, EVAL_REPLIES_FILE), "a", encoding="utf-8") as f:
-    f.write(json.dumps({"step": int(step), "replies": replies}, ensure_ascii=False) + "\n")
-
-
-def _drop_eval_replies_after(path: str, step: int) -> None:
-  """On resume, drops the eval-reply lines an interrupted run wrote after `step` (as MetricsWriter does)."""
-  if not os.path.exists(path):
-    return
-  kept = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
-      except (json.JSONDecodeError, KeyError, TypeError):
-        continue  # a line torn by a kill mid-write
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  fileio.append(os.path.join(workdir, EVAL_REPLIES_FILE),
+                json.dumps({"step": int(step), "replies": replies}, ensure_ascii=False) + "\n")
 
 
 class Learner:
@@ -547,7 +534,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   is_main = jax.process_index() == 0
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if start else -1)
   if is_main:
-    _drop_eval_replies_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
+    # On resume, the eval-reply lines an interrupted run wrote after the checkpoint go, as metrics rows do.
+    truncate_jsonl_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
   guard = trainer.PreemptionGuard()
   bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (is_main and cfg.train.progress_bar),
                   desc="ppo", file=sys.stderr, dynamic_ncols=True)
@@ -556,6 +544,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
           "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": reward_offset, "critic": p.critic}
 
   def save(step):
+    writer.sync()  # a bucket workdir's metrics rows first, then the checkpoint they lead up to
     checkpointer.save(step, state, data={"iterator": prompts.get_state(), "fingerprint": fingerprint,
                                          "fingerprint_parts": fingerprint_parts, "beta": beta,
                                          "ptx_iterator": learner.ptx_iter.get_state() if learner.ptx_iter else None},
