@@ -96,6 +96,16 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.ppo.truncation_penalty = 1.0  # subtracted from replies that hit max_new_tokens unfinished
   c.ppo.max_approx_kl = 0.05  # stop an iteration's epochs early beyond this approximate KL
   c.ppo.num_eval_prompts = 512  # held-out prompts, answered in chunks of rollout_batch_size
+  # Placement: "colocated" (every model on the whole slice, the plan below is sized for) or "split": disjoint
+  # sub-meshes, the learner on the first chips (config.mesh), then sampler_devices chips generating with a copy
+  # of the policy (moved chip to chip after every update phase), then scorer_devices chips for the frozen
+  # reference and reward model; sub-meshes are (data=-1, fsdp=1, tensor=split_tensor). E.g. on 64 chips
+  # (mesh.fsdp=-1 then spans the learner's 32):
+  #   --config.ppo.placement=split --config.ppo.sampler_devices=16 --config.ppo.scorer_devices=16
+  c.ppo.placement = "colocated"
+  c.ppo.sampler_devices = 0
+  c.ppo.scorer_devices = 0
+  c.ppo.split_tensor = plan.tensor
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500  # PPO iterations

@@ -581,6 +581,15 @@ class PPOAlgoConfig:
   critic: str = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy's trunk)
   critic_init: str = "reward"  # "reward" (the reward model's weights) | "sft" (the SFT transformer, fresh head)
   value_head_init_std: float = 1e-3  # for a fresh value head
+  # Placement. "colocated": every model on config.mesh's devices. "split": disjoint sub-meshes of the devices, in
+  # order: the learner (the trained policy and critic, laid out by config.mesh) on the first devices, then
+  # `sampler_devices` devices that generate with a copy of the policy (copied device to device from the training
+  # layout after every update phase), then `scorer_devices` devices for the frozen reference and reward model
+  # (0: they stay on the learner's mesh). The sub-meshes are (data=-1, fsdp=1, tensor=split_tensor).
+  placement: str = "colocated"
+  sampler_devices: int = 0
+  scorer_devices: int = 0
+  split_tensor: int = 1
   # Debugging.
   save_rollouts: bool = False  # write each iteration's rollout to <workdir>/rollouts/ (grain-readable)
   num_eval_prompts: int = 32  # held-out prompts scored at each eval (fixed set, greedy-free sampling, same key)
@@ -596,6 +605,16 @@ class PPOAlgoConfig:
     _check(self.kl_estimator in ("k1", "k3", "full"), "ppo.kl_estimator",
            f"must be 'k1', 'k3' or 'full', got {self.kl_estimator!r}")
     _check(self.critic in ("separate", "shared"), "ppo.critic", f"must be 'separate' or 'shared', got {self.critic!r}")
+    _check(self.placement in ("colocated", "split"), "ppo.placement",
+           f"must be 'colocated' or 'split', got {self.placement!r}")
+    if self.placement == "split":
+      _check(self.sampler_devices >= 1, "ppo.sampler_devices",
+             f"must be >= 1 with ppo.placement='split', got {self.sampler_devices}")
+    else:
+      _check(self.sampler_devices == 0 and self.scorer_devices == 0, "ppo.placement",
+             "is 'colocated': set it to 'split' to use ppo.sampler_devices / ppo.scorer_devices")
+    _check(self.scorer_devices >= 0, "ppo.scorer_devices", f"must be >= 0, got {self.scorer_devices}")
+    _check(self.split_tensor >= 1, "ppo.split_tensor", f"must be >= 1, got {self.split_tensor}")
     _check(self.critic_init in ("reward", "sft"), "ppo.critic_init",
            f"must be 'reward' or 'sft', got {self.critic_init!r}")
     _check(not (self.critic == "shared" and self.critic_init == "reward"), "ppo.critic_init",

@@ -15,6 +15,7 @@ from gptrl import reward_model
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import MeshConfig, ModelConfig, OptimConfig, PPOAlgoConfig, PPOConfig, InitConfig, TrainConfig
+from gptrl.stages import common
 from gptrl.stages import ppo
 
 VOCAB, GOOD, STOP, PAD = 32, 7, 5, 0
@@ -38,7 +39,7 @@ def good_token_share(rm_params, batch):
   return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def _learner(cfg: PPOConfig, mesh):
+def _learner(cfg: PPOConfig, mesh, placement=None):
   model_cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=2, d_model=32, max_len=16)
   prompt_len = model_cfg.max_len - NEW
   models = ppo.Models(policy=model_lib.GPT(model_cfg), critic=reward_model.ScalarHead(0.01, name="value_head"),
@@ -53,8 +54,12 @@ def _learner(cfg: PPOConfig, mesh):
   optimizer = optim.make_optimizer(cfg.optim, 100)
   state, shardings = trainer.create_train_state(init_params, optimizer, 0, mesh)
   ref = jax.tree.map(lambda x: jnp.array(x, copy=True), state.params["policy"])
+  if placement is not None:  # the reference lives on the frozen models' mesh
+    _, scorer_shardings = common.param_shardings(models.policy, jnp.zeros((1, 16), jnp.int32), placement.scorer)
+    ref = jax.device_put(ref, scorer_shardings)
   learner = ppo.Learner(cfg, models, mesh, optimizer, shardings, ref, None,
-                        ppo.make_score_fn(models, cfg, 0.0, raw_score_fn=good_token_share), pad_id=PAD, stop_id=STOP)
+                        ppo.make_score_fn(models, cfg, 0.0, raw_score_fn=good_token_share), pad_id=PAD, stop_id=STOP,
+                        placement=placement)
   return learner, state
 
 
@@ -63,11 +68,17 @@ def _prompts(n=32, seed=0):
   return [list(rng.integers(8, VOCAB, rng.integers(2, 8))) for _ in range(n)]
 
 
-def _train(shape, iterations):
-  mesh = (sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]) if shape is None
-          else sharding.make_mesh(MeshConfig(*shape)))
-  cfg = _cfg()
-  learner, state = _learner(cfg, mesh)
+def _train(shape, iterations, **placement):
+  cfg = _cfg(**placement)
+  plan = None
+  if placement:
+    plan = ppo.make_placement(MeshConfig(*shape), cfg.ppo)
+    mesh = plan.learner
+  elif shape is None:
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  else:
+    mesh = sharding.make_mesh(MeshConfig(*shape))
+  learner, state = _learner(cfg, mesh, plan)
   rows, beta = [], cfg.ppo.init_beta
   for it in range(iterations):
     state, row, beta, _, _ = learner.iteration(state, _prompts(seed=it), it, beta)
@@ -102,6 +113,35 @@ def test_sharded_iterations_match_single_device(single_device_run):
   for a, b in zip(rows[:2], mesh_rows):
     for k in ("ppo/raw_score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl"):
       np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("sampler_devices,scorer_devices", [(4, 0), (2, 2)])
+def test_split_placement_matches_single_device(single_device_run, sampler_devices, scorer_devices):
+  # 8 devices: the learner on 4 (data 2, fsdp 2), the sampler on the next ones and, with scorer_devices, the
+  # frozen models on the last 2 (else on the learner's mesh).
+  rows, _ = single_device_run
+  split_rows, _ = _train((2, 2, 1), 2, placement="split", sampler_devices=sampler_devices,
+                         scorer_devices=scorer_devices)
+  for a, b in zip(rows[:2], split_rows):
+    for k in ("ppo/raw_score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl"):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=1e-5, err_msg=k)
+    assert b["time/weight_sync_s"] > 0 and b["ppo/sampler_logp_gap"] < 1e-4
+
+
+def test_split_placement_puts_each_model_on_its_own_devices():
+  cfg = _cfg(placement="split", sampler_devices=2, scorer_devices=2)
+  plan = ppo.make_placement(MeshConfig(data=2, fsdp=2), cfg.ppo)
+  groups = [set(m.devices.flat) for m in (plan.learner, plan.sampler, plan.scorer)]
+  assert [len(g) for g in groups] == [4, 2, 2] and len(set.union(*groups)) == 8
+  learner, state = _learner(cfg, plan.learner, plan)
+  devices_of = lambda tree: set().union(*(x.sharding.device_set for x in jax.tree.leaves(tree)))
+  assert devices_of(state.params) == groups[0]
+  assert devices_of(learner.sampler_params(state.params)) == groups[1]
+  assert devices_of(learner.ref_params) == groups[2]
+  with pytest.raises(ppo.common.config_lib.ConfigError, match="ppo.sampler_devices"):
+    ppo.make_placement(MeshConfig(), _cfg(placement="split", sampler_devices=6, scorer_devices=2).ppo)
+  with pytest.raises(ppo.common.config_lib.ConfigError, match="ppo.placement"):
+    _cfg(sampler_devices=2)  # colocated with sampler devices: a config mistake
 
 
 def test_rollout_layout_matches_the_sampler():

@@ -148,18 +148,24 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
   return model_cfg, tok, {**meta, "init_checkpoint": where}
 
 
-def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh, init: config_lib.InitConfig, *,
-                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = (), subtree: str = "") -> Any:
-  """The parameters of `init.checkpoint` for `module`, laid out on `mesh` by the sharding rules (no optimizer
-  state): the way a stage loads a model it samples from or scores with but does not train."""
+def param_shardings(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(abstract parameters, their shardings on `mesh` by the sharding rules) of `module`, nothing allocated."""
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gptrl import sharding  # pylint: disable=import-outside-toplevel
   with sharding.activate(mesh):
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), example_tokens)["params"])
     shardings = sharding.tree_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
                           abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return abstract, shardings
+
+
+def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh, init: config_lib.InitConfig, *,
+                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = (), subtree: str = "") -> Any:
+  """The parameters of `init.checkpoint` for `module`, laid out on `mesh` by the sharding rules (no optimizer
+  state): the way a stage loads a model it samples from or scores with but does not train."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  abstract, shardings = param_shardings(module, example_tokens, mesh)
   params, _, where = ckpt_lib.load_params(init.checkpoint, ckpt_lib.abstract_like(abstract, shardings),
                                           step=init.step, tokenizer_sha256=tokenizer_sha256, unused_ok=unused_ok,
                                           subtree=subtree)

@@ -3,9 +3,10 @@ per-token KL penalty against the frozen SFT policy keeps it close, and PPO with 
 
 One iteration:
   1. rollout: `ppo.rollout_batch_size` training prompts -> sampled responses (KV-cache sampler, fixed shapes);
-  2. score (one jitted function): the policy's and the reference's log-probs of the response tokens, the
-     critic's values, the reward model's score at the response's last token (minus its stored offset), the
-     per-token KL estimate; rewards = -beta * KL per token + score at the last token; GAE advantages/returns;
+  2. score (two jitted functions, `Scorer`): the frozen models' part, the reference's log-probs of the response
+     tokens and the reward model's score at the response's last token (minus its stored offset); then the
+     policy's log-probs, the critic's values, the per-token KL estimate, rewards = -beta * KL per token + score at
+     the last token, and GAE advantages/returns;
   3. learn: `ppo.epochs` passes over minibatches with the clipped surrogate, clipped value loss and entropy
      bonus (the shared jitted train step of gptrl/trainer.py: clipping, non-finite skip, grad accumulation);
   4. adapt beta toward `ppo.target_kl` (Ziegler et al. 2019).
@@ -14,6 +15,12 @@ Parameters in the train state: {"policy": GPT params, "value": critic params}; w
 critic is a scalar-head transformer of its own (initialised from the reward model or SFT), with "shared" a
 value head on the policy's final hidden states. The reference policy and the reward model are frozen params
 outside the train state.
+
+Placement (`ppo.placement`, `Placement`): colocated, everything runs on config.mesh. Split, the devices are cut
+into disjoint meshes: the learner's (train state, shaping, updates), the sampler's (generation with a copy of the
+policy, moved device to device from the training layout into the sampler's after every update phase:
+`time/weight_sync_s`) and, optionally, the frozen models' (reference and reward model; their outputs move device
+to device onto the learner's batch layout). Results equal the colocated ones up to float summation order.
 
 Checks every iteration, logged: on the first minibatch the probability ratio is 1 and the approximate KL is 0
 (the trainer recomputes exactly what the rollout computed), and the sampler's own log-probs agree with the
@@ -116,28 +123,46 @@ def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Arra
   return jnp.take_along_axis(rm_scores_BxL, last_B[:, None], axis=1)[:, 0]
 
 
-def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_score_fn=None):
-  """jitted (params, ref_params, rm_params, batch, beta) -> rollout arrays and per-response stats.
-
-  raw_score_fn(rm_params, batch) -> [B] replaces the reward model (tests use synthetic rewards).
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """The scoring of a rollout, in two jitted parts so that the frozen models may live on a mesh of their own:
+    frozen(ref_params, rm_params, batch) -> {"ref_logp" [B, N] (or "ref_logits" [B, N, V] for the exact KL),
+      "raw_score" [B]}: the reference's log-probs of the response tokens and the reward model's raw score;
+    shaping(params, frozen, batch, beta) -> (rollout arrays, per-response stats): the policy's log-probs and the
+      critic's values, the per-token KL, rewards, GAE advantages and returns.
   """
+  frozen: Any
+  shaping: Any
+
+
+def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_score_fn=None) -> Scorer:
+  """The rollout's Scorer. raw_score_fn(rm_params, batch) -> [B] replaces the reward model (tests use synthetic
+  rewards)."""
   p = cfg.ppo
   raw_score_fn = raw_score_fn or (lambda rm_params, batch: reward_model_score(models, rm_params, batch))
 
-  def score(params, ref_params, rm_params, batch, beta):
+  def frozen(ref_params, rm_params, batch):
+    ref_logits = reference_logits(models, ref_params, batch)
+    out = {"raw_score": raw_score_fn(rm_params, batch).astype(jnp.float32)}
+    if p.kl_estimator == "full":
+      out["ref_logits"] = ref_logits.astype(jnp.float32)
+    else:
+      out["ref_logp"] = losses.token_log_probs(ref_logits, batch["tokens"][:, models.prompt_len:])
+    return out
+
+  def shaping(params, frozen_out, batch, beta):
     mask = batch["response_mask"].astype(jnp.float32)
     out = evaluate_actions(models, params, batch)
-    ref_logits = reference_logits(models, ref_params, batch)
-    ref_logp_all = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
     targets = batch["tokens"][:, models.prompt_len:]
-    ref_logp = jnp.take_along_axis(ref_logp_all, targets[..., None], axis=-1)[..., 0]
     if p.kl_estimator == "full":
-      kl = pm.exact_kl(out["logits"], ref_logits)
+      ref_logp = losses.token_log_probs(frozen_out["ref_logits"], targets)
+      kl = pm.exact_kl(out["logits"], frozen_out["ref_logits"])
     else:
+      ref_logp = frozen_out["ref_logp"]
       kl = pm.kl_estimate(out["logp"], ref_logp, p.kl_estimator)
     kl = jnp.where(mask > 0, kl, 0.0)
     length_B = jnp.sum(mask, axis=1).astype(jnp.int32)
-    raw_B = raw_score_fn(rm_params, batch)
+    raw_B = frozen_out["raw_score"]
     score_B = p.reward_gain * (raw_B - reward_offset) + p.reward_bias
     if p.whiten_rewards:
       score_B = pm.masked_whiten(score_B, jnp.ones_like(score_B), shift_mean=False)
@@ -152,7 +177,52 @@ def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_scor
              "entropy": pm.masked_mean(out["entropy"], mask)}
     return {"logp": out["logp"], "ref_logp": ref_logp, "values": values, "advantages": advantages,
             "returns": returns, "kl": kl}, stats
-  return jax.jit(score)
+  return Scorer(frozen=jax.jit(frozen), shaping=jax.jit(shaping))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where PPO's models run (ppo.placement): `learner` holds the train state (policy and critic) and runs the
+  shaping and the updates; `sampler` generates with a copy of the policy; `scorer` runs the frozen reference and
+  reward model. Colocated, all three are one mesh and nothing is copied."""
+  learner: jax.sharding.Mesh
+  sampler: jax.sharding.Mesh
+  scorer: jax.sharding.Mesh
+
+  @classmethod
+  def colocated(cls, mesh: jax.sharding.Mesh) -> "Placement":
+    return cls(mesh, mesh, mesh)
+
+  @property
+  def split_sampler(self) -> bool:
+    return self.sampler is not self.learner
+
+  @property
+  def split_scorer(self) -> bool:
+    return self.scorer is not self.learner
+
+
+def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = None) -> Placement:
+  """The meshes of `ppo.placement` over `devices` (default: all): colocated, config.mesh over all of them;
+  split, config.mesh over the first ones, then the sampler's `p.sampler_devices` and the scorer's
+  `p.scorer_devices` (data=-1, fsdp=1, tensor=p.split_tensor)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if p.placement == "colocated":
+    return Placement.colocated(sharding.make_mesh(mesh_cfg, devices))
+  n_learner = len(devices) - p.sampler_devices - p.scorer_devices
+  if n_learner < 1:
+    raise common.config_lib.ConfigError(
+        f"config.ppo.sampler_devices: {p.sampler_devices} sampler + {p.scorer_devices} scorer devices leave "
+        f"{n_learner} of the {len(devices)} devices for the learner; it needs at least 1.")
+  sub = common.config_lib.MeshConfig(data=-1, fsdp=1, tensor=p.split_tensor)
+  for name, n in (("sampler_devices", p.sampler_devices), ("scorer_devices", p.scorer_devices)):
+    if n and n % p.split_tensor:
+      raise common.config_lib.ConfigError(f"config.ppo.{name}: {n} devices cannot hold tensor-parallel groups "
+                                          f"of ppo.split_tensor={p.split_tensor}.")
+  learner = sharding.make_mesh(mesh_cfg, devices[:n_learner])
+  sampler = sharding.make_mesh(sub, devices[n_learner:n_learner + p.sampler_devices])
+  scorer = sharding.make_mesh(sub, devices[n_learner + p.sampler_devices:]) if p.scorer_devices else learner
+  return Placement(learner, sampler, scorer)
 
 
 def make_ppo_loss(models: Models, cfg: PPOConfig):
@@ -276,12 +346,25 @@ class Learner:
   """One PPO iteration (rollout, scoring, learning, beta update) and the held-out evaluation, on a mesh."""
 
   def __init__(self, cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh, optimizer: Any, state_shardings: Any,
-               ref_params: Any, rm_params: Any, score_fn: Any, *, pad_id: int, stop_id: int):
+               ref_params: Any, rm_params: Any, score_fn: Scorer, *, pad_id: int, stop_id: int,
+               placement: Placement | None = None):
+    """`mesh` is the learner's; `placement` (default: colocated on `mesh`) says where sampling and the frozen
+    models run, and `ref_params` / `rm_params` must already live on its scorer mesh."""
     p = cfg.ppo
     self.cfg, self.models, self.mesh = cfg, models, mesh
+    self.placement = placement or Placement.colocated(mesh)
+    if self.placement.learner is not mesh:
+      raise ValueError("Learner: placement.learner must be the learner's mesh.")
     self.ref_params, self.rm_params, self.score_fn = ref_params, rm_params, score_fn
     self.pad_id, self.stop_id = pad_id, stop_id
     self.dp = sharding.data_parallel_size(mesh)
+    self.sampler_dp = sharding.data_parallel_size(self.placement.sampler)
+    self.scorer_dp = sharding.data_parallel_size(self.placement.scorer)
+    self.sampler_shardings = None
+    if self.placement.split_sampler:  # the policy's layout on the sampler's mesh, by the same sharding rules
+      example = np.zeros((1, models.policy.config.max_len), np.int32)
+      _, self.sampler_shardings = common.param_shardings(models.policy, example, self.placement.sampler)
+    self.last_sync_s = 0.0
     updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
     self.train_step = trainer.jit_train_step(
         trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
@@ -294,26 +377,45 @@ class Learner:
     self.watch_judges: dict[str, judges_lib.Judge] = {}  # name -> judge of the eval replies (set by run)
     self.last_eval_replies: list[dict[str, Any]] = []  # the last evaluate()'s per-prompt records (needs tok)
 
-  def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array):
-    """(responses, the sampler's log-probs, host arrays of the rollout buffer)."""
+  def sampler_params(self, params: Any) -> Any:
+    """The policy's parameters where the sampler runs: colocated, `params["policy"]` itself; split, a copy on the
+    sampler's mesh in its layout, moved device to device (jax.device_put between shardings, no host copy)."""
+    if not self.placement.split_sampler:
+      return params["policy"]
+    t0 = time.perf_counter()
+    copy = jax.block_until_ready(jax.device_put(params["policy"], self.sampler_shardings))
+    self.last_sync_s = time.perf_counter() - t0
+    return copy
+
+  def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array, sampler_params: Any = None):
+    """(responses, the sampler's log-probs, host arrays of the rollout buffer); `sampler_params`: the policy on
+    the sampler's mesh (default: `self.sampler_params(params)`)."""
     p = self.cfg.ppo
-    with sharding.activate(self.mesh):
+    if sampler_params is None:
+      sampler_params = self.sampler_params(params)
+    with sharding.activate(self.placement.sampler):
       responses, sampler_logp = sampling.generate(
-          self.models.policy, params["policy"], prompts, max_new_tokens=self.models.new_tokens, rng=rng,
+          self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_id=self.stop_id, pad_id=self.pad_id,
-          batch_multiple=self.dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
+          batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
     host = build_rollout_batch(prompts, responses, prompt_len=self.models.prompt_len,
                                new_tokens=self.models.new_tokens, pad_id=self.pad_id, stop_id=self.stop_id)
     return responses, sampler_logp, host
 
   def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
     rows = host["tokens"].shape[0]
-    pad = -rows % self.dp
+    multiple = int(np.lcm(self.dp, self.scorer_dp))
+    pad = -rows % multiple
     if pad:
-      host = {k: np.concatenate([v, v[:pad]]) for k, v in host.items()}
-    with sharding.activate(self.mesh):
-      arrays, stats = self.score_fn(params, self.ref_params, self.rm_params, sharding.host_to_global(host, self.mesh),
-                                    jnp.float32(beta))
+      host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
+    scorer, learner = self.placement.scorer, self.mesh
+    with sharding.activate(scorer):
+      frozen = self.score_fn.frozen(self.ref_params, self.rm_params, sharding.host_to_global(host, scorer))
+    if self.placement.split_scorer:  # the frozen models' outputs, device to device onto the learner's batch layout
+      frozen = {k: jax.device_put(v, sharding.batch_sharding(learner, v.ndim)) for k, v in frozen.items()}
+    with sharding.activate(learner):
+      arrays, stats = self.score_fn.shaping(params, frozen, sharding.host_to_global(host, learner),
+                                            jnp.float32(beta))
     arrays, stats = jax.device_get((arrays, stats))
     return ({k: np.asarray(v)[:rows] for k, v in arrays.items()},
             {k: np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v) for k, v in stats.items()})
@@ -323,6 +425,7 @@ class Learner:
     p = self.cfg.ppo
     t0 = time.perf_counter()
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), it)
+    self.last_sync_s = 0.0
     responses, sampler_logp, host = self.rollout(state.params, prompts, jax.random.fold_in(rng, 0))
     arrays, stats = self.score(state.params, host, beta)
     t_rollout = time.perf_counter() - t0
@@ -366,7 +469,7 @@ class Learner:
            "ppo/length": float(np.mean(stats["length"])), "ppo/truncated": float(np.mean(host["truncated"])),
            "ppo/entropy": float(np.mean(stats["entropy"])), "ppo/first_ratio": ratio0, "ppo/first_approx_kl": kl0,
            "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": updates, "ppo/early_stopped": float(stopped),
-           "time/rollout_s": t_rollout, "time/learn_s": t_learn,
+           "time/rollout_s": t_rollout, "time/learn_s": t_learn, "time/weight_sync_s": self.last_sync_s,
            "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)}
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
               "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
@@ -388,9 +491,10 @@ class Learner:
     p = self.cfg.ppo
     eval_rng = jax.random.key(self.cfg.seed + 11)
     scores, kls, lengths, texts, replies = [], [], [], [], []
+    sampler_params = self.sampler_params(params)
     for lo in range(0, len(prompts), p.rollout_batch_size):
       chunk = prompts[lo:lo + p.rollout_batch_size]
-      responses, _, host = self.rollout(params, chunk, jax.random.fold_in(eval_rng, lo))
+      responses, _, host = self.rollout(params, chunk, jax.random.fold_in(eval_rng, lo), sampler_params)
       _, stats = self.score(params, host, beta)
       scores.append(stats["score"])
       kls.append(stats["kl_sum"])
@@ -419,13 +523,18 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   """Runs (or resumes) PPO for `cfg.train.steps` iterations."""
   workdir = common.prepare_workdir(cfg)
   cache_dir = cfg.data.cache_dir or str(default_cache_dir())
-  mesh = sharding.make_mesh(cfg.mesh)
   p = cfg.ppo
+  placement = make_placement(cfg.mesh, p)
+  mesh = placement.learner
   dp = sharding.data_parallel_size(mesh)
   if p.minibatch_size % dp or p.rollout_batch_size % dp:
     raise common.config_lib.ConfigError(
         f"config.ppo.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
         f"divisible by the data-parallel size {dp}.")
+  if p.placement == "split":
+    logging.info("PPO placement: learner on %d devices %s, sampler on %d, frozen models on %d%s.", mesh.size,
+                 dict(mesh.shape), placement.sampler.size, placement.scorer.size,
+                 "" if placement.split_scorer else " (the learner's)")
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("sft",))
   rm_meta, rm_folder, rm_step = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
@@ -477,8 +586,10 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size))
   state, state_shardings = trainer.create_train_state(init_params, optimizer, cfg.seed, mesh)
-  ref_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
-  rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
+  ref_params = common.load_frozen_params(models.policy, example, placement.scorer, cfg.init,
+                                         tokenizer_sha256=tok.sha256)
+  rm_params = common.load_frozen_params(models.reward, example, placement.scorer, cfg.reward_model,
+                                        tokenizer_sha256=tok.sha256)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                        async_save=cfg.train.async_checkpoint)
@@ -518,7 +629,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                  "a fresh head on the policy" if shared else p.critic_init, rm_folder, rm_step, reward_offset)
 
   learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
-                    make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
+                    make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
+                    placement=placement)
   learner.watch_judges = {name: judges_lib.make_judge(name) for name in p.watch_judges}
   if p.ptx_coef > 0:
     docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
