@@ -14,7 +14,7 @@ and no more:
     incl. the [B, H, T, T] float32 attention probabilities; "dots": the block input and the matmul outputs;
     "block": the block input), plus one layer recomputed with its gradients and the float32 scores, plus the
     float32 logits, their log-softmax and gradient [B, T, V];
-  - sampling (KV cache): keys and values [B, S, G, K] of every layer, plus one layer's prefill over the prompt
+  - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
     and the prefill's logits;
   - eval and PPO scoring: one layer's forward at a time and the logits they keep.
 The peak is the persistent state (parameters, optimizer state, frozen models) plus the largest phase.

@@ -9,7 +9,7 @@ Shape letters used in names (the legend is also in README.md):
 Logical axis names (mapped to mesh axes only in gptrl/sharding.py):
   parameters:  vocab, embed, mlp, heads, kv, positions, norm
   activations: batch, length, act_embed, act_mlp, act_heads, act_kv, act_vocab
-  (the decode cache uses the activation names: keys/values [batch, length, act_heads, act_kv].)
+  (the decode cache uses the activation names: keys/values [batch, act_heads, length, act_kv].)
   Key/value projections and caches have G heads, also named heads / act_heads.
 
 Incremental decoding: `GPT.apply(..., decode=True, mutable=["cache"])` with a cache from `init_cache` runs
@@ -137,7 +137,8 @@ class Attention(nn.Module):
   consecutive query heads (query head h reads key/value head h // R, as in Hugging Face's `repeat_kv`).
 
   With `decode=True` the layer keeps, in the "cache" collection:
-    cached_key, cached_value: [B, S, G, K] in the compute dtype (keys already rotated when rope is used);
+    cached_key, cached_value: [B, G, S, K] in the compute dtype (keys already rotated when rope is used; heads
+      before slots, the layout attention reads, so a decoding step never transposes the cache);
     cached_valid: [B, S] bool, which slots hold real tokens that queries may attend to;
     index: int32 scalar, the next slot to write.
   A call with T tokens writes them at slots [index, index + T), lets the query at slot index + t attend to the
@@ -176,8 +177,9 @@ class Attention(nn.Module):
     if cfg.pos_embedding == "rope":
       q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta)
       k_BxSxGxK = rotary_embedding(k_BxSxGxK, positions_BxT, cfg.rope_theta)
+    k_BxGxSxK, v_BxGxSxK = jnp.swapaxes(k_BxSxGxK, 1, 2), jnp.swapaxes(v_BxSxGxK, 1, 2)
     if self.decode:
-      k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS = self._update_cache(k_BxSxGxK, v_BxSxGxK, valid_BxT)
+      k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS = self._update_cache(k_BxGxSxK, v_BxGxSxK, valid_BxT)
     else:
       mask_Bx1xTxS = _causal_mask(valid_BxT, t, b)
 
@@ -185,12 +187,12 @@ class Attention(nn.Module):
     dropout = lambda p: attention_dropout(p, deterministic=self.deterministic)
     chunk = causal_chunk_length(cfg, t)
     if self.decode or chunk >= t:
-      out_BxTxHxK = self._attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, dropout)
+      out_BxTxHxK = self._attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS, dropout)
     else:
       # Causal attention by blocks of queries: block [c0, c1) only reads keys [0, c1), so the score blocks
       # wholly above the diagonal are never computed (about half the attention work for many blocks).
       out_BxTxHxK = jnp.concatenate(
-          [self._attend(q_BxTxHxK[:, c0:c0 + chunk], k_BxSxGxK[:, :c0 + chunk], v_BxSxGxK[:, :c0 + chunk],
+          [self._attend(q_BxTxHxK[:, c0:c0 + chunk], k_BxGxSxK[:, :, :c0 + chunk], v_BxGxSxK[:, :, :c0 + chunk],
                         mask_Bx1xTxS[:, :, c0:c0 + chunk, :c0 + chunk], dropout) for c0 in range(0, t, chunk)],
           axis=1)
     out_BxTxHxK = _constrain(out_BxTxHxK, "batch", "length", "act_heads", "act_kv")
@@ -203,9 +205,9 @@ class Attention(nn.Module):
                                          (cfg.d_model,), param_dtype).astype(dtype)
     return out_BxTxD
 
-  def _attend(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+  def _attend(self, q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
               mask_Bx1xTxS: jax.Array, dropout: Any) -> jax.Array:
-    """Softmax attention of queries [B, T, H, K] over keys/values [B, S, G, K] under mask [B, 1, T, S];
+    """Softmax attention of queries [B, T, H, K] over keys/values [B, G, S, K] under mask [B, 1, T, S];
     `dropout` applies attention dropout to the probabilities."""
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
@@ -213,66 +215,67 @@ class Attention(nn.Module):
     # jax.nn.dot_product_attention takes a [B, 1, T, S] mask with T != S, so decode steps use it as well; it
     # groups query heads over key/value heads in the same order (h = g * R + r).
     if cfg.attention == "dot_product" and (self.deterministic or cfg.dropout == 0.0):
-      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS)
+      out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, jnp.swapaxes(k_BxGxSxK, 1, 2),
+                                                 jnp.swapaxes(v_BxGxSxK, 1, 2), mask=mask_Bx1xTxS)
     elif cfg.kv_heads == cfg.num_heads:
       # Scores and softmax in float32: bf16 logits of nearby tokens are too coarse to rank.
-      scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
+      scores_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q_BxTxHxK, k_BxGxSxK,
                                   preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
       # (Dropout of the unnormalised weights, divided by the undropped sum, is dropout of the probabilities.)
       weights_BxHxTxS, sum_BxHxTx1 = _masked_softmax_parts(scores_BxHxTxS, mask_Bx1xTxS)
-      out_BxHxTxK = jnp.einsum("bhts,bshk->bhtk", dropout(weights_BxHxTxS).astype(dtype), v_BxSxGxK,
+      out_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", dropout(weights_BxHxTxS).astype(dtype), v_BxGxSxK,
                                preferred_element_type=jnp.float32) / sum_BxHxTx1
       out_BxTxHxK = jnp.swapaxes(out_BxHxTxK, 1, 2).astype(dtype)
     else:
       # Grouped: the R query heads of a group share its keys/values without copying them R times.
       g, r = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
       q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, r, cfg.head_dim)
-      scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+      scores_BxGxRxTxS = jnp.einsum("btgrk,bgsk->bgrts", q_BxTxGxRxK, k_BxGxSxK,
                                     preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
       s = scores_BxGxRxTxS.shape[-1]
       weights_BxHxTxS, sum_BxHxTx1 = _masked_softmax_parts(scores_BxGxRxTxS.reshape(b, cfg.num_heads, t, s),
                                                            mask_Bx1xTxS)
-      out_BxGxRxTxK = jnp.einsum("bgrts,bsgk->bgrtk", dropout(weights_BxHxTxS).reshape(b, g, r, t, s).astype(dtype),
-                                 v_BxSxGxK, preferred_element_type=jnp.float32)
+      out_BxGxRxTxK = jnp.einsum("bgrts,bgsk->bgrtk", dropout(weights_BxHxTxS).reshape(b, g, r, t, s).astype(dtype),
+                                 v_BxGxSxK, preferred_element_type=jnp.float32)
       out_BxHxTxK = out_BxGxRxTxK.reshape(b, cfg.num_heads, t, cfg.head_dim) / sum_BxHxTx1
       out_BxTxHxK = jnp.swapaxes(out_BxHxTxK, 1, 2).astype(dtype)
     return out_BxTxHxK
 
-  def _update_cache(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
+  def _update_cache(self, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.Array,
                     valid_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes the new keys/values [B, T, G, K] into the cache; returns all cached keys [B, S, G, K], values and
-    the mask [B, 1, T, S]. (H in the names below stands for the G key/value heads.)"""
-    b, t = k_BxTxHxK.shape[:2]
+    """Writes the new keys/values [B, G, T, K] into the cache; returns all cached keys [B, G, S, K], values and
+    the mask [B, 1, T, S]."""
+    b, t = k_BxGxTxK.shape[0], k_BxGxTxK.shape[2]
     initializing = self.is_initializing()
     if not initializing and not self.has_variable("cache", "cached_key"):
       raise ValueError("GPT(decode=True) needs a cache: pass variables={'params': ..., 'cache': "
                        "gptrl.model.init_cache(model, batch_size, length)} and mutable=['cache'].")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxHxK.shape, k_BxTxHxK.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxHxK.shape, v_BxTxHxK.dtype)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BxGxTxK.shape, k_BxGxTxK.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BxGxTxK.shape, v_BxGxTxK.dtype)
     cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (b, t), jnp.bool_)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if initializing:  # The cache takes its shapes from the init input; nothing is written yet.
-      return k_BxTxHxK, v_BxTxHxK, _causal_mask(valid_BxT, t, b)
+      return k_BxGxTxK, v_BxGxTxK, _causal_mask(valid_BxT, t, b)
 
     if valid_BxT is None:
       valid_BxT = jnp.ones((b, t), jnp.bool_)
     start = index.value
-    key_BxSxHxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxTxHxK.astype(cached_key.value.dtype),
-                                               (0, start, 0, 0))
-    value_BxSxHxK = jax.lax.dynamic_update_slice(cached_value.value,
-                                                 v_BxTxHxK.astype(cached_value.value.dtype), (0, start, 0, 0))
+    key_BxGxSxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxGxTxK.astype(cached_key.value.dtype),
+                                               (0, 0, start, 0))
+    value_BxGxSxK = jax.lax.dynamic_update_slice(cached_value.value,
+                                                 v_BxGxTxK.astype(cached_value.value.dtype), (0, 0, start, 0))
     valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxT.astype(jnp.bool_), (0, start))
-    key_BxSxHxK = _constrain(key_BxSxHxK, "batch", "length", "act_heads", "act_kv")
-    value_BxSxHxK = _constrain(value_BxSxHxK, "batch", "length", "act_heads", "act_kv")
+    key_BxGxSxK = _constrain(key_BxGxSxK, "batch", "act_heads", "length", "act_kv")
+    value_BxGxSxK = _constrain(value_BxGxSxK, "batch", "act_heads", "length", "act_kv")
     valid_BxS = _constrain(valid_BxS, "batch", "length")
-    cached_key.value, cached_value.value, cached_valid.value = key_BxSxHxK, value_BxSxHxK, valid_BxS
+    cached_key.value, cached_value.value, cached_valid.value = key_BxGxSxK, value_BxGxSxK, valid_BxS
     index.value = start + t
 
-    s = key_BxSxHxK.shape[1]
+    s = key_BxGxSxK.shape[2]
     query_slot_T = start + jnp.arange(t, dtype=jnp.int32)
     causal_TxS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
     mask_Bx1xTxS = causal_TxS[None, None] & valid_BxS[:, None, None, :]
-    return key_BxSxHxK, value_BxSxHxK, mask_Bx1xTxS
+    return key_BxGxSxK, value_BxGxSxK, mask_Bx1xTxS
 
 
 _ACTIVATIONS = {
@@ -418,7 +421,7 @@ class GPT(nn.Module):
 def init_cache(model: GPT, batch_size: int, length: int) -> Any:
   """An empty decode cache for `batch_size` sequences of up to `length` tokens, without running the model.
 
-  The pytree (one entry per attention layer: cached_key/cached_value [B, S, H, K] in the compute dtype,
+  The pytree (one entry per attention layer: cached_key/cached_value [B, H, S, K] in the compute dtype,
   cached_valid [B, S] bool, index int32) is what `GPT.apply(..., decode=True)` expects as
   `variables["cache"]`. Shapes come from `jax.eval_shape` of `init`, so no parameters are computed.
   """

@@ -108,7 +108,7 @@ def test_init_cache_has_per_layer_kv_validity_and_index_of_the_requested_size():
   cache = model_lib.init_cache(model, 3, 10)
   assert set(cache) == {"block_0", "block_1"}
   attn = cache["block_1"]["attn"]
-  assert attn["cached_key"].shape == attn["cached_value"].shape == (3, 10, 4, 8)
+  assert attn["cached_key"].shape == attn["cached_value"].shape == (3, 4, 10, 8)  # [B, H, S, K]
   assert attn["cached_key"].dtype == jnp.float32
   assert attn["cached_valid"].shape == (3, 10) and attn["cached_valid"].dtype == jnp.bool_
   assert attn["index"].shape == () and attn["index"].dtype == jnp.int32
@@ -220,5 +220,5 @@ def test_decode_cache_is_sharded_like_activations_under_a_mesh():
     cache = prefill(params, model_lib.init_cache(model, 4, 8))
   attn = cache["block_0"]["attn"]
   # batch over data x fsdp (4 ways), heads over tensor (2 ways), length and head dim whole.
-  assert attn["cached_key"].sharding.shard_shape((4, 8, 4, 8)) == (1, 8, 2, 8)
+  assert attn["cached_key"].sharding.shard_shape((4, 4, 8, 8)) == (1, 2, 8, 8)
   assert attn["cached_valid"].sharding.shard_shape((4, 8)) == (1, 8)

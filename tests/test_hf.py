@@ -150,7 +150,7 @@ def test_imported_llama_kv_cache_decode_matches_the_full_forward_pass(llama_dir)
   for t in range(prompt, ids.shape[1]):
     logits, updated = step(updated["cache"], ids[:, t:t + 1], mask[:, t:t + 1], positions[:, t:t + 1])
     pieces.append(np.asarray(logits))
-  assert updated["cache"]["block_0"]["attn"]["cached_key"].shape == (3, 12, 2, 8)  # G = 2 key/value heads
+  assert updated["cache"]["block_0"]["attn"]["cached_key"].shape == (3, 2, 12, 8)  # G = 2 key/value heads
   _assert_close_where(mask, np.concatenate(pieces, axis=1), full)
 
 

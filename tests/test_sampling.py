@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gptrl import model as model_lib
 from gptrl import sampling
@@ -72,3 +73,31 @@ def test_sampled_tokens_do_not_depend_on_how_much_padding_a_prompt_gets():
   assert _greedy([PROMPT, LONG], temperature=1.0)[0] == alone
   assert _greedy([PROMPT], temperature=1.0, min_prompt_len=9)[0] == alone
   assert _greedy([PROMPT, LONG], temperature=1.0, min_prompt_len=10) == _greedy([PROMPT, LONG], temperature=1.0)
+
+
+def _np_filter(logits, top_k, top_p):
+  """NumPy reference of top-k then top-p filtering by sorting (ties with the last kept value are kept)."""
+  out = logits.astype(np.float64).copy()
+  for row in out:
+    if 0 < top_k < row.size:
+      row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+    if top_p < 1.0:
+      desc = np.sort(row)[::-1]
+      probs = np.exp(desc - desc.max())
+      probs /= probs.sum()
+      before = np.cumsum(probs) - probs  # mass of the tokens ranked above each
+      row[row < desc[before < top_p].min()] = -np.inf
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (50, 1.0), (0, 0.9), (0, 0.5), (20, 0.8), (64, 1.0)])
+def test_filter_logits_matches_a_sorting_numpy_reference(top_k, top_p):
+  rng = np.random.default_rng(top_k + int(100 * top_p))
+  logits = (rng.standard_normal((6, 64)) * 3).astype(np.float32)
+  logits[1] = np.round(logits[1])  # many ties
+  logits[2] -= 1e4  # all negative and large
+  logits[3, :10] = 7.0  # a tie at the top
+  out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+  ref = _np_filter(logits, top_k, top_p)
+  np.testing.assert_array_equal(out > np.finfo(np.float32).min, np.isfinite(ref))
+  np.testing.assert_array_equal(out[np.isfinite(ref)], logits[np.isfinite(ref)])
