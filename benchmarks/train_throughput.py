@@ -1,166 +1,241 @@
-"""Train-step throughput and MFU of gptrl on this machine, against a measured fp32 matmul peak.
+"""Train-step speed of pretraining, SFT and the reward model: MFU against the measured matmul peak, and tokens/s
+against a PyTorch peer (transformers' GPT-2, random weights) on the identical model and batch, in one run.
 
-  python benchmarks/train_throughput.py --model small --steps 10 --out results.json
-  python benchmarks/train_throughput.py --model 100m --steps 3
+  python benchmarks/train_throughput.py                          # small model, all three stages, torch peer
+  python benchmarks/train_throughput.py --model 100m --rounds 3 --out results/train_100m.json
+  python benchmarks/train_throughput.py --stage pretrain --peer none --attention dot_product
 
-1. Peak: the best FLOP/s of several square fp32 jnp.dot (2 n^3 FLOPs each), compiled first, timed with
-   block_until_ready.
-2. Train steps: gptrl.trainer.create_train_state / make_train_step / jit_train_step on random token batches
-   (the real pretraining loss); compiled and warmed up first, then `--steps` steps timed end to end.
-3. MFU = model FLOP/s (gptrl.model.flops_per_token; `full` counts the whole attention matrix, `causal`
-   only its unmasked half) / measured peak.
+Method:
+1. Peak: the best FLOP/s of square fp32 matmuls in this process (benchlib.matmul_peak).
+2. gptrl: the real train step of each stage (trainer.make_train_step + jit_train_step: loss, gradients, clip,
+   AdamW, the numerics guard), on a random batch of that stage's shape: pretraining windows; SFT rows of one
+   chat each, right-padded, loss on the reply's tokens only; reward-model rows of K responses per prompt
+   scored at their last token with the Bradley-Terry loss over every ranked pair. The model is GPT-2's
+   architecture (learned positions, LayerNorm, tanh-GELU, biases, tied head), so the peer can be identical.
+3. Peer: transformers' GPT2LMHeadModel (SFT: labels -100 outside the reply) or GPT2Model + a linear scalar
+   head (reward model), torch AdamW + clip_grad_norm_, fp32, torch threads = CPU count, torch's default
+   attention (SDPA).
+4. Each round runs one gptrl step and one peer step (interleaved; compiled and warmed up first). tokens/s
+   counts every position computed (padding included: both sides compute it); MFU uses the model FLOPs per token
+   (gptrl.model.flops_per_token: `full` counts the whole attention matrix, `causal` its unmasked half; the
+   reward model has no vocabulary head) over the measured peak. speedup = peer seconds / gptrl seconds.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import pathlib
-import platform
 import sys
-import time
+from typing import Any, Callable
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import benchlib  # sets sys.path for gptrl
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import numpy as np
 
-from gptrl import config as config_lib  # pylint: disable=wrong-import-position
-from gptrl import model as model_lib  # pylint: disable=wrong-import-position
-from gptrl import optim  # pylint: disable=wrong-import-position
-from gptrl import sharding  # pylint: disable=wrong-import-position
-from gptrl import trainer  # pylint: disable=wrong-import-position
-from gptrl.stages.pretrain import lm_loss_fn  # pylint: disable=wrong-import-position
+from gptrl import config as config_lib
+from gptrl import model as model_lib
+from gptrl import optim
+from gptrl import reward_model
+from gptrl import sharding
+from gptrl import trainer
+from gptrl.stages.pretrain import lm_loss_fn
+from gptrl.stages.reward import reward_loss_fn
 
-# name -> (ModelConfig overrides, global batch size)
+# name -> (ModelConfig overrides, rows per batch, responses per reward-model prompt)
 MODELS = {
-    # configs/pretrain_cpu.py's model with its 4096-token tokenizer.
-    "small": (dict(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, max_len=256), 16),
-    # ~100M parameters (GPT-2-small shape with a 4096 vocabulary: ~89M matmul + embeddings).
-    "100m": (dict(vocab_size=4096, num_layers=12, num_heads=12, d_model=768, max_len=256), 4),
+    # configs/pretrain_cpu.py's model with its 4096-token tokenizer, GPT-2's biases.
+    "small": (dict(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, max_len=256), 16, 4),
+    # GPT-2 small's shape (124M with its 50257-token vocabulary; 89M here with 4096 tokens).
+    "100m": (dict(vocab_size=4096, num_layers=12, num_heads=12, d_model=768, max_len=256), 4, 2),
     # A toy model, for a quick check of the script.
-    "tiny": (dict(vocab_size=512, num_layers=2, num_heads=2, d_model=64, max_len=64), 8),
+    "tiny": (dict(vocab_size=512, num_layers=2, num_heads=2, d_model=64, max_len=64), 8, 2),
 }
+STAGES = ("pretrain", "sft", "reward")
+LR = 1e-4
 
 
-def measure_peak(sizes: list[int], repeats: int) -> dict:
-  """Best fp32 matmul FLOP/s over `sizes` (n x n @ n x n), each compiled then timed `repeats` times."""
-  per_size = {}
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      dot(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    per_size[n] = 2.0 * n ** 3 / best
-  return {"peak_flops": max(per_size.values()), "per_size_flops": per_size}
+def model_config(name: str, attention: str, remat: str) -> config_lib.ModelConfig:
+  return config_lib.ModelConfig(**MODELS[name][0], attention_bias=True, attention=attention, remat=remat)
 
 
-def measure_train(name: str, steps: int, warmup: int, batch_size: int | None, seed: int = 0) -> dict:
-  overrides, default_batch = MODELS[name]
-  batch_size = batch_size or default_batch
-  model_cfg = config_lib.ModelConfig(**overrides)
-  seq_len = model_cfg.max_len
+def make_batch(stage: str, cfg: config_lib.ModelConfig, rows: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A random batch of `stage`'s shape, as host arrays (the gptrl layout; the peer converts it)."""
+  rng = np.random.default_rng(seed)
+  t = cfg.max_len
+  if stage == "reward":
+    # `rows` sequences = rows // k prompts x k responses, right-padded; response i ranked above j for i < j.
+    prompts = max(rows // k, 1)
+    tokens = rng.integers(0, cfg.vocab_size, (prompts, k, t), dtype=np.int32)
+    last = rng.integers(t // 2, t, (prompts, k)).astype(np.int32)
+    pad = np.arange(t)[None, None, :] > last[:, :, None]
+    tokens[pad] = 0
+    pairs = np.triu(np.ones((k, k), np.float32), 1)[None].repeat(prompts, 0)
+    return {"tokens": tokens, "last": last, "pairs": pairs, "margins": np.zeros_like(pairs)}
+  windows = rng.integers(0, cfg.vocab_size, (rows, t + 1), dtype=np.int32)
+  weights = np.ones((rows, t), np.float32)
+  if stage == "sft":  # one chat per row: a prompt (no loss), a reply (loss), then padding (no loss)
+    prompt_end = rng.integers(t // 8, t // 2, rows)
+    chat_end = rng.integers(t // 2, t + 1, rows)
+    pos = np.arange(t)[None, :]
+    weights = ((pos >= prompt_end[:, None]) & (pos < chat_end[:, None])).astype(np.float32)
+    windows[:, 1:][pos >= chat_end[:, None]] = 0
+  return {"inputs": windows[:, :-1].copy(), "targets": windows[:, 1:].copy(), "weights": weights}
+
+
+def gptrl_step(stage: str, cfg: config_lib.ModelConfig, batch: dict[str, np.ndarray], steps: int
+               ) -> tuple[Callable[[], Any], int, Callable[[], float]]:
+  """(run one step, parameter count, last loss) for gptrl's train step of `stage`."""
   mesh = sharding.make_mesh(config_lib.MeshConfig())
-  model = model_lib.GPT(model_cfg)
-  optim_cfg = config_lib.OptimConfig()
-  total_steps = warmup + steps
-  optimizer = optim.make_optimizer(optim_cfg, total_steps)
-  init_tokens = np.zeros((1, seq_len), np.int32)
-  state, shardings = trainer.create_train_state(lambda r: model.init(r, init_tokens)["params"], optimizer, seed,
-                                                mesh)
+  optim_cfg = config_lib.OptimConfig(lr=LR, warmup_steps=0)
+  optimizer = optim.make_optimizer(optim_cfg, steps)
+  if stage == "reward":
+    model = reward_model.ScalarHeadModel(cfg)
+    init = lambda r: model.init(r, np.zeros((1, cfg.max_len), np.int32))["params"]
+    loss_fn = reward_loss_fn(model, margin_scale=0.0)
+  else:
+    model = model_lib.GPT(cfg)
+    init = lambda r: model.init(r, np.zeros((1, cfg.max_len), np.int32))["params"]
+    loss_fn = lm_loss_fn(model)
+  state, shardings = trainer.create_train_state(init, optimizer, 0, mesh)
   n_params = model_lib.count_params(state.params)
   step_fn = trainer.jit_train_step(
-      trainer.make_train_step(lm_loss_fn(model), optimizer, optim.learning_rate_schedule(optim_cfg, total_steps)),
-      shardings, mesh)
+      trainer.make_train_step(loss_fn, optimizer, optim.learning_rate_schedule(optim_cfg, steps)), shardings, mesh)
+  device_batch = sharding.host_to_global(batch, mesh)
+  box: dict[str, Any] = {"state": state, "metrics": None}
 
-  rng = np.random.default_rng(seed)
+  def run():
+    box["state"], box["metrics"] = step_fn(box["state"], device_batch)
+    jax.block_until_ready(box["metrics"])
+  return run, n_params, lambda: float(box["metrics"]["train/loss"])
 
-  def batch():
-    windows = rng.integers(0, model_cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-    return sharding.host_to_global({"inputs": windows[:, :-1].copy(), "targets": windows[:, 1:].copy(),
-                                    "weights": np.ones((batch_size, seq_len), np.float32)}, mesh)
 
-  batches = [batch() for _ in range(min(total_steps, 4))]
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, batches[0])
-  jax.block_until_ready((state, metrics))
-  compile_s = time.perf_counter() - t0
-  for i in range(1, warmup):
-    state, metrics = step_fn(state, batches[i % len(batches)])
-  jax.block_until_ready((state, metrics))
+def torch_step(stage: str, cfg: config_lib.ModelConfig, batch: dict[str, np.ndarray]
+               ) -> tuple[Callable[[], Any], int, Callable[[], float]]:
+  """The same for transformers' GPT-2 with torch AdamW (the peer)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from gptrl import hf  # pylint: disable=import-outside-toplevel
+  transformers.logging.set_verbosity_error()
+  hf_cfg = hf.hf_config_from_model_config(cfg, special_ids={"bos_token_id": None, "eos_token_id": None},
+                                          dtype="float32")
+  for key in ("architectures", "model_type", "dtype"):
+    hf_cfg.pop(key)
+  gpt2_cfg = transformers.GPT2Config(**hf_cfg)
+  torch.manual_seed(0)
+  if stage == "reward":
+    backbone = transformers.GPT2Model(gpt2_cfg)
+    head = torch.nn.Linear(cfg.d_model, 1)
+    module = torch.nn.ModuleList([backbone, head])
+    tokens = torch.tensor(batch["tokens"].reshape(-1, cfg.max_len), dtype=torch.long)
+    last = torch.tensor(batch["last"].reshape(-1), dtype=torch.long)
+    p, k = batch["last"].shape
+    pairs = torch.tensor(batch["pairs"])
+    weights = pairs / pairs.sum(dim=(1, 2), keepdim=True).clamp(min=1.0)
 
-  t0 = time.perf_counter()
-  for i in range(steps):
-    state, metrics = step_fn(state, batches[i % len(batches)])
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - t0
-  loss = float(metrics["train/loss"])
-  assert np.isfinite(loss), loss
+    def loss_fn():
+      hidden = backbone(tokens).last_hidden_state
+      scores = head(hidden[torch.arange(tokens.shape[0]), last]).reshape(p, k)
+      diff = scores[:, :, None] - scores[:, None, :]
+      return -(weights * torch.nn.functional.logsigmoid(diff)).sum() / p
+  else:
+    module = transformers.GPT2LMHeadModel(gpt2_cfg)
+    inputs = torch.tensor(batch["inputs"], dtype=torch.long)
+    labels = torch.tensor(batch["targets"], dtype=torch.long)
+    labels[torch.tensor(batch["weights"]) == 0] = -100
 
-  tokens_per_step = batch_size * seq_len
-  tokens_per_s = steps * tokens_per_step / elapsed
-  fpt_full = model_lib.flops_per_token(model_cfg, seq_len)
-  fpt_causal = model_lib.flops_per_token(model_cfg, seq_len, causal_halved=True)
-  return {
-      "model": name, "model_config": dataclasses.asdict(model_cfg), "num_params": n_params,
-      "batch_size": batch_size, "seq_len": seq_len, "devices": mesh.size, "warmup_steps": warmup,
-      "steps": steps, "compile_plus_first_step_s": compile_s, "seconds": elapsed,
-      "step_ms": 1000 * elapsed / steps, "tokens_per_s": tokens_per_s, "final_loss": loss,
-      "flops_per_token_full": fpt_full, "flops_per_token_causal": fpt_causal,
-      "model_flops_full": fpt_full * tokens_per_s, "model_flops_causal": fpt_causal * tokens_per_s,
-  }
+    def loss_fn():
+      logits = module(inputs).logits
+      return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                               ignore_index=-100)
+  module.train()
+  opt = torch.optim.AdamW(module.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+  box: dict[str, Any] = {}
+
+  def run():
+    loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    box["loss"] = loss.item()
+  return run, sum(p.numel() for p in module.parameters()), lambda: box["loss"]
+
+
+def measure(stage: str, model_name: str, *, attention: str, remat: str, peer: str, rounds: int, warmup: int,
+            peak_flops: float) -> dict[str, Any]:
+  cfg = model_config(model_name, attention, remat)
+  _, rows, k = MODELS[model_name]
+  batch = make_batch(stage, cfg, rows, k)
+  workloads, params, losses = {}, {}, {}
+  workloads["gptrl"], params["gptrl"], losses["gptrl"] = gptrl_step(stage, cfg, batch, warmup + rounds)
+  if peer == "torch":
+    workloads["torch"], params["torch"], losses["torch"] = torch_step(stage, cfg, batch)
+  for fn in workloads.values():
+    for _ in range(warmup):
+      fn()
+  times = benchlib.interleaved(workloads, rounds)
+  tokens = rows if stage != "reward" else max(rows // k, 1) * k
+  tokens *= cfg.max_len
+  fpt = {kind: model_lib.flops_per_token(cfg, cfg.max_len, causal_halved=kind == "causal",
+                                         lm_head=stage != "reward") for kind in ("full", "causal")}
+  result: dict[str, Any] = {"stage": stage, "model": model_name, "attention": attention, "remat": remat,
+                            "tokens_per_step": tokens, "flops_per_token": fpt, "params": params}
+  for name, seconds in times.items():
+    loss = losses[name]()
+    assert np.isfinite(loss), (name, loss)
+    s = benchlib.summary(seconds)
+    result[name] = {**s, "tokens_per_s": tokens / s["best_s"], "final_loss": loss,
+                    "mfu_full": fpt["full"] * tokens / s["best_s"] / peak_flops,
+                    "mfu_causal": fpt["causal"] * tokens / s["best_s"] / peak_flops}
+  if "torch" in times:
+    result["speedup_over_torch"] = benchlib.ratio(times["torch"], times["gptrl"])
+  return result
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", action="append", choices=sorted(MODELS),
-                 help="model config(s) to measure (repeatable); default: small")
-  p.add_argument("--steps", type=int, default=10, help="timed train steps")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
-  p.add_argument("--batch_size", type=int, default=0, help="override the model's default global batch size")
-  p.add_argument("--peak_sizes", default="2048,3072,4096", help="matmul sizes n for the peak, comma-separated")
-  p.add_argument("--peak_repeats", type=int, default=5)
+  p.add_argument("--model", default="small", choices=sorted(MODELS))
+  p.add_argument("--stage", action="append", choices=STAGES, help="stage(s) to measure (repeatable); default: all")
+  p.add_argument("--peer", default="torch", choices=("torch", "none"))
+  p.add_argument("--attention", default="xla", choices=("xla", "dot_product"), help="gptrl's model.attention")
+  p.add_argument("--remat", default="none", choices=("none", "block", "dots"), help="gptrl's model.remat")
+  p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (one step of each side)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (gptrl's first compiles)")
+  p.add_argument("--peak_sizes", default="1024,2048,3072", help="matmul sizes n for the peak, comma-separated")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
-  models = args.model or ["small"]
+  if args.peer == "torch":
+    threads = benchlib.torch_threads()
+  peak = benchlib.matmul_peak([int(s) for s in args.peak_sizes.split(",")])
+  results = [measure(stage, args.model, attention=args.attention, remat=args.remat, peer=args.peer,
+                     rounds=args.rounds, warmup=max(args.warmup, 1), peak_flops=peak["flops"])
+             for stage in args.stage or STAGES]
 
-  peak = measure_peak([int(s) for s in args.peak_sizes.split(",")], args.peak_repeats)
-  results = []
-  for name in models:
-    results.append(measure_train(name, args.steps, max(args.warmup, 1), args.batch_size or None))
-    r = results[-1]
-    r["mfu_full"] = r["model_flops_full"] / peak["peak_flops"]
-    r["mfu_causal"] = r["model_flops_causal"] / peak["peak_flops"]
-
-  device = jax.devices()[0]
-  print(f"\nDevice: {jax.device_count()} x {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}")
-  print("fp32 matmul peak: " + ", ".join(f"n={n}: {f / 1e9:.1f}" for n, f in peak["per_size_flops"].items())
-        + f" GFLOP/s -> best {peak['peak_flops'] / 1e9:.1f} GFLOP/s\n")
-  header = (f"{'model':<7}{'params':>12}{'batch':>7}{'ctx':>6}{'step ms':>10}{'tokens/s':>11}"
-            f"{'GFLOP/s full':>14}{'GFLOP/s causal':>16}{'MFU full':>10}{'MFU causal':>12}")
-  print(header)
-  print("-" * len(header))
+  info = benchlib.device_info()
+  cfg = model_config(args.model, args.attention, args.remat)
+  print(f"\nDevice: {info['devices']} x {info['platform']} ({info.get('cpu_model', info['kind'])}), "
+        f"{info['cpus']} CPUs, jax {info['jax']}" + (f", torch threads {threads}" if args.peer == "torch" else ""))
+  print(f"fp32 matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s (best of n = {args.peak_sizes})")
+  print(f"Model '{args.model}': {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, context "
+        f"{cfg.max_len}, vocabulary {cfg.vocab_size}; attention={args.attention}, remat={args.remat}; "
+        f"best of {args.rounds} interleaved rounds\n")
+  rows = []
   for r in results:
-    print(f"{r['model']:<7}{r['num_params']:>12,}{r['batch_size']:>7}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
-          f"{r['tokens_per_s']:>11.0f}{r['model_flops_full'] / 1e9:>14.2f}{r['model_flops_causal'] / 1e9:>16.2f}"
-          f"{r['mfu_full']:>10.1%}{r['mfu_causal']:>12.1%}")
-  report = {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                       "cpus": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__},
-            "peak": {"peak_flops": peak["peak_flops"],
-                     "per_size_flops": {str(k): v for k, v in peak["per_size_flops"].items()}},
-            "results": results}
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    print(f"\nWrote {args.out}")
+    for side in ("gptrl", "torch"):
+      if side in r:
+        s = r[side]
+        rows.append({"stage": r["stage"], "side": side, "params": r["params"][side], "tokens": r["tokens_per_step"],
+                     "ms": 1000 * s["best_s"], "median_ms": 1000 * s["median_s"], "tps": s["tokens_per_s"],
+                     "mfu_full": s["mfu_full"], "mfu_causal": s["mfu_causal"],
+                     "speedup": r["speedup_over_torch"]["best"] if side == "gptrl" and "speedup_over_torch" in r
+                     else None})
+  print(benchlib.format_table(rows, [("stage", "stage", ""), ("side", "side", ""), ("params", "params", ",d"),
+                                     ("tokens", "tokens/step", ",d"), ("ms", "best ms", ".0f"),
+                                     ("median_ms", "median ms", ".0f"), ("tps", "tokens/s", ",.0f"),
+                                     ("mfu_full", "MFU full", ".1%"), ("mfu_causal", "MFU causal", ".1%"),
+                                     ("speedup", "x torch", ".2f")]))
+  benchlib.write_json(args.out, {"device": info, "peak": peak, "args": vars(args),
+                                 "model_config": dataclasses.asdict(cfg), "results": results})
   return 0
 
 

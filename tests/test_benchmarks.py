@@ -1,0 +1,71 @@
+"""The benchmarks' shared tools (fast), and each benchmark script end to end on a toy model (slow)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import benchlib  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_interleaved_runs_round_robin_and_ratio_uses_rounds():
+  calls = []
+  times = benchlib.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+  assert calls == ["a", "b"] * 3
+  assert [len(v) for v in times.values()] == [3, 3]
+  r = benchlib.ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0])
+  assert r["best"] == 2.0  # min(2, 4, 9) / min(1, 1, 3)
+  assert r["median_per_round"] == 3.0  # median of 2, 4, 3
+
+
+def test_format_table_aligns_and_marks_missing_values():
+  text = benchlib.format_table([{"name": "gptrl", "x": 1234.5}, {"name": "torch"}],
+                               [("name", "side", ""), ("x", "tokens/s", ",.0f")])
+  lines = text.splitlines()
+  assert lines[0].split() == ["side", "tokens/s"]
+  assert set(lines[1].replace(" ", "")) == {"-"}
+  assert lines[2].split() == ["gptrl", "1,234"] and lines[3].split() == ["torch", "-"]
+  assert len({len(line) for line in lines}) == 1
+
+
+def test_memory_bandwidth_and_peak_are_positive_and_finite():
+  bw = benchlib.memory_bandwidth(megabytes=8, repeats=2)
+  peak = benchlib.matmul_peak(sizes=(128,), repeats=2)
+  assert 1e8 < bw["bytes_per_s"] < 1e13
+  assert 1e7 < peak["flops"] < 1e16
+
+
+def _run(script: str, *args: str, tmp_path: pathlib.Path) -> dict:
+  out = tmp_path / f"{script}.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the machine's devices, not the 8 fake ones
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--out", str(out)],
+                        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_every_stage_with_the_torch_peer(tmp_path):
+  pytest.importorskip("transformers")
+  report = _run("train_throughput", "--model", "tiny", "--rounds", "1", "--warmup", "1", "--peak_sizes", "256",
+                tmp_path=tmp_path)
+  assert [r["stage"] for r in report["results"]] == ["pretrain", "sft", "reward"]
+  for r in report["results"]:
+    assert r["params"]["gptrl"] == r["params"]["torch"]  # the identical model on both sides
+    assert 0 < r["gptrl"]["mfu_causal"] <= r["gptrl"]["mfu_full"]
+    assert r["speedup_over_torch"]["best"] > 0
+
+
+@pytest.mark.slow
+def test_decode_speed_runs_with_the_transformers_peer(tmp_path):
+  pytest.importorskip("transformers")
+  report = _run("decode_speed", "--batch", "2", "--new_tokens", "4", "--prompt_len", "4", "--rounds", "1",
+                "--recompute", tmp_path=tmp_path)
+  row = report["results"][0]
+  assert {"gptrl", "gptrl no cache", "transformers"} <= set(row)
+  assert row["bytes_per_step"] > 4 * 4_000_000  # at least the ~4.3M fp32 parameters
