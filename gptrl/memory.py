@@ -241,8 +241,9 @@ class _Shard:
                  + h * k  # attention output before its projection
                  + 2 * d  # MLP norm output, MLP output
                  + f * (3 if cfg.gated_mlp else 2))  # fc_in (and fc_gate) outputs, activation output
-    # Softmax output in float32 and its cast for the value matmul; the boolean mask [B, 1, T, T].
-    return b * t * per_token * c + b * h * t * t * (4 + c) + b * t * t
+    # The float32 softmax weights, and their cast for the value matmul under a narrower compute dtype, over the
+    # score blocks causal attention computes (model.causal_chunk; the mask is built from iotas, not stored).
+    return b * t * per_token * c + h * self.score_area(b, t) * (4 + (c if c != 4 else 0))
 
   def layer_saved(self, b: int, t: int, remat: str) -> float:
     """Bytes a block keeps until the backward pass under the remat policy."""
@@ -254,9 +255,18 @@ class _Shard:
       return float(b * t * c * (3 * d + (h + 2 * g) * cfg.head_dim + f * (2 if cfg.gated_mlp else 1)))
     return self.layer_full(b, t)
 
+  def score_area(self, b: int, t: int) -> float:
+    """Score entries per head of causal attention over b rows of t tokens: query blocks of length C only reach
+    the keys up to their end (gptrl.model.causal_chunk_length), n = T / C blocks cover T^2 (n + 1) / 2n."""
+    from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+    chunk = min(model_lib.causal_chunk_length(self.cfg, t), t)
+    n = -(-t // chunk)
+    return float(b * sum(min(chunk, t - i * chunk) * min((i + 1) * chunk, t) for i in range(n)))
+
   def scores(self, b: int, t: int, s: int | None = None) -> float:
-    """The float32 attention scores and masked scores [B, H, T, S] of one layer (transient)."""
-    return float(b * self.heads * t * (t if s is None else s) * 8)
+    """The float32 attention scores and masked scores [B, H, T, S] of one layer (transient): causal blocks over
+    t tokens, or t queries over s cached keys."""
+    return float(self.heads * (self.score_area(b, t) if s is None else b * t * s) * 8)
 
   def training(self, b: int, t: int) -> float:
     """Activations of a forward + backward pass over b rows of t tokens (no logits)."""
@@ -342,7 +352,7 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   t, accum = model_cfg.max_len, cfg.optim.grad_accum_steps
   b = _micro_rows(cfg.data.batch_size, accum, shard)
   step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
-               "logits, log-softmax, gradient (float32)": shard.logits(b, t, 3)})
+               "logits and their gradient (float32)": shard.logits(b, t, 2)})
   b_eval = shard.rows(cfg.data.batch_size)
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),

@@ -247,7 +247,12 @@ def test_activation_formula_scales_as_the_model_code_does():
   b, t = 2, 16
   h, k, d, f = 2, 8, 32, 64  # heads and MLP split over tensor=2
   per_token = 4 * d + 3 * h * k + h * k + 2 * d + 2 * f
-  assert shard.layer_full(b, t) == b * t * per_token * 2 + b * h * t * t * (4 + 2) + b * t * t
+  # t = 16 < 128: causal attention is one dense block; float32 weights + their bfloat16 cast
+  assert shard.layer_full(b, t) == b * t * per_token * 2 + b * h * t * t * (4 + 2)
+  # 256 tokens: four query blocks of 64 reach 64, 128, 192 and 256 keys (5/8 of the square)
+  assert shard.score_area(b, 256) == b * 64 * (64 + 128 + 192 + 256) == b * 256 * 256 * 5 / 8
+  fp32 = memory._Shard(dataclasses.replace(cfg, dtype="float32"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  assert fp32.layer_full(b, t) == b * t * per_token * 4 + b * h * t * t * 4  # no cast under float32 compute
   assert shard.layer_saved(b, t, "block") == b * t * d * 2
   assert shard.kv_cache(b, t) == 3 * (2 * b * t * h * k * 2 + b * t)
   assert shard.logits(b, t, 3) == 3 * b * t * 500 * 4
