@@ -45,6 +45,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gptrl import chat
+from gptrl import cli
 from gptrl import fileio
 from gptrl import labellers
 
@@ -58,8 +59,7 @@ _PROMPT_EXPECTED = ("{'prompt'} or {'messages'} (a prompt), or {'prompt', 'respo
 _REPLIES_EXPECTED = "{'messages' or 'prompt', 'responses': [str, ...]}"
 
 
-class UsageError(Exception):
-  """What the user asked for cannot be done; the message is one line saying why and what to do instead."""
+UsageError = cli.UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,17 +619,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status (0, or 2 after a one-line usage error on stderr)."""
-  args = _parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
-                      force=True)
-  for name in ("absl", "orbax", "jax._src", "etils", "werkzeug"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  try:
-    run(args)
-  except UsageError as e:
-    print(f"{_PROG}: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.main(_PROG, _parser(), run, lambda: cli.setup_logging(
+      ("absl", "orbax", "jax._src", "etils", "werkzeug"), logging.WARNING), argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
+from gptrl import cli
 from gptrl import config as config_lib
 from gptrl import fileio
 from gptrl import model as model_lib
@@ -50,8 +51,7 @@ _PROG = "gptrl.sample"
 PRETRAIN_STAGE, REWARD_STAGE = "pretrain", "reward"
 
 
-class UsageError(Exception):
-  """What the user asked for cannot be done; the message is one line saying why and what to do instead."""
+UsageError = cli.UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,10 +353,7 @@ def _stdin_lines() -> Iterable[str]:
 
 
 def _setup_logging() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
-                      force=True)
-  for name in ("absl", "orbax", "jax._src", "etils"):
-    logging.getLogger(name).setLevel(logging.ERROR)
+  cli.setup_logging(("absl", "orbax", "jax._src", "etils"), logging.ERROR)
 
 
 def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
@@ -397,14 +394,7 @@ def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status (0, or 2 after a one-line usage error on stderr)."""
-  args = _parser().parse_args(argv)
-  _setup_logging()
-  try:
-    run(args)
-  except UsageError as e:
-    print(f"{_PROG}: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.main(_PROG, _parser(), run, _setup_logging, argv)
 
 
 if __name__ == "__main__":
