@@ -138,6 +138,17 @@ def _jsonable(x: Any) -> Any:
   return str(x)
 
 
+def gpt2_config(cfg: Any, **special_ids: int | None) -> Any:
+  """transformers.GPT2Config of the gptrl model `cfg` (GPT-2's architecture): the peer's identical model."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  from gptrl import hf  # pylint: disable=import-outside-toplevel
+  hf_cfg = hf.hf_config_from_model_config(cfg, special_ids={"bos_token_id": None, "eos_token_id": None,
+                                                            **special_ids}, dtype="float32")
+  for key in ("architectures", "model_type", "dtype"):
+    hf_cfg.pop(key)
+  return transformers.GPT2Config(**hf_cfg)
+
+
 def torch_threads() -> int:
   """Pins torch's intra-op threads to the CPU count (what XLA's CPU client uses) and returns it."""
   import torch  # pylint: disable=import-outside-toplevel

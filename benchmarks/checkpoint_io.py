@@ -45,12 +45,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import json
 import logging
 import math
 import mmap
 import os
-import pathlib
 import platform
 import re
 import shutil
@@ -60,7 +58,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import benchlib  # sets sys.path for gptrl
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -591,10 +589,7 @@ def main(argv=None) -> int:
   }
   print_report(report)
   print(f"\n{elapsed:.0f} s in all.")
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    print(f"Wrote {args.out}")
+  benchlib.write_json(args.out, report)
   return 0
 
 

@@ -59,14 +59,9 @@ def gptrl_generate(cfg: config_lib.ModelConfig, prompts: list[list[int]], new_to
 def torch_generate(cfg: config_lib.ModelConfig, prompts: list[list[int]], new_tokens: int) -> Callable[[], Any]:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from gptrl import hf  # pylint: disable=import-outside-toplevel
   transformers.logging.set_verbosity_error()
-  hf_cfg = hf.hf_config_from_model_config(cfg, special_ids={"bos_token_id": None, "eos_token_id": None,
-                                                            "pad_token_id": 0}, dtype="float32")
-  for key in ("architectures", "model_type", "dtype"):
-    hf_cfg.pop(key)
   torch.manual_seed(0)
-  module = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_cfg)).eval()
+  module = transformers.GPT2LMHeadModel(benchlib.gpt2_config(cfg, pad_token_id=0)).eval()
   input_ids = torch.tensor(prompts, dtype=torch.long)
   attention_mask = torch.ones_like(input_ids)
 

@@ -114,13 +114,8 @@ def torch_step(stage: str, cfg: config_lib.ModelConfig, batch: dict[str, np.ndar
   """The same for transformers' GPT-2 with torch AdamW (the peer)."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from gptrl import hf  # pylint: disable=import-outside-toplevel
   transformers.logging.set_verbosity_error()
-  hf_cfg = hf.hf_config_from_model_config(cfg, special_ids={"bos_token_id": None, "eos_token_id": None},
-                                          dtype="float32")
-  for key in ("architectures", "model_type", "dtype"):
-    hf_cfg.pop(key)
-  gpt2_cfg = transformers.GPT2Config(**hf_cfg)
+  gpt2_cfg = benchlib.gpt2_config(cfg)
   torch.manual_seed(0)
   if stage == "reward":
     backbone = transformers.GPT2Model(gpt2_cfg)
