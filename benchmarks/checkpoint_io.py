@@ -8,7 +8,7 @@ Everything runs in one process, in one scratch folder (--dir; default: a tempora
 directory, deleted at the end), through gptrl.checkpoint.Checkpointer exactly as the training loop uses it.
 
 1. State: gptrl.trainer.create_train_state of the chosen model with its Adam state (~3x the parameter bytes).
-   Adam's moments start at zero, which orbax's zstd compresses away; after training they are dense, so by
+   Adam's moments start at zero, which zstd (--compression) compresses away; after training they are dense, so by
    default they are filled with random values of plausible size (--opt_state init keeps the zeros).
 2. Save (each repeat): `Checkpointer.save(step, state, data=, meta=)` then `wait()`, as run_loop does. Measured:
    the time the caller is blocked in save(); the time from the call until the step is committed (orbax has
@@ -377,7 +377,8 @@ def run_steps(step_fn: Callable, state: Any, batch: Any, steps: int, *, checkpoi
 
 
 def measure_loop(state: Any, shardings: Any, mesh: Any, directory: str, *, saves: int, save_every: int,
-                 commit_s: float, width: int, depth: int, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+                 commit_s: float, width: int, depth: int, meta: dict[str, Any], compression: bool
+                 ) -> tuple[Any, dict[str, Any]]:
   """Loop time with a save every k steps minus the same number of steps without saves (timed in windows of
   about two seconds before and after; their mean step time x steps), per save (see the module docstring)."""
   step_fn = trainer.jit_train_step(make_dummy_step(width, depth), shardings, mesh)
@@ -391,7 +392,8 @@ def measure_loop(state: Any, shardings: Any, mesh: Any, directory: str, *, saves
     save_every = max(5, math.ceil(SAVE_SPACING * commit_s / (calib["total_s"] / 20)))
   steps = saves * save_every
   state, before = run_steps(step_fn, state, batch, window)
-  checkpointer = ckpt_lib.Checkpointer(directory, keep=1)  # one step on disk already: every commit deletes one
+  # One step on disk already: every commit deletes one.
+  checkpointer = ckpt_lib.Checkpointer(directory, keep=1, compression=compression)
   try:
     state, with_saves = run_steps(step_fn, state, batch, steps, checkpointer=checkpointer, save_every=save_every,
                                   meta=meta)
@@ -479,7 +481,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{dropped['max_resident_after_drop']}")
   print(f"Checkpoint: model {ck['model']}, {ck['num_params']:,} parameters, optimizer state {ck['opt_state']}; "
         f"TrainState {ck['state_bytes'] / MB:.0f} MB in memory, {ck['bytes_on_disk'] / MB:.0f} MB on disk in "
-        f"{ck['files']} files (orbax ocdbt + zstd)\n")
+        f"{ck['files']} files (orbax ocdbt{' + zstd' if ck.get('compression') else ', uncompressed'})\n")
   header = f"{'':<42}{'best':>10}{'median':>10}  unit   ({report['repeats']} repeats)"
   print(header)
   print("-" * len(header))
@@ -513,6 +515,8 @@ def main(argv=None) -> int:
   p.add_argument("--save_every", type=int, default=0, help="steps between loop saves; 0: SAVE_SPACING x a save's time")
   p.add_argument("--step_width", type=int, default=384, help="the dummy step's matmuls are width x width")
   p.add_argument("--step_depth", type=int, default=4, help="matmuls per dummy step")
+  p.add_argument("--compression", action="store_true",
+                 help="zstd-compress the arrays (train.checkpoint_compression; off by default, as in the library)")
   p.add_argument("--keep_files", action="store_true", help="leave the scratch folder (checkpoints) behind")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
@@ -545,7 +549,7 @@ def main(argv=None) -> int:
     meta = {"stage": "benchmark", "model": dataclasses.asdict(model_cfg), "num_params": n_params}
     chunk = np.random.default_rng(0).bytes(args.chunk_mb << 20)
     ckpt_dir = os.path.join(scratch, "checkpoints")
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=args.repeats)
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=args.repeats, compression=args.compression)
     raw, per_repeat = [], []
     try:
       for r in range(args.repeats):
@@ -566,7 +570,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     state, loop = measure_loop(state, shardings, mesh, ckpt_dir, saves=args.loop_saves,
                                save_every=args.save_every, commit_s=commit_s, width=args.step_width,
-                               depth=args.step_depth, meta=meta)
+                               depth=args.step_depth, meta=meta, compression=args.compression)
     elapsed = time.perf_counter() - t_start
   finally:
     if not args.keep_files:
@@ -581,7 +585,7 @@ def main(argv=None) -> int:
       "cold_read": {"method": "posix_fadvise(POSIX_FADV_DONTNEED) after fsync, checked with mincore",
                     "max_resident_after_drop": None if None in residents else max(residents)},
       "checkpoint": {"model": args.model, "model_config": dataclasses.asdict(model_cfg), "num_params": n_params,
-                     "opt_state": args.opt_state, "state_bytes": state_bytes,
+                     "opt_state": args.opt_state, "compression": args.compression, "state_bytes": state_bytes,
                      "bytes_on_disk": raw[0]["save"]["bytes_on_disk"], "files": raw[0]["save"]["files"]},
       "summary": {key: summarize([m[key] for m in per_repeat if key in m], better)
                   for key, _, _, better in ROWS if any(key in m for m in per_repeat)},

@@ -247,6 +247,9 @@ class TrainConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
   async_checkpoint: bool = True  # write checkpoints in a background thread
+  # zstd-compress checkpoint arrays: ~8% fewer bytes for float32 state, but saves and restores become bound by
+  # the codec's CPU time (restore ~3.5x slower on 2 cores); worth it only where storage bandwidth is scarce.
+  checkpoint_compression: bool = False
   progress_bar: bool = True
   eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the starting point's score)
   # Numerics guard (gptrl/trainer.py). A step whose loss or gradient norm is not finite, or whose loss is a spike,

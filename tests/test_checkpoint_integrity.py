@@ -406,3 +406,57 @@ def test_restore_onto_another_mesh_gives_the_same_values(sharded_run, shape):
   for restored_leaf, saved, target_sharding in zip(got, want, jax.tree.leaves(shardings)):
     assert restored_leaf.sharding == target_sharding
     assert restored_leaf.dtype == saved.dtype and np.array_equal(np.asarray(restored_leaf), saved)
+
+
+def test_compression_is_a_save_option_and_restores_read_either_kind(tmp_path):
+  """train.checkpoint_compression: zstd shrinks a compressible state on disk; a run resumes from steps written
+  either way (e.g. a run that turned compression off keeps its older compressed steps usable)."""
+  zeros = {"w": np.zeros((64 * 1024,), np.float32), "b": {"c": np.zeros((3,), np.int32)}}
+  sizes = {}
+  for compression in (True, False):
+    directory = tmp_path / f"compression-{compression}"
+    checkpointer = ckpt_lib.Checkpointer(str(directory), keep=5, compression=compression)
+    checkpointer.save(1, zeros, data={"position": 1}, meta={"stage": "test"})
+    checkpointer.save(2, _state(2), data={"position": 2}, meta={"stage": "test"})
+    checkpointer.close()
+    sizes[compression] = sum(p.stat().st_size for p in (directory / "1" / "state").rglob("*") if p.is_file())
+    # Restored by a Checkpointer with the other setting.
+    reader = ckpt_lib.Checkpointer(str(directory), compression=not compression)
+    try:
+      assert np.array_equal(jax.device_get(reader.restore(1, _abstract_of(zeros))[0])["w"], zeros["w"])
+    finally:
+      reader.close()
+    step, state, data = _resume(directory)
+    assert (step, data) == (2, {"position": 2})
+    _assert_state(state, 2)
+  assert sizes[False] >= zeros["w"].nbytes  # the raw bytes are all there
+  assert sizes[True] < sizes[False] / 4, sizes  # 256 KiB of zeros compress to almost nothing
+
+
+def _abstract_of(tree: dict) -> dict:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def test_old_steps_are_deleted_off_the_callers_thread(tmp_path):
+  """Garbage collection renames an old step on the caller's thread (so it stops being a step at once) and
+  deletes its files in the background; close() waits for that deletion."""
+  import threading  # pylint: disable=import-outside-toplevel
+  release, started = threading.Event(), threading.Event()
+  real_rmtree = ckpt_lib.fileio.rmtree
+
+  def slow_rmtree(path, **kwargs):
+    if path.endswith(".gc-deleting") and os.path.isdir(path):
+      started.set()
+      assert release.wait(30)
+    return real_rmtree(path, **kwargs)
+
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "c"), keep=1)
+  with mock.patch.object(ckpt_lib.fileio, "rmtree", slow_rmtree):
+    checkpointer.save(1, _state(1), data={}, meta={})
+    checkpointer.save(2, _state(2), data={}, meta={})
+    checkpointer.wait()  # commits step 2, then collects step 1: returns while its files are still being deleted
+    assert started.wait(30)
+    assert _steps(tmp_path / "c") == ["1.gc-deleting", "2"] and checkpointer.all_steps() == [2]
+    release.set()
+    checkpointer.close()
+  assert _steps(tmp_path / "c") == ["2"]

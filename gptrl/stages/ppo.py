@@ -592,7 +592,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                                         tokenizer_sha256=tok.sha256)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint)
+                                       async_save=cfg.train.async_checkpoint,
+                                       compression=cfg.train.checkpoint_compression)
   fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
                            eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
                            process_count=jax.process_count(), tokenizer_sha256=tok.sha256,

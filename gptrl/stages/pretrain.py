@@ -88,7 +88,8 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
   model_cfg = common.resolve_vocab_size(cfg.model, tok)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint)
+                                       async_save=cfg.train.async_checkpoint,
+                                       compression=cfg.train.checkpoint_compression)
   latest = checkpointer.latest_step()
   if latest is not None:
     ckpt_lib.check_tokenizer(checkpointer.read_meta(latest), tok.sha256,

@@ -146,7 +146,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   state, state_shardings = trainer.create_train_state(
       lambda rng: model.init(rng, np.zeros((1, seq_len), np.int32))["params"], optimizer, cfg.seed, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint)
+                                       async_save=cfg.train.async_checkpoint,
+                                       compression=cfg.train.checkpoint_compression)
   start_step = 0
   resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
                           fingerprint_parts=fingerprint_parts, train_iter=train_iter,
