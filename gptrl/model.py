@@ -40,6 +40,51 @@ def _constrain(x: jax.Array, *names: str) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, *, transpose_kernel: bool = False,
+           preferred_element_type: Any = None) -> jax.Array:
+  """x [..., I_1..I_c] @ kernel [I_1..I_c, O_1..O_m] -> [..., O_1..O_m] (the last `contract` axes of x against the
+  first of the kernel; `transpose_kernel`: the kernel is [O, I], as a tied embedding is), computed as one 2-D
+  matmul of [prod(...), prod(I)] by [prod(I), prod(O)].
+
+  Same numbers as the einsum, but XLA:CPU lowers the weight gradient of a 2-D matmul (contracting the leading
+  axis of both operands) straight to a GEMM, where the einsum's gradient, contracting batch and length, first
+  copies the activations into a transposed layout (forward+backward of GPT-2's MLP: 1.2x faster on CPU). The
+  merged leading axes keep the batch axis major, so a batch-sharded x stays sharded the same way.
+  """
+  if transpose_kernel:
+    outs, ins = kernel.shape[:kernel.ndim - contract], kernel.shape[kernel.ndim - contract:]
+    kernel_2d = kernel.reshape(int(np.prod(outs)), int(np.prod(ins)))
+    dims = (((1,), (1,)), ((), ()))
+  else:
+    ins, outs = kernel.shape[:contract], kernel.shape[contract:]
+    kernel_2d = kernel.reshape(int(np.prod(ins)), int(np.prod(outs)))
+    dims = (((1,), (0,)), ((), ()))
+  lead = x.shape[:x.ndim - contract]
+  if tuple(x.shape[x.ndim - contract:]) != tuple(ins):
+    raise ValueError(f"matmul: x {x.shape} does not end in the kernel's input axes {tuple(ins)}")
+  y = jax.lax.dot_general(x.reshape(int(np.prod(lead)), int(np.prod(ins))), kernel_2d, dims,
+                          preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *outs)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (`kernel` [I, O], `bias` [O]) and numbers, through `matmul` (a 2-D GEMM)."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+    return y
+
+
 class Norm(nn.Module):
   """LayerNorm or RMSNorm over the last axis, computed in float32."""
   config: ModelConfig
@@ -156,7 +201,7 @@ class Attention(nn.Module):
     cfg = self.config
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     b, t = x_BxTxD.shape[:2]
-    # Explicit params + einsum (not nn.DenseGeneral, which reshapes a boxed flat kernel and so breaks
+    # Explicit [D, H, K] params + matmul (not nn.DenseGeneral, which reshapes a boxed flat kernel and so breaks
     # logical sharding under an active mesh).
     qkv_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "heads", "kv"))
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
@@ -165,7 +210,7 @@ class Attention(nn.Module):
     def project(name: str, heads: int) -> jax.Array:
       """x [B, T, D] -> [B, T, heads, K] through the parameter `name` (and `name`_bias with attention_bias)."""
       kernel_DxHxK = self.param(name, qkv_init, (cfg.d_model, heads, cfg.head_dim), param_dtype)
-      y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, kernel_DxHxK.astype(dtype))
+      y_BxTxHxK = matmul(x, kernel_DxHxK.astype(dtype))
       if cfg.attention_bias:
         y_BxTxHxK = y_BxTxHxK + self.param(f"{name}_bias", bias_init, (heads, cfg.head_dim),
                                            param_dtype).astype(dtype)
@@ -199,7 +244,7 @@ class Attention(nn.Module):
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)),
                                             ("heads", "kv", "embed"))
     out_HxKxD = self.param("out", out_init, (cfg.num_heads, cfg.head_dim, cfg.d_model), param_dtype)
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, out_HxKxD.astype(dtype))
+    out_BxTxD = matmul(out_BxTxHxK, out_HxKxD.astype(dtype), contract=2)
     if cfg.attention_bias:
       out_BxTxD = out_BxTxD + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                          (cfg.d_model,), param_dtype).astype(dtype)
@@ -294,7 +339,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = functools.partial(nn.Dense, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+    dense = functools.partial(Dense, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
                               use_bias=cfg.mlp_bias)
     in_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "mlp"))
     in_bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
@@ -405,13 +450,12 @@ class GPT(nn.Module):
       return hidden_BxTxD
 
     if cfg.tie_embeddings:
-      logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD, embedding_VxD.astype(dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxTxV = matmul(hidden_BxTxD, embedding_VxD.astype(dtype), transpose_kernel=True,
+                            preferred_element_type=jnp.float32)
     else:
       head_DxV = self.param("head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), param_dtype)
-      logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV.astype(dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxTxV = matmul(hidden_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
     logits_BxTxV = _constrain(logits_BxTxV.astype(jnp.float32), "batch", "length", "act_vocab")
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD
