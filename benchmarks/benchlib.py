@@ -19,6 +19,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from gptrl import hostmem  # pylint: disable=wrong-import-position
+
+# The host allocator gptrl.launch sets up by default (gptrl/hostmem.py), before JAX starts. The peers run under
+# the same settings: torch in this process, trl's subprocess through the exported MALLOC_* variables.
+# GPTRL_HOST_MALLOC=system measures with glibc's defaults.
+HOST_MALLOC = os.environ.get("GPTRL_HOST_MALLOC", "auto")
+HOST_MALLOC_TUNED = hostmem.configure(HOST_MALLOC)
+
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
@@ -29,7 +37,7 @@ def device_info() -> dict[str, Any]:
   device = jax.devices()[0]
   info = {"platform": device.platform, "kind": device.device_kind, "devices": jax.device_count(),
           "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__}
+          "jax": jax.__version__, "host_malloc": "reuse" if HOST_MALLOC_TUNED else "system"}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
   info = benchlib.device_info()
   print(f"\nDevice: {info['platform']} ({info.get('cpu_model', info['kind'])}), {info['cpus']} CPUs, jax "
-        f"{info['jax']}" + (f", torch threads {threads}" if args.peer == "torch" else ""))
+        f"{info['jax']}, host malloc {info['host_malloc']}" + (f", torch threads {threads}" if args.peer == "torch" else ""))
   print(f"Memory bandwidth (jitted stream over {bandwidth['array_bytes'] >> 20} MiB): "
         f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s")
   print(f"Model: {n_params:,} parameters, fp32; prompt {args.prompt_len}, {args.new_tokens} new tokens, top-k "

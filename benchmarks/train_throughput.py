@@ -209,7 +209,8 @@ def main(argv=None) -> int:
   info = benchlib.device_info()
   cfg = model_config(args.model, args.attention, args.remat)
   print(f"\nDevice: {info['devices']} x {info['platform']} ({info.get('cpu_model', info['kind'])}), "
-        f"{info['cpus']} CPUs, jax {info['jax']}" + (f", torch threads {threads}" if args.peer == "torch" else ""))
+        f"{info['cpus']} CPUs, jax {info['jax']}, host malloc {info['host_malloc']}"
+        + (f", torch threads {threads}" if args.peer == "torch" else ""))
   print(f"fp32 matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s (best of n = {args.peak_sizes})")
   print(f"Model '{args.model}': {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, context "
         f"{cfg.max_len}, vocabulary {cfg.vocab_size}; attention={args.attention}, remat={args.remat}; "

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
+from gptrl import hostmem
+
 
 class UsageError(Exception):
   """What the user asked for cannot be done; the message is one line saying why and what to do instead."""
@@ -26,6 +28,7 @@ def main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
   line `prog: message` on stderr."""
   args = parser.parse_args(argv)
   setup()
+  hostmem.configure("auto")  # before JAX starts its threads
   try:
     run(args)
   except UsageError as e:

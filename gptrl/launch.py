@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
   # Quieten libraries that log every checkpoint file at INFO.
   for name in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  from gptrl import distributed  # pylint: disable=import-outside-toplevel
+  from gptrl import distributed, hostmem  # pylint: disable=import-outside-toplevel
+  hostmem.configure(cfg.distributed.host_malloc)  # before JAX starts its threads
   distributed.maybe_initialize(cfg.distributed)
   stage = importlib.import_module(STAGES[cfg.stage])
   # Errors in what the user gave (config values, data files, checkpoints, tokenizers) end the run with their
