@@ -3,7 +3,7 @@
 XLA:CPU allocates the temporaries of each run of an executable (hundreds of MB for a train step) through glibc's
 malloc, from its worker threads. glibc gives a request above 64 MB made in a thread's own arena a fresh mmap and
 unmaps it on free, so every step faults the whole temporary buffer in again and the kernel zeroes it: on the
-4-layer benchmark model 165k page faults and 0.39 s of kernel time per 1.1 s step, 12% of the 100m model's CPU
+4-layer benchmark model 165k page faults and 0.39 s of kernel time per 1.1 s step, 8% of the 100m model's CPU
 time. `reuse` puts every thread on the main heap (M_ARENA_MAX=1), serves large blocks from it instead of from
 mmap (M_MMAP_MAX=0) and keeps what is freed (M_TRIM_THRESHOLD): after the first step nothing is faulted in again
 (benchmarks/train_throughput.py: 1.3x faster on the small model, 1.1x on the 100m one). Resident memory then stays
