@@ -25,7 +25,7 @@ from gptrl import hostmem  # pylint: disable=wrong-import-position
 # the same settings: torch in this process, trl's subprocess through the exported MALLOC_* variables.
 # GPTRL_HOST_MALLOC=system measures with glibc's defaults.
 HOST_MALLOC = os.environ.get("GPTRL_HOST_MALLOC", "auto")
-HOST_MALLOC_TUNED = hostmem.configure(HOST_MALLOC)
+HOST_MALLOC_TUNED = hostmem.configure(HOST_MALLOC, export_env=True)
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

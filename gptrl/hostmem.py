@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import platform
+import sys
 from typing import Mapping
 
 MODES = ("auto", "reuse", "system")
@@ -53,10 +54,18 @@ def _glibc() -> ctypes.CDLL | None:
     return None
 
 
-def configure(mode: str = "auto") -> bool:
+def _jax_started() -> bool:
+  """Whether this process has started a JAX backend (and with it the threads that allocate)."""
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  started = getattr(bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
+def configure(mode: str = "auto", *, export_env: bool = False) -> bool:
   """Applies `mode` ("auto": `reuse` when JAX runs on the CPU and the C library is glibc; "reuse"; "system":
-  leave malloc alone) to this process, and exports the same settings to the processes it starts. Call it before
-  the first JAX computation. Returns True if malloc was tuned.
+  leave malloc alone) to this process; `export_env`: also to the processes it starts (glibc's MALLOC_*
+  variables). Only before JAX starts: a process that has already run JAX (a test calling a CLI's main in-process)
+  is left alone. Returns True if malloc was tuned.
 
   Raises:
     ValueError: an unknown mode.
@@ -66,20 +75,25 @@ def configure(mode: str = "auto") -> bool:
     raise ValueError(f"host_malloc must be one of {list(MODES)}, got {mode!r}")
   if mode == "system" or (mode == "auto" and not jax_runs_on_cpu()):
     return False
+  if _applied is not None:
+    return True
+  if _jax_started():
+    logging.info("host_malloc=%r not applied: JAX has already started in this process.", mode)
+    return False
   libc = _glibc()
   if libc is None:
     if mode == "reuse":
       logging.warning("host_malloc='reuse' needs glibc (Linux); %s %s keeps its own allocator.", platform.system(),
                       platform.libc_ver()[0] or "libc")
     return False
-  if _applied is None:
-    for param, variable, value in SETTINGS:
-      if libc.mallopt(param, value) != 1:
-        logging.warning("mallopt(%d, %d) failed; host memory keeps glibc's defaults.", param, value)
-        return False
+  for param, variable, value in SETTINGS:
+    if libc.mallopt(param, value) != 1:
+      logging.warning("mallopt(%d, %d) failed; host memory keeps glibc's defaults.", param, value)
+      return False
+    if export_env:
       os.environ.setdefault(variable, str(value))
-    _applied = mode
-    logging.info("Host malloc: every thread on the main heap, no mmap for large blocks, freed memory kept "
-                 "(XLA:CPU's per-step temporaries are reused instead of faulted in again); "
-                 "distributed.host_malloc='system' turns this off.")
+  _applied = mode
+  logging.info("Host malloc: every thread on the main heap, no mmap for large blocks, freed memory kept "
+               "(XLA:CPU's per-step temporaries are reused instead of faulted in again); "
+               "distributed.host_malloc='system' turns this off.")
   return True

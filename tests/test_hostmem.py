@@ -75,6 +75,19 @@ def test_auto_follows_the_platform_jax_will_use(monkeypatch):
   assert not hostmem.configure("system")
 
 
+def test_a_process_that_already_runs_jax_is_left_alone(monkeypatch):
+  """A test (or notebook) calling a CLI's main() in-process must not retune the allocator under JAX's threads."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()
+  monkeypatch.setattr(hostmem, "_glibc", lambda: pytest.fail("malloc must not be touched"))
+  monkeypatch.setattr(hostmem, "_applied", None)
+  assert not hostmem.configure("reuse")
+  assert not any(k.startswith("MALLOC_") for k in os.environ if k not in _MALLOC_ENV_AT_IMPORT)
+
+
+_MALLOC_ENV_AT_IMPORT = {k for k in os.environ if k.startswith("MALLOC_")}
+
+
 def test_unknown_modes_are_refused():
   with pytest.raises(ValueError, match="host_malloc must be one of"):
     hostmem.configure("tcmalloc")

@@ -412,7 +412,12 @@ def browser():
   for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1300",
                "--disable-extensions", "--no-first-run"):
     options.add_argument(flag)
-  driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+  try:
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+  except Exception as e:  # pylint: disable=broad-except  # selenium's WebDriverException
+    # On a loaded 2-core runner chromedriver has once taken longer than selenium's ~30 s to answer; one more try.
+    print(f"chromedriver did not come up ({type(e).__name__}: {e}); trying once more")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
   driver.implicitly_wait(0)
   yield driver
   driver.quit()
