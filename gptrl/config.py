@@ -16,6 +16,7 @@ import typing
 from typing import Any, Mapping
 
 from gptrl import fileio
+from gptrl import hostmem
 
 
 class ConfigError(ValueError):
@@ -289,8 +290,8 @@ class DistributedConfig:
   host_malloc: str = "auto"
 
   def __post_init__(self):
-    _check(self.host_malloc in ("auto", "reuse", "system"), "distributed.host_malloc",
-           f"must be 'auto', 'reuse' or 'system', got {self.host_malloc!r}")
+    _check(self.host_malloc in hostmem.MODES, "distributed.host_malloc",
+           f"must be one of {list(hostmem.MODES)}, got {self.host_malloc!r}")
     _check(self.initialize in ("auto", "always", "never"), "distributed.initialize",
            f"must be 'auto', 'always' or 'never', got {self.initialize!r}")
     _check(self.num_processes >= 0, "distributed.num_processes",

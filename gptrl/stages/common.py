@@ -148,6 +148,13 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
   return model_cfg, tok, {**meta, "init_checkpoint": where}
 
 
+def open_checkpointer(workdir: str, train: config_lib.TrainConfig) -> Any:
+  """The stage's gptrl.checkpoint.Checkpointer over `<workdir>/checkpoints`, as `train` configures it."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints,
+                               async_save=train.async_checkpoint, compression=train.checkpoint_compression)
+
+
 def param_shardings(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """(abstract parameters, their shardings on `mesh` by the sharding rules) of `module`, nothing allocated."""
   from flax import linen as nn  # pylint: disable=import-outside-toplevel

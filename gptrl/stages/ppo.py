@@ -591,9 +591,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   rm_params = common.load_frozen_params(models.reward, example, placement.scorer, cfg.reward_model,
                                         tokenizer_sha256=tok.sha256)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint,
-                                       compression=cfg.train.checkpoint_compression)
+  checkpointer = common.open_checkpointer(workdir, cfg.train)
   fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
                            eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
                            process_count=jax.process_count(), tokenizer_sha256=tok.sha256,

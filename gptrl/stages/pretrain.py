@@ -87,9 +87,7 @@ def run(cfg: PretrainConfig) -> trainer.TrainState:
   tok = common.load_or_train_tokenizer(cfg.tokenizer, workdir, train_docs)
   model_cfg = common.resolve_vocab_size(cfg.model, tok)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint,
-                                       compression=cfg.train.checkpoint_compression)
+  checkpointer = common.open_checkpointer(workdir, cfg.train)
   latest = checkpointer.latest_step()
   if latest is not None:
     ckpt_lib.check_tokenizer(checkpointer.read_meta(latest), tok.sha256,
