@@ -33,7 +33,8 @@ def write_corpus(folder: pathlib.Path, seed: int = 0, files: int = 4, lines: int
 def env() -> dict[str, str]:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = ""  # one CPU device: the fastest launch on a small machine
+  # One CPU device (the fastest launch on a small machine), with the flags pytest was given (tests/conftest.py).
+  env["XLA_FLAGS"] = os.environ.get("GPTRL_TEST_XLA_FLAGS", "")
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   return env
 

@@ -18,8 +18,13 @@ from gptrl.config import MeshConfig, ModelConfig, OptimConfig, PPOAlgoConfig, PP
 from gptrl.stages import common
 from gptrl.stages import ppo
 
+import numeric
+
 VOCAB, GOOD, STOP, PAD = 32, 7, 5, 0
 NEW = 6
+# Sharded or split PPO against one device: two whole iterations (the second samples from the updated policy, so
+# a token drawn near a tie can differ), compared on their scalar metrics.
+PPO_TOL = 2e-3
 
 
 def _cfg(**ppo_overrides) -> PPOConfig:
@@ -112,7 +117,7 @@ def test_sharded_iterations_match_single_device(single_device_run):
   mesh_rows, _ = _train((2, 2, 2), 2)
   for a, b in zip(rows[:2], mesh_rows):
     for k in ("ppo/raw_score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl"):
-      np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=1e-5, err_msg=k)
+      numeric.assert_close(b[k], a[k], tol=PPO_TOL, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("sampler_devices,scorer_devices", [(4, 0), (2, 2)])
@@ -124,7 +129,7 @@ def test_split_placement_matches_single_device(single_device_run, sampler_device
                          scorer_devices=scorer_devices)
   for a, b in zip(rows[:2], split_rows):
     for k in ("ppo/raw_score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl"):
-      np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=1e-5, err_msg=k)
+      numeric.assert_close(b[k], a[k], tol=PPO_TOL, atol=1e-5, err_msg=k)
     assert b["time/weight_sync_s"] > 0 and b["ppo/sampler_logp_gap"] < 1e-4
 
 
@@ -192,3 +197,4 @@ def test_ptx_mixes_a_pretraining_loss_into_each_update():
   _, row, _, _, _ = learner.iteration(state, _prompts(), 0, 0.1)
   # A random-init model's next-token loss on uniform tokens is about log(VOCAB).
   assert abs(row["ppo/ptx_loss"] - np.log(VOCAB)) < 0.5 and abs(row["ppo/first_ratio"] - 1) < 1e-5
+

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from gptrl import model as model_lib
 from gptrl import optim
@@ -12,6 +13,8 @@ from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
 from gptrl.stages.pretrain import lm_loss_fn
+
+import numeric
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, num_heads=8, d_model=64, max_len=16)
 OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, clip_norm=1.0)
@@ -49,30 +52,66 @@ def _run(shape):
           jax.device_get(metrics), param_shardings)
 
 
-def _assert_trees_close(a, b, **tol):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
-
-
 @pytest.mark.parametrize("shape", MESHES)
 def test_initial_params_match_single_device(shape):
-  _assert_trees_close(_run(shape)[0], _run(None)[0], rtol=0, atol=0)
+  # The same program (the initializer) on every mesh: bitwise equal.
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), _run(shape)[0],
+               _run(None)[0])
 
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_loss_and_grads_match_single_device(shape):
   _, loss, grads, *_ = _run(shape)
   _, ref_loss, ref_grads, *_ = _run(None)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  _assert_trees_close(grads, ref_grads, rtol=1e-4, atol=2e-6)
+  numeric.assert_close(loss, ref_loss, err_msg="loss")
+  numeric.assert_close(grads, ref_grads, err_msg="grads")
 
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_train_step_new_params_match_single_device(shape):
   _, _, _, new_params, metrics, _ = _run(shape)
-  _, _, _, ref_params, ref_metrics, _ = _run(None)
-  np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], rtol=1e-5)
-  _assert_trees_close(new_params, ref_params, rtol=1e-5, atol=2e-5)
+  _, _, ref_grads, ref_params, ref_metrics, _ = _run(None)
+  numeric.assert_close(metrics["train/loss"], ref_metrics["train/loss"], err_msg="train/loss")
+  numeric.assert_close(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], err_msg="train/grad_norm")
+  # Adam sees the gradients of the mean loss (loss_sum / weight), clipped.
+  adam_grads = numeric.clip_by_global_norm(jax.tree.map(lambda g: g / _batch()["weights"].sum(), ref_grads),
+                                           OPTIM.clip_norm)
+  numeric.assert_first_adam_step_close(new_params, ref_params, adam_grads, lr=OPTIM.lr, eps=OPTIM.eps)
+
+
+def _shard_map_grads(bug: str | None):
+  """Data-parallel gradients of the test model written per shard with shard_map over all 8 devices, the way
+  per-shard code is written, with one of two deliberate sharding bugs (or none):
+    "missing_psum": each shard's gradient of its own rows is returned unreduced (device 0's is what is read);
+    "wrong_spec": the batch's in_spec says replicated, so every shard computes on the whole batch and the psum
+      counts it 8 times.
+  """
+  mesh = sharding.make_mesh(MeshConfig(data=8))
+  model = model_lib.GPT(CFG)
+  params = jax.device_get(_run(None)[0])
+  loss_fn = lm_loss_fn(model)
+  batch_spec = PartitionSpec() if bug == "wrong_spec" else PartitionSpec(sharding.BATCH_AXES)
+
+  def per_shard(params, batch):
+    grads, _ = jax.grad(loss_fn, has_aux=True)(params, batch, None)  # of the token-weighted loss sum
+    return grads if bug == "missing_psum" else jax.lax.psum(grads, sharding.BATCH_AXES)
+  grads = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
+                                out_specs=PartitionSpec(), check_vma=False))(params, _batch())
+  return jax.device_get(grads)
+
+
+def test_shard_map_data_parallel_grads_match_single_device():
+  numeric.assert_close(_shard_map_grads(None), _run(None)[2])
+
+
+@pytest.mark.parametrize("bug", ["missing_psum", "wrong_spec"])
+def test_the_comparison_catches_a_deliberate_sharding_bug(bug):
+  # The tolerance is scaled to each tensor, so that summation order never fails a test; it must not be so loose
+  # that it passes a real sharding bug: those are off by O(1) of the scale, not by 1e-5.
+  with pytest.raises(AssertionError, match="of the scale"):
+    numeric.assert_close(_shard_map_grads(bug), _run(None)[2])
+  errors = numeric.tree_scaled_errors(_shard_map_grads(bug), _run(None)[2])
+  assert max(errors.values()) > 100 * numeric.TOL, errors
 
 
 def test_fsdp_splits_token_embedding_embed_dim():
