@@ -198,6 +198,7 @@ class PromptComparisons:
   responses: list[str]
   pairs: list[tuple[int, int, float]]  # (winner index, loser index, margin)
   where: list[str]
+  labellers: list[str] = dataclasses.field(default_factory=list)  # per record: `record_labeller`
 
   @property
   def group(self) -> str:
@@ -255,6 +256,25 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
   raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {chat.record_keys(record)}.")
 
 
+def record_labeller(record: dict[str, Any]) -> str:
+  """Who labelled a comparison record: "judge:<name>" for an automatic judge (the labelling stage writes
+  "judge"), the record's "labeller" otherwise (the labelling page writes "human" or a name), or "unknown"."""
+  if isinstance(record.get("judge"), str) and record["judge"]:
+    return f"judge:{record['judge']}"
+  if isinstance(record.get("labeller"), str) and record["labeller"]:
+    return str(record["labeller"])
+  return "unknown"
+
+
+def gold_judge(groups: Sequence[PromptComparisons]) -> str | None:
+  """The automatic judge that labelled every record of `groups`, or None when people (or several judges, or
+  unknown labellers) did: only then is there a *gold* score to measure a policy by."""
+  names = {name for g in groups for name in g.labellers}
+  if len(names) == 1 and next(iter(names)).startswith("judge:"):
+    return next(iter(names))[len("judge:"):]
+  return None
+
+
 def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[PromptComparisons]:
   """Comparisons grouped by prompt, each group holding at most `max_responses` distinct responses.
 
@@ -295,6 +315,7 @@ def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[Prom
       index.append(target.responses.index(r))
     target.pairs.extend((index[w], index[l], m) for w, l, m in pairs)
     target.where.append(where)
+    target.labellers.append(record_labeller(record))
   if not order:
     raise DataError(f"data sources {list(sources)}: no comparison found.")
   logging.info("%d comparison records -> %d prompt groups, %d pairs.", n_records, len(order),

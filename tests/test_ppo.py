@@ -198,3 +198,19 @@ def test_ptx_mixes_a_pretraining_loss_into_each_update():
   # A random-init model's next-token loss on uniform tokens is about log(VOCAB).
   assert abs(row["ppo/ptx_loss"] - np.log(VOCAB)) < 0.5 and abs(row["ppo/first_ratio"] - 1) < 1e-5
 
+
+def test_eval_replies_get_gold_and_watch_judge_scores_from_fake_judges():
+  replies = [{"reply": "a"}, {"reply": "bbb"}, {"reply": "cc"}]
+  gold = lambda texts: [float(len(t)) for t in texts]  # a fake labeller with known scores
+  watch = {"first": lambda texts: [1.0 if t.startswith("b") else -1.0 for t in texts]}
+  metrics = ppo.judge_replies(replies, gold, watch)
+  assert metrics["eval/gold"] == pytest.approx(2.0) and metrics["eval/gold_std"] == pytest.approx(np.std([1, 3, 2]))
+  assert metrics["eval/judge_first"] == pytest.approx(-1 / 3)
+  assert [r["gold"] for r in replies] == [1.0, 3.0, 2.0]
+  assert [r["judges"]["first"] for r in replies] == [-1.0, 1.0, -1.0]
+
+
+def test_without_a_gold_judge_only_watch_judges_are_scored():
+  replies = [{"reply": "a"}]
+  metrics = ppo.judge_replies(replies, None, {"n": lambda texts: [5.0] * len(texts)})
+  assert "eval/gold" not in metrics and "gold" not in replies[0] and metrics["eval/judge_n"] == 5.0

@@ -196,3 +196,29 @@ def test_reward_train_step_sharded_matches_single_device():
   largest = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
   numeric.assert_close(grads, ref_grads, atol=numeric.TOL * largest)
 
+
+def test_pair_accuracy_by_gap_counts_each_pair_once_in_its_bucket():
+  from gptrl.stages.reward import pair_accuracy_by_gap  # pylint: disable=import-outside-toplevel
+  # A fake RM with known rewards for 2 prompts x 3 replies; the labeller's gaps decide the buckets.
+  rewards = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+  pairs, margins = np.zeros((2, 3, 3)), np.zeros((2, 3, 3))
+  for b, w, l, gap in [(0, 0, 1, 0.1), (0, 2, 1, 0.3), (0, 0, 2, 1.5), (1, 1, 0, 0.6), (1, 2, 1, 0.7)]:
+    pairs[b, w, l], margins[b, w, l] = 1, gap
+  m = pair_accuracy_by_gap(rewards, pairs, margins)
+  # Right: (0,0>1), (0,0>2), (1,1>0); wrong: (0,2>1) and (1,2>1), a tie.
+  assert m["eval/pair_accuracy"] == pytest.approx(3 / 5)
+  assert m["eval/accuracy_gap/0-0.25"] == 1.0 and m["eval/pairs_gap/0-0.25"] == 1
+  assert m["eval/accuracy_gap/0.25-0.5"] == 0.0
+  assert m["eval/accuracy_gap/0.5-1"] == 0.5 and m["eval/pairs_gap/0.5-1"] == 2
+  assert m["eval/accuracy_gap/1-inf"] == 1.0
+
+
+def test_gold_judge_is_the_one_automatic_labeller_of_every_record():
+  def groups(*names):
+    return [chat_data.PromptComparisons((), [], [], [], labellers=[n]) for n in names]
+  assert chat_data.gold_judge(groups("judge:vader", "judge:vader")) == "vader"
+  assert chat_data.gold_judge(groups("judge:vader", "human")) is None
+  assert chat_data.gold_judge(groups("judge:vader", "judge:length")) is None
+  assert chat_data.gold_judge(groups("unknown")) is None
+  assert chat_data.record_labeller({"judge": "vader"}) == "judge:vader"
+  assert chat_data.record_labeller({"labeller": "human"}) == "human"

@@ -375,6 +375,7 @@ class Learner:
     self.last_prompts: list[list[int]] = []
     self.ptx_iter = None  # PPO-ptx: an iterator of pretraining batches of minibatch_size rows (set by run)
     self.watch_judges: dict[str, judges_lib.Judge] = {}  # name -> judge of the eval replies (set by run)
+    self.gold_judge: judges_lib.Judge | None = None  # the RM's labeller, when a judge labelled all (set by run)
     self.last_eval_replies: list[dict[str, Any]] = []  # the last evaluate()'s per-prompt records (needs tok)
 
   def sampler_params(self, params: Any) -> Any:
@@ -482,8 +483,11 @@ class Learner:
                ) -> tuple[dict[str, float], list[str]]:
     """Mean normalised reward and KL of the policy's answers to fixed held-out prompts, with a fixed key.
 
-    With `tok`, also the watch judges' mean scores of the decoded replies (`eval/judge_<name>`) and, in
-    `self.last_eval_replies`, one record per prompt: its turns, the reply, its reward, KL, length and judge scores.
+    `eval/proxy` is the RM's normalised reward (also `eval/reward`), `eval/kl` the mean over replies of the summed
+    per-token KL to the reference. With `tok`, also the gold judge's mean score of the decoded replies
+    (`eval/gold`, when the RM's comparisons came from one automatic judge), the watch judges' (`eval/judge_<name>`)
+    and, in `self.last_eval_replies`, one record per prompt: its turns, the reply, its reward, KL, length, gold
+    and judge scores.
     """
     self.last_eval_replies = []
     if not prompts:
@@ -509,14 +513,50 @@ class Learner:
                         "kl": float(stats["kl_sum"][i]), "length": int(stats["length"][i])} for i in range(len(chunk)))
     scores, kls, lengths = np.concatenate(scores), np.concatenate(kls), np.concatenate(lengths)
     metrics = {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std()),
-               "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}
-    for name, judge in (self.watch_judges.items() if replies else ()):
-      judged = np.asarray(judge([r["reply"] for r in replies]), np.float64)
-      metrics[f"eval/judge_{name}"], metrics[f"eval/judge_{name}_std"] = float(judged.mean()), float(judged.std())
-      for r, value in zip(replies, judged):
-        r.setdefault("judges", {})[name] = float(value)
+               "eval/proxy": float(scores.mean()), "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}
+    metrics.update(judge_replies(replies, self.gold_judge, self.watch_judges))
     self.last_eval_replies = replies
     return metrics, texts
+
+
+EVAL_PROMPTS_SEED_OFFSET = 7  # the held-out prompts' order: a seed stream of its own (seed + 7)
+
+
+def held_out_messages(eval_conversations: list[chat_data.Conversation], num: int, seed: int
+                      ) -> list[list[chat.Message]]:
+  """The `num` held-out prompts every policy evaluation uses (PPO's eval, best-of-n): the same list for the same
+  conversations, count and seed."""
+  from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
+  return training_prompts(eval_conversations, num, seed + EVAL_PROMPTS_SEED_OFFSET)
+
+
+def held_out_prompts(data: Any, num: int, seed: int, *, cache_dir: str) -> list[list[chat.Message]]:
+  """`held_out_messages` of the eval split of `data` (a ChatDataConfig: sources, eval_fraction, split_seed)."""
+  conversations = chat_data.load_conversations(data.sources, cache_dir=cache_dir)
+  _, eval_convs = chat_data.split_by_group(conversations, eval_fraction=data.eval_fraction, seed=data.split_seed)
+  return held_out_messages(eval_convs, num, seed)
+
+
+def judge_replies(replies: list[dict[str, Any]], gold_judge: judges_lib.Judge | None,
+                  watch_judges: dict[str, judges_lib.Judge]) -> dict[str, float]:
+  """Scores the eval records' "reply" texts with the gold judge (into each record's "gold"; metrics `eval/gold`,
+  `eval/gold_std`) and every watch judge (into "judges"[name]; `eval/judge_<name>`, `..._std`)."""
+  metrics: dict[str, float] = {}
+  if not replies:
+    return metrics
+  texts = [r["reply"] for r in replies]
+  named = ([("gold", gold_judge)] if gold_judge is not None else []) + list(watch_judges.items())
+  for index, (name, judge) in enumerate(named):
+    scores = np.asarray(judge(texts), np.float64)
+    is_gold = index == 0 and gold_judge is not None
+    key = "eval/gold" if is_gold else f"eval/judge_{name}"
+    metrics[key], metrics[f"{key}_std"] = float(scores.mean()), float(scores.std())
+    for r, value in zip(replies, scores):
+      if is_gold:
+        r["gold"] = float(value)
+      else:
+        r.setdefault("judges", {})[name] = float(value)
+  return metrics
 
 
 def run(cfg: PPOConfig) -> trainer.TrainState:
@@ -567,7 +607,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
   train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
                    for m in training_prompts(train_convs, 0, cfg.seed)]
-  eval_messages = training_prompts(eval_convs, p.num_eval_prompts, cfg.seed + 7)
+  eval_messages = held_out_messages(eval_convs, p.num_eval_prompts, cfg.seed)
   eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in eval_messages]
   prompts = Prompts(train_prompts, seed=cfg.seed, batch=p.rollout_batch_size)
   logging.info("PPO prompts: %d training, %d held-out for eval.", len(train_prompts), len(eval_prompts))
@@ -631,6 +671,11 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                     make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
                     placement=placement)
   learner.watch_judges = {name: judges_lib.make_judge(name) for name in p.watch_judges}
+  if rm_meta.get("gold_judge"):
+    learner.gold_judge = judges_lib.make_judge(rm_meta["gold_judge"])
+    logging.info("Gold judge (the reward model's labeller): %s.", rm_meta["gold_judge"])
+  else:
+    logging.info("No gold judge: the reward model's comparisons were not all labelled by one automatic judge.")
   if p.ptx_coef > 0:
     docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
     ptx_docs, _ = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)

@@ -10,11 +10,13 @@ stored as `reward_offset` in the final checkpoint's meta (with `reward_std`). A 
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gptrl import chat
 from gptrl import chat_data
@@ -42,23 +44,60 @@ def reward_loss_fn(model: reward_model.ScalarHeadModel, margin_scale: float):
   return loss_fn
 
 
+# Buckets of the labeller's score gap ("margin" of a comparison record) for the RM's held-out accuracy: an RM
+# should agree with its labeller most where the labeller's preference is clearest.
+GAP_EDGES = (0.0, 0.25, 0.5, 1.0, float("inf"))
+
+
+def pair_accuracy_by_gap(rewards_NxK: np.ndarray, pairs_NxKxK: np.ndarray, margins_NxKxK: np.ndarray,
+                         edges: tuple[float, ...] = GAP_EDGES) -> dict[str, float]:
+  """Each held-out pair counted once (not per prompt): the fraction the RM orders as the labeller did, overall
+  (`eval/pair_accuracy`) and by the labeller's score gap |margin| in [edges[i], edges[i+1])
+  (`eval/accuracy_gap/<lo>-<hi>`, with `eval/pairs_gap/<lo>-<hi>` pairs). Ties of the RM count as wrong."""
+  diff = rewards_NxK[:, :, None].astype(np.float64) - rewards_NxK[:, None, :]
+  count, right, gap = pairs_NxKxK.astype(np.float64), (diff > 0).astype(np.float64), np.abs(margins_NxKxK)
+  out = {"eval/pair_accuracy": float((count * right).sum() / max(count.sum(), 1.0))}
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    name = f"{lo:g}-{hi:g}"
+    inside = count * ((gap >= lo) & (gap < hi))
+    out[f"eval/pairs_gap/{name}"] = float(inside.sum())
+    if inside.sum():
+      out[f"eval/accuracy_gap/{name}"] = float((inside * right).sum() / inside.sum())
+  return out
+
+
 def make_reward_eval_fn(model: reward_model.ScalarHeadModel, mesh: jax.sharding.Mesh, batches: list[dict[str, Any]],
                         margin_scale: float):
-  """Held-out loss, pairwise accuracy and mean reward margin, each prompt weighing 1."""
-  loss_fn = reward_loss_fn(model, margin_scale)
-  eval_step = jax.jit(lambda params, batch: loss_fn(params, batch, None))
+  """Held-out loss, pairwise accuracy and mean reward margin, each prompt weighing 1; and each pair weighing 1,
+  the agreement with the labeller overall and by its score gap (`pair_accuracy_by_gap`)."""
+  deterministic = model.config.dropout == 0.0
+
+  @jax.jit
+  def eval_step(params, batch):
+    rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
+                                               deterministic=deterministic)
+    loss_sum, sums = losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
+    return loss_sum, sums, rewards_BxK
 
   def eval_fn(state: trainer.TrainState) -> dict[str, float]:
     totals: dict[str, float] = {}
+    rewards, pairs, margins = [], [], []
     with sharding.activate(mesh):
       for batch in batches:
-        loss_sum, sums = eval_step(state.params, sharding.host_to_global(batch, mesh))
+        loss_sum, sums, rewards_BxK = eval_step(state.params, sharding.host_to_global(batch, mesh))
         for k, v in {"loss": loss_sum, **sums}.items():
           totals[k] = totals.get(k, 0.0) + float(v)
+        # (Each process holds its slice of the batch; the all-gather keeps the pairs' accuracy global.)
+        rewards.append(np.asarray(multihost_utils.process_allgather(rewards_BxK, tiled=True)))
+        pairs.append(np.asarray(multihost_utils.process_allgather(batch["pairs"], tiled=True)))
+        margins.append(np.asarray(multihost_utils.process_allgather(batch["margins"], tiled=True)))
     weight = max(totals.get("weight", 0.0), 1.0)
-    return {"eval/loss": totals.get("loss", 0.0) / weight, "eval/accuracy": totals.get("accuracy", 0.0) / weight,
-            "eval/reward_margin": totals.get("reward_margin", 0.0) / weight, "eval/prompts": totals.get("weight", 0.0),
-            "eval/pairs": totals.get("pairs", 0.0)}
+    metrics = {"eval/loss": totals.get("loss", 0.0) / weight, "eval/accuracy": totals.get("accuracy", 0.0) / weight,
+               "eval/reward_margin": totals.get("reward_margin", 0.0) / weight,
+               "eval/prompts": totals.get("weight", 0.0), "eval/pairs": totals.get("pairs", 0.0)}
+    if rewards:
+      metrics.update(pair_accuracy_by_gap(np.concatenate(rewards), np.concatenate(pairs), np.concatenate(margins)))
+    return metrics
   return eval_fn
 
 
@@ -166,9 +205,15 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
                                                max_batches=cfg.data.eval_batches, process_index=jax.process_index(),
                                                process_count=jax.process_count())
+  # The gold judge: the automatic labeller of every comparison, if one did them all (then policies trained on
+  # this RM are measured by it); None for people's labels.
+  gold = chat_data.gold_judge(groups)
+  labelled_by = collections.Counter(name for g in groups for name in g.labellers)
+  logging.info("Comparisons labelled by %s; gold judge: %s.", dict(labelled_by), gold or "none (not one judge)")
   meta = {"stage": "reward", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
           "num_params": model_lib.count_params(state.params), "init_checkpoint": init_meta["init_checkpoint"],
-          "head": "reward_head", "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups)}
+          "head": "reward_head", "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups),
+          "gold_judge": gold, "labellers": dict(labelled_by)}
   tokens_per_step = cfg.data.batch_size * k * seq_len
   loop = trainer.Loop(
       workdir=workdir, train_cfg=cfg.train, mesh=mesh, train_step=train_step, train_iter=train_iter,
