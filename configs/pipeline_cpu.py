@@ -1,8 +1,8 @@
-"""The whole InstructGPT pipeline on 2 CPU cores in one command: pretrain -> SFT -> label -> reward -> PPO, then an
-HTML report (about 45 minutes).
+"""The whole InstructGPT pipeline on 2 CPU cores in one command: pretrain -> SFT -> label -> reward -> best-of-n ->
+PPO, then an HTML report (about 20 minutes).
 
   python -m gptrl.launch --config configs/pipeline_cpu.py
-  -> runs/pipeline_cpu/{pretrain,sft,label,reward,ppo}/ and runs/pipeline_cpu/report.html
+  -> runs/pipeline_cpu/{pretrain,sft,label,reward,bon,ppo}/ and runs/pipeline_cpu/report.html
 
 Re-running the same command after an interruption skips the finished stages and resumes the interrupted one.
 Each stage's settings are those of its own config file (configs/<stage>_cpu.py), shortened here so the whole
@@ -14,21 +14,19 @@ run fits well within an hour; override any of them as `--config.<stage>.<key>=va
 
 Variants after the colon: `tiny` (every stage's toy variant; seconds per stage, for smoke tests).
 """
-import importlib.util
 import os
 
 import ml_collections
 
-STAGES = ("pretrain", "sft", "label", "reward", "ppo")
+from gptrl import config as config_lib
+
+STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")
 
 
 def _stage_config(name: str, variant: str) -> ml_collections.ConfigDict:
   """configs/<name>_cpu.py's config (the same file `--config configs/<name>_cpu.py` runs)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}_cpu.py")
-  spec = importlib.util.spec_from_file_location(f"gptrl_config_{name}_cpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_lib.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}_cpu.py"),
+                                     variant)
 
 
 def get_config(variant: str = ""):
@@ -46,8 +44,9 @@ def get_config(variant: str = ""):
   # sub-folders. A stage whose input stage is left out of `stages` reads the path set here instead, which must
   # then be given: "<stage>" stands for "the pipeline's own", and is refused if that stage does not run.
   c.sft.init.checkpoint = "<pretrain>"
-  c.label.init.checkpoint = c.reward.init.checkpoint = c.ppo.init.checkpoint = "<sft>"
-  c.ppo.reward_model.checkpoint = "<reward>"
+  c.label.init.checkpoint = c.reward.init.checkpoint = c.bon.init.checkpoint = c.ppo.init.checkpoint = "<sft>"
+  c.bon.reward_model.checkpoint = c.ppo.reward_model.checkpoint = "<reward>"
+  # (Best-of-n takes PPO's held-out prompts, reply length, temperature and judges: gptrl/stages/pipeline.py.)
   c.reward.data.sources = ("<label>/comparisons.jsonl",)
 
   if not variant:

@@ -494,6 +494,54 @@ class LabelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BestOfNAlgoConfig:
+  """Best-of-n: N replies per held-out prompt sampled once; for n = 1, 2, 4, ..., N the reply the RM prefers."""
+  samples: int = 64  # N replies per prompt
+  num_prompts: int = 32  # held-out prompts; the same set PPO evaluates on (equal data, seed and count)
+  max_new_tokens: int = 40  # as ppo.max_new_tokens
+  temperature: float = 1.0  # 1.0: the policy's own distribution (the analytic KL(n) is relative to this sampler)
+  batch_size: int = 256  # sequences sampled together
+  watch_judges: tuple[str, ...] = ()  # judges never used for labelling, scored on every reply
+  table_n: int = 16  # the n whose pick the report shows next to SFT's and the policy's replies
+
+  def __post_init__(self):
+    _check(self.samples >= 1, "bon.samples", f"must be >= 1, got {self.samples}")
+    _check(self.num_prompts >= 1, "bon.num_prompts", f"must be >= 1, got {self.num_prompts}")
+    _check(self.max_new_tokens >= 1, "bon.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+    _check(self.temperature > 0, "bon.temperature", f"must be > 0, got {self.temperature}")
+    _check(self.batch_size >= 1, "bon.batch_size", f"must be >= 1, got {self.batch_size}")
+    _check(1 <= self.table_n <= self.samples, "bon.table_n", f"must be in [1, bon.samples={self.samples}], got "
+           f"{self.table_n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNConfig:
+  """Best-of-n against the reward model: the baseline of the gold-versus-KL frontier (gptrl/frontier.py)."""
+  stage: str = "bon"
+  workdir: str = "runs/bon"  # a local folder or a gs://bucket/... URL
+  seed: int = 0  # as PPO's seed: it picks the held-out prompts
+  init: InitConfig = InitConfig(checkpoint="runs/sft")  # the SFT run: the sampling policy
+  reward_model: InitConfig = InitConfig(checkpoint="runs/reward")  # the reward-model run: the proxy that picks
+  tokenizer_path: str = ""
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: ChatDataConfig = ChatDataConfig()  # prompts: the held-out split of these conversations
+  bon: BestOfNAlgoConfig = BestOfNAlgoConfig()
+  progress_bar: bool = True
+  distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()
+
+  def __post_init__(self):
+    _check(bool(self.workdir), "workdir", "must be set")
+    _check_paths(self)
+    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
+    _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
+    for name in self.bon.watch_judges:
+      _check(name in WATCH_JUDGES, "bon.watch_judges", f"unknown judge {name!r}; known: {sorted(WATCH_JUDGES)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PreferenceDataConfig:
   """Comparisons for the reward model: pairwise {chosen, rejected} or ranked {responses, ranking} JSONL."""
   sources: tuple[str, ...] = ("runs/label/comparisons.jsonl",)
@@ -676,7 +724,7 @@ class PPOConfig:
     _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
 
 
-PIPELINE_STAGES = ("pretrain", "sft", "label", "reward", "ppo")  # the order the pipeline runs them in
+PIPELINE_STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")  # the order the pipeline runs them in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,6 +743,7 @@ class PipelineConfig:
   sft: SFTConfig = SFTConfig(init=InitConfig(checkpoint="<pretrain>"))
   label: LabelConfig = LabelConfig(init=InitConfig(checkpoint="<sft>"))
   reward: RewardConfig = RewardConfig(init=InitConfig(checkpoint="<sft>"))
+  bon: BestOfNConfig = BestOfNConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
   ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 
@@ -709,7 +758,8 @@ class PipelineConfig:
     _check(order == sorted(set(order)), "stages",
            f"must be in pipeline order without repeats ({' -> '.join(PIPELINE_STAGES)}), got {list(self.stages)}")
     inputs = (("sft", "init", "pretrain"), ("label", "init", "sft"), ("reward", "init", "sft"),
-              ("ppo", "init", "sft"), ("ppo", "reward_model", "reward"))
+              ("bon", "init", "sft"), ("bon", "reward_model", "reward"), ("ppo", "init", "sft"),
+              ("ppo", "reward_model", "reward"))
     for name, field, producer in inputs:
       path = getattr(getattr(self, name), field).checkpoint
       _check(name not in self.stages or producer in self.stages or not (path.startswith("<") and path.endswith(">")),
@@ -723,7 +773,8 @@ class PipelineConfig:
 
 
 STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig,
-                                  "reward": RewardConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
+                                  "reward": RewardConfig, "bon": BestOfNConfig, "ppo": PPOConfig,
+                                  "pipeline": PipelineConfig}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -817,6 +868,18 @@ def _key_under(message: str, prefix: str, *, stage: bool) -> str:
   if stage:
     return f"config.{prefix}.{key}"
   return "config." + re.sub(r"^[^.\[:]+", lambda _: prefix, key, count=1)
+
+
+def load_config_file(path: str, variant: str = "") -> Any:
+  """The ConfigDict that the config file `path` returns from `get_config(variant)`, for config files that build on
+  others (the pipeline on every stage's file, best-of-n on PPO's)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  name = "gptrl_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def as_configdict(config: Any) -> Any:

@@ -22,7 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=None, help_string="P
 
 # Stage name -> module with `run(typed_config)`; imported lazily so `--help` stays fast.
 STAGES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
-          "reward": "gptrl.stages.reward", "ppo": "gptrl.stages.ppo", "pipeline": "gptrl.stages.pipeline"}
+          "reward": "gptrl.stages.reward", "bon": "gptrl.stages.bon", "ppo": "gptrl.stages.ppo",
+          "pipeline": "gptrl.stages.pipeline"}
 
 
 def _usage_error(message: str) -> None:
@@ -80,9 +81,14 @@ def parse(argv: list[str]):
     _usage_error(_load_error(e))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, expect_stage: str = "", prog: str = "gptrl.launch") -> None:
+  """Runs the config's stage; `expect_stage` (for commands that front one stage, e.g. gptrl.bon) refuses others."""
   argv = sys.argv if argv is None else argv
   cfg = parse(argv)
+  if expect_stage and cfg.stage != expect_stage:
+    print(f"{prog}: the config's stage is {cfg.stage!r}, not {expect_stage!r}; run it with python -m gptrl.launch.",
+          file=sys.stderr)
+    sys.exit(2)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   # Quieten libraries that log every checkpoint file at INFO.
   for name in ("absl", "orbax", "jax._src", "etils"):

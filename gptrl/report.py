@@ -6,7 +6,9 @@
   python -m gptrl.report --sft runs/sft_cpu --ppo runs/ppo_cpu --out /tmp/report.html   # explicit stage folders
 
 Sections: run summary (stages, steps, times, key numbers); the loss curves of every stage; reward-model
-accuracy; PPO reward, KL and beta per iteration; reward against KL; the over-optimisation (Goodhart) watch: the
+accuracy; PPO reward, KL and beta per iteration; reward against KL; the gold-versus-KL frontier (the labeller's
+and the RM's scores against sqrt(KL) for PPO's evals and best-of-n, `<bon>/bon.json`, with Gao et al.'s fitted
+curves and the fitted gold peak); the over-optimisation (Goodhart) watch: the
 RM's reward and each watch judge's score (`ppo.watch_judges`) against KL; held-out prompts with the SFT policy's
 and the PPO policy's replies and their scores (`<ppo>/eval_replies.jsonl`); labelling statistics. A stage or
 metric that is missing is skipped with a note. The pipeline stage calls `write_report` after PPO.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import dataclasses
 import datetime
 import html
 import io
@@ -35,8 +38,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from gptrl import fileio
+from gptrl import frontier
 
-STAGES = ("pretrain", "sft", "label", "reward", "ppo")  # pipeline order (gptrl/config.py PIPELINE_STAGES)
+STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")  # pipeline order (gptrl/config.py PIPELINE_STAGES)
 TABLE_PROMPTS = 12  # held-out prompts shown in the SFT-vs-PPO table
 _JUDGE_PREFIX = "eval/judge_"
 _COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")  # watch judges; the RM is tab:blue
@@ -341,6 +345,87 @@ def plot_goodhart(run: Run) -> bytes | None:
   return _png(fig)
 
 
+@dataclasses.dataclass
+class FrontierPoints:
+  """Scores against d = sqrt(KL to the SFT policy): best-of-n's rows and PPO's held-out evals (step 0 = SFT)."""
+  gold_judge: str | None
+  bon_d: np.ndarray
+  bon: dict[str, np.ndarray]  # "gold", "proxy" -> [rows]
+  ppo_steps: np.ndarray
+  ppo_d: np.ndarray
+  ppo: dict[str, np.ndarray]
+
+  def fits(self) -> dict[tuple[str, str], "frontier.Fit"]:
+    """(method, score) -> the fitted gain curve (Gao et al.: bon d(a - b d), rl d(a - b log d)) of score minus
+    the method's own start; a method or score with fewer than two points away from d = 0 has none."""
+    out = {}
+    for method, form, d, scores in (("best-of-n", "bon", self.bon_d, self.bon), ("PPO", "rl", self.ppo_d, self.ppo)):
+      for score, values in scores.items():
+        if len(values) and int(np.sum(d > 0)) >= 2:
+          out[(method, score)] = frontier.fit(form, d, values - values[0])
+    return out
+
+
+def frontier_points(run: Run) -> FrontierPoints | None:
+  """What the gold-versus-KL figure plots, or None without a best-of-n table and PPO evals."""
+  table = _read_json(os.path.join(run.dirs["bon"], "bon.json")) if "bon" in run.dirs else None
+  gold_judge = (table or {}).get("gold_judge")
+  bon_d, bon = np.zeros(0), {}
+  if table and table.get("rows"):
+    rows = table["rows"]
+    bon_d = np.sqrt(np.array([r["kl"] for r in rows], np.float64))
+    bon = {k: np.array([r[k] for r in rows], np.float64) for k in ("gold", "proxy") if all(k in r for r in rows)}
+  steps, d, ppo = np.zeros(0), np.zeros(0), {}
+  if "ppo" in run.dirs:
+    kl_steps, kl = run.series("ppo", "eval/kl")
+    keys = {"proxy": "eval/proxy" if "eval/proxy" in run.keys("ppo") else "eval/reward", "gold": "eval/gold"}
+    common_steps = [s for s in kl_steps if all(s in set(run.series("ppo", k)[0].tolist()) for k in
+                                               ([keys["proxy"]] + ([keys["gold"]] if "eval/gold" in run.keys("ppo")
+                                                                   else [])))]
+    if common_steps:
+      steps = np.array(common_steps, np.float64)
+      d = np.sqrt(np.maximum([_eval_value(kl_steps, kl, s) for s in common_steps], 0.0))
+      for name, key in keys.items():
+        if key in run.keys("ppo"):
+          ppo[name] = np.array([_eval_value(*run.series("ppo", key), s) for s in common_steps], np.float64)
+  if not bon and not ppo:
+    return None
+  return FrontierPoints(gold_judge, bon_d, bon, steps, d, ppo)
+
+
+def plot_frontier(points: FrontierPoints) -> bytes:
+  """Gold (left) and proxy (right) against sqrt(KL): best-of-n and PPO's evals, their fitted curves, the fitted
+  gold peak of the PPO curve marked."""
+  fits = points.fits()
+  scores = [s for s in ("gold", "proxy") if s in points.bon or s in points.ppo]
+  fig, axes = _figure(len(scores), height=4.2, width=6.5 * len(scores))
+  for ax, score in zip(axes, scores):
+    for method, d, values, color in (("best-of-n", points.bon_d, points.bon.get(score), "tab:green"),
+                                     ("PPO", points.ppo_d, points.ppo.get(score), "tab:blue")):
+      if values is None or not len(values):
+        continue
+      ax.plot(d, values, "o", color=color, label=f"{method}", markersize=5)
+      if method == "PPO":
+        for s, x, y in zip(points.ppo_steps, d, values):
+          ax.annotate(f"{int(s)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+      fit = fits.get((method, score))
+      if fit is not None:
+        grid = np.linspace(0.0, max(float(d.max()) * 1.15, 1e-3), 100)
+        ax.plot(grid, values[0] + fit(grid), "--", color=color, linewidth=1,
+                label=f"{method} fit: d({fit.alpha:.3g} {'-' if fit.beta >= 0 else '+'} {abs(fit.beta):.3g}"
+                      f"{' d' if fit.form == 'bon' else ' log d'})")
+        peak = fit.peak()
+        if method == "PPO" and score == "gold" and peak is not None and peak[0] <= 3 * float(d.max()):
+          ax.axvline(peak[0], color=color, linestyle=":", linewidth=1)
+          ax.annotate(f"fitted peak, KL {peak[0] ** 2:.2f}", (peak[0], values[0] + peak[1]), fontsize=7,
+                      color=color, textcoords="offset points", xytext=(4, -12))
+    who = f" ({points.gold_judge})" if score == "gold" and points.gold_judge else ""
+    ax.set(xlabel="sqrt(KL to the SFT policy)  [sqrt(nats)]", ylabel=f"{score} score{who}",
+           title=f"{score}{who} against sqrt(KL)")
+    ax.legend(fontsize=7)
+  return _png(fig)
+
+
 def plot_labels(replies: list[dict[str, Any]], comparisons: list[dict[str, Any]], min_gap: float | None,
                 judge: str = "judge") -> bytes:
   """Histograms of every reply's judge score and of the kept pairs' score gaps."""
@@ -491,6 +576,8 @@ def _scores_cell(record: dict[str, Any] | None, judges: Sequence[str]) -> str:
   if record is None:
     return ""
   parts = [f"RM {record['reward']:+.3f}" if isinstance(record.get("reward"), (int, float)) else "RM ?"]
+  if isinstance(record.get("gold"), (int, float)):
+    parts.append(f"gold {record['gold']:+.3f}")
   parts += [f"{n} {record['judges'][n]:+.3f}" for n in judges if n in (record.get("judges") or {})]
   return "<br>".join(_esc(p) for p in parts)
 
@@ -533,18 +620,23 @@ def section_replies(run: Run) -> str:
   first, last = evals[0], evals[-1]
   judges = sorted({n for e in (first, last) for r in e["replies"] for n in (r.get("judges") or {})})
   by_index = {r.get("prompt_index"): r for r in last["replies"]}
+  bon_picks, bon_label = _bon_picks(run)
   shown = first["replies"][:TABLE_PROMPTS]
   rows = []
   for rec in shown:
     after = by_index.get(rec.get("prompt_index"))
     turns = "".join(f'<div class="{_esc(m.get("role", ""))}"><b>{_esc(m.get("role", ""))}</b> '
                     f'{_esc(m.get("content", ""))}</div>' for m in rec.get("messages") or [])
-    rows.append([_esc(rec.get("prompt_index")), turns or '<span class="note">(prompt not stored)</span>',
-                 _esc(rec.get("reply", "")), _scores_cell(rec, judges),
-                 _esc(after.get("reply", "")) if after else "", _scores_cell(after, judges)])
+    row = [_esc(rec.get("prompt_index")), turns or '<span class="note">(prompt not stored)</span>',
+           _esc(rec.get("reply", "")), _scores_cell(rec, judges),
+           _esc(after.get("reply", "")) if after else "", _scores_cell(after, judges)]
+    if bon_picks:
+      pick = bon_picks.get(json.dumps(rec.get("messages") or []))
+      row += [_esc(pick.get("reply", "")) if pick else "", _scores_cell(pick, judges)]
+    rows.append(row)
   label = "SFT policy" if first.get("step") == 0 else "policy"
   header = ["#", "held-out prompt", f"{label} (step {first.get('step')})", "scores",
-            f"PPO policy (step {last.get('step')})", "scores"]
+            f"PPO policy (step {last.get('step')})", "scores"] + ([bon_label, "scores"] if bon_picks else [])
   means = []
   for e in (first, last):
     rewards = [r["reward"] for r in e["replies"] if isinstance(r.get("reward"), (int, float))]
@@ -555,6 +647,24 @@ def section_replies(run: Run) -> str:
   return (note + _note(" | ".join(means)) + _table(header, rows, cls="replies") +
           _note(f"The first {len(shown)} of {len(first['replies'])} held-out prompts; every eval samples with the "
                 "same key, so a change is the policy's. RM = the reward model's normalised reward."))
+
+
+def _bon_picks(run: Run) -> tuple[dict[str, dict[str, Any]], str]:
+  """({prompt messages as JSON: the best-of-n stage's pick, in eval-reply form}, column title) from
+  `<bon>/bon_replies.jsonl`; empty without a best-of-n stage."""
+  if "bon" not in run.dirs:
+    return {}, ""
+  picks, label = {}, ""
+  for record in read_jsonl(os.path.join(run.dirs["bon"], "bon_replies.jsonl")):
+    key = next((k for k in record if k.startswith("best_of_")), None)
+    if key is None or not isinstance(record.get(key), dict):
+      continue
+    pick = record[key]
+    label = f"best-of-{key[len('best_of_'):]} by the RM"
+    picks[json.dumps(record.get("messages") or [])] = {
+        "reply": pick.get("reply", ""), "reward": pick.get("proxy"), "gold": pick.get("gold"),
+        "judges": {k[len("judge_"):]: v for k, v in pick.items() if k.startswith("judge_")}}
+  return picks, label
 
 
 def section_goodhart(run: Run) -> str:
@@ -608,6 +718,41 @@ table.replies td:nth-child(4), table.replies td:nth-child(6) { white-space: nowr
 .system { color: #777; font-size: 0.85em; } code { font-size: 0.9em; }
 """
 
+def section_frontier(run: Run) -> str:
+  points = frontier_points(run)
+  if points is None:
+    return _note("No best-of-n table (bon/bon.json) and no PPO evals with eval/kl: nothing to place on the frontier.")
+  out = _note("Gao et al. (2022): the labeller's (gold) and the reward model's (proxy) scores of the same held-out "
+              "prompts' replies against d = sqrt(KL to the SFT policy). Best-of-n picks the RM's favourite of n SFT "
+              "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points are its evals, labelled by "
+              "iteration. Curves: the published forms fitted to each method's gain over its own start.")
+  if "gold" not in points.bon and "gold" not in points.ppo:
+    out += _note("No gold judge: the comparisons were labelled by people (or by several judges), so there is no "
+                 "labeller to score replies with; only the proxy is shown (and the watch judges in the next section).")
+  out += _img(plot_frontier(points), "gold and proxy against sqrt(KL)")
+  rows = []
+  for (method, score), fit in sorted(points.fits().items()):
+    info = fit.as_dict()
+    rows.append([_esc(method), _esc(score), _fmt(fit.alpha), _fmt(fit.beta), _fmt(fit.rmse, 4), str(fit.points),
+                 _fmt(info["peak_kl"]) if info["peak_kl"] is not None else "no peak",
+                 _fmt(info["peak_gain"]) if info["peak_gain"] is not None else "-"])
+  if rows:
+    out += _table(["method", "score", "alpha", "beta", "rmse", "points", "peak KL (nats)", "gain at peak"], rows,
+                  cls="narrow")
+  rl_gold = points.fits().get(("PPO", "gold"))
+  if rl_gold is not None:
+    out += f"<p>{_esc(frontier.peak_verdict(rl_gold, float(points.ppo_d[-1])))}</p>"
+  if len(points.ppo_d) and len(points.bon_d) and "gold" in points.ppo and "gold" in points.bon:
+    last_gain = points.ppo["gold"][-1] - points.ppo["gold"][0]
+    bon_gain = np.interp(points.ppo_d[-1], points.bon_d, points.bon["gold"] - points.bon["gold"][0])
+    within = points.ppo_d[-1] <= points.bon_d[-1]
+    out += _note(f"At PPO's last eval (KL {points.ppo_d[-1] ** 2:.2f} nats) its gold gain is {last_gain:+.3f}; "
+                 + (f"best-of-n reaches {bon_gain:+.3f} at the same KL." if within else
+                    f"best-of-n's largest n reaches KL {points.bon_d[-1] ** 2:.2f} only, with a gain of "
+                    f"{points.bon['gold'][-1] - points.bon['gold'][0]:+.3f}."))
+  return out
+
+
 def section_losses(run: Run) -> str:
   png, notes = plot_losses(run)
   return "".join(_note(n) for n in notes) + (_img(png, "loss curves") if png else
@@ -616,8 +761,21 @@ def section_losses(run: Run) -> str:
 
 def section_reward_model(run: Run) -> str:
   png = plot_reward_model(run) if "reward" in run.dirs else None
-  return _img(png, "reward model accuracy") if png else _note(
-      "No reward-model stage with train/accuracy or eval/accuracy in this report.")
+  if not png:
+    return _note("No reward-model stage with train/accuracy or eval/accuracy in this report.")
+  out = _img(png, "reward model accuracy")
+  evals = [r for r in run.rows("reward") if "eval/pair_accuracy" in r]
+  if evals:
+    last = evals[-1]
+    buckets = sorted((k[len("eval/accuracy_gap/"):], v) for k, v in last.items() if k.startswith("eval/accuracy_gap/"))
+    rows = [["all held-out pairs", _fmt(last["eval/pair_accuracy"]), _fmt(last.get("eval/pairs"), 0)]]
+    rows += [[f"labeller's gap {name}", _fmt(value), _fmt(last.get(f"eval/pairs_gap/{name}"), 0)]
+             for name, value in sorted(buckets, key=lambda b: float(b[0].split("-")[0]))]
+    out += _note(f"Agreement with the labeller at step {last.get('step')}, each held-out pair once, by the "
+                 "labeller's score gap (the record's margin): an RM should agree most where the labeller's "
+                 "preference is clearest.")
+    out += _table(["held-out pairs", "RM agrees with the labeller", "pairs"], rows, cls="narrow")
+  return out
 
 
 def section_ppo(run: Run) -> str:
@@ -633,6 +791,7 @@ def section_reward_vs_kl(run: Run) -> str:
 SECTIONS = (("summary", "Run summary", section_summary), ("losses", "Loss curves", section_losses),
             ("reward-model", "Reward model accuracy", section_reward_model),
             ("ppo", "PPO per iteration", section_ppo), ("reward-vs-kl", "Reward against KL", section_reward_vs_kl),
+            ("frontier", "Gold and proxy against KL: PPO next to best-of-n", section_frontier),
             ("goodhart", "Over-optimisation watch (Goodhart)", section_goodhart),
             ("replies", "Held-out prompts: SFT vs PPO", section_replies), ("labels", "Labelling", section_label))
 

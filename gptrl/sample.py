@@ -6,6 +6,7 @@ model, or score replies with a reward model.
   python -m gptrl.sample --checkpoint runs/pretrain_cpu --prompt "ROMEO:" --num_samples 3 --temperature 0.8
   python -m gptrl.sample --checkpoint runs/reward_cpu --score --prompt "Hi" --response "Hello!" --response "Go."
   python -m gptrl.sample --checkpoint runs/sft_cpu/checkpoints/200 --prompt "Hi" --temperature 0 --json
+  python -m gptrl.sample --checkpoint runs/sft_cpu --best-of 16 --reward-model runs/reward_cpu --prompt "Hi"
 
 `--checkpoint` is a run's workdir (its newest checkpoint), its checkpoints/ folder or one step folder. The
 model's shape comes from the checkpoint's meta and the tokenizer from `<run workdir>/tokenizer.model` (or
@@ -208,6 +209,11 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--top_k", type=int, default=40, help="0 disables (default %(default)s)")
   gen.add_argument("--top_p", type=float, default=1.0, help="1.0 disables (default %(default)s)")
   gen.add_argument("--seed", type=int, default=0, help="PRNG seed (default %(default)s)")
+  gen.add_argument("--best_of", "--best-of", type=int, default=1, metavar="N",
+                   help="sample N candidates per reply and return the one --reward_model scores highest "
+                        "(best-of-n: the aligned answer without RL; default %(default)s)")
+  gen.add_argument("--reward_model", "--reward-model", default="", metavar="RUN",
+                   help="the reward-model run (or checkpoint folder) that picks with --best_of")
   device = p.add_argument_group("running")
   device.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
                       help="compute dtype (default: the checkpoint's)")
@@ -232,6 +238,12 @@ def _check_args(args: argparse.Namespace) -> None:
     raise UsageError("--num_samples must be >= 1; --max_new_tokens, --top_k and --temperature >= 0.")
   if not 0.0 < args.top_p <= 1.0:
     raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}.")
+  if args.best_of < 1:
+    raise UsageError(f"--best_of must be >= 1, got {args.best_of}.")
+  if args.best_of > 1 and not args.reward_model:
+    raise UsageError("--best_of N picks with a reward model: give --reward_model RUN (a reward stage's workdir).")
+  if args.best_of > 1 and (args.score or args.raw):
+    raise UsageError("--best_of picks among chat replies; it does not combine with --score or --raw.")
 
 
 def _check_stage(args: argparse.Namespace, source: Source) -> None:
@@ -324,6 +336,38 @@ def _chat_loop(args: argparse.Namespace, loaded: Loaded, raw: bool, sample: Call
     turn += 1
 
 
+def _best_of_n_sampler(args: argparse.Namespace, loaded: Loaded, stop_id: int) -> Callable[..., Any]:
+  """A `sample` that draws `--best_of` candidates for each of `--num_samples` replies and keeps, for each, the one
+  the reward model `--reward_model` scores highest (its reward and the candidates' range are logged)."""
+  source = loaded.source
+  if source.stage == PRETRAIN_STAGE:
+    raise UsageError(f"{source.where} is a pretraining checkpoint: best-of-n picks among chat replies.")
+  rm_source = open_checkpoint(args.reward_model, tokenizer_path=args.tokenizer, dtype=args.dtype)
+  if rm_source.stage != REWARD_STAGE:
+    raise UsageError(f"--reward_model {rm_source.where} is a checkpoint of stage {rm_source.stage!r}, not a reward "
+                     "model ('reward').")
+  if rm_source.tok.sha256 != source.tok.sha256:
+    raise UsageError(f"--reward_model {rm_source.where} was trained with another tokenizer than {source.where} "
+                     f"(sha256 {rm_source.tok.sha256[:12]} vs {source.tok.sha256[:12]}); pair runs of one pipeline.")
+  rm = load(rm_source, loaded.mesh)
+  n, k = args.best_of, args.num_samples
+
+  def sample(prompts: Sequence[Sequence[int]], rng: jax.Array) -> list[list[list[int]]]:
+    outs = generate(loaded, prompts, num_samples=n * k, max_new_tokens=args.max_new_tokens, rng=rng,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_id=stop_id)
+    picked = []
+    for prompt, candidates in zip(prompts, outs):
+      messages = [m for m in chat.parse(list(prompt), source.tok) if m.content or m.role == "user"]
+      rewards = [r for r, _ in score(rm, messages, [chat.decode_reply(c, source.tok) or " " for c in candidates])]
+      best = [int(np.argmax(rewards[j * n:(j + 1) * n])) + j * n for j in range(k)]
+      for j in best:
+        logging.info("best of %d: reward %+.4f (candidates %+.4f .. %+.4f)", n, rewards[j], min(rewards),
+                     max(rewards))
+      picked.append([candidates[j] for j in best])
+    return picked
+  return sample
+
+
 def _run_score(args: argparse.Namespace, loaded: Loaded) -> None:
   system = [chat.Message("system", args.system)] if args.system else []
   for index, text in enumerate(args.prompt):
@@ -385,6 +429,9 @@ def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
   def sample(prompts: Sequence[Sequence[int]], rng: jax.Array) -> list[list[list[int]]]:
     return generate(loaded, prompts, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, rng=rng,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_id=stop_id)
+
+  if args.best_of > 1:
+    sample = _best_of_n_sampler(args, loaded, stop_id)
 
   if args.chat:
     _chat_loop(args, loaded, raw, sample, _stdin_lines() if lines is None else lines)

@@ -128,6 +128,8 @@ def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict
     return {"data.cache_dir": cache, "data.batch_size": 4, "data.eval_fraction": 0.25, "train.steps": 10,
             "train.checkpoint_every": 4, "train.eval_every": 5, "train.log_every": 2, "train.progress_bar": False,
             "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6}
+  if stage == "bon":
+    return {"bon.samples": 4, "bon.table_n": 2, "progress_bar": False}
   if stage == "ppo":
     return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2,
             "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.epochs": 2, "ppo.max_new_tokens": 6,

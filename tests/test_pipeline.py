@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO, check_ok, complete_steps, params, run, start, tiny_stage_flags, wait_for, write_chats
 from helpers import write_corpus
 
-STAGES = ("pretrain", "sft", "label", "reward", "ppo")
+STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")
 
 
 def _argv(workdir: pathlib.Path, data: dict, **extra) -> list[str]:
@@ -59,15 +59,23 @@ def test_every_stage_runs_in_its_subfolder_from_the_previous_checkpoint(finished
   assert (workdir / "label" / "comparisons.jsonl").stat().st_size > 0
   configs = {s: json.loads((workdir / s / "config.json").read_text()) for s in STAGES}
   assert configs["sft"]["init"]["checkpoint"] == str(workdir / "pretrain")
-  for stage in ("label", "reward", "ppo"):
+  for stage in ("label", "reward", "bon", "ppo"):
     assert configs[stage]["init"]["checkpoint"] == str(workdir / "sft")
+  # Best-of-n is measured on PPO's held-out prompts, reply length and seed.
+  assert configs["bon"]["reward_model"]["checkpoint"] == str(workdir / "reward")
+  assert configs["bon"]["data"] == configs["ppo"]["data"] and configs["bon"]["seed"] == configs["ppo"]["seed"]
+  assert configs["bon"]["bon"]["num_prompts"] == configs["ppo"]["ppo"]["num_eval_prompts"]
+  assert configs["bon"]["bon"]["max_new_tokens"] == configs["ppo"]["ppo"]["max_new_tokens"]
+  table = json.loads((workdir / "bon" / "bon.json").read_text())
+  assert [row["n"] for row in table["rows"]] == [1, 2, 4] and table["gold_judge"] == "length"
+  assert table["rows"][0]["kl"] == 0.0 and table["rows"][-1]["proxy"] >= table["rows"][0]["proxy"]
   assert configs["reward"]["data"]["sources"] == [str(workdir / "label" / "comparisons.jsonl")]
   assert configs["ppo"]["reward_model"]["checkpoint"] == str(workdir / "reward")
   report = (workdir / "report.html").read_text(encoding="utf-8")
   for section in ("Loss curves", "Reward model accuracy", "PPO per iteration", "Over-optimisation watch"):
     assert section in report, f"the report lacks its {section!r} section"
   # The stages ran in order: each stage's log line comes after the previous one's.
-  positions = [log.index(f"/5 {s} -> ") for s in STAGES]
+  positions = [log.index(f"/{len(STAGES)} {s} -> ") for s in STAGES]
   assert positions == sorted(positions)
 
 
@@ -78,7 +86,7 @@ def test_rerun_skips_finished_stages(finished, data):
   check_ok(result)
   log = result.stderr + result.stdout
   for i, stage in enumerate(STAGES, start=1):
-    assert f"Stage {i}/5 {stage}: finished on" in log and "skipping" in log
+    assert f"Stage {i}/{len(STAGES)} {stage}: finished on" in log and "skipping" in log
   assert "Resumed from" not in log
   assert {s: (workdir / s / "metrics.jsonl").read_bytes() for s in before} == before
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import pathlib
 import re
@@ -20,12 +21,14 @@ from gptrl.metrics import MetricsWriter, truncate_jsonl_after
 from gptrl.stages import ppo
 from helpers import REPO, env
 
-SECTION_IDS = ("summary", "losses", "reward-model", "ppo", "reward-vs-kl", "goodhart", "replies", "labels")
+SECTION_IDS = ("summary", "losses", "reward-model", "ppo", "reward-vs-kl", "frontier", "goodhart", "replies", "labels")
 SCRIPT = "<script>alert('x')</script>"
 # The synthetic PPO run: the RM's eval reward keeps rising, the watch judge peaks at step 4 and then falls.
 EVAL_STEPS = (0, 4, 8)
 EVAL_RM = (0.0, 0.6, 1.2)
 EVAL_JUDGE = (0.10, 0.30, 0.05)
+# Gold scores on Gao et al.'s curves: PPO's d(0.4 - 0.3 log d) peaks at d = exp(1/3), KL 1.95 < its last KL 4.
+EVAL_GOLD = tuple(0.1 + d * (0.4 - 0.3 * math.log(d)) if d else 0.1 for d in (math.sqrt(s / 2) for s in EVAL_STEPS))
 
 
 def _metrics(folder: pathlib.Path, rows: list[tuple[int, dict]], config: dict | None) -> None:
@@ -62,15 +65,18 @@ def _label(folder: pathlib.Path) -> None:
 def _reward(folder: pathlib.Path) -> None:
   rows = [(0, {"eval/loss": 0.69, "eval/accuracy": 0.5})]
   rows += [(s, {"train/loss": 0.7 - s / 100, "train/accuracy": 0.5 + s / 100}) for s in (10, 20)]
-  rows += [(20, {"eval/loss": 0.6, "eval/accuracy": 0.68})]
+  rows += [(20, {"eval/loss": 0.6, "eval/accuracy": 0.68, "eval/pair_accuracy": 0.7, "eval/pairs": 40.0,
+                 "eval/accuracy_gap/0-0.25": 0.55, "eval/pairs_gap/0-0.25": 20.0,
+                 "eval/accuracy_gap/1-inf": 0.95, "eval/pairs_gap/1-inf": 20.0})]
   _metrics(folder, rows, {"stage": "reward"})
 
 
 def _ppo(folder: pathlib.Path, judged: bool = True) -> None:
   rows = [(it, {"ppo/reward": it / 8, "ppo/kl": it / 2, "ppo/beta": 0.05, "ppo/length": 20.0 + it,
                 "ppo/policy_loss": -0.01, "ppo/value_loss": 0.2 - it / 100}) for it in range(1, 9)]
-  for step, rm, judge in zip(EVAL_STEPS, EVAL_RM, EVAL_JUDGE):
-    row = {"eval/reward": rm, "eval/reward_std": 0.5, "eval/kl": step / 2, "eval/length": 20.0 + step}
+  for step, rm, judge, gold in zip(EVAL_STEPS, EVAL_RM, EVAL_JUDGE, EVAL_GOLD):
+    row = {"eval/reward": rm, "eval/reward_std": 0.5, "eval/kl": step / 2, "eval/length": 20.0 + step,
+           "eval/proxy": rm, "eval/gold": gold}
     if judged:
       row.update({"eval/judge_textblob": judge, "eval/judge_textblob_std": 0.2})
     rows.append((step, row))
@@ -90,6 +96,22 @@ def _ppo(folder: pathlib.Path, judged: bool = True) -> None:
     ppo.append_eval_replies(str(folder), step, replies)
 
 
+def _bon(folder: pathlib.Path, gold: bool = True) -> None:
+  rows = []
+  for n in (1, 2, 4, 8, 16):
+    kl = math.log(n) - (n - 1) / n
+    d = math.sqrt(kl)
+    rows.append({"n": n, "kl": kl, "proxy": 0.8 * d, **({"gold": 0.1 + d * (0.5 - 0.1 * d)} if gold else {})})
+  (folder / "config.json").write_text(json.dumps({"stage": "bon"}))
+  (folder / "bon.json").write_text(json.dumps({"gold_judge": "vader" if gold else None, "rows": rows}))
+  with open(folder / "bon_replies.jsonl", "w", encoding="utf-8") as f:
+    for i in range(3):  # the prompts of _ppo's eval replies
+      messages = [{"role": "system", "content": "You are Kent & co."}, {"role": "user", "content": f"question {i}\x1d"}]
+      f.write(json.dumps({"prompt_index": i, "messages": messages, "sft": {"reply": "x", "proxy": 0.0},
+                          "best_of_16": {"reply": f"bon pick {i}", "proxy": 1.5, "gold": 0.25,
+                                         "judge_textblob": 0.5}}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> pathlib.Path:
   """A pipeline workdir with the five stage sub-folders."""
@@ -100,6 +122,7 @@ def pipeline_dir(tmp_path_factory) -> pathlib.Path:
   _pretrain_like(root / "sft", "sft")
   _label(root / "label")
   _reward(root / "reward")
+  _bon(root / "bon")
   _ppo(root / "ppo")
   (root / "pipeline_state.json").write_text(json.dumps({"done": {"pretrain": {"seconds": 120.0}}}))
   return root
@@ -135,7 +158,7 @@ def test_every_section_is_there_with_a_decodable_plot(full_html):
   for sid in SECTION_IDS:
     _section(full_html, sid)
   pngs = _pngs(full_html)
-  assert len(pngs) == 6  # losses, RM accuracy, PPO, reward vs KL, Goodhart, label histograms
+  assert len(pngs) == 7  # losses, RM accuracy, PPO, reward vs KL, frontier, Goodhart, label histograms
   for data in pngs:
     width, height = _png_size(data)
     assert width >= 400 and height >= 200
@@ -190,7 +213,7 @@ def test_missing_stages_and_metrics_degrade_to_notes(tmp_path):
   assert "No reward-model stage" in _section(text, "reward-model")
   assert "config.ppo.watch_judges" in _section(text, "goodhart")
   assert "fewer than two evals" in _section(text, "replies")
-  assert len(_pngs(text)) == 3  # PPO losses, PPO per iteration, reward vs KL
+  assert len(_pngs(text)) == 4  # PPO losses, PPO per iteration, reward vs KL, PPO's points on the frontier
 
 
 def test_old_ppo_runs_fall_back_to_the_logged_samples(tmp_path):
@@ -234,7 +257,7 @@ def test_cli_writes_the_report_into_the_workdir(pipeline_dir):
                           env=env(), capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == str(out)
-  assert len(_pngs(out.read_text(encoding="utf-8"))) == 6
+  assert len(_pngs(out.read_text(encoding="utf-8"))) == 7
 
 
 def test_textblob_watch_judge_scores_sentiment_offline():
@@ -259,3 +282,41 @@ def test_a_damaged_file_costs_only_its_section(tmp_path):
       encoding="utf-8")
   assert "could not be drawn: TypeError" in _section(text, "labels")
   assert "label/pairs" not in _section(text, "summary") and "prompts 3" in _section(text, "summary")
+
+
+def test_frontier_fits_both_methods_and_places_the_run_past_the_gold_peak(full_html, pipeline_dir):
+  section = _section(full_html, "frontier")
+  assert "best-of-n" in section and "PPO" in section
+  assert "The run ends past the fitted gold peak: last KL 4.00 nats, peak at KL 1.95 nats" in section
+  points = report.frontier_points(report.Run(report.find_stage_dirs(str(pipeline_dir))))
+  fits = points.fits()
+  assert fits[("best-of-n", "gold")].alpha == pytest.approx(0.5) and fits[("best-of-n", "gold")].beta == pytest.approx(0.1)
+  assert fits[("PPO", "gold")].alpha == pytest.approx(0.4) and fits[("PPO", "gold")].beta == pytest.approx(0.3)
+
+
+def test_without_a_gold_judge_the_frontier_shows_the_proxy_and_says_why(tmp_path):
+  for stage in ("bon", "ppo"):
+    (tmp_path / stage).mkdir()
+  _bon(tmp_path / "bon", gold=False)
+  _ppo(tmp_path / "ppo", judged=False)
+  rows = report.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))
+  with open(tmp_path / "ppo" / "metrics.jsonl", "w", encoding="utf-8") as f:
+    for row in rows:
+      row.pop("eval/gold", None)
+      f.write(json.dumps(row) + "\n")
+  html = pathlib.Path(report.write_report(report.find_stage_dirs(str(tmp_path)), str(tmp_path / "r.html"))).read_text()
+  section = _section(html, "frontier")
+  assert "No gold judge" in section and len(_pngs(section)) == 1
+
+
+def test_reward_model_section_tables_agreement_by_the_labellers_gap(full_html):
+  section = re.sub(r"\s+", " ", _section(full_html, "reward-model"))
+  assert "<td>all held-out pairs</td><td>0.700</td><td>40</td>" in section
+  assert section.index("gap 0-0.25</td><td>0.550") < section.index("gap 1-inf</td><td>0.950")
+
+
+def test_reply_table_puts_the_best_of_n_pick_next_to_sft_and_ppo(full_html):
+  section = _section(full_html, "replies")
+  assert "best-of-16 by the RM" in section
+  row = next(r for r in section.split("<tr>") if "question 2" in r)
+  assert "bon pick 2" in row and "RM +1.500<br>gold +0.250<br>textblob +0.500" in row

@@ -215,3 +215,26 @@ def test_real_sft_and_reward_runs(runs, tmp_path, capsys):
   offset = ckpt_lib.read_step_meta(str(reward / "checkpoints"), 2)["reward_offset"]
   record = _json_lines(out)[0]
   assert status == 0 and record["reward"] == pytest.approx(record["raw_score"] - offset)
+
+
+def test_best_of_n_returns_the_candidate_the_reward_model_prefers(runs, capsys):
+  common = ("--checkpoint", runs["sft"], "--prompt", "Where does the king walk?", "--temperature", 1.0, "--seed", 3,
+            "--max_new_tokens", 6, "--json")
+  status, out, _ = _main(capsys, *common, "--num_samples", 4)
+  candidates = [r["reply"] for r in _json_lines(out)]
+  assert status == 0 and len(set(candidates)) > 1
+  status, out, _ = _main(capsys, "--checkpoint", runs["reward"], "--score", "--prompt", "Where does the king walk?",
+                         "--json", *[a for c in candidates for a in ("--response", c or " ")])
+  rewards = [r["reward"] for r in _json_lines(out)]
+  status, out, _ = _main(capsys, *common, "--best-of", 4, "--reward-model", runs["reward"])
+  assert status == 0
+  (picked,) = _json_lines(out)
+  assert picked["reply"] == candidates[int(np.argmax(rewards))]
+
+
+def test_best_of_n_needs_a_reward_model_of_the_same_pipeline(runs, capsys):
+  status, _, err = _main(capsys, "--checkpoint", runs["sft"], "--prompt", "Hi", "--best-of", 2)
+  assert status == 2 and "--reward_model RUN" in _one_line_error(err)
+  status, _, err = _main(capsys, "--checkpoint", runs["sft"], "--prompt", "Hi", "--best-of", 2, "--reward-model",
+                         runs["sft"])
+  assert status == 2 and "not a reward model" in _one_line_error(err)

@@ -1,4 +1,4 @@
-"""The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> PPO, then the HTML report.
+"""The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> best-of-n -> PPO, then the report.
 
 Each stage runs in its own sub-folder `<workdir>/<stage>/`, exactly as if it had been launched alone with its own
 config, and starts from the previous stage's Orbax checkpoint:
@@ -6,7 +6,11 @@ config, and starts from the previous stage's Orbax checkpoint:
   sft.init              <- <workdir>/pretrain
   label.init            <- <workdir>/sft
   reward.init           <- <workdir>/sft        reward.data.sources <- <workdir>/label/comparisons.jsonl
+  bon.init              <- <workdir>/sft        bon.reward_model    <- <workdir>/reward
   ppo.init              <- <workdir>/sft        ppo.reward_model    <- <workdir>/reward
+
+Best-of-n (the baseline of the report's gold-versus-KL frontier) takes PPO's seed, data, held-out prompt count,
+reply length, temperature and watch judges, so both are measured on the same prompts.
 
 A stage left out of `config.stages` is not run; the stages after it read the paths configured for them (e.g.
 `--config.stages="('sft','label','reward','ppo')" --config.sft.init.checkpoint=runs/my_base`).
@@ -36,7 +40,7 @@ from gptrl.config import PIPELINE_STAGES, PipelineConfig
 STATE_FILE = "pipeline_state.json"
 
 STAGE_MODULES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
-                 "reward": "gptrl.stages.reward", "ppo": "gptrl.stages.ppo"}
+                 "reward": "gptrl.stages.reward", "bon": "gptrl.stages.bon", "ppo": "gptrl.stages.ppo"}
 
 
 def _input(cfg: PipelineConfig, workdir: str, produced_by: str, configured: str, key: str) -> str:
@@ -57,7 +61,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
   for name in cfg.stages:
     stage_cfg = getattr(cfg, name)
     changes: dict[str, Any] = {"workdir": os.path.join(workdir, name), "distributed": cfg.distributed}
-    if name in ("sft", "label", "reward", "ppo"):
+    if name in ("sft", "label", "reward", "bon", "ppo"):
       produced_by = "pretrain" if name == "sft" else "sft"
       changes["init"] = dataclasses.replace(
           stage_cfg.init, checkpoint=_input(cfg, workdir, produced_by, stage_cfg.init.checkpoint,
@@ -65,10 +69,16 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     if name == "reward" and "label" in cfg.stages:
       changes["data"] = dataclasses.replace(
           stage_cfg.data, sources=(os.path.join(workdir, "label", "comparisons.jsonl"),))
-    if name == "ppo":
+    if name in ("bon", "ppo"):
       changes["reward_model"] = dataclasses.replace(
           stage_cfg.reward_model, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
-                                                    "ppo.reward_model.checkpoint"))
+                                                    f"{name}.reward_model.checkpoint"))
+    if name == "bon":
+      # Best-of-n is PPO's baseline on one footing: PPO's held-out prompts, reply length, temperature and judges.
+      p = cfg.ppo.ppo
+      changes.update(seed=cfg.ppo.seed, data=cfg.ppo.data, bon=dataclasses.replace(
+          stage_cfg.bon, num_prompts=p.num_eval_prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+          watch_judges=p.watch_judges))
     out[name] = dataclasses.replace(stage_cfg, **changes)
   _warn_on_split_mismatch(cfg)
   return out

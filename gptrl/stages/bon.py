@@ -1,0 +1,154 @@
+"""Best-of-n against the reward model: the baseline every policy-optimisation method is plotted against.
+
+For each held-out prompt (the same ones PPO evaluates on, given the same data settings, seed and count), the SFT
+policy samples N replies once. The reward model (the proxy, normalised by its stored offset, as PPO sees it) and
+the labeller it imitates (the gold judge, when one automatic judge labelled all its comparisons) score every
+reply, as do the watch judges. For n = 1, 2, 4, ..., N, `frontier.best_of_n` gives the expected gold, proxy and
+judge scores of the reply the proxy prefers among n, averaged over every n-subset of the N samples (unbiased,
+as in Gao et al. 2022), at the analytic KL(n) = log n - (n - 1)/n.
+
+Writes `<workdir>/bon.json` (the table; the report's frontier figure reads it) and `<workdir>/bon_replies.jsonl`
+(per prompt: the first sample, i.e. the SFT policy's reply, and the proxy's pick among the first `table_n`). The
+result is a function of the config and the checkpoints only (fixed keys), so a killed run simply runs again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from gptrl import chat
+from gptrl import chat_data
+from gptrl import checkpoint as ckpt_lib
+from gptrl import fileio
+from gptrl import frontier
+from gptrl import judges as judges_lib
+from gptrl import model as model_lib
+from gptrl import reward_model
+from gptrl import sampling
+from gptrl import sharding
+from gptrl.config import BestOfNConfig, ConfigError
+from gptrl.corpus import default_cache_dir
+from gptrl.stages import common
+from gptrl.stages import ppo as ppo_lib
+
+RESULT_FILE = "bon.json"
+REPLIES_FILE = "bon_replies.jsonl"
+SAMPLE_SEED_OFFSET = 13  # the sampler's key: seed + 13, a stream of its own
+
+
+def n_values(samples: int) -> list[int]:
+  """1, 2, 4, ... up to and including `samples`."""
+  values = [1 << i for i in range(samples.bit_length()) if 1 << i <= samples]
+  return values + ([samples] if values[-1] != samples else [])
+
+
+def frontier_table(proxy_PxN: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str, float]]:
+  """Rows {"n", "kl", "proxy", <name>: ...} for every n of `n_values`: the best-of-n expectation over the
+  prompts' subsets of each score in `scores` ({name: [P, N]}, the proxy among them as "proxy")."""
+  num_prompts, num_samples = proxy_PxN.shape
+  names = sorted(scores)
+  stacked = np.stack([scores[k] for k in names], axis=-1)  # [P, N, S]
+  rows = []
+  for n in n_values(num_samples):
+    means = np.mean([frontier.best_of_n(proxy_PxN[p], stacked[p], n) for p in range(num_prompts)], axis=0)
+    rows.append({"n": n, "kl": float(frontier.best_of_n_kl(n)), **{k: float(v) for k, v in zip(names, means)}})
+  return rows
+
+
+def run(cfg: BestOfNConfig) -> dict[str, Any]:
+  """Samples, scores and writes the best-of-n table; returns it."""
+  workdir = common.prepare_workdir(cfg)
+  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
+  b = cfg.bon
+  mesh = sharding.make_mesh(cfg.mesh)
+  dp = sharding.data_parallel_size(mesh)
+  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
+                                                 expect_stage=("sft",))
+  rm_meta, rm_folder, rm_step = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
+  if rm_meta.get("stage") != "reward":
+    raise ConfigError(f"config.reward_model.checkpoint: {rm_folder}/{rm_step} is a {rm_meta.get('stage')!r} "
+                      "checkpoint, not a reward model.")
+  ckpt_lib.check_tokenizer(rm_meta, tok.sha256, where=f"The reward model {rm_folder}/{rm_step}")
+  rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
+  prompt_len = model_cfg.max_len - b.max_new_tokens
+  if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
+    raise ConfigError(f"config.bon.max_new_tokens={b.max_new_tokens} leaves {prompt_len} prompt tokens of the "
+                      f"policy's {model_cfg.max_len} (and the reward model's context is {rm_cfg.max_len}); lower it.")
+  models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.ScalarHeadModel(rm_cfg),
+                          shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens)
+  example = np.zeros((1, model_cfg.max_len), np.int32)
+  policy_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
+  rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
+  offset = float(rm_meta.get("reward_offset", 0.0))
+  gold_name = rm_meta.get("gold_judge")
+  gold = judges_lib.make_judge(gold_name) if gold_name else None
+  watch = {name: judges_lib.make_judge(name) for name in b.watch_judges}
+  logging.info("Best-of-%d: policy %s, reward model %s/%d (offset %.4f), gold judge %s.", b.samples,
+               init_meta["init_checkpoint"], rm_folder, rm_step, offset, gold_name or "none")
+
+  messages = ppo_lib.held_out_prompts(cfg.data, b.num_prompts, cfg.seed, cache_dir=cache_dir)
+  prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in messages]
+  rows = [(p, s) for p in range(len(prompts)) for s in range(b.samples)]  # (prompt, sample) in a fixed order
+  chunk = max(dp, b.batch_size // dp * dp)
+  rng = jax.random.key(cfg.seed + SAMPLE_SEED_OFFSET)
+  score = jax.jit(lambda params, batch: ppo_lib.reward_model_score(models, params, batch))
+  responses: list[list[int]] = []
+  raw = []
+  is_main = jax.process_index() == 0
+  with tqdm.tqdm(total=len(rows), desc="bon", unit="reply", file=sys.stderr, dynamic_ncols=True,
+                 disable=not (is_main and cfg.progress_bar)) as bar:
+    for lo in range(0, len(rows), chunk):
+      part = rows[lo:lo + chunk]
+      with sharding.activate(mesh):
+        # Chunk `lo` draws from fold_in(key, lo), row by row (sampling.generate): fixed for a fixed batch_size.
+        outs = sampling.generate(models.policy, policy_params, [prompts[p] for p, _ in part],
+                                 max_new_tokens=b.max_new_tokens, rng=jax.random.fold_in(rng, lo),
+                                 temperature=b.temperature, stop_id=tok.end_of_turn_id, pad_id=tok.pad_id,
+                                 batch_multiple=dp, min_prompt_len=prompt_len)
+        host = ppo_lib.build_rollout_batch([prompts[p] for p, _ in part], outs, prompt_len=prompt_len,
+                                           new_tokens=b.max_new_tokens, pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
+        pad = -len(part) % dp
+        if pad:
+          host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
+        raw.append(np.asarray(jax.device_get(score(rm_params, sharding.host_to_global(host, mesh))))[:len(part)])
+      responses.extend(outs)
+      bar.update(len(part))
+  proxy = (np.concatenate(raw).astype(np.float64) - offset).reshape(len(prompts), b.samples)
+  texts = [chat.decode_reply(r, tok) for r in responses]
+  scores = {"proxy": proxy, "length": np.array([len(r) for r in responses], np.float64).reshape(proxy.shape)}
+  if gold is not None:
+    scores["gold"] = np.asarray(gold(texts), np.float64).reshape(proxy.shape)
+  for name, judge in watch.items():
+    scores[f"judge_{name}"] = np.asarray(judge(texts), np.float64).reshape(proxy.shape)
+  table = frontier_table(proxy, scores)
+  result = {"policy": init_meta["init_checkpoint"], "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": offset,
+            "gold_judge": gold_name, "watch_judges": list(b.watch_judges), "samples": b.samples,
+            "prompts": len(prompts), "max_new_tokens": b.max_new_tokens, "temperature": b.temperature,
+            "seed": cfg.seed, "rows": table}
+  if is_main:
+    _write_replies(os.path.join(workdir, REPLIES_FILE), messages, texts, scores, b.samples, b.table_n)
+    fileio.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=1))
+  for row in table:
+    logging.info("best-of-%d (KL %.3f): %s", row["n"], row["kl"],
+                 " ".join(f"{k}={v:+.4f}" for k, v in row.items() if k not in ("n", "kl")))
+  return result
+
+
+def _write_replies(path: str, messages: list[list[chat.Message]], texts: list[str], scores: dict[str, np.ndarray],
+                   samples: int, table_n: int) -> None:
+  """Per prompt: its turns, the first sample (an SFT reply) and the proxy's pick among the first `table_n`."""
+  def entry(p, s):
+    return {"reply": texts[p * samples + s], **{k: float(v[p, s]) for k, v in scores.items()}}
+  records = []
+  for p, turns in enumerate(messages):
+    pick = int(np.argmax(scores["proxy"][p, :table_n]))
+    records.append({"prompt_index": p, "messages": [{"role": m.role, "content": m.content} for m in turns if m.content],
+                    "sft": entry(p, 0), f"best_of_{table_n}": entry(p, pick)})
+  chat_data.write_jsonl(path, records)
