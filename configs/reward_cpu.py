@@ -51,6 +51,7 @@ def get_config(variant: str = ""):
 
   c.reward = ml_collections.ConfigDict()
   c.reward.head_init_std = 1e-3
+  c.reward.pooling = "last"  # "last" (at the reply's <|end|>) | "mean" (over every position up to it)
   c.reward.margin_scale = 0.0  # > 0: require r_chosen - r_rejected > margin_scale * the record's margin
   c.reward.normalize_samples = 64
   c.reward.normalize_max_new_tokens = 40

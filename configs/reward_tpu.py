@@ -77,6 +77,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   c.reward = ml_collections.ConfigDict()
   c.reward.head_init_std = 1e-3  # a fresh head's init: rewards start near 0
+  c.reward.pooling = "last"  # "last" (at the reply's <|end|>) | "mean" (over every position up to it)
   c.reward.margin_scale = 0.0  # > 0: require r_chosen - r_rejected > margin_scale * the record's margin
   # SFT replies whose mean reward becomes reward_offset (0: skip): sampled in one call, so it sets the KV cache
   c.reward.normalize_samples = 128

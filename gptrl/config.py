@@ -563,16 +563,23 @@ class PreferenceDataConfig:
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
 
 
+POOLINGS = ("last", "mean")  # gptrl/reward_model.py pool_scores
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardHeadConfig:
   """The scalar head and its loss."""
   head_init_std: float = 1e-3  # fresh head, small so initial rewards are near 0
+  # How a sequence's reward is read from the head's per-position scores: "last" (at its last token, InstructGPT)
+  # | "mean" (the mean over every position up to it). Recorded in the checkpoint's meta for every consumer.
+  pooling: str = "last"
   margin_scale: float = 0.0  # loss -log sigmoid(r_c - r_r - margin_scale * margin); margin from each record
   normalize_samples: int = 64  # SFT replies to training prompts scored to centre the reward (0: skip)
   normalize_max_new_tokens: int = 48
 
   def __post_init__(self):
     _check(self.head_init_std > 0, "reward.head_init_std", f"must be > 0, got {self.head_init_std}")
+    _check(self.pooling in POOLINGS, "reward.pooling", f"must be one of {list(POOLINGS)}, got {self.pooling!r}")
     _check(self.margin_scale >= 0, "reward.margin_scale", f"must be >= 0, got {self.margin_scale}")
     _check(self.normalize_samples >= 0, "reward.normalize_samples", f"must be >= 0, got {self.normalize_samples}")
     _check(self.normalize_max_new_tokens >= 1, "reward.normalize_max_new_tokens",
@@ -743,7 +750,8 @@ class PipelineConfig:
   sft: SFTConfig = SFTConfig(init=InitConfig(checkpoint="<pretrain>"))
   label: LabelConfig = LabelConfig(init=InitConfig(checkpoint="<sft>"))
   reward: RewardConfig = RewardConfig(init=InitConfig(checkpoint="<sft>"))
-  bon: BestOfNConfig = BestOfNConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
+  bon: BestOfNConfig = BestOfNConfig(init=InitConfig(checkpoint="<sft>"),
+                                     reward_model=InitConfig(checkpoint="<reward>"))
   ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 

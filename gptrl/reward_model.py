@@ -20,10 +20,12 @@ UNUSED_LM_PARAMS = ("head",)
 
 
 class ScalarHeadModel(nn.Module):
-  """GPT backbone + a linear head giving one float32 score per position."""
+  """GPT backbone + a linear head giving one float32 score per position; `pooling` says how a sequence's
+  score is read from them (`pool_scores`)."""
   config: ModelConfig
   head_init_std: float = 1e-3
   head_name: str = "reward_head"
+  pooling: str = "last"
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
@@ -48,11 +50,29 @@ class ScalarHead(nn.Module):
     return jnp.einsum("btd,d->bt", hidden_BxTxD.astype(jnp.float32), kernel_D) + bias
 
 
+def pool_scores(scores_NxL: jax.Array, last_N: jax.Array, pooling: str,
+                valid_NxL: jax.Array | None = None) -> jax.Array:
+  """A sequence's score from its per-position scores: at `last_N` ("last"), or the mean over the positions up to
+  it ("mean"; `valid_NxL` masks out left padding, where there is some). [N] float32.
+
+  "mean" reads every token's view of the reply, not one token's: with causal attention the prompt's positions
+  score alike for every reply to it, so the difference between two replies comes from their own tokens.
+  """
+  last_N = last_N.astype(jnp.int32)
+  if pooling == "last":
+    return jnp.take_along_axis(scores_NxL, last_N[:, None], axis=1)[:, 0]
+  if pooling != "mean":
+    raise ValueError(f"unknown pooling {pooling!r}; known: 'last', 'mean'")
+  mask_NxL = (jnp.arange(scores_NxL.shape[1])[None, :] <= last_N[:, None]).astype(jnp.float32)
+  if valid_NxL is not None:
+    mask_NxL = mask_NxL * valid_NxL.astype(jnp.float32)
+  return jnp.sum(scores_NxL * mask_NxL, axis=1) / jnp.maximum(jnp.sum(mask_NxL, axis=1), 1.0)
+
+
 def sequence_scores(model: ScalarHeadModel, params: Any, tokens_BxKxL: jax.Array, last_BxK: jax.Array, *,
                     deterministic: bool = True, rngs: dict[str, jax.Array] | None = None) -> jax.Array:
-  """The score of each of K right-padded sequences per row, read at its last real token: [B, K]."""
+  """The score of each of K right-padded sequences per row (`pool_scores` with the model's pooling): [B, K]."""
   b, k, length = tokens_BxKxL.shape
   scores_NxL = model.apply({"params": params}, tokens_BxKxL.reshape(b * k, length), deterministic=deterministic,
                            rngs=rngs)
-  scores_N = jnp.take_along_axis(scores_NxL, last_BxK.reshape(b * k, 1).astype(jnp.int32), axis=1)[:, 0]
-  return scores_N.reshape(b, k)
+  return pool_scores(scores_NxL, last_BxK.reshape(b * k), model.pooling).reshape(b, k)

@@ -131,7 +131,8 @@ def load(source: Source, mesh: jax.sharding.Mesh) -> Loaded:
   transformer with its scalar head."""
   cfg = source.model_config
   if source.stage == REWARD_STAGE:
-    model = reward_model.ScalarHeadModel(cfg, head_name=source.meta.get("head", "reward_head"))
+    model = reward_model.ScalarHeadModel(cfg, head_name=source.meta.get("head", "reward_head"),
+                                         pooling=source.meta.get("pooling", "last"))
   else:
     model = model_lib.GPT(cfg)
   try:

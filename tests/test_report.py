@@ -290,7 +290,8 @@ def test_frontier_fits_both_methods_and_places_the_run_past_the_gold_peak(full_h
   assert "The run ends past the fitted gold peak: last KL 4.00 nats, peak at KL 1.95 nats" in section
   points = report.frontier_points(report.Run(report.find_stage_dirs(str(pipeline_dir))))
   fits = points.fits()
-  assert fits[("best-of-n", "gold")].alpha == pytest.approx(0.5) and fits[("best-of-n", "gold")].beta == pytest.approx(0.1)
+  bon_gold = fits[("best-of-n", "gold")]
+  assert bon_gold.alpha == pytest.approx(0.5) and bon_gold.beta == pytest.approx(0.1)
   assert fits[("PPO", "gold")].alpha == pytest.approx(0.4) and fits[("PPO", "gold")].beta == pytest.approx(0.3)
 
 

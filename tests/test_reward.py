@@ -222,3 +222,34 @@ def test_gold_judge_is_the_one_automatic_labeller_of_every_record():
   assert chat_data.gold_judge(groups("unknown")) is None
   assert chat_data.record_labeller({"judge": "vader"}) == "judge:vader"
   assert chat_data.record_labeller({"labeller": "human"}) == "human"
+
+
+def test_pooling_reads_the_last_score_or_the_mean_up_to_it():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(3, 6)).astype(np.float32)
+  last = np.array([5, 2, 4])
+  valid = np.ones((3, 6), np.float32)
+  valid[2, :2] = 0  # a left-padded row
+  np.testing.assert_array_equal(np.asarray(reward_model.pool_scores(jnp.asarray(scores), jnp.asarray(last), "last")),
+                                scores[np.arange(3), last])
+  mean = np.asarray(reward_model.pool_scores(jnp.asarray(scores), jnp.asarray(last), "mean", jnp.asarray(valid)))
+  expected = [scores[0].mean(), scores[1, :3].mean(), scores[2, 2:5].mean()]
+  np.testing.assert_allclose(mean, expected, rtol=1e-6)
+
+
+def test_mean_pooled_scores_of_replies_to_one_prompt_differ_only_by_their_own_tokens():
+  # Causal attention: the prompt's positions score alike whatever reply follows, so a reply's reward under
+  # "mean" pooling is (prompt sum + reply sum) / length with the same prompt sum for every reply.
+  cfg = ModelConfig(vocab_size=50, num_layers=1, num_heads=2, d_model=16, max_len=12)
+  model = reward_model.ScalarHeadModel(cfg, head_init_std=0.5, pooling="mean")
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                        model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"],
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  tokens = np.zeros((1, 2, 12), np.int32)
+  tokens[0, :, :4] = [5, 6, 7, 8]  # the prompt
+  tokens[0, 0, 4:7], tokens[0, 1, 4:9] = [9, 10, 11], [12, 13, 14, 15, 16]
+  last = np.array([[6, 8]])
+  per_position = np.asarray(model.apply({"params": params}, jnp.asarray(tokens[0])))
+  np.testing.assert_allclose(per_position[0, :4], per_position[1, :4], rtol=1e-6)
+  pooled = np.asarray(reward_model.sequence_scores(model, params, jnp.asarray(tokens), jnp.asarray(last)))[0]
+  np.testing.assert_allclose(pooled, [per_position[0, :7].mean(), per_position[1, :9].mean()], rtol=1e-5)

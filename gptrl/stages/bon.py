@@ -81,7 +81,8 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
     raise ConfigError(f"config.bon.max_new_tokens={b.max_new_tokens} leaves {prompt_len} prompt tokens of the "
                       f"policy's {model_cfg.max_len} (and the reward model's context is {rm_cfg.max_len}); lower it.")
-  models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.ScalarHeadModel(rm_cfg),
+  models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.ScalarHeadModel(
+                              rm_cfg, pooling=rm_meta.get("pooling", "last")),
                           shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens)
   example = np.zeros((1, model_cfg.max_len), np.int32)
   policy_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)

@@ -120,7 +120,7 @@ def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Arra
                                       attention_mask_BxT=batch["attention"])
   length_B = jnp.sum(batch["response_mask"], axis=1).astype(jnp.int32)
   last_B = models.prompt_len + jnp.maximum(length_B, 1) - 1
-  return jnp.take_along_axis(rm_scores_BxL, last_B[:, None], axis=1)[:, 0]
+  return reward_model.pool_scores(rm_scores_BxL, last_B, models.reward.pooling, valid_NxL=batch["attention"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,7 +598,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                   critic=(reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
                           reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std,
                                                        head_name="value_head")),
-                  reward=reward_model.ScalarHeadModel(rm_cfg), shared=shared, prompt_len=prompt_len, new_tokens=n_new)
+                  reward=reward_model.ScalarHeadModel(rm_cfg, pooling=rm_meta.get("pooling", "last")), shared=shared,
+                  prompt_len=prompt_len, new_tokens=n_new)
 
   # Prompts: the training split for rollouts, the held-out split for evaluation.
   conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)

@@ -179,7 +179,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
                            tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs)
   fingerprint = data_lib.pipeline_fingerprint(stage="reward", **fingerprint_parts)
 
-  model = reward_model.ScalarHeadModel(model_cfg, head_init_std=cfg.reward.head_init_std)
+  model = reward_model.ScalarHeadModel(model_cfg, head_init_std=cfg.reward.head_init_std,
+                                       pooling=cfg.reward.pooling)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state, state_shardings = trainer.create_train_state(
       lambda rng: model.init(rng, np.zeros((1, seq_len), np.int32))["params"], optimizer, cfg.seed, mesh)
@@ -212,7 +213,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   logging.info("Comparisons labelled by %s; gold judge: %s.", dict(labelled_by), gold or "none (not one judge)")
   meta = {"stage": "reward", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
           "num_params": model_lib.count_params(state.params), "init_checkpoint": init_meta["init_checkpoint"],
-          "head": "reward_head", "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups),
+          "head": "reward_head", "pooling": cfg.reward.pooling, "eval_pairs": n_eval_pairs,
+          "eval_prompts": len(eval_groups),
           "gold_judge": gold, "labellers": dict(labelled_by)}
   tokens_per_step = cfg.data.batch_size * k * seq_len
   loop = trainer.Loop(
