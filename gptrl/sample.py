@@ -337,10 +337,8 @@ def _chat_loop(args: argparse.Namespace, loaded: Loaded, raw: bool, sample: Call
     turn += 1
 
 
-def _best_of_n_sampler(args: argparse.Namespace, loaded: Loaded, stop_id: int) -> Callable[..., Any]:
-  """A `sample` that draws `--best_of` candidates for each of `--num_samples` replies and keeps, for each, the one
-  the reward model `--reward_model` scores highest (its reward and the candidates' range are logged)."""
-  source = loaded.source
+def _open_reward_model(args: argparse.Namespace, source: Source) -> Source:
+  """The `--reward_model` checkpoint for `--best_of`, checked against the policy `source` before anything loads."""
   if source.stage == PRETRAIN_STAGE:
     raise UsageError(f"{source.where} is a pretraining checkpoint: best-of-n picks among chat replies.")
   rm_source = open_checkpoint(args.reward_model, tokenizer_path=args.tokenizer, dtype=args.dtype)
@@ -350,6 +348,14 @@ def _best_of_n_sampler(args: argparse.Namespace, loaded: Loaded, stop_id: int) -
   if rm_source.tok.sha256 != source.tok.sha256:
     raise UsageError(f"--reward_model {rm_source.where} was trained with another tokenizer than {source.where} "
                      f"(sha256 {rm_source.tok.sha256[:12]} vs {source.tok.sha256[:12]}); pair runs of one pipeline.")
+  return rm_source
+
+
+def _best_of_n_sampler(args: argparse.Namespace, loaded: Loaded, rm_source: Source,
+                       stop_id: int) -> Callable[..., Any]:
+  """A `sample` that draws `--best_of` candidates for each of `--num_samples` replies and keeps, for each, the one
+  the reward model `rm_source` scores highest (its reward and the candidates' range are logged)."""
+  source = loaded.source
   rm = load(rm_source, loaded.mesh)
   n, k = args.best_of, args.num_samples
 
@@ -416,6 +422,7 @@ def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
   if args.max_new_tokens >= max_len:
     raise UsageError(f"--max_new_tokens={args.max_new_tokens} must be less than the context length {max_len} of "
                      f"{source.where}.")
+  rm_source = _open_reward_model(args, source) if args.best_of > 1 else None
   if args.num_samples > 1 and args.temperature == 0:
     logging.warning("--temperature 0 is greedy: the %d samples per prompt will be identical.", args.num_samples)
   devices = jax.devices()[:1] if args.single_device else None
@@ -432,7 +439,7 @@ def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_id=stop_id)
 
   if args.best_of > 1:
-    sample = _best_of_n_sampler(args, loaded, stop_id)
+    sample = _best_of_n_sampler(args, loaded, rm_source, stop_id)
 
   if args.chat:
     _chat_loop(args, loaded, raw, sample, _stdin_lines() if lines is None else lines)
