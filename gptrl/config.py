@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import typing
 from typing import Any, Mapping
@@ -882,7 +883,6 @@ def load_config_file(path: str, variant: str = "") -> Any:
   """The ConfigDict that the config file `path` returns from `get_config(variant)`, for config files that build on
   others (the pipeline on every stage's file, best-of-n on PPO's)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   name = "gptrl_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

@@ -78,10 +78,7 @@ class Fit:
     if self.form == "bon":
       d = self.alpha / (2 * self.beta)  # R'(d) = alpha - 2 beta d
     else:
-      exponent = self.alpha / self.beta - 1  # R'(d) = alpha - beta log d - beta
-      if exponent > math.log(10 * self.d_max) if self.d_max > 0 else exponent > 700:
-        return None
-      d = math.exp(exponent)
+      d = math.exp(min(self.alpha / self.beta - 1, 700.0))  # R'(d) = alpha - beta log d - beta (no overflow)
     if d > 10 * self.d_max or d <= 0:
       return None
     return d, float(self(d))

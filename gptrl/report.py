@@ -378,25 +378,22 @@ def frontier_points(run: Run) -> FrontierPoints | None:
   steps, d, ppo = np.zeros(0), np.zeros(0), {}
   if "ppo" in run.dirs:
     kl_steps, kl = run.series("ppo", "eval/kl")
-    keys = {"proxy": "eval/proxy" if "eval/proxy" in run.keys("ppo") else "eval/reward", "gold": "eval/gold"}
-    common_steps = [s for s in kl_steps if all(s in set(run.series("ppo", k)[0].tolist()) for k in
-                                               ([keys["proxy"]] + ([keys["gold"]] if "eval/gold" in run.keys("ppo")
-                                                                   else [])))]
+    logged = run.keys("ppo")
+    keys = {"proxy": "eval/proxy" if "eval/proxy" in logged else "eval/reward", "gold": "eval/gold"}
+    series = {name: run.series("ppo", key) for name, key in keys.items() if key in logged}
+    common_steps = [s for s in kl_steps if all(s in set(steps_of.tolist()) for steps_of, _ in series.values())]
     if common_steps:
       steps = np.array(common_steps, np.float64)
       d = np.sqrt(np.maximum([_eval_value(kl_steps, kl, s) for s in common_steps], 0.0))
-      for name, key in keys.items():
-        if key in run.keys("ppo"):
-          ppo[name] = np.array([_eval_value(*run.series("ppo", key), s) for s in common_steps], np.float64)
+      ppo = {name: np.array([_eval_value(*xy, s) for s in common_steps], np.float64) for name, xy in series.items()}
   if not bon and not ppo:
     return None
   return FrontierPoints(gold_judge, bon_d, bon, steps, d, ppo)
 
 
-def plot_frontier(points: FrontierPoints) -> bytes:
-  """Gold (left) and proxy (right) against sqrt(KL): best-of-n and PPO's evals, their fitted curves, the fitted
-  gold peak of the PPO curve marked."""
-  fits = points.fits()
+def plot_frontier(points: FrontierPoints, fits: dict[tuple[str, str], frontier.Fit]) -> bytes:
+  """Gold (left) and proxy (right) against sqrt(KL): best-of-n and PPO's evals, their fitted curves (`fits`, from
+  `points.fits()`), the fitted gold peak of the PPO curve marked."""
   scores = [s for s in ("gold", "proxy") if s in points.bon or s in points.ppo]
   fig, axes = _figure(len(scores), height=4.2, width=6.5 * len(scores))
   for ax, score in zip(axes, scores):
@@ -729,9 +726,10 @@ def section_frontier(run: Run) -> str:
   if "gold" not in points.bon and "gold" not in points.ppo:
     out += _note("No gold judge: the comparisons were labelled by people (or by several judges), so there is no "
                  "labeller to score replies with; only the proxy is shown (and the watch judges in the next section).")
-  out += _img(plot_frontier(points), "gold and proxy against sqrt(KL)")
+  fits = points.fits()
+  out += _img(plot_frontier(points, fits), "gold and proxy against sqrt(KL)")
   rows = []
-  for (method, score), fit in sorted(points.fits().items()):
+  for (method, score), fit in sorted(fits.items()):
     info = fit.as_dict()
     rows.append([_esc(method), _esc(score), _fmt(fit.alpha), _fmt(fit.beta), _fmt(fit.rmse, 4), str(fit.points),
                  _fmt(info["peak_kl"]) if info["peak_kl"] is not None else "no peak",
@@ -739,7 +737,7 @@ def section_frontier(run: Run) -> str:
   if rows:
     out += _table(["method", "score", "alpha", "beta", "rmse", "points", "peak KL (nats)", "gain at peak"], rows,
                   cls="narrow")
-  rl_gold = points.fits().get(("PPO", "gold"))
+  rl_gold = fits.get(("PPO", "gold"))
   if rl_gold is not None:
     out += f"<p>{_esc(frontier.peak_verdict(rl_gold, float(points.ppo_d[-1])))}</p>"
   if len(points.ppo_d) and len(points.bon_d) and "gold" in points.ppo and "gold" in points.bon:

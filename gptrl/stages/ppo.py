@@ -545,17 +545,18 @@ def judge_replies(replies: list[dict[str, Any]], gold_judge: judges_lib.Judge | 
   if not replies:
     return metrics
   texts = [r["reply"] for r in replies]
-  named = ([("gold", gold_judge)] if gold_judge is not None else []) + list(watch_judges.items())
-  for index, (name, judge) in enumerate(named):
+
+  def judged(judge: judges_lib.Judge, key: str) -> list[float]:
     scores = np.asarray(judge(texts), np.float64)
-    is_gold = index == 0 and gold_judge is not None
-    key = "eval/gold" if is_gold else f"eval/judge_{name}"
     metrics[key], metrics[f"{key}_std"] = float(scores.mean()), float(scores.std())
-    for r, value in zip(replies, scores):
-      if is_gold:
-        r["gold"] = float(value)
-      else:
-        r.setdefault("judges", {})[name] = float(value)
+    return [float(v) for v in scores]
+
+  if gold_judge is not None:
+    for r, value in zip(replies, judged(gold_judge, "eval/gold")):
+      r["gold"] = value
+  for name, judge in watch_judges.items():
+    for r, value in zip(replies, judged(judge, f"eval/judge_{name}")):
+      r.setdefault("judges", {})[name] = value
   return metrics
 
 

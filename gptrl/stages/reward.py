@@ -33,14 +33,21 @@ from gptrl.config import RewardConfig
 from gptrl.stages import common
 
 
-def reward_loss_fn(model: reward_model.ScalarHeadModel, margin_scale: float):
-  deterministic = model.config.dropout == 0.0
+def _rewards_and_loss(model: reward_model.ScalarHeadModel, margin_scale: float, params, batch, rng):
+  """(loss_sum, sums, rewards_BxK) of one batch of comparisons; `rng` drives dropout when the model has any
+  (None, as in eval: no dropout)."""
+  deterministic = model.config.dropout == 0.0 or rng is None
+  rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
+                                             deterministic=deterministic,
+                                             rngs=None if deterministic else {"dropout": rng})
+  loss_sum, sums = losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
+  return loss_sum, sums, rewards_BxK
 
+
+def reward_loss_fn(model: reward_model.ScalarHeadModel, margin_scale: float):
   def loss_fn(params, batch, rng):
-    rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
-                                               deterministic=deterministic,
-                                               rngs=None if deterministic else {"dropout": rng})
-    return losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
+    loss_sum, sums, _ = _rewards_and_loss(model, margin_scale, params, batch, rng)
+    return loss_sum, sums
   return loss_fn
 
 
@@ -70,14 +77,7 @@ def make_reward_eval_fn(model: reward_model.ScalarHeadModel, mesh: jax.sharding.
                         margin_scale: float):
   """Held-out loss, pairwise accuracy and mean reward margin, each prompt weighing 1; and each pair weighing 1,
   the agreement with the labeller overall and by its score gap (`pair_accuracy_by_gap`)."""
-  deterministic = model.config.dropout == 0.0
-
-  @jax.jit
-  def eval_step(params, batch):
-    rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
-                                               deterministic=deterministic)
-    loss_sum, sums = losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
-    return loss_sum, sums, rewards_BxK
+  eval_step = jax.jit(lambda params, batch: _rewards_and_loss(model, margin_scale, params, batch, None))
 
   def eval_fn(state: trainer.TrainState) -> dict[str, float]:
     totals: dict[str, float] = {}
