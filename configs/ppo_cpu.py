@@ -25,6 +25,10 @@ def get_config(variant: str = ""):
   c.reward_model = ml_collections.ConfigDict()
   c.reward_model.checkpoint = "runs/reward_cpu"
   c.reward_model.step = -1
+  # A reward-model ensemble (reward.ensemble > 1) is read as its members' "mean" | "mean_minus_std" (mean -
+  # ensemble_penalty * std: conservative where they disagree) | "min".
+  c.reward_model.ensemble_reduce = "mean"
+  c.reward_model.ensemble_penalty = 1.0
   c.tokenizer_path = ""
 
   # Runtime settings of the models whose shapes come from their checkpoints; "" / -1 keep the checkpoint's.

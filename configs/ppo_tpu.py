@@ -50,6 +50,10 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.reward_model = ml_collections.ConfigDict()
   c.reward_model.checkpoint = f"/mnt/gptrl/runs/reward_{plan.size}"  # frozen; its reward_offset is subtracted
   c.reward_model.step = -1
+  # A reward-model ensemble (reward.ensemble > 1) is read as its members' "mean" | "mean_minus_std" (mean -
+  # ensemble_penalty * std: conservative where they disagree) | "min".
+  c.reward_model.ensemble_reduce = "mean"
+  c.reward_model.ensemble_penalty = 1.0
   c.tokenizer_path = ""  # "": the SFT run's tokenizer.model
 
   c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # "" / -1 keep the checkpoint's setting

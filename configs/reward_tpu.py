@@ -71,6 +71,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   c.data.batch_size = plan.batch  # prompts per step, each with up to max_responses replies
   c.data.max_responses = 4  # K: replies of one prompt trained together (K(K-1)/2 pairs)
+  c.data.max_len = 0  # > 0: prompt + reply cut to this many tokens (the prompt keeps its latest turns)
   c.data.eval_batches = 16  # 0: every held-out prompt
   c.data.cache_dir = "/mnt/gptrl/cache"
   c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
@@ -78,6 +79,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict()
   c.reward.head_init_std = 1e-3  # a fresh head's init: rewards start near 0
   c.reward.pooling = "last"  # "last" (at the reply's <|end|>) | "mean" (over every position up to it)
+  c.reward.ensemble = 1  # k > 1: k models in one step (k times the compute); see ppo reward_model.ensemble_reduce
   c.reward.margin_scale = 0.0  # > 0: require r_chosen - r_rejected > margin_scale * the record's margin
   # SFT replies whose mean reward becomes reward_offset (0: skip): sampled in one call, so it sets the KV cache
   c.reward.normalize_samples = 128

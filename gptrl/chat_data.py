@@ -330,24 +330,32 @@ class EncodedComparisons:
   pairs: np.ndarray  # float32[N, K, K]
   margins: np.ndarray  # float32[N, K, K]
   truncated: int = 0  # sequences whose prompt or response was cut to fit max_len
+  first: np.ndarray | None = None  # int32[N, K]: where each response starts (for reward_model.pool_scores)
+
+  def __post_init__(self):
+    if self.first is None:
+      object.__setattr__(self, "first", np.zeros_like(self.last))
 
 
 def response_sequence(prompt: Sequence[chat.Message], response: str, tok: tokenizer_lib.Tokenizer, *,
-                      max_len: int) -> list[int]:
+                      max_len: int, return_start: bool = False) -> list[int] | tuple[list[int], int]:
   """Prompt + response + <|end|>, at most `max_len` tokens: the prompt keeps its latest turns, and a long
-  response keeps its beginning (at least half the context is left to it)."""
-  return _response_sequence(prompt, response, tok, max_len=max_len)[0]
+  response keeps its beginning (at least half the context is left to it). With return_start, also the position
+  of the response's first token."""
+  seq, _, start = _response_sequence(prompt, response, tok, max_len=max_len)
+  return (seq, start) if return_start else seq
 
 
 def _response_sequence(prompt: Sequence[chat.Message], response: str, tok: tokenizer_lib.Tokenizer, *,
-                       max_len: int) -> tuple[list[int], bool]:
-  """(response_sequence(...), whether anything was cut to fit)."""
+                       max_len: int) -> tuple[list[int], bool, int]:
+  """(response_sequence(...), whether anything was cut to fit, where the response starts)."""
   reply = chat.encode_content(response, tok) + [tok.end_of_turn_id]
   whole_prompt = chat.prompt_tokens(prompt, tok, max_tokens=sys.maxsize)
   if len(whole_prompt) + len(reply) <= max_len:
-    return whole_prompt + reply, False
+    return whole_prompt + reply, False, len(whole_prompt)
   reply = reply[:max(max_len // 2, max_len - len(chat.prompt_tokens(prompt, tok, max_tokens=max_len)))]
-  return chat.prompt_tokens(prompt, tok, max_tokens=max_len - len(reply)) + reply, True
+  cut_prompt = chat.prompt_tokens(prompt, tok, max_tokens=max_len - len(reply))
+  return cut_prompt + reply, True, len(cut_prompt)
 
 
 def encode_comparisons(groups: Sequence[PromptComparisons], tok: tokenizer_lib.Tokenizer, *, max_len: int,
@@ -360,19 +368,21 @@ def encode_comparisons(groups: Sequence[PromptComparisons], tok: tokenizer_lib.T
   n, k = len(groups), max_responses
   tokens = np.full((n, k, max_len), tok.pad_id, np.int32)
   last = np.zeros((n, k), np.int32)
+  first = np.zeros((n, k), np.int32)
   pairs = np.zeros((n, k, k), np.float32)
   margins = np.zeros((n, k, k), np.float32)
   truncated = 0
   for g_index, g in enumerate(groups):
     for r_index, response in enumerate(g.responses):
-      seq, cut = _response_sequence(g.prompt, response, tok, max_len=max_len)
+      seq, cut, start = _response_sequence(g.prompt, response, tok, max_len=max_len)
       tokens[g_index, r_index, :len(seq)] = seq
       last[g_index, r_index] = len(seq) - 1
+      first[g_index, r_index] = start
       truncated += int(cut)
     for w, l, m in g.pairs:
       pairs[g_index, w, l] += 1.0
       margins[g_index, w, l] = m
-  return EncodedComparisons(tokens, last, pairs, margins, truncated)
+  return EncodedComparisons(tokens, last, pairs, margins, truncated, first)
 
 
 class _RowsToRewardBatch:
@@ -383,7 +393,7 @@ class _RowsToRewardBatch:
     ids = np.asarray(ids, np.int64).reshape(-1)[self._lo:self._hi]
     rows = self._hi - self._lo
     out = {}
-    for name in ("tokens", "last", "pairs", "margins"):
+    for name in ("tokens", "last", "first", "pairs", "margins"):
       src = getattr(self._enc, name)
       arr = np.zeros((rows,) + src.shape[1:], src.dtype)
       arr[:ids.size] = src[ids]
@@ -399,6 +409,41 @@ def reward_dataset(enc: EncodedComparisons, *, seed: int, global_batch_size: int
     ds = ds.shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
   ds = ds.repeat(num_epochs, reseed_each_epoch=True).batch(global_batch_size, drop_remainder=num_epochs is None)
   return ds.map(_RowsToRewardBatch(enc, lo, hi)).to_iter_dataset(_read_options())
+
+
+class MemberBatches:
+  """One batch per ensemble member, each from its own iterator (its own data order), stacked along axis 1:
+  [B, M, ...], so the batch axis stays first and shards over the data-parallel axes as usual. get_state() /
+  set_state() carry every member's position (a checkpoint's data item)."""
+
+  def __init__(self, iterators: Sequence[Any]):
+    self._iterators = list(iterators)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    batches = [next(it) for it in self._iterators]
+    return {name: np.stack([b[name] for b in batches], axis=1) for name in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"members": [it.get_state() for it in self._iterators]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    states = state.get("members") if isinstance(state, dict) else None
+    if not isinstance(states, list) or len(states) != len(self._iterators):
+      raise ValueError(f"the saved data position is not that of {len(self._iterators)} ensemble members: {state!r}")
+    for it, member_state in zip(self._iterators, states):
+      it.set_state(member_state)
+
+
+def reward_member_batches(enc: EncodedComparisons, *, seed: int, members: int, global_batch_size: int,
+                          process_index: int = 0, process_count: int = 1) -> MemberBatches:
+  """Training batches for `members` reward models: member m shuffles with seed + m (member 0 sees the data
+  order a single model trained with `seed` would)."""
+  return MemberBatches([iter(reward_dataset(enc, seed=seed + m, global_batch_size=global_batch_size,
+                                            process_index=process_index, process_count=process_count))
+                        for m in range(members)])
 
 
 def reward_eval_batches(enc: EncodedComparisons, *, batch_size: int, max_batches: int = 0, process_index: int = 0,

@@ -368,6 +368,25 @@ class InitConfig:
     _check(self.step >= -1, "init.step", f"must be >= 0 or -1 (newest), got {self.step}")
 
 
+ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")  # gptrl/reward_model.py reduce_members
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig(InitConfig):
+  """The reward model a policy stage optimises or picks with, and, if it is an ensemble (reward.ensemble > 1), how
+  its members' normalised scores become one reward: their "mean", "mean_minus_std" (mean - ensemble_penalty * std
+  over members: conservative where they disagree, against over-optimisation) or "min"."""
+  ensemble_reduce: str = "mean"
+  ensemble_penalty: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.ensemble_reduce not in ENSEMBLE_REDUCTIONS:
+      _check(False, "reward_model.ensemble_reduce", f"must be one of {list(ENSEMBLE_REDUCTIONS)}, got "
+             f"{self.ensemble_reduce!r}{_suggest(self.ensemble_reduce, ENSEMBLE_REDUCTIONS)}")
+    _check(self.ensemble_penalty >= 0, "reward_model.ensemble_penalty", f"must be >= 0, got {self.ensemble_penalty}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRuntimeConfig:
   """How to run a model whose shape comes from its checkpoint; "" / -1 keep the checkpoint's setting."""
@@ -522,7 +541,7 @@ class BestOfNConfig:
   workdir: str = "runs/bon"  # a local folder or a gs://bucket/... URL
   seed: int = 0  # as PPO's seed: it picks the held-out prompts
   init: InitConfig = InitConfig(checkpoint="runs/sft")  # the SFT run: the sampling policy
-  reward_model: InitConfig = InitConfig(checkpoint="runs/reward")  # the reward-model run: the proxy that picks
+  reward_model: RewardModelConfig = RewardModelConfig(checkpoint="runs/reward")  # the proxy that picks
   tokenizer_path: str = ""
   model: ModelRuntimeConfig = ModelRuntimeConfig()
   mesh: MeshConfig = MeshConfig()
@@ -550,6 +569,9 @@ class PreferenceDataConfig:
   split_seed: int = 0
   batch_size: int = 16  # prompts per optimizer step (each with all its compared responses)
   max_responses: int = 4  # K: responses per prompt in one batch element; a prompt with more is split
+  # > 0: prompt + response cut to this many tokens (the prompt keeps its latest turns), cheaper than the model's
+  # whole context when prompts are long; recorded as the RM's "context", which every consumer scores with.
+  max_len: int = 0
   eval_batches: int = 0  # 0: the whole eval split
   cache_dir: str = ""
   reset_position: bool = False  # on resume with a changed data pipeline: see DataConfig.reset_position
@@ -561,10 +583,12 @@ class PreferenceDataConfig:
     _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
     _check(self.max_responses >= 2, "data.max_responses", f"must be >= 2, got {self.max_responses}")
+    _check(self.max_len == 0 or self.max_len >= 16, "data.max_len", f"must be 0 (the model's context) or >= 16, "
+           f"got {self.max_len}")
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
 
 
-POOLINGS = ("last", "mean")  # gptrl/reward_model.py pool_scores
+POOLINGS = ("last", "mean", "reply_mean")  # gptrl/reward_model.py pool_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,13 +596,19 @@ class RewardHeadConfig:
   """The scalar head and its loss."""
   head_init_std: float = 1e-3  # fresh head, small so initial rewards are near 0
   # How a sequence's reward is read from the head's per-position scores: "last" (at its last token, InstructGPT)
-  # | "mean" (the mean over every position up to it). Recorded in the checkpoint's meta for every consumer.
+  # | "mean" (the mean over every position up to it) | "reply_mean" (over the reply's own tokens). Recorded in
+  # the checkpoint's meta for every consumer.
   pooling: str = "last"
   margin_scale: float = 0.0  # loss -log sigmoid(r_c - r_r - margin_scale * margin); margin from each record
   normalize_samples: int = 64  # SFT replies to training prompts scored to centre the reward (0: skip)
   normalize_max_new_tokens: int = 48
+  # k > 1: an ensemble of k reward models trained together in one step (gptrl/reward_model.py RewardEnsemble),
+  # each from the SFT transformer with its own head and data order (seed + m); the policy stages read them with
+  # reward_model.ensemble_reduce ("mean" | "mean_minus_std" | "min"). Costs k times a single model's compute.
+  ensemble: int = 1
 
   def __post_init__(self):
+    _check(self.ensemble >= 1, "reward.ensemble", f"must be >= 1 (1: a single model), got {self.ensemble}")
     _check(self.head_init_std > 0, "reward.head_init_std", f"must be > 0, got {self.head_init_std}")
     _check(self.pooling in POOLINGS, "reward.pooling", f"must be one of {list(POOLINGS)}, got {self.pooling!r}")
     _check(self.margin_scale >= 0, "reward.margin_scale", f"must be >= 0, got {self.margin_scale}")
@@ -713,7 +743,7 @@ class PPOConfig:
   workdir: str = "runs/ppo"  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
-  reward_model: InitConfig = InitConfig()  # the reward-model run
+  reward_model: RewardModelConfig = RewardModelConfig()  # the reward-model run and how to read an ensemble
   tokenizer_path: str = ""
   model: ModelRuntimeConfig = ModelRuntimeConfig()
   mesh: MeshConfig = MeshConfig()
@@ -752,8 +782,9 @@ class PipelineConfig:
   label: LabelConfig = LabelConfig(init=InitConfig(checkpoint="<sft>"))
   reward: RewardConfig = RewardConfig(init=InitConfig(checkpoint="<sft>"))
   bon: BestOfNConfig = BestOfNConfig(init=InitConfig(checkpoint="<sft>"),
-                                     reward_model=InitConfig(checkpoint="<reward>"))
-  ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=InitConfig(checkpoint="<reward>"))
+                                     reward_model=RewardModelConfig(checkpoint="<reward>"))
+  ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"),
+                             reward_model=RewardModelConfig(checkpoint="<reward>"))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 
   def __post_init__(self):

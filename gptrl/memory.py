@@ -368,13 +368,17 @@ def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Map
   """The reward model: K responses per prompt through the scalar-head model; then the SFT model samples replies
   to normalise the reward (with its parameters loaded beside the trained state)."""
   resident, step, params = _trained("scalar", model_cfg, cfg.optim, mesh_shape)
+  members = cfg.reward.ensemble  # an ensemble holds and trains `members` models at once (reward_model.RewardEnsemble)
+  if members > 1:
+    resident = {f"{name} x {members} members": value * members for name, value in resident.items()}
+    step = {f"{name} x {members} members": value * members for name, value in step.items()}
   shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
   t, accum, k = model_cfg.max_len, cfg.optim.grad_accum_steps, cfg.data.max_responses
-  b = _micro_rows(cfg.data.batch_size * k, accum, shard)
+  b = _micro_rows(cfg.data.batch_size * k, accum, shard) * members
   step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = shard.training(b, t)
   phases = {"train step": step,
             "eval (whole batch)": {
-                "forward: one layer + scores": shard.forward(shard.rows(cfg.data.batch_size * k), t)}}
+                "forward: one layer + scores": shard.forward(shard.rows(cfg.data.batch_size * k) * members, t)}}
   if cfg.reward.normalize_samples:
     # The SFT model is the reward model's trunk with the LM head (untied) instead of the scalar head.
     sft_params = dict(params["transformer"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gptrl.config import OptimConfig
@@ -39,11 +40,29 @@ def weight_decay_mask(cfg: OptimConfig, params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """The full gradient transformation: clip by global norm (if enabled), then AdamW with the schedule."""
+def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm for an ensemble (every leaf [M, ...]): each member's gradient is clipped by its own
+  global norm, as it would be if it were trained alone."""
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    sq_M = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in leaves)
+    norm_M = jnp.sqrt(sq_M)
+    trigger_M = norm_M < max_norm
+
+    def clip(g):
+      shape = (-1,) + (1,) * (g.ndim - 1)
+      return jnp.where(trigger_M.reshape(shape), g, (g / norm_M.astype(g.dtype).reshape(shape)) * max_norm)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, members: int = 1) -> optax.GradientTransformation:
+  """The full gradient transformation: clip by global norm (if enabled), then AdamW with the schedule. For an
+  ensemble of `members` models stacked on a leading axis, each member is clipped by its own norm."""
   parts = []
   if cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm) if members == 1 else clip_by_member_norm(cfg.clip_norm))
   parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=lambda p: weight_decay_mask(cfg, p)))
   return optax.chain(*parts)

@@ -423,6 +423,23 @@ def plot_frontier(points: FrontierPoints, fits: dict[tuple[str, str], frontier.F
   return _png(fig)
 
 
+def plot_ensemble_bon(by_reduce: dict[str, list[dict[str, float]]], penalty: float) -> bytes:
+  """A reward-model ensemble's best-of-n with each reduction picking: gold (left) and the members' plain mean
+  (right) against sqrt(KL), so a penalty that trades proxy for gold shows as a higher gold curve."""
+  scores = [s for s in ("gold", "proxy_mean") if all(s in r for rows in by_reduce.values() for r in rows)]
+  fig, axes = _figure(max(len(scores), 1), height=3.8, width=6.0 * max(len(scores), 1))
+  for ax, score in zip(axes, scores):
+    for (reduce, rows), color in zip(sorted(by_reduce.items()), ("tab:green", "tab:purple", "tab:red")):
+      label = f"mean - {penalty:g} std" if reduce == "mean_minus_std" else reduce
+      ax.plot(np.sqrt([r["kl"] for r in rows]), [r[score] for r in rows], "o-", color=color, markersize=4,
+              label=f"picked by {label}")
+    ax.set(xlabel="sqrt(KL to the SFT policy)  [sqrt(nats)]",
+           ylabel="gold score" if score == "gold" else "members' mean reward (no penalty)",
+           title=f"best-of-n by ensemble reduction: {'gold' if score == 'gold' else 'unpenalised proxy'}")
+    ax.legend(fontsize=7)
+  return _png(fig)
+
+
 def plot_labels(replies: list[dict[str, Any]], comparisons: list[dict[str, Any]], min_gap: float | None,
                 judge: str = "judge") -> bytes:
   """Histograms of every reply's judge score and of the kept pairs' score gaps."""
@@ -748,6 +765,20 @@ def section_frontier(run: Run) -> str:
                  + (f"best-of-n reaches {bon_gain:+.3f} at the same KL." if within else
                     f"best-of-n's largest n reaches KL {points.bon_d[-1] ** 2:.2f} only, with a gain of "
                     f"{points.bon['gold'][-1] - points.bon['gold'][0]:+.3f}."))
+  table = _read_json(os.path.join(run.dirs["bon"], "bon.json")) if "bon" in run.dirs else None
+  if table and table.get("by_reduce"):
+    readout = table.get("reward_readout", {})
+    penalty = float(readout.get("penalty", 1.0))
+    out += _note(f"The reward model is an ensemble of {len(readout.get('offsets', []))} members; PPO and the points "
+                 f"above read it as {readout.get('reduce', 'mean')!r}. Below, best-of-n on the same samples with "
+                 "each reduction picking: with and without the penalty for the members' disagreement.")
+    out += _img(plot_ensemble_bon(table["by_reduce"], penalty), "best-of-n by ensemble reduction")
+    rows = []
+    for reduce, bon_rows in sorted(table["by_reduce"].items()):
+      last = bon_rows[-1]
+      rows.append([_esc(reduce), str(last["n"]), _fmt(last["kl"]), _fmt(last.get("gold", "-")),
+                   _fmt(last.get("proxy_mean", "-")), _fmt(last.get("ensemble_std", "-"))])
+    out += _table(["picked by", "n", "KL (nats)", "gold", "members' mean", "members' std"], rows, cls="narrow")
   return out
 
 

@@ -131,8 +131,9 @@ def load(source: Source, mesh: jax.sharding.Mesh) -> Loaded:
   transformer with its scalar head."""
   cfg = source.model_config
   if source.stage == REWARD_STAGE:
-    model = reward_model.ScalarHeadModel(cfg, head_name=source.meta.get("head", "reward_head"),
-                                         pooling=source.meta.get("pooling", "last"))
+    model = reward_model.make_reward_model(cfg, int(source.meta.get("ensemble", 1)),
+                                           head_name=source.meta.get("head", "reward_head"),
+                                           pooling=source.meta.get("pooling", "last"))
   else:
     model = model_lib.GPT(cfg)
   try:
@@ -167,23 +168,32 @@ def generate(loaded: Loaded, prompts: Sequence[Sequence[int]], *, num_samples: i
 _sequence_scores = jax.jit(reward_model.sequence_scores, static_argnums=0)
 
 
-def score(loaded: Loaded, prompt: Sequence[chat.Message], responses: Sequence[str]) -> list[tuple[float, float]]:
-  """(normalised reward, raw score) of each response to `prompt`; normalised = raw - meta["reward_offset"]."""
-  tok, max_len = loaded.source.tok, loaded.source.model_config.max_len
+def score(loaded: Loaded, prompt: Sequence[chat.Message], responses: Sequence[str], *, ensemble_reduce: str = "mean",
+          ensemble_penalty: float = 1.0) -> list[tuple[float, float]]:
+  """(normalised reward, raw score) of each response to `prompt`; normalised = raw - meta["reward_offset"], or
+  for an ensemble its members' normalised scores reduced by `ensemble_reduce` (reward_model.Readout), with the
+  members' mean raw score."""
+  tok = loaded.source.tok
+  max_len = int(loaded.source.meta.get("context", 0)) or loaded.source.model_config.max_len  # as the RM was trained
   dp = sharding.data_parallel_size(loaded.mesh)
   rows = -(-len(responses) // dp) * dp  # padded with copies of the first to split over the mesh
   tokens = np.full((rows, 1, max_len), tok.pad_id, np.int32)
   last = np.zeros((rows, 1), np.int32)
+  first = np.zeros((rows, 1), np.int32)
   for i in range(rows):
-    seq = chat_data.response_sequence(prompt, responses[i if i < len(responses) else 0], tok, max_len=max_len)
+    seq, start = chat_data.response_sequence(prompt, responses[i if i < len(responses) else 0], tok, max_len=max_len,
+                                             return_start=True)
     tokens[i, 0, :len(seq)] = seq
-    last[i, 0] = len(seq) - 1
+    last[i, 0], first[i, 0] = len(seq) - 1, start
   with sharding.activate(loaded.mesh):
-    batch = sharding.host_to_global({"tokens": tokens, "last": last}, loaded.mesh)
-    scores = _sequence_scores(loaded.model, loaded.params, batch["tokens"], batch["last"])
-  raw = np.asarray(jax.device_get(scores), np.float64)[:len(responses), 0]
-  offset = float(loaded.source.meta.get("reward_offset", 0.0))
-  return [(float(r - offset), float(r)) for r in raw]
+    batch = sharding.host_to_global({"tokens": tokens, "last": last, "first": first}, loaded.mesh)
+    scores = _sequence_scores(loaded.model, loaded.params, batch["tokens"], batch["last"], batch["first"])
+  scores = np.asarray(jax.device_get(scores), np.float64)
+  raw_NxM = (scores[:, :, 0].T if scores.ndim == 3 else scores[:, :1])[:len(responses)]  # an ensemble's: [M, B, 1]
+  readout = reward_model.Readout.from_meta(loaded.source.meta, ensemble_reduce, ensemble_penalty)
+  reward = reward_model.reduce_members(np.asarray(readout.centred(jax.numpy.asarray(raw_NxM)), np.float64),
+                                       readout.reduce, readout.penalty)
+  return [(float(r), float(m)) for r, m in zip(reward, raw_NxM.mean(axis=1))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +213,11 @@ def _parser() -> argparse.ArgumentParser:
   mode.add_argument("--system", default="", help="a system message opening each conversation")
   mode.add_argument("--score", action="store_true", help="reward checkpoints: score each --response to --prompt")
   mode.add_argument("--response", action="append", default=[], help="a reply to score (repeatable)")
+  mode.add_argument("--ensemble_reduce", default="mean", choices=config_lib.ENSEMBLE_REDUCTIONS,
+                    help="a reward-model ensemble's reward: the members' mean, mean - penalty * std, or min "
+                         "(default %(default)s)")
+  mode.add_argument("--ensemble_penalty", type=float, default=1.0, help="the penalty of mean_minus_std "
+                    "(default %(default)s)")
   gen = p.add_argument_group("sampling")
   gen.add_argument("--num_samples", type=int, default=1, help="replies per prompt (default %(default)s)")
   gen.add_argument("--max_new_tokens", type=int, default=0, help="tokens per reply (default: min(128, context/2))")
@@ -365,7 +380,8 @@ def _best_of_n_sampler(args: argparse.Namespace, loaded: Loaded, rm_source: Sour
     picked = []
     for prompt, candidates in zip(prompts, outs):
       messages = [m for m in chat.parse(list(prompt), source.tok) if m.content or m.role == "user"]
-      rewards = [r for r, _ in score(rm, messages, [chat.decode_reply(c, source.tok) or " " for c in candidates])]
+      rewards = [r for r, _ in score(rm, messages, [chat.decode_reply(c, source.tok) or " " for c in candidates],
+                                     ensemble_reduce=args.ensemble_reduce, ensemble_penalty=args.ensemble_penalty)]
       best = [int(np.argmax(rewards[j * n:(j + 1) * n])) + j * n for j in range(k)]
       for j in best:
         logging.info("best of %d: reward %+.4f (candidates %+.4f .. %+.4f)", n, rewards[j], min(rewards),
@@ -379,7 +395,8 @@ def _run_score(args: argparse.Namespace, loaded: Loaded) -> None:
   system = [chat.Message("system", args.system)] if args.system else []
   for index, text in enumerate(args.prompt):
     messages = system + [chat.Message("user", text)]
-    rewards = score(loaded, messages, args.response)
+    rewards = score(loaded, messages, args.response, ensemble_reduce=args.ensemble_reduce,
+                    ensemble_penalty=args.ensemble_penalty)
     lines = [f"[{m.role}] {m.content}" for m in messages]
     for response, (reward, raw_score) in zip(args.response, rewards):
       if args.json:

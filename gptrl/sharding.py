@@ -45,6 +45,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("positions", None),
     ("norm", None),
+    ("ensemble", None),  # a reward-model ensemble's members (gptrl/reward_model.py RewardEnsemble)
 )
 
 

@@ -149,10 +149,13 @@ def create_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     grad_accum_steps: int = 1, *, spike_zscore: float = 0.0, spike_warmup: int = 50,
-                    spike_window: int = 100) -> Callable[[TrainState, Mapping[str, jax.Array]], Any]:
+                    spike_window: int = 100, members: int = 1) -> Callable[[TrainState, Mapping[str, jax.Array]], Any]:
   """The (unjitted) train step: accumulate gradients over micro-batches, clip, update.
 
-  The loss is sum(loss) / sum(weight) over the whole global batch, whatever the micro-batching. A step whose
+  The loss is sum(loss) / sum(weight) over the whole global batch, whatever the micro-batching. An ensemble of
+  `members` independent models trained in one step (gptrl/reward_model.py RewardEnsemble) returns the sum of
+  their loss sums and weights: the loss reported is then the members' mean, and the gradients are multiplied by
+  `members`, so that each member's is that of its own loss, as if it were trained alone. A step whose
   loss or gradient norm is not finite, or whose loss is a spike (`is_loss_spike` with `spike_zscore` and
   `spike_warmup`; 0: off), leaves params and optimizer state unchanged (selected, not multiplied: 0 * NaN is
   NaN) and reports `train/skipped` = 1 (`train/spikes` = 1 for a spike). Only the losses of applied steps enter
@@ -188,7 +191,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, lr
                                                 (micro_batches, jnp.arange(grad_accum_steps)))
     weight = jnp.maximum(sums["weight"], 1.0)
     loss = loss_sum / weight
-    grads = jax.tree.map(lambda g: g / weight, grads)
+    grads = jax.tree.map(lambda g: g * (members / weight), grads)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

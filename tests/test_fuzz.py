@@ -483,8 +483,10 @@ def _load_comparisons(tok):
     enc = chat_data.encode_comparisons(groups, tok, max_len=MAX_LEN, max_responses=4)
     if (enc.truncated > 0) != (case.expect == "truncated"):
       return f"{case.name}: expected {case.expect}, counted {enc.truncated} sequences cut to the context"
-    if not (np.all(np.isfinite(enc.margins)) and np.all(enc.last < MAX_LEN) and enc.pairs.sum() >= len(groups)):
-      return f"{case.name}: the encoded batch holds non-finite margins, an index past the context or no pair"
+    if not (np.all(np.isfinite(enc.margins)) and np.all(enc.last < MAX_LEN) and enc.pairs.sum() >= len(groups)
+            and np.all(enc.first <= enc.last)):
+      return (f"{case.name}: the encoded batch holds non-finite margins, an index past the context, a response "
+              "starting after its end or no pair")
     return None
   return load
 

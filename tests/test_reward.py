@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptrl import chat
 from gptrl import chat_data
 from gptrl import judges
 from gptrl import losses
@@ -43,8 +44,12 @@ def test_pairwise_records_of_one_prompt_are_merged_and_split_at_k(tmp_path):
   enc = chat_data.encode_comparisons(groups, _tok(tmp_path), max_len=32, max_responses=3)
   assert enc.tokens.shape == (3, 3, 32) and enc.pairs[0, 2, 0] == 1 and enc.pairs.sum() == 4
   assert enc.margins[1, 0, 1] == 0.5
-  # The reward is read at the response's <|end|> token.
+  # The reward is read at the response's <|end|> token; the response starts at `first`, after the prompt.
   assert all(enc.tokens[0, r, enc.last[0, r]] == tokenizer_lib.END_OF_TURN_ID for r in range(3))
+  tok = _tok(tmp_path)
+  for r, response in enumerate(["a", "b", "c"]):
+    reply = chat.encode_content(response, tok) + [tokenizer_lib.END_OF_TURN_ID]
+    assert enc.tokens[0, r, enc.first[0, r]:enc.last[0, r] + 1].tolist() == reply
 
 
 _TOK = {}
@@ -235,6 +240,12 @@ def test_pooling_reads_the_last_score_or_the_mean_up_to_it():
   mean = np.asarray(reward_model.pool_scores(jnp.asarray(scores), jnp.asarray(last), "mean", jnp.asarray(valid)))
   expected = [scores[0].mean(), scores[1, :3].mean(), scores[2, 2:5].mean()]
   np.testing.assert_allclose(mean, expected, rtol=1e-6)
+  first = np.array([3, 0, 4])  # where each reply starts
+  reply = np.asarray(reward_model.pool_scores(jnp.asarray(scores), jnp.asarray(last), "reply_mean", jnp.asarray(valid),
+                                              first_N=jnp.asarray(first)))
+  np.testing.assert_allclose(reply, [scores[0, 3:].mean(), scores[1, :3].mean(), scores[2, 4]], rtol=1e-6)
+  with pytest.raises(ValueError, match="needs where each reply starts"):
+    reward_model.pool_scores(jnp.asarray(scores), jnp.asarray(last), "reply_mean")
 
 
 def test_mean_pooled_scores_of_replies_to_one_prompt_differ_only_by_their_own_tokens():

@@ -68,7 +68,14 @@ def pipeline(tmp_path_factory):
   check_ok(run(_reward_argv(paths["reward"], paths["sft"], paths["label"] / "comparisons.jsonl", cache)))
   paths["ppo"] = root / "ppo"
   check_ok(run(_ppo_argv(paths["ppo"], paths["sft"], paths["reward"], chats, cache)))
+  paths["reward_ensemble"] = root / "reward_ensemble"
+  check_ok(run(_reward_ensemble_argv(paths["reward_ensemble"], paths["sft"], paths["label"] / "comparisons.jsonl",
+                                     cache)))
   return paths
+
+
+def _reward_ensemble_argv(workdir, init, comparisons, cache):
+  return _reward_argv(workdir, init, comparisons, cache) + ["--config.reward.ensemble=2"]
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -129,15 +136,15 @@ def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path,
     f.close()
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo"])
 def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   workdir = tmp_path / stage
   first = 4
   if stage == "sft":
     argv, steps = _sft_argv(workdir, pipeline["pretrain"], pipeline["chats"], pipeline["cache"]), 12
-  elif stage == "reward":
-    argv, steps = _reward_argv(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl",
-                               pipeline["cache"]), 10
+  elif stage in ("reward", "reward_ensemble"):
+    argv_of = _reward_argv if stage == "reward" else _reward_ensemble_argv
+    argv, steps = argv_of(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl", pipeline["cache"]), 10
   else:
     argv, steps, first = _ppo_argv(workdir, pipeline["sft"], pipeline["reward"], pipeline["chats"],
                                    pipeline["cache"]), 4, 2
@@ -155,6 +162,46 @@ def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
     assert resumed == straight and len(resumed) == 4
   else:
     assert train_steps(workdir) == train_steps(pipeline[stage])
+
+
+def test_reward_ensemble_and_its_consumers(pipeline, tmp_path):
+  """An ensemble of 2 RMs: its meta normalises each member; PPO reads it conservatively (mean - std) and logs the
+  members' disagreement; best-of-n tabulates every reduction on the same samples."""
+  ens = pipeline["reward_ensemble"]
+  meta = ckpt_lib.read_step_meta(str(ens / "checkpoints"), 10)
+  assert meta["ensemble"] == 2 and len(meta["reward_offsets"]) == len(meta["reward_stds"]) == 2
+  assert meta["reward_offsets"][0] != meta["reward_offsets"][1]  # two different models
+  evals = [r for r in _rows(ens) if "eval/pair_accuracy" in r]
+  assert [r["step"] for r in evals] == [0, 5, 10]
+  for r in evals:
+    assert r["eval/member_pair_accuracy_min"] <= r["eval/member_pair_accuracy_mean"] <= r["eval/member_pair_accuracy_max"]
+    assert r["eval/pairs"] == _rows_at(pipeline["reward"], r["step"])["eval/pairs"]  # each pair once, not per member
+  ppo_dir = tmp_path / "ppo"
+  check_ok(run(_ppo_argv(ppo_dir, pipeline["sft"], ens, pipeline["chats"], pipeline["cache"])
+               + ["--config.reward_model.ensemble_reduce=mean_minus_std", "--config.reward_model.ensemble_penalty=2",
+                  "--config.train.steps=2"]))
+  rows = _rows(ppo_dir)
+  assert all(r["ppo/ensemble_std"] > 0 for r in rows if "ppo/reward" in r)
+  last_eval = [r for r in rows if "eval/proxy_mean" in r][-1]
+  # The conservative reward is the members' mean less twice their spread, reply by reply, so on average too.
+  assert last_eval["eval/proxy"] == pytest.approx(last_eval["eval/proxy_mean"] - 2 * last_eval["eval/ensemble_std"],
+                                                  abs=1e-5)
+  assert ckpt_lib.read_step_meta(str(ppo_dir / "checkpoints"), 2)["reward_readout"]["reduce"] == "mean_minus_std"
+  bon_dir = tmp_path / "bon"
+  check_ok(run(_launch("bon_cpu.py:tiny", **{"workdir": bon_dir, "init.checkpoint": pipeline["sft"],
+                                             "reward_model.checkpoint": ens, "data.sources": f"('{pipeline['chats']}',)",
+                                             "data.cache_dir": pipeline["cache"], "data.eval_fraction": 0.2,
+                                             "bon.num_prompts": 4, "bon.max_new_tokens": 6,
+                                             **tiny_stage_flags("bon")})))
+  table = json.loads((bon_dir / "bon.json").read_text())
+  assert sorted(table["by_reduce"]) == ["mean", "mean_minus_std", "min"]
+  assert table["by_reduce"]["mean"] == table["rows"]  # PPO's default reduction picks the main table
+  for rows_of in table["by_reduce"].values():  # n = 1 picks nothing: every reduction has the same sample
+    assert rows_of[0]["proxy_mean"] == pytest.approx(table["rows"][0]["proxy_mean"])
+
+
+def _rows_at(workdir: pathlib.Path, step: int) -> dict:
+  return [r for r in _rows(workdir) if r.get("step") == step and "eval/pairs" in r][0]
 
 
 def test_ppo_outputs(pipeline):

@@ -13,6 +13,7 @@ result is a function of the config and the checkpoints only (fixed keys), so a k
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -81,18 +83,21 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
     raise ConfigError(f"config.bon.max_new_tokens={b.max_new_tokens} leaves {prompt_len} prompt tokens of the "
                       f"policy's {model_cfg.max_len} (and the reward model's context is {rm_cfg.max_len}); lower it.")
-  models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.ScalarHeadModel(
-                              rm_cfg, pooling=rm_meta.get("pooling", "last")),
-                          shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens)
+  members = int(rm_meta.get("ensemble", 1))
+  models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.make_reward_model(
+                              rm_cfg, members, pooling=rm_meta.get("pooling", "last")),
+                          shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens,
+                          reward_context=int(rm_meta.get("context", 0)))
   example = np.zeros((1, model_cfg.max_len), np.int32)
   policy_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
   rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
   offset = float(rm_meta.get("reward_offset", 0.0))
+  readout = reward_model.Readout.from_meta(rm_meta, cfg.reward_model.ensemble_reduce, cfg.reward_model.ensemble_penalty)
   gold_name = rm_meta.get("gold_judge")
   gold = judges_lib.make_judge(gold_name) if gold_name else None
   watch = {name: judges_lib.make_judge(name) for name in b.watch_judges}
-  logging.info("Best-of-%d: policy %s, reward model %s/%d (offset %.4f), gold judge %s.", b.samples,
-               init_meta["init_checkpoint"], rm_folder, rm_step, offset, gold_name or "none")
+  logging.info("Best-of-%d: policy %s, reward model %s/%d (%s), gold judge %s.", b.samples,
+               init_meta["init_checkpoint"], rm_folder, rm_step, readout, gold_name or "none")
 
   messages = ppo_lib.held_out_prompts(cfg.data, b.num_prompts, cfg.seed, cache_dir=cache_dir)
   prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in messages]
@@ -121,18 +126,30 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
         raw.append(np.asarray(jax.device_get(score(rm_params, sharding.host_to_global(host, mesh))))[:len(part)])
       responses.extend(outs)
       bar.update(len(part))
-  proxy = (np.concatenate(raw).astype(np.float64) - offset).reshape(len(prompts), b.samples)
+  shape = (len(prompts), b.samples)
+  centred = np.asarray(readout.centred(jnp.asarray(np.concatenate(raw))), np.float64)  # [P * N, M]
+  proxy = reward_model.reduce_members(centred, readout.reduce, readout.penalty).reshape(shape)
   texts = [chat.decode_reply(r, tok) for r in responses]
   scores = {"proxy": proxy, "length": np.array([len(r) for r in responses], np.float64).reshape(proxy.shape)}
+  if members > 1:  # the members' plain mean (the proxy without a penalty) and their disagreement
+    scores["proxy_mean"] = centred.mean(axis=1).reshape(shape)
+    scores["ensemble_std"] = centred.std(axis=1).reshape(shape)
   if gold is not None:
     scores["gold"] = np.asarray(gold(texts), np.float64).reshape(proxy.shape)
   for name, judge in watch.items():
     scores[f"judge_{name}"] = np.asarray(judge(texts), np.float64).reshape(proxy.shape)
   table = frontier_table(proxy, scores)
   result = {"policy": init_meta["init_checkpoint"], "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": offset,
-            "gold_judge": gold_name, "watch_judges": list(b.watch_judges), "samples": b.samples,
-            "prompts": len(prompts), "max_new_tokens": b.max_new_tokens, "temperature": b.temperature,
-            "seed": cfg.seed, "rows": table}
+            "reward_readout": dataclasses.asdict(readout), "gold_judge": gold_name,
+            "watch_judges": list(b.watch_judges), "samples": b.samples, "prompts": len(prompts),
+            "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, "seed": cfg.seed, "rows": table}
+  if members > 1:
+    # The frontier with and without the ensemble's penalty: the same samples picked by each reduction, every
+    # table with every score (the picking reward as "proxy"): the replies come for free once sampled.
+    result["by_reduce"] = {}
+    for reduce in reward_model.ENSEMBLE_REDUCTIONS:
+      picker = reward_model.reduce_members(centred, reduce, readout.penalty).reshape(shape)
+      result["by_reduce"][reduce] = frontier_table(picker, {**scores, "proxy": picker})
   if is_main:
     _write_replies(os.path.join(workdir, REPLIES_FILE), messages, texts, scores, b.samples, b.table_n)
     fileio.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=1))

@@ -70,9 +70,11 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
       changes["data"] = dataclasses.replace(
           stage_cfg.data, sources=(os.path.join(workdir, "label", "comparisons.jsonl"),))
     if name in ("bon", "ppo"):
+      # (Best-of-n reads an ensemble as PPO does; its table also has every other reduction.)
+      rm_cfg = cfg.ppo.reward_model if name == "bon" else stage_cfg.reward_model
       changes["reward_model"] = dataclasses.replace(
-          stage_cfg.reward_model, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
-                                                    f"{name}.reward_model.checkpoint"))
+          rm_cfg, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
+                                    f"{name}.reward_model.checkpoint"))
     if name == "bon":
       # Best-of-n is PPO's baseline on one footing: PPO's held-out prompts, reply length, temperature and judges.
       p = cfg.ppo.ppo

@@ -77,10 +77,11 @@ EVAL_REPLIES_FILE = "eval_replies.jsonl"
 class Models:
   policy: model_lib.GPT
   critic: nn.Module  # ScalarHeadModel (separate) or ScalarHead (shared, applied to the policy's hidden states)
-  reward: reward_model.ScalarHeadModel
+  reward: reward_model.ScalarHeadModel | reward_model.RewardEnsemble
   shared: bool
   prompt_len: int  # P
   new_tokens: int  # N
+  reward_context: int = 0  # the reward model's training context (its meta's "context"); 0: the whole sequence
 
 
 def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
@@ -115,12 +116,21 @@ def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array
 
 
 def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-  """The reward model's raw score of each response, read at its last token (its <|end|> when it finished)."""
-  rm_scores_BxL = models.reward.apply({"params": rm_params}, batch["tokens"], positions_BxT=batch["positions"],
-                                      attention_mask_BxT=batch["attention"])
+  """The reward model's raw score of each response, read at its last token (its <|end|> when it finished): [B, M],
+  one column per member of an ensemble (M = 1 for a single model)."""
   length_B = jnp.sum(batch["response_mask"], axis=1).astype(jnp.int32)
   last_B = models.prompt_len + jnp.maximum(length_B, 1) - 1
-  return reward_model.pool_scores(rm_scores_BxL, last_B, models.reward.pooling, valid_NxL=batch["attention"])
+  first_B = jnp.full_like(last_B, models.prompt_len)  # prompts are left-padded to prompt_len
+  attention_BxT, positions_BxT = batch["attention"], batch["positions"]
+  if models.reward_context and models.reward_context < attention_BxT.shape[1]:
+    # As the RM was trained: only the latest `reward_context` tokens up to the reply's end (the prompt's start is
+    # masked out and the positions restart where the kept tokens begin).
+    index_T = jnp.arange(attention_BxT.shape[1])[None, :]
+    attention_BxT = attention_BxT * (index_T > last_B[:, None] - models.reward_context).astype(attention_BxT.dtype)
+    positions_BxT = jnp.maximum(jnp.cumsum(attention_BxT, axis=1) - 1, 0).astype(positions_BxT.dtype)
+  return reward_model.pooled_member_scores(models.reward, rm_params, batch["tokens"], last_B, first_B,
+                                           valid_BxT=attention_BxT, positions_BxT=positions_BxT,
+                                           attention_mask_BxT=attention_BxT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +145,19 @@ class Scorer:
   shaping: Any
 
 
-def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_score_fn=None) -> Scorer:
-  """The rollout's Scorer. raw_score_fn(rm_params, batch) -> [B] replaces the reward model (tests use synthetic
-  rewards)."""
+def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout | float,
+                  raw_score_fn=None) -> Scorer:
+  """The rollout's Scorer. `readout` turns raw scores into the reward (a float: a single RM's offset).
+  raw_score_fn(rm_params, batch) -> [B] or [B, M] replaces the reward model (tests use synthetic rewards)."""
   p = cfg.ppo
+  if not isinstance(readout, reward_model.Readout):
+    readout = reward_model.Readout(offsets=(float(readout),))
   raw_score_fn = raw_score_fn or (lambda rm_params, batch: reward_model_score(models, rm_params, batch))
 
   def frozen(ref_params, rm_params, batch):
     ref_logits = reference_logits(models, ref_params, batch)
-    out = {"raw_score": raw_score_fn(rm_params, batch).astype(jnp.float32)}
+    raw = raw_score_fn(rm_params, batch).astype(jnp.float32)
+    out = {"raw_score": raw[:, None] if raw.ndim == 1 else raw}  # [B, M]
     if p.kl_estimator == "full":
       out["ref_logits"] = ref_logits.astype(jnp.float32)
     else:
@@ -162,8 +176,9 @@ def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_scor
       kl = pm.kl_estimate(out["logp"], ref_logp, p.kl_estimator)
     kl = jnp.where(mask > 0, kl, 0.0)
     length_B = jnp.sum(mask, axis=1).astype(jnp.int32)
-    raw_B = frozen_out["raw_score"]
-    score_B = p.reward_gain * (raw_B - reward_offset) + p.reward_bias
+    raw_BxM = frozen_out["raw_score"]
+    centred_BxM = readout.centred(raw_BxM)
+    score_B = p.reward_gain * readout(raw_BxM) + p.reward_bias
     if p.whiten_rewards:
       score_B = pm.masked_whiten(score_B, jnp.ones_like(score_B), shift_mean=False)
     truncated_B = batch["truncated"].astype(jnp.bool_)
@@ -173,8 +188,10 @@ def make_score_fn(models: Models, cfg: PPOConfig, reward_offset: float, raw_scor
     advantages, returns = pm.gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten_advantages:
       advantages = pm.masked_whiten(advantages, mask)
-    stats = {"score": score_B, "raw_score": raw_B, "kl_sum": jnp.sum(kl, axis=1), "length": length_B,
-             "entropy": pm.masked_mean(out["entropy"], mask)}
+    stats = {"score": score_B, "raw_score": jnp.mean(raw_BxM, axis=1), "kl_sum": jnp.sum(kl, axis=1),
+             "length": length_B, "entropy": pm.masked_mean(out["entropy"], mask),
+             # How much an ensemble's members disagree about each reply (0 for one model).
+             "ensemble_std": jnp.std(centred_BxM, axis=1), "proxy_mean": jnp.mean(centred_BxM, axis=1)}
     return {"logp": out["logp"], "ref_logp": ref_logp, "values": values, "advantages": advantages,
             "returns": returns, "kl": kl}, stats
   return Scorer(frozen=jax.jit(frozen), shaping=jax.jit(shaping))
@@ -467,6 +484,8 @@ class Learner:
                                        n_steps=p.rollout_batch_size)) if p.target_kl > 0 else beta
     row = {"ppo/reward": float(np.mean(stats["score"])), "ppo/reward_std": float(np.std(stats["score"])),
            "ppo/raw_score": float(np.mean(stats["raw_score"])), "ppo/kl": kl_mean, "ppo/beta": beta,
+           **({"ppo/ensemble_std": float(np.mean(stats["ensemble_std"]))}
+              if reward_model.num_members(self.models.reward) > 1 else {}),
            "ppo/length": float(np.mean(stats["length"])), "ppo/truncated": float(np.mean(host["truncated"])),
            "ppo/entropy": float(np.mean(stats["entropy"])), "ppo/first_ratio": ratio0, "ppo/first_approx_kl": kl0,
            "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": updates, "ppo/early_stopped": float(stopped),
@@ -494,7 +513,7 @@ class Learner:
       return {}, []
     p = self.cfg.ppo
     eval_rng = jax.random.key(self.cfg.seed + 11)
-    scores, kls, lengths, texts, replies = [], [], [], [], []
+    scores, kls, lengths, texts, replies, ensemble_stds, proxy_means = [], [], [], [], [], [], []
     sampler_params = self.sampler_params(params)
     for lo in range(0, len(prompts), p.rollout_batch_size):
       chunk = prompts[lo:lo + p.rollout_batch_size]
@@ -503,6 +522,9 @@ class Learner:
       scores.append(stats["score"])
       kls.append(stats["kl_sum"])
       lengths.append(stats["length"])
+      if reward_model.num_members(self.models.reward) > 1:
+        ensemble_stds.append(stats["ensemble_std"])
+        proxy_means.append(stats["proxy_mean"])
       if tok is not None:
         for i in range(min(len(chunk), 4 - len(texts))):
           texts.append(f"{chat.decode_reply(responses[i], tok)!r} (reward {float(stats['score'][i]):+.3f})")
@@ -514,6 +536,9 @@ class Learner:
     scores, kls, lengths = np.concatenate(scores), np.concatenate(kls), np.concatenate(lengths)
     metrics = {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std()),
                "eval/proxy": float(scores.mean()), "eval/kl": float(kls.mean()), "eval/length": float(lengths.mean())}
+    if ensemble_stds:  # the members' disagreement, and their plain mean (the proxy without a penalty)
+      metrics.update({"eval/ensemble_std": float(np.concatenate(ensemble_stds).mean()),
+                      "eval/proxy_mean": float(np.concatenate(proxy_means).mean())})
     metrics.update(judge_replies(replies, self.gold_judge, self.watch_judges))
     self.last_eval_replies = replies
     return metrics, texts
@@ -587,6 +612,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     logging.warning("The reward model %s/%d has no reward_offset (trained without normalisation); using 0.",
                     rm_folder, rm_step)
   reward_offset = float(rm_meta.get("reward_offset", 0.0))
+  readout = reward_model.Readout.from_meta(rm_meta, cfg.reward_model.ensemble_reduce,
+                                           cfg.reward_model.ensemble_penalty)
   rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
   n_new = p.max_new_tokens
   prompt_len = model_cfg.max_len - n_new
@@ -599,8 +626,9 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                   critic=(reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
                           reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std,
                                                        head_name="value_head")),
-                  reward=reward_model.ScalarHeadModel(rm_cfg, pooling=rm_meta.get("pooling", "last")), shared=shared,
-                  prompt_len=prompt_len, new_tokens=n_new)
+                  reward=reward_model.make_reward_model(rm_cfg, int(rm_meta.get("ensemble", 1)),
+                                                        pooling=rm_meta.get("pooling", "last")), shared=shared,
+                  prompt_len=prompt_len, new_tokens=n_new, reward_context=int(rm_meta.get("context", 0)))
 
   # Prompts: the training split for rollouts, the held-out split for evaluation.
   conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
@@ -655,7 +683,12 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     params["policy"] = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), ref_params,
                                     state_shardings.params["policy"])
     abstract_value = ckpt_lib.abstract_like(state.params["value"], state_shardings.params["value"])
-    if p.critic_init == "reward":
+    if p.critic_init == "reward" and reward_model.num_members(models.reward) > 1:
+      # An ensemble's first member (the model a single RM run with this seed would train) starts the critic.
+      params["value"] = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x[0], copy=True), s),
+                                     {"transformer": rm_params["transformer"], "value_head": rm_params["reward_head"]},
+                                     state_shardings.params["value"])
+    elif p.critic_init == "reward":
       trunk, _, _ = ckpt_lib.load_params(cfg.reward_model.checkpoint, abstract_value["transformer"],
                                          step=cfg.reward_model.step, tokenizer_sha256=tok.sha256, subtree="transformer")
       head = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), rm_params["reward_head"],
@@ -666,11 +699,11 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                                          tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
       params["value"] = {**params["value"], "transformer": trunk}
     state = state.replace(params=params)
-    logging.info("Policy from %s, critic from %s, reward model %s/%d (offset %.4f).", init_meta["init_checkpoint"],
-                 "a fresh head on the policy" if shared else p.critic_init, rm_folder, rm_step, reward_offset)
+    logging.info("Policy from %s, critic from %s, reward model %s/%d (%s).", init_meta["init_checkpoint"],
+                 "a fresh head on the policy" if shared else p.critic_init, rm_folder, rm_step, readout)
 
   learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
-                    make_score_fn(models, cfg, reward_offset), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
+                    make_score_fn(models, cfg, readout), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
                     placement=placement)
   learner.watch_judges = {name: judges_lib.make_judge(name) for name in p.watch_judges}
   if rm_meta.get("gold_judge"):
@@ -699,7 +732,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                   desc="ppo", file=sys.stderr, dynamic_ncols=True)
   meta = {"stage": "ppo", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
           "num_params": model_lib.count_params(state.params["policy"]), "init_checkpoint": init_meta["init_checkpoint"],
-          "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": reward_offset, "critic": p.critic}
+          "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": reward_offset, "critic": p.critic,
+          "reward_readout": dataclasses.asdict(readout)}
 
   def save(step):
     writer.sync()  # a bucket workdir's metrics rows first, then the checkpoint they lead up to

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -33,18 +34,30 @@ from gptrl.config import RewardConfig
 from gptrl.stages import common
 
 
-def _rewards_and_loss(model: reward_model.ScalarHeadModel, margin_scale: float, params, batch, rng):
-  """(loss_sum, sums, rewards_BxK) of one batch of comparisons; `rng` drives dropout when the model has any
-  (None, as in eval: no dropout)."""
+def _rewards_and_loss(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float, params,
+                      batch, rng):
+  """(loss_sum, sums, rewards) of one batch of comparisons; `rng` drives dropout when the model has any (None, as
+  in eval: no dropout). Rewards are [B, K], or [M, B, K] for an ensemble, whose loss is the sum of its members'
+  (each on its own [B, M, ...] slice of a training batch, or all on a shared [B, ...] eval batch), each rescaled
+  to the members' mean weight: with trainer.make_train_step(members=M) every member trains as it would alone."""
   deterministic = model.config.dropout == 0.0 or rng is None
-  rewards_BxK = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"],
-                                             deterministic=deterministic,
-                                             rngs=None if deterministic else {"dropout": rng})
-  loss_sum, sums = losses.bradley_terry(rewards_BxK, batch["pairs"], batch["margins"], margin_scale=margin_scale)
-  return loss_sum, sums, rewards_BxK
+  rewards = reward_model.sequence_scores(model, params, batch["tokens"], batch["last"], batch.get("first"),
+                                         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+  if rewards.ndim == 2:
+    loss_sum, sums = losses.bradley_terry(rewards, batch["pairs"], batch["margins"], margin_scale=margin_scale)
+    return loss_sum, sums, rewards
+  pairs, margins = batch["pairs"], batch["margins"]
+  in_axes = (0, 1, 1) if pairs.ndim == 4 else (0, None, None)  # [B, M, K, K] per member, or shared
+  loss_M, sums_M = jax.vmap(lambda r, p, m: losses.bradley_terry(r, p, m, margin_scale=margin_scale),
+                            in_axes=in_axes)(rewards, pairs, margins)
+  weight_M = sums_M["weight"]
+  rescale_M = jnp.mean(weight_M) / jnp.maximum(weight_M, 1.0)
+  sums = {k: jnp.sum(v * rescale_M) for k, v in sums_M.items() if k != "weight"}
+  sums["weight"] = jnp.sum(jnp.where(weight_M > 0, jnp.mean(weight_M), 0.0))
+  return jnp.sum(loss_M * rescale_M), sums, rewards
 
 
-def reward_loss_fn(model: reward_model.ScalarHeadModel, margin_scale: float):
+def reward_loss_fn(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float):
   def loss_fn(params, batch, rng):
     loss_sum, sums, _ = _rewards_and_loss(model, margin_scale, params, batch, rng)
     return loss_sum, sums
@@ -73,10 +86,12 @@ def pair_accuracy_by_gap(rewards_NxK: np.ndarray, pairs_NxKxK: np.ndarray, margi
   return out
 
 
-def make_reward_eval_fn(model: reward_model.ScalarHeadModel, mesh: jax.sharding.Mesh, batches: list[dict[str, Any]],
-                        margin_scale: float):
+def make_reward_eval_fn(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, mesh: jax.sharding.Mesh,
+                        batches: list[dict[str, Any]], margin_scale: float):
   """Held-out loss, pairwise accuracy and mean reward margin, each prompt weighing 1; and each pair weighing 1,
-  the agreement with the labeller overall and by its score gap (`pair_accuracy_by_gap`)."""
+  the agreement with the labeller overall and by its score gap (`pair_accuracy_by_gap`). For an ensemble the loss
+  and per-prompt figures are the members' means, the pair accuracies those of the members' mean score, and
+  `eval/member_pair_accuracy_{mean,min,max}` those of the members alone."""
   eval_step = jax.jit(lambda params, batch: _rewards_and_loss(model, margin_scale, params, batch, None))
 
   def eval_fn(state: trainer.TrainState) -> dict[str, float]:
@@ -84,30 +99,42 @@ def make_reward_eval_fn(model: reward_model.ScalarHeadModel, mesh: jax.sharding.
     rewards, pairs, margins = [], [], []
     with sharding.activate(mesh):
       for batch in batches:
-        loss_sum, sums, rewards_BxK = eval_step(state.params, sharding.host_to_global(batch, mesh))
+        loss_sum, sums, rewards_xBxK = eval_step(state.params, sharding.host_to_global(batch, mesh))
         for k, v in {"loss": loss_sum, **sums}.items():
           totals[k] = totals.get(k, 0.0) + float(v)
         # (Each process holds its slice of the batch; the all-gather keeps the pairs' accuracy global.)
-        rewards.append(np.asarray(multihost_utils.process_allgather(rewards_BxK, tiled=True)))
+        rewards_BxKxM = rewards_xBxK[..., None] if rewards_xBxK.ndim == 2 else jnp.moveaxis(rewards_xBxK, 0, -1)
+        rewards.append(np.asarray(multihost_utils.process_allgather(rewards_BxKxM, tiled=True)))
         pairs.append(np.asarray(multihost_utils.process_allgather(batch["pairs"], tiled=True)))
         margins.append(np.asarray(multihost_utils.process_allgather(batch["margins"], tiled=True)))
     weight = max(totals.get("weight", 0.0), 1.0)
     metrics = {"eval/loss": totals.get("loss", 0.0) / weight, "eval/accuracy": totals.get("accuracy", 0.0) / weight,
                "eval/reward_margin": totals.get("reward_margin", 0.0) / weight,
-               "eval/prompts": totals.get("weight", 0.0), "eval/pairs": totals.get("pairs", 0.0)}
+               "eval/prompts": totals.get("weight", 0.0) / reward_model.num_members(model),
+               "eval/pairs": totals.get("pairs", 0.0) / reward_model.num_members(model)}
     if rewards:
-      metrics.update(pair_accuracy_by_gap(np.concatenate(rewards), np.concatenate(pairs), np.concatenate(margins)))
+      rewards_NxKxM, pairs_all, margins_all = np.concatenate(rewards), np.concatenate(pairs), np.concatenate(margins)
+      metrics.update(pair_accuracy_by_gap(rewards_NxKxM.mean(axis=-1), pairs_all, margins_all))
+      if rewards_NxKxM.shape[-1] > 1:
+        alone = [pair_accuracy_by_gap(rewards_NxKxM[..., m], pairs_all, margins_all)["eval/pair_accuracy"]
+                 for m in range(rewards_NxKxM.shape[-1])]
+        metrics.update({"eval/member_pair_accuracy_mean": float(np.mean(alone)),
+                        "eval/member_pair_accuracy_min": float(np.min(alone)),
+                        "eval/member_pair_accuracy_max": float(np.max(alone))})
     return metrics
   return eval_fn
 
 
 def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh: jax.sharding.Mesh, tok: Any,
-                    prompts: list[tuple[chat.Message, ...]]):
-  """final_meta_fn: the mean and spread of the reward of the SFT model's replies to training prompts."""
+                    prompts: list[tuple[chat.Message, ...]], context: int):
+  """final_meta_fn: the mean and spread of the reward of the SFT model's replies to training prompts, each cut to
+  the reward model's `context` as its training data were."""
   def normalize(state: trainer.TrainState) -> dict[str, Any]:
     n = min(cfg.reward.normalize_samples, len(prompts))
     if n == 0:
-      return {"reward_offset": 0.0, "reward_std": 1.0, "reward_normalize_samples": 0}
+      members = reward_model.num_members(model)
+      return {"reward_offset": 0.0, "reward_std": 1.0, "reward_normalize_samples": 0,
+              **({"reward_offsets": [0.0] * members, "reward_stds": [1.0] * members} if members > 1 else {})}
     model_cfg = model.config
     policy = model_lib.GPT(model_cfg)
     sft_params = common.load_frozen_params(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh, cfg.init,
@@ -119,32 +146,43 @@ def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh
       outs = sampling.generate(policy, sft_params, encoded, max_new_tokens=max_new,
                                rng=jax.random.key(cfg.seed + 2), temperature=1.0, stop_id=tok.end_of_turn_id,
                                pad_id=tok.pad_id, batch_multiple=sharding.data_parallel_size(mesh))
-    seqs = [chat_data.response_sequence(prompts[i], chat.decode_reply(o, tok) or " ", tok,
-                                        max_len=model_cfg.max_len) for i, o in zip(picks, outs)]
-    length = model_cfg.max_len
+    length = context
+    seqs = [chat_data.response_sequence(prompts[i], chat.decode_reply(o, tok) or " ", tok, max_len=length,
+                                        return_start=True) for i, o in zip(picks, outs)]
     tokens = np.full((len(seqs), 1, length), tok.pad_id, np.int32)
     last = np.zeros((len(seqs), 1), np.int32)
-    for i, s in enumerate(seqs):
+    first = np.zeros((len(seqs), 1), np.int32)
+    for i, (s, start) in enumerate(seqs):
       tokens[i, 0, :len(s)] = s
-      last[i, 0] = len(s) - 1
-    score = jax.jit(lambda p, t, l: reward_model.sequence_scores(model, p, t, l))
+      last[i, 0], first[i, 0] = len(s) - 1, start
+    score = jax.jit(lambda p, t, l, f: reward_model.sequence_scores(model, p, t, l, f))
     rewards = []
     dp = sharding.data_parallel_size(mesh)
     with sharding.activate(mesh):
       for lo in range(0, len(seqs), 16 * dp):
-        t, l = tokens[lo:lo + 16 * dp], last[lo:lo + 16 * dp]
-        rows = t.shape[0]
+        part = {"tokens": tokens[lo:lo + 16 * dp], "last": last[lo:lo + 16 * dp], "first": first[lo:lo + 16 * dp]}
+        rows = part["tokens"].shape[0]
         pad = -rows % dp
         if pad:
-          t, l = np.concatenate([t, t[:pad]]), np.concatenate([l, l[:pad]])
-        batch = sharding.host_to_global({"tokens": t, "last": l}, mesh)
-        rewards.extend(np.asarray(jax.device_get(score(state.params, batch["tokens"], batch["last"])))[:rows, 0])
+          part = {k: np.concatenate([v, v[:pad]]) for k, v in part.items()}
+        batch = sharding.host_to_global(part, mesh)
+        scores = np.asarray(jax.device_get(score(state.params, batch["tokens"], batch["last"], batch["first"])))
+        scores_NxM = scores if scores.ndim == 2 else scores[:, :, 0].T  # [N, 1]; [M, N, 1] for an ensemble
+        rewards.extend(scores_NxM[:rows])
     rewards = np.asarray(rewards, np.float64)
-    logging.info("Reward of %d SFT replies to training prompts: mean %.4f, std %.4f (stored as the offset).",
-                 len(rewards), rewards.mean(), rewards.std())
-    return {"reward_offset": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "reward_normalize_samples": int(len(rewards))}
+    offsets, stds = rewards.mean(axis=0), rewards.std(axis=0)
+    logging.info("Reward of %d SFT replies to training prompts: mean %s, std %s (stored as the offset).",
+                 len(rewards), np.round(offsets, 4).tolist(), np.round(stds, 4).tolist())
+    out = {"reward_offset": float(offsets.mean()), "reward_std": float(stds.mean()),
+           "reward_normalize_samples": int(len(rewards))}
+    if rewards.shape[1] > 1:  # an ensemble: each member is centred (and scaled) on its own (reward_model.Readout)
+      out.update(reward_offsets=offsets.tolist(), reward_stds=stds.tolist())
+    return out
   return normalize
+
+
+def _drop_leading_axis(named: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*tuple(named.spec)[1:]))
 
 
 def run(cfg: RewardConfig) -> trainer.TrainState:
@@ -155,11 +193,11 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
   model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                  expect_stage=("sft",))
-  seq_len = model_cfg.max_len
+  seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
   if cfg.reward.normalize_samples and cfg.reward.normalize_max_new_tokens >= seq_len:
     raise common.config_lib.ConfigError(
         f"config.reward.normalize_max_new_tokens: {cfg.reward.normalize_max_new_tokens} leaves no room for a "
-        f"prompt in the model's context of {seq_len} tokens; lower it.")
+        f"prompt in the reward model's context of {seq_len} tokens (data.max_len or the model's); lower it.")
   train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
                                                        seed=cfg.data.split_seed)
   train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
@@ -171,17 +209,24 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   if len(train_groups) < cfg.data.batch_size:
     raise data_lib.DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
                              f"data.batch_size={cfg.data.batch_size}; add comparisons or lower the batch size.")
-  train_iter = iter(chat_data.reward_dataset(train_enc, seed=cfg.seed, global_batch_size=cfg.data.batch_size,
-                                             process_index=jax.process_index(), process_count=jax.process_count()))
+  members = cfg.reward.ensemble
+  if members == 1:
+    train_iter = iter(chat_data.reward_dataset(train_enc, seed=cfg.seed, global_batch_size=cfg.data.batch_size,
+                                               process_index=jax.process_index(), process_count=jax.process_count()))
+  else:
+    train_iter = chat_data.reward_member_batches(train_enc, seed=cfg.seed, members=members,
+                                                 global_batch_size=cfg.data.batch_size,
+                                                 process_index=jax.process_index(), process_count=jax.process_count())
   fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
                            eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, seq_len=seq_len, max_responses=k,
                            global_batch_size=cfg.data.batch_size, process_count=jax.process_count(),
-                           tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs)
+                           tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs,
+                           **({"ensemble": members} if members > 1 else {}))
   fingerprint = data_lib.pipeline_fingerprint(stage="reward", **fingerprint_parts)
 
-  model = reward_model.ScalarHeadModel(model_cfg, head_init_std=cfg.reward.head_init_std,
-                                       pooling=cfg.reward.pooling)
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  model = reward_model.make_reward_model(model_cfg, members, head_init_std=cfg.reward.head_init_std,
+                                        pooling=cfg.reward.pooling)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, members=members)
   state, state_shardings = trainer.create_train_state(
       lambda rng: model.init(rng, np.zeros((1, seq_len), np.int32))["params"], optimizer, cfg.seed, mesh)
   checkpointer = common.open_checkpointer(workdir, cfg.train)
@@ -193,15 +238,22 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
     start_step, state, _ = resumed
   else:
     abstract = ckpt_lib.abstract_like(state.params, state_shardings.params)
+    if members > 1:  # one SFT transformer, without the members' axis
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
+                                                             sharding=_drop_leading_axis(x.sharding)), abstract)
     backbone, _, where = ckpt_lib.load_params(cfg.init.checkpoint, abstract["transformer"], step=cfg.init.step,
                                               tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
+    if members > 1:  # every member starts from the SFT transformer; their heads and data orders differ
+      backbone = jax.jit(lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (members,) + x.shape), tree),
+                         out_shardings=state_shardings.params["transformer"])(backbone)
     state = state.replace(params={**state.params, "transformer": backbone})
-    logging.info("Initialised the transformer from %s; the reward head is fresh.", where)
+    logging.info("Initialised the transformer%s from %s; the reward head%s fresh.",
+                 f" of each of {members} members" if members > 1 else "", where, "s are" if members > 1 else " is")
 
   train_step = trainer.jit_train_step(
       trainer.make_train_step(reward_loss_fn(model, cfg.reward.margin_scale), optimizer,
                               optim.learning_rate_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum_steps,
-                              **trainer.spike_options(cfg.train)),
+                              **trainer.spike_options(cfg.train), members=members),
       state_shardings, mesh)
   eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
                                                max_batches=cfg.data.eval_batches, process_index=jax.process_index(),
@@ -213,7 +265,8 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   logging.info("Comparisons labelled by %s; gold judge: %s.", dict(labelled_by), gold or "none (not one judge)")
   meta = {"stage": "reward", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
           "num_params": model_lib.count_params(state.params), "init_checkpoint": init_meta["init_checkpoint"],
-          "head": "reward_head", "pooling": cfg.reward.pooling, "eval_pairs": n_eval_pairs,
+          "head": "reward_head", "pooling": cfg.reward.pooling, "ensemble": members, "context": seq_len,
+          "eval_pairs": n_eval_pairs,
           "eval_prompts": len(eval_groups),
           "gold_judge": gold, "labellers": dict(labelled_by)}
   tokens_per_step = cfg.data.batch_size * k * seq_len
@@ -223,7 +276,7 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
       tokens_per_step=tokens_per_step,
       eval_fn=make_reward_eval_fn(model, mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
       flops_per_step=model_lib.flops_per_token(model_cfg, seq_len, lm_head=False) * tokens_per_step,
-      final_meta_fn=make_normalizer(cfg, model, mesh, tok, [g.prompt for g in train_groups]))
+      final_meta_fn=make_normalizer(cfg, model, mesh, tok, [g.prompt for g in train_groups], seq_len))
   try:
     state = trainer.run_loop(loop, state, start_step=start_step)
   finally:
