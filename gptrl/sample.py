@@ -16,7 +16,8 @@ loaded, replicated over the default mesh (every device; `--single_device` for on
 A chat-stage checkpoint (every stage after pretraining) gets each `--prompt` as one user turn of the chat
 template (gptrl/chat.py) and answers it; a pretraining checkpoint, or `--raw`, continues the text itself,
 after an <eos> as between pretraining documents. A reward checkpoint scores (`--score`) instead:
-reward = raw score - the checkpoint's `reward_offset`, the scale PPO optimises.
+reward = raw score - the checkpoint's `reward_offset`, the scale PPO optimises (an ensemble's members normalised
+and reduced by `--ensemble_reduce`, as PPO's `reward_model.ensemble_reduce`).
 
 Replies go to stdout, one block per prompt (`--json`: one JSON object per reply); logs go to stderr. Usage
 errors (a missing checkpoint, another tokenizer, a mode the checkpoint cannot do) exit with status 2 and a

@@ -214,3 +214,31 @@ def test_without_a_gold_judge_only_watch_judges_are_scored():
   replies = [{"reply": "a"}]
   metrics = ppo.judge_replies(replies, None, {"n": lambda texts: [5.0] * len(texts)})
   assert "eval/gold" not in metrics and "gold" not in replies[0] and metrics["eval/judge_n"] == 5.0
+
+
+@pytest.mark.parametrize("context", [0, 9])
+def test_rm_scores_a_rollout_as_it_scored_its_training_sequences(context):
+  """PPO's rollout layout (left-padded prompt, right-padded reply) against the RM's own training layout (prompt +
+  reply + <|end|>, right-padded; cut to the RM's `context` as chat_data does): the same scores. A reply cut at
+  max_new_tokens gets the <|end|> every training reply ends with; a finished one already has it."""
+  model_cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=2, d_model=32, max_len=16)
+  rm = reward_model.ScalarHeadModel(model_cfg, head_init_std=0.5)
+  rm_params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                           rm.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))["params"],
+                           is_leaf=lambda x: hasattr(x, "unbox"))
+  prompt_len = model_cfg.max_len - NEW
+  models = ppo.Models(policy=None, critic=None, reward=rm, shared=False, prompt_len=prompt_len, new_tokens=NEW,
+                      reward_context=context, end_id=STOP)
+  prompts = [[9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+  replies = [[22, 23, STOP], [24, 25, 26, 27, 28, 29]]  # finished; cut at NEW tokens
+  batch = ppo.build_rollout_batch(prompts, replies, prompt_len=prompt_len, new_tokens=NEW, pad_id=PAD, stop_id=STOP)
+  got = np.asarray(ppo.reward_model_score(models, rm_params, {k: jnp.asarray(v) for k, v in batch.items()}))[:, 0]
+  expected = []
+  for prompt, reply in zip(prompts, replies):
+    seq = prompt + (reply if reply[-1] == STOP else reply + [STOP])
+    seq = seq[-(context or 16):]  # a full row loses the prompt's earliest token to the <|end|>
+    tokens = np.full((1, 1, 16), PAD, np.int32)
+    tokens[0, 0, :len(seq)] = seq
+    expected.append(float(reward_model.sequence_scores(rm, rm_params, jnp.asarray(tokens),
+                                                       jnp.array([[len(seq) - 1]]))[0, 0]))
+  numeric.assert_close(got, np.asarray(expected))

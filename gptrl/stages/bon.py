@@ -87,7 +87,7 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.make_reward_model(
                               rm_cfg, members, pooling=rm_meta.get("pooling", "last")),
                           shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens,
-                          reward_context=int(rm_meta.get("context", 0)))
+                          reward_context=int(rm_meta.get("context", 0)), end_id=tok.end_of_turn_id)
   example = np.zeros((1, model_cfg.max_len), np.int32)
   policy_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
   rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)

@@ -82,6 +82,7 @@ class Models:
   prompt_len: int  # P
   new_tokens: int  # N
   reward_context: int = 0  # the reward model's training context (its meta's "context"); 0: the whole sequence
+  end_id: int = -1  # <|end|>: an unfinished reply is scored with it appended, as the RM's training replies end
 
 
 def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
@@ -118,17 +119,29 @@ def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array
 def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
   """The reward model's raw score of each response, read at its last token (its <|end|> when it finished): [B, M],
   one column per member of an ensemble (M = 1 for a single model)."""
+  tokens_BxT, attention_BxT, positions_BxT = batch["tokens"], batch["attention"], batch["positions"]
   length_B = jnp.sum(batch["response_mask"], axis=1).astype(jnp.int32)
   last_B = models.prompt_len + jnp.maximum(length_B, 1) - 1
   first_B = jnp.full_like(last_B, models.prompt_len)  # prompts are left-padded to prompt_len
-  attention_BxT, positions_BxT = batch["attention"], batch["positions"]
+  if models.end_id >= 0:
+    # A reply cut at max_new_tokens has no <|end|>, but every reply the RM learnt from ends with one (the labeller
+    # judges the text, finished or not): shift the row left by one token (its first is left padding, or the
+    # prompt's earliest token) and append <|end|>, where the score is read.
+    cut_B = batch["truncated"].astype(jnp.bool_)
+    shift = lambda x, last_column: jnp.where(cut_B[:, None], jnp.concatenate([x[:, 1:], last_column], axis=1), x)
+    b = tokens_BxT.shape[0]
+    tokens_BxT = shift(tokens_BxT, jnp.full((b, 1), models.end_id, tokens_BxT.dtype))
+    attention_BxT = shift(attention_BxT, jnp.ones((b, 1), attention_BxT.dtype))
+    first_B = jnp.where(cut_B, first_B - 1, first_B)
+    last_B = jnp.where(cut_B, tokens_BxT.shape[1] - 1, last_B)
   if models.reward_context and models.reward_context < attention_BxT.shape[1]:
     # As the RM was trained: only the latest `reward_context` tokens up to the reply's end (the prompt's start is
     # masked out and the positions restart where the kept tokens begin).
     index_T = jnp.arange(attention_BxT.shape[1])[None, :]
     attention_BxT = attention_BxT * (index_T > last_B[:, None] - models.reward_context).astype(attention_BxT.dtype)
+  if models.end_id >= 0 or models.reward_context:
     positions_BxT = jnp.maximum(jnp.cumsum(attention_BxT, axis=1) - 1, 0).astype(positions_BxT.dtype)
-  return reward_model.pooled_member_scores(models.reward, rm_params, batch["tokens"], last_B, first_B,
+  return reward_model.pooled_member_scores(models.reward, rm_params, tokens_BxT, last_B, first_B,
                                            valid_BxT=attention_BxT, positions_BxT=positions_BxT,
                                            attention_mask_BxT=attention_BxT)
 
@@ -628,7 +641,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                                                        head_name="value_head")),
                   reward=reward_model.make_reward_model(rm_cfg, int(rm_meta.get("ensemble", 1)),
                                                         pooling=rm_meta.get("pooling", "last")), shared=shared,
-                  prompt_len=prompt_len, new_tokens=n_new, reward_context=int(rm_meta.get("context", 0)))
+                  prompt_len=prompt_len, new_tokens=n_new, reward_context=int(rm_meta.get("context", 0)),
+                  end_id=tok.end_of_turn_id)
 
   # Prompts: the training split for rollouts, the held-out split for evaluation.
   conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
