@@ -1,6 +1,6 @@
-"""Label comparisons for the reward model: the SFT model writes 4 replies to each of 1536 training prompts and
-VADER sentiment ranks them ("kinder replies are better"), standing in for human raters (about 15 minutes on 2
-cores).
+"""Label comparisons for the reward model: the SFT model writes 8 replies to each of 1536 training prompts and
+VADER sentiment ranks them ("kinder replies are better"), standing in for human raters (about 6 minutes on 2
+cores). 8 replies give 28 pairs per prompt for 8 sequences of reward-model compute (InstructGPT ranked 4 to 9).
 
   python -m gptrl.launch --config configs/label_cpu.py
   -> runs/label_cpu/comparisons.jsonl (pairwise records: the reward stage's input), replies.jsonl
@@ -38,8 +38,8 @@ def get_config(variant: str = ""):
   c.data.cache_dir = ""
 
   c.num_prompts = 1536
-  c.responses_per_prompt = 4
-  c.batch_size = 64  # sequences sampled at once (16 prompts x 4 replies)
+  c.responses_per_prompt = 8
+  c.batch_size = 64  # sequences sampled at once (8 prompts x 8 replies)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 0  # unused here
@@ -57,7 +57,7 @@ def get_config(variant: str = ""):
   c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # auto-detects multi-host jobs
   if variant == "tiny":
     c.workdir = "runs/label_cpu_tiny"
-    c.num_prompts, c.batch_size, c.sample.max_new_tokens = 16, 32, 12
+    c.num_prompts, c.responses_per_prompt, c.batch_size, c.sample.max_new_tokens = 16, 4, 32, 12
   elif variant:
     raise ValueError(f"configs/label_cpu.py: unknown variant {variant!r}; known: 'tiny'.")
   return c

