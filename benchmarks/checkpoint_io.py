@@ -10,7 +10,7 @@ directory, deleted at the end), through gptrl.checkpoint.Checkpointer exactly as
 1. State: gptrl.trainer.create_train_state of the chosen model with its Adam state (~3x the parameter bytes).
    Adam's moments start at zero, which zstd (--compression) compresses away; after training they are dense, so by
    default they are filled with random values of plausible size (--opt_state init keeps the zeros).
-2. Save (each repeat): `Checkpointer.save(step, state, data=, meta=)` then `wait()`, as run_loop does. Measured:
+2. Save (each repeat): `Checkpointer.save(step, state, data=, meta=)` then `wait()`, as the run loop (gptrl/loop.py) does. Measured:
    the time the caller is blocked in save(); the time from the call until the step is committed (orbax has
    written it, the sha256 manifest is written and fsynced, the folder renamed): any save() or wait() issued
    before then blocks for the rest; save bytes/s = bytes on disk / call-to-commit time. The manifest's own
@@ -26,7 +26,7 @@ directory, deleted at the end), through gptrl.checkpoint.Checkpointer exactly as
    Ratios compare each checkpoint number with its like: save/write, restore or resume cold/read cold,
    restore cached/read cached.
 5. Loop: a jitted step with the train step's shardings and donation (a small matmul chain; the state passes
-   through) runs N steps with `poll()` every step and a save every k steps and at the last (as run_loop), then
+   through) runs N steps with `poll()` every step and a save every k steps and at the last (as the run loop), then
    `wait()`. The same steps without saves are timed in windows of ~2 s just before and after (N x their mean
    step time; a full-length run would double the benchmark's time). Overhead per save = (with - without) /
    saves, split into time blocked in save(), in poll() (a finished save is completed there: size check and
@@ -271,7 +271,7 @@ def same_values(a: Any, b: Any) -> bool:
 
 def measure_save(checkpointer: ckpt_lib.Checkpointer, step: int, state: Any, meta: dict[str, Any],
                  manifest_times: ManifestTimes) -> dict[str, Any]:
-  """One save as run_loop does it, then wait(); the step's size on disk and the sha256 cost of verifying it."""
+  """One save as the run loop (gptrl/loop.py) does it, then wait(); the step's size on disk and the sha256 cost of verifying it."""
   data = {"iterator": {"position": step}, "fingerprint": "checkpoint-io-benchmark", "fingerprint_parts": {}}
   t0 = time.perf_counter()
   checkpointer.save(step, state, data=data, meta=meta)
@@ -301,8 +301,7 @@ def measure_restore(directory: str, step: int, state: Any, shardings: Any, *, ch
   checkpointer = ckpt_lib.Checkpointer(directory)  # verifies the newest step's sha256s, as a resume does
   t_opened = time.perf_counter()
   try:
-    target = trainer.restore_target(checkpointer.directory, checkpointer.latest_step(), abstract)
-    restored = checkpointer.restore_latest_valid(target)
+    restored = checkpointer.restore_latest_valid(abstract)
     jax.block_until_ready(restored[1])
     t_resumed = time.perf_counter()
     if restored[0] != step:
@@ -343,7 +342,7 @@ def make_dummy_step(width: int, depth: int) -> Callable:
 
 def run_steps(step_fn: Callable, state: Any, batch: Any, steps: int, *, checkpointer=None, save_every: int = 0,
               meta: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-  """`steps` steps as run_loop runs them (poll every step, a step's metrics fetched after the next is
+  """`steps` steps as the run loop runs them (poll every step, a step's metrics fetched after the next is
   dispatched, a save every `save_every` steps and at the last, wait at the end). Returns (state, timings)."""
   blocked_save, blocked_poll, final_s = [], [], 0.0
   previous = None
@@ -523,9 +522,8 @@ def main(argv=None) -> int:
 
   stream = logging.StreamHandler(sys.stderr)
   stream.setLevel(logging.WARNING)
-  # trainer.restore_target reads the state item's metadata, for which orbax warns once per resume that the
-  # step-level metadata file is not in state/; it is expected there and says nothing about the I/O.
-  # Orbax also counts the time of an explicit wait() as "waiting for previous save" at the next save and warns.
+  # Orbax warns when a state item's metadata is read that the step-level metadata file is not in state/; it is
+  # expected there and says nothing about the I/O. Orbax also counts the time of an explicit wait() as "waiting for previous save" at the next save and warns.
   stream.addFilter(lambda record: not record.getMessage().startswith(
       ("Metadata file does not exist", "Waiting for previous save to complete")))
   manifest_times = ManifestTimes()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -173,18 +174,10 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
                                    weight_decay=0.0, clip_norm=0.0),
       train=config_lib.TrainConfig(steps=total_iterations, progress_bar=False),
       seed=cfg.seed)
-  models = ppo.Models(policy=model_lib.GPT(model_cfg),
-                      critic=reward_model.ScalarHeadModel(model_cfg, head_init_std=ppo_cfg.ppo.value_head_init_std,
-                                                          head_name="value_head"),
-                      reward=reward_model.ScalarHeadModel(model_cfg), shared=False, prompt_len=cfg.prompt_len,
-                      new_tokens=cfg.new_tokens)
+  models = ppo.make_models(model_cfg, model_cfg, ppo_cfg.ppo)
   mesh = sharding.make_mesh(config_lib.MeshConfig())
   example_1xL = np.zeros((1, max_len), np.int32)
-
-  def init_params(rng):
-    r_policy, r_value = jax.random.split(rng)
-    return {"policy": models.policy.init(r_policy, example_1xL)["params"],
-            "value": models.critic.init(r_value, example_1xL)["params"]}
+  init_params = functools.partial(ppo.init_params, models)
 
   optimizer = optim.make_optimizer(ppo_cfg.optim, total_iterations * cfg.updates_per_iteration)
   state, state_shardings = trainer.create_train_state(init_params, optimizer, cfg.seed, mesh)
@@ -196,7 +189,7 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
     rm_params = jax.jit(lambda r: nn.meta.unbox(rm_init(r)), out_shardings=rm_shardings)(
         jax.random.key(cfg.seed + 1))
   learner = ppo.Learner(ppo_cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
-                        ppo.make_score_fn(models, ppo_cfg, reward_offset=0.0), pad_id=0, stop_id=-1)
+                        ppo.make_score_fn(models, ppo_cfg, 0.0), pad_id=0, stop_id=-1)
 
   prompts_RxP = make_prompts(cfg)
   beta, wall_s, rollout_s, learn_s, rows = cfg.kl_coef, [], [], [], []
@@ -204,7 +197,8 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
   for it in range(total_iterations):
     batch = prompts_RxP[it * cfg.rollout_batch_size:(it + 1) * cfg.rollout_batch_size].tolist()
     t0 = time.perf_counter()
-    state, row, beta, responses, _ = learner.iteration(state, batch, it, beta)
+    result = learner.iteration(state, batch, it, beta)
+    state, row, beta, responses = result.state, result.row, result.beta, result.responses
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - t0
     if it < cfg.warmup:

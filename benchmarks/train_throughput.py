@@ -38,7 +38,7 @@ from gptrl import optim
 from gptrl import reward_model
 from gptrl import sharding
 from gptrl import trainer
-from gptrl.stages.pretrain import lm_loss_fn
+from gptrl.losses import lm_loss_fn
 from gptrl.stages.reward import reward_loss_fn
 
 # name -> (ModelConfig overrides, rows per batch, responses per reward-model prompt)

@@ -19,7 +19,7 @@ def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"configs/bon_cpu.py: unknown variant {variant!r}; known: 'tiny'.")
   ppo = config_lib.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo_cpu.py"), variant)
-  c = config_lib.as_configdict(config_lib.BestOfNConfig())
+  c = config_lib.as_configdict(config_lib.BestOfNConfig)
   c.workdir = "runs/bon_cpu" if not variant else "runs/bon_cpu_tiny"
   c.init.checkpoint = ppo.init.checkpoint  # the SFT run
   c.reward_model = ppo.reward_model.copy_and_resolve_references()  # and how to read an ensemble

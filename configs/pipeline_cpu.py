@@ -20,8 +20,6 @@ import ml_collections
 
 from gptrl import config as config_lib
 
-STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")
-
 
 def _stage_config(name: str, variant: str) -> ml_collections.ConfigDict:
   """configs/<name>_cpu.py's config (the same file `--config configs/<name>_cpu.py` runs)."""
@@ -32,13 +30,10 @@ def _stage_config(name: str, variant: str) -> ml_collections.ConfigDict:
 def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"configs/pipeline_cpu.py: unknown variant {variant!r}; known: 'tiny'.")
-  c = ml_collections.ConfigDict()
-  c.stage = "pipeline"
+  c = config_lib.as_configdict(config_lib.PipelineConfig)  # by default every stage, then report.html
   c.workdir = "runs/pipeline_cpu" if not variant else "runs/pipeline_cpu_tiny"
-  c.stages = STAGES  # which stages to run, in this order; the rest read their configured checkpoints
-  c.report = True  # runs/pipeline_cpu/report.html after the last stage
 
-  for name in STAGES:
+  for name in config_lib.PIPELINE_STAGES:
     c[name] = _stage_config(name, variant)
   # The pipeline sets each stage's workdir (<workdir>/<stage>) and wires its inputs to the earlier stages'
   # sub-folders. A stage whose input stage is left out of `stages` reads the path set here instead, which must
@@ -54,5 +49,4 @@ def get_config(variant: str = ""):
     # 2 cores; measured times are in README.
     c.pretrain.train.steps = 240
     c.sft.train.steps = 150
-  c.distributed = c.pretrain.distributed.copy_and_resolve_references()
   return c

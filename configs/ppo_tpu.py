@@ -38,95 +38,56 @@ def get_config(variant: str = ""):
 
 
 def build(plan: presets.Plan) -> ml_collections.ConfigDict:
-  """The config of `plan` (also used by configs/ppo_gpu.py with its own plans)."""
-  c = ml_collections.ConfigDict()
-  c.stage = "ppo"
+  """The config of `plan` (also used by configs/ppo_gpu.py with its own plans): only what differs from the
+  defaults (gptrl/config.py PPOConfig)."""
+  c = config_lib.as_configdict(config_lib.PPOConfig)
   c.workdir = f"/mnt/gptrl/runs/ppo_{plan.size}"  # or gs://my-bucket/runs/ppo_1b
-  c.seed = 0
-
-  c.init = ml_collections.ConfigDict()
   c.init.checkpoint = f"/mnt/gptrl/runs/sft_{plan.size}"  # policy start and frozen reference
-  c.init.step = -1
-  c.reward_model = ml_collections.ConfigDict()
   c.reward_model.checkpoint = f"/mnt/gptrl/runs/reward_{plan.size}"  # frozen; its reward_offset is subtracted
-  c.reward_model.step = -1
-  # A reward-model ensemble (reward.ensemble > 1) is read as its members' "mean" | "mean_minus_std" (mean -
-  # ensemble_penalty * std: conservative where they disagree) | "min".
-  c.reward_model.ensemble_reduce = "mean"
-  c.reward_model.ensemble_penalty = 1.0
-  c.tokenizer_path = ""  # "": the SFT run's tokenizer.model
 
-  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # "" / -1 keep the checkpoint's setting
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, log-probs and losses in fp32
   c.model.remat = "block"  # recompute each block in the backward pass
   c.model.dropout = 0.0  # PPO's ratio needs the same function at rollout and update
 
-  c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # no pure data parallelism
   c.mesh.fsdp = -1  # every chip: params, optimizer state and the batch are sharded over it
   c.mesh.tensor = plan.tensor  # heads, MLP units and vocabulary split this many ways
 
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = LEARNING_RATES[plan.size]
   c.optim.warmup_steps = 10
-  c.optim.decay_steps = 0
   c.optim.min_lr_ratio = 1.0  # constant after warmup
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
   c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = plan.grad_accum_steps  # micro-batches per minibatch update
 
-  c.data = ml_collections.ConfigDict()  # the prompts: keep these equal to the SFT run's data settings
+  # The prompts: keep these equal to the SFT run's data settings.
   c.data.sources = ("/mnt/gptrl/data/sft",)  # JSONL/TFDS prompts: {"prompt"} / {"messages"}, or shakespeare_dialogue
   c.data.eval_fraction = 0.02
-  c.data.split_seed = 0
   c.data.batch_size = plan.batch  # unused here (see ppo.rollout_batch_size, ppo.minibatch_size)
   c.data.eval_batches = 0  # unused here
   c.data.cache_dir = "/mnt/gptrl/cache"
-  c.data.reset_position = False  # True: resume a changed prompt pipeline from its first batch instead of refusing
 
-  c.ppo = config_lib.as_configdict(config_lib.PPOAlgoConfig())
   c.ppo.rollout_batch_size = ROLLOUTS[plan.size]  # responses sampled and scored per iteration
   c.ppo.minibatch_size = plan.batch  # responses per optimizer step
-  c.ppo.epochs = 4  # passes over each rollout
   c.ppo.max_new_tokens = 128
-  c.ppo.kl_estimator = "k1"  # "k1" | "k3" | "full"
   c.ppo.init_beta = 0.02
-  c.ppo.target_kl = 6.0  # nats per response; 0: fixed beta
-  c.ppo.critic = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy)
-  c.ppo.critic_init = "reward"  # "reward" | "sft"
-  c.ppo.whiten_rewards = False
   c.ppo.truncation_penalty = 1.0  # subtracted from replies that hit max_new_tokens unfinished
   c.ppo.max_approx_kl = 0.05  # stop an iteration's epochs early beyond this approximate KL
   c.ppo.num_eval_prompts = 512  # held-out prompts, answered in chunks of rollout_batch_size
-  # Placement: "colocated" (every model on the whole slice, the plan below is sized for) or "split": disjoint
-  # sub-meshes, the learner on the first chips (config.mesh), then sampler_devices chips generating with a copy
-  # of the policy (moved chip to chip after every update phase), then scorer_devices chips for the frozen
+  # Placement: "colocated" (the default: every model on the whole slice, the plan below is sized for) or "split":
+  # disjoint sub-meshes, the learner on the first chips (config.mesh), then sampler_devices chips generating with
+  # a copy of the policy (moved chip to chip after every update phase), then scorer_devices chips for the frozen
   # reference and reward model; sub-meshes are (data=-1, fsdp=1, tensor=split_tensor). E.g. on 64 chips
   # (mesh.fsdp=-1 then spans the learner's 32):
   #   --config.ppo.placement=split --config.ppo.sampler_devices=16 --config.ppo.scorer_devices=16
-  c.ppo.placement = "colocated"
-  c.ppo.sampler_devices = 0
-  c.ppo.scorer_devices = 0
   c.ppo.split_tensor = plan.tensor
 
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 500  # PPO iterations
   c.train.log_every = 1
   c.train.eval_every = 25
   c.train.checkpoint_every = 25
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpoint = True
   c.train.progress_bar = False
   c.train.eval_at_start = True
-  c.train.max_bad_steps = 8  # skipped minibatch updates in a row before a rollback
-  c.train.max_rollbacks = 3
 
-  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # "auto": detects the TPU pod
-
-  c.hardware = ml_collections.ConfigDict()
   c.hardware.chip = plan.chip  # the chip this plan is sized for
   c.hardware.num_chips = plan.chips  # the slice size
-  c.hardware.memory_check = "refuse"  # "warn": start even when the estimate exceeds device memory
   return c

@@ -44,76 +44,45 @@ def get_config(variant: str = ""):
 
 
 def build(plan: presets.Plan) -> ml_collections.ConfigDict:
-  """The config of `plan` (also used by configs/pretrain_gpu.py with its own plans)."""
-  c = ml_collections.ConfigDict()
-  c.stage = "pretrain"
+  """The config of `plan` (also used by configs/pretrain_gpu.py with its own plans): only what differs from the
+  defaults (gptrl/config.py PretrainConfig)."""
+  c = config_lib.as_configdict(config_lib.PretrainConfig)
   c.workdir = f"/mnt/gptrl/runs/pretrain_{plan.size}"  # checkpoints, metrics.jsonl, tensorboard/, tokenizer.model
   # or in a bucket, no mount needed: c.workdir = f"gs://my-bucket/runs/pretrain_{plan.size}"
-  c.seed = 0
 
-  c.model = ml_collections.ConfigDict(presets.model_shape(plan.size))  # layers, heads, width, rope, SwiGLU, ...
-  c.model.param_dtype = "float32"  # parameters and optimizer state
+  c.model.update(presets.model_shape(plan.size))  # layers, heads, width, rope, SwiGLU, ...
+  # Parameters and optimizer state stay float32 (model.param_dtype).
   c.model.dtype = "bfloat16"  # matmuls and activations; norms, softmax, logits and losses stay float32
   c.model.remat = "block"  # recompute each block in the backward pass: only block inputs are kept
-  c.model.attention = "xla"  # "dot_product": jax.nn.dot_product_attention (cuDNN flash attention on GPUs)
 
-  c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # no pure data parallelism: every chip holds a shard of the parameters instead
   c.mesh.fsdp = -1  # the rest of the chips: parameters, optimizer state and the batch are split over them
   c.mesh.tensor = plan.tensor  # heads, MLP units and vocabulary split this many ways (within a host)
 
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = LEARNING_RATES[plan.size]  # peak learning rate
   c.optim.warmup_steps = 2000
-  c.optim.decay_steps = 0  # 0: cosine decay until train.steps
-  c.optim.min_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.weight_decay = 0.1
-  c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = plan.grad_accum_steps  # micro-batches per step (from the plan's rows per device)
 
-  c.tokenizer = ml_collections.ConfigDict()
-  # A sentencepiece model every host reads (python -m gptrl.tokenizer --input ... --vocab_size 32000); "": each
-  # process trains the same one on the training split (slow on a large corpus).
-  c.tokenizer.path = ""
+  # tokenizer.path: a sentencepiece model every host reads (python -m gptrl.tokenizer --input ... --vocab_size
+  # 32000); "" (the default): each process trains the same one on the training split (slow on a large corpus).
   c.tokenizer.vocab_size = presets.VOCAB_SIZE  # 32000: divisible by the tensor-parallel ways
-  c.tokenizer.model_type = "bpe"
 
-  c.data = ml_collections.ConfigDict()
   c.data.sources = ("/mnt/gptrl/data/pretrain",)  # a folder of .txt / .jsonl files, or tfds:name:split
-  c.data.text_field = "text"  # the field of JSONL / TFDS records that holds the text
   c.data.eval_fraction = 0.01  # share of documents held out (whole documents)
-  c.data.split_seed = 0
   c.data.batch_size = plan.batch  # sequences per optimizer step (x 2048 tokens)
-  c.data.eval_batches = 8  # global batches per evaluation
   c.data.cache_dir = "/mnt/gptrl/cache"  # tokenized corpus, shared by the hosts; local or a mount, never gs://
-  c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
-  c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ("The meaning of life is", "Once upon a time,", "The capital of France is")
   c.sample.max_new_tokens = 64
-  c.sample.temperature = 0.8
-  c.sample.top_k = 40
 
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 100_000  # optimizer steps
   c.train.log_every = 50
   c.train.eval_every = 2000
   c.train.checkpoint_every = 1000  # also on preemption (SIGTERM): the launcher restarts and resumes
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpoint = True  # write checkpoints while training continues
   c.train.progress_bar = False  # logs, not a bar: the output goes to launcher logs
-  c.train.max_bad_steps = 8  # skipped steps (non-finite or spiking loss) in a row before rolling back (0: never)
-  c.train.max_rollbacks = 3  # rollbacks to a checkpoint allowed in the run
   c.train.spike_zscore = 6.0  # skip a step whose loss is this many std above the recent mean (0: off)
   c.train.spike_warmup = 200  # good steps before a spike can be flagged
-  c.train.spike_window = 100  # good steps the running mean/variance of the loss cover
 
-  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # "auto": detects the TPU slice
-
-  c.hardware = ml_collections.ConfigDict()
   c.hardware.chip = plan.chip  # the chip this plan is sized for (its HBM is the memory limit)
   c.hardware.num_chips = plan.chips  # the slice size: launch/ creates it; mesh.fsdp = num_chips / mesh.tensor
-  c.hardware.memory_check = "refuse"  # "warn": start even when the estimate exceeds device memory
   return c

@@ -33,77 +33,43 @@ def get_config(variant: str = ""):
 
 
 def build(plan: presets.Plan) -> ml_collections.ConfigDict:
-  """The config of `plan` (also used by configs/reward_gpu.py with its own plans)."""
-  c = ml_collections.ConfigDict()
-  c.stage = "reward"
+  """The config of `plan` (also used by configs/reward_gpu.py with its own plans): only what differs from the
+  defaults (gptrl/config.py RewardConfig)."""
+  c = config_lib.as_configdict(config_lib.RewardConfig)
   c.workdir = f"/mnt/gptrl/runs/reward_{plan.size}"  # or gs://my-bucket/runs/reward_1b (data.cache_dir stays local)
-  c.seed = 0
-
-  c.init = ml_collections.ConfigDict()
   c.init.checkpoint = f"/mnt/gptrl/runs/sft_{plan.size}"  # the SFT run: its newest checkpoint
-  c.init.step = -1
-  c.tokenizer_path = ""  # "": the init run's tokenizer.model
 
-  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())  # "" / -1 keep the checkpoint's setting
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, the scalar head and the loss in fp32
   c.model.remat = "block"  # recompute each block in the backward pass
   c.model.dropout = 0.0
 
-  c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # no pure data parallelism
   c.mesh.fsdp = -1  # the rest of the chips: parameters, optimizer state and the batch
   c.mesh.tensor = plan.tensor  # heads, MLP units and vocabulary split this many ways
 
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = LEARNING_RATES[plan.size]
   c.optim.warmup_steps = 50
-  c.optim.decay_steps = 0  # 0: cosine decay until train.steps
-  c.optim.min_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
   c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = plan.grad_accum_steps  # micro-batches per step
 
-  c.data = ml_collections.ConfigDict()
+  # Each prompt brings data.max_responses = 4 replies (the default; K(K-1)/2 pairs), the whole context.
   c.data.sources = (f"/mnt/gptrl/runs/label_{plan.size}/comparisons.jsonl",)  # JSONL files / folders / globs
   c.data.eval_fraction = 0.05  # share of prompts held out
-  c.data.split_seed = 0
   c.data.batch_size = plan.batch  # prompts per step, each with up to max_responses replies
-  c.data.max_responses = 4  # K: replies of one prompt trained together (K(K-1)/2 pairs)
-  c.data.max_len = 0  # > 0: prompt + reply cut to this many tokens (the prompt keeps its latest turns)
   c.data.eval_batches = 16  # 0: every held-out prompt
   c.data.cache_dir = "/mnt/gptrl/cache"
-  c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
-  c.reward = ml_collections.ConfigDict()
-  c.reward.head_init_std = 1e-3  # a fresh head's init: rewards start near 0
-  c.reward.pooling = "last"  # "last" (at the reply's <|end|>) | "mean" (over every position up to it)
-  c.reward.ensemble = 1  # k > 1: k models in one step (k times the compute); see ppo reward_model.ensemble_reduce
-  c.reward.margin_scale = 0.0  # > 0: require r_chosen - r_rejected > margin_scale * the record's margin
   # SFT replies whose mean reward becomes reward_offset (0: skip): sampled in one call, so it sets the KV cache
   c.reward.normalize_samples = 128
   c.reward.normalize_max_new_tokens = 128
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # about one epoch of 32k comparisons: more over-fits (InstructGPT trains one epoch)
-  c.train.log_every = 10
+  # train.steps: the default 1000, about one epoch of 32k comparisons: more over-fits (InstructGPT trains one epoch)
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
-  c.train.async_checkpoint = True
   c.train.progress_bar = False
-  c.train.max_bad_steps = 8  # skipped steps in a row before rolling back (0: never)
-  c.train.max_rollbacks = 3
-  c.train.spike_zscore = 0.0  # > 0: skip loss spikes this many std above the recent mean
-  c.train.spike_warmup = 50
-  c.train.spike_window = 100
   c.train.eval_at_start = True
 
-  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # "auto": detects the TPU slice
-
-  c.hardware = ml_collections.ConfigDict()
   c.hardware.chip = plan.chip  # the chip this plan is sized for
   c.hardware.num_chips = plan.chips  # the slice size
-  c.hardware.memory_check = "refuse"  # "warn": start even when the estimate exceeds device memory
   return c

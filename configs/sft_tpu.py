@@ -32,74 +32,38 @@ def get_config(variant: str = ""):
 
 
 def build(plan: presets.Plan) -> ml_collections.ConfigDict:
-  """The config of `plan` (also used by configs/sft_gpu.py with its own plans)."""
-  c = ml_collections.ConfigDict()
-  c.stage = "sft"
+  """The config of `plan` (also used by configs/sft_gpu.py with its own plans): only what differs from the
+  defaults (gptrl/config.py SFTConfig)."""
+  c = config_lib.as_configdict(config_lib.SFTConfig)
   c.workdir = f"/mnt/gptrl/runs/sft_{plan.size}"  # or gs://my-bucket/runs/sft_1b
-  c.seed = 0
-
-  c.init = ml_collections.ConfigDict()
   c.init.checkpoint = f"/mnt/gptrl/runs/pretrain_{plan.size}"  # the pretraining run (or its gs:// workdir)
-  c.init.step = -1
-  c.tokenizer_path = ""  # "": the init run's tokenizer.model
 
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
-  c.model = config_lib.as_configdict(config_lib.ModelRuntimeConfig())
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
   c.model.remat = "block"  # recompute each block in the backward pass
   c.model.dropout = 0.0
 
-  c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # no pure data parallelism
   c.mesh.fsdp = -1  # the rest of the chips: parameters, optimizer state and the batch
   c.mesh.tensor = plan.tensor  # heads, MLP units and vocabulary split this many ways
 
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = LEARNING_RATES[plan.size]
-  c.optim.warmup_steps = 100
-  c.optim.decay_steps = 0  # 0: cosine decay until train.steps
-  c.optim.min_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
   c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = plan.grad_accum_steps  # micro-batches per step
 
-  c.data = ml_collections.ConfigDict()
   c.data.sources = ("/mnt/gptrl/data/sft",)  # JSONL files / folders / globs, tfds:..., or "shakespeare_dialogue"
   c.data.eval_fraction = 0.02  # share of groups (or records) held out
-  c.data.split_seed = 0
   c.data.batch_size = plan.batch  # conversations per step (up to the model's 2048 tokens each)
-  c.data.eval_batches = 8
   c.data.cache_dir = "/mnt/gptrl/cache"
-  c.data.reset_position = False  # True: resume a changed data pipeline from its first batch instead of refusing
 
-  c.sample = ml_collections.ConfigDict()
-  c.sample.num_prompts = 4  # held-out prompts answered at each eval
   c.sample.max_new_tokens = 128
   c.sample.temperature = 0.7
-  c.sample.top_k = 40
-  c.sample.top_p = 1.0
 
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 2000
-  c.train.log_every = 10
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 2
-  c.train.async_checkpoint = True
   c.train.progress_bar = False
-  c.train.max_bad_steps = 8  # skipped steps in a row before rolling back (0: never)
-  c.train.max_rollbacks = 3
-  c.train.spike_zscore = 0.0  # > 0: skip loss spikes this many std above the recent mean
-  c.train.spike_warmup = 50
-  c.train.spike_window = 100
   c.train.eval_at_start = True  # the pretrained model's held-out score, for comparison
 
-  c.distributed = config_lib.as_configdict(config_lib.DistributedConfig())  # "auto": detects the TPU slice
-
-  c.hardware = ml_collections.ConfigDict()
   c.hardware.chip = plan.chip  # the chip this plan is sized for
   c.hardware.num_chips = plan.chips  # the slice size
-  c.hardware.memory_check = "refuse"  # "warn": start even when the estimate exceeds device memory
   return c

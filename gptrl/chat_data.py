@@ -26,6 +26,7 @@ import numpy as np
 from gptrl import chat
 from gptrl import data as data_lib
 from gptrl import fileio
+from gptrl import seeds
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.data import DataError
 
@@ -90,7 +91,7 @@ def split_by_group(items: Sequence[Any], *, eval_fraction: float, seed: int) -> 
   built-in dialogue holds out the plays that pretraining held out (groups are the plays' document groups).
   """
   groups = sorted({x.group for x in items})
-  scored = sorted(groups, key=lambda g: (data_lib._unit_hash(seed, g), g))  # pylint: disable=protected-access
+  scored = sorted(groups, key=lambda g: (data_lib.unit_hash(seed, g), g))
   n_eval = min(max(1, round(eval_fraction * len(groups))), len(groups) - 1) if len(groups) > 1 else 0
   eval_groups = set(scored[:n_eval])
   return ([x for x in items if x.group not in eval_groups], [x for x in items if x.group in eval_groups])
@@ -161,10 +162,7 @@ def sft_dataset(examples: SFTExamples, *, seq_len: int, pad_id: int, seed: int, 
     raise DataError("no SFT example left to train on: every conversation was skipped (its prompt fills the "
                     "context, leaving no reply token to train on); use shorter prompts or a longer context.")
   lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
-  ds = grain.MapDataset.range(n)
-  if shuffle:
-    ds = ds.shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
-  ds = ds.repeat(num_epochs, reseed_each_epoch=True).batch(global_batch_size, drop_remainder=num_epochs is None)
+  ds = data_lib.index_batches(n, seed=seed, batch_size=global_batch_size, shuffle=shuffle, num_epochs=num_epochs)
   return ds.map(_RowsToSFTBatch(examples, seq_len, pad_id, lo, hi)).to_iter_dataset(_read_options())
 
 
@@ -404,10 +402,7 @@ class _RowsToRewardBatch:
 def reward_dataset(enc: EncodedComparisons, *, seed: int, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
   lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
-  ds = grain.MapDataset.range(enc.tokens.shape[0])
-  if shuffle:
-    ds = ds.shuffle(seed=data_lib._shuffle_seed(seed))  # pylint: disable=protected-access
-  ds = ds.repeat(num_epochs, reseed_each_epoch=True).batch(global_batch_size, drop_remainder=num_epochs is None)
+  ds = data_lib.index_batches(enc.tokens.shape[0], seed=seed, batch_size=global_batch_size, shuffle=shuffle, num_epochs=num_epochs)
   return ds.map(_RowsToRewardBatch(enc, lo, hi)).to_iter_dataset(_read_options())
 
 
@@ -452,6 +447,31 @@ def reward_eval_batches(enc: EncodedComparisons, *, batch_size: int, max_batches
   ds = reward_dataset(enc, seed=0, global_batch_size=batch_size, process_index=process_index,
                       process_count=process_count, shuffle=False, num_epochs=1)
   return [b for i, b in enumerate(ds) if not max_batches or i < max_batches]
+
+
+def training_prompts(conversations: Sequence[Conversation], n: int, seed: int) -> list[list[chat.Message]]:
+  """Up to `n` (0: all) prompts, each a conversation cut before its last assistant turn, in a seeded order."""
+  prompts = [cut[0] for cut in map(prompt_and_reply, conversations) if cut is not None]
+  if len(prompts) < len(conversations):  # an assistant turn with nothing before it gives no prompt
+    logging.warning("Skipped %d of %d conversations: no turn before the last assistant turn to use as a prompt.",
+                    len(conversations) - len(prompts), len(conversations))
+  order = np.random.default_rng(seed).permutation(len(prompts))
+  if n:
+    order = order[:n]
+  return [prompts[i] for i in order]
+
+
+def held_out_prompts(eval_conversations: Sequence[Conversation], num: int, seed: int) -> list[list[chat.Message]]:
+  """The `num` held-out prompts every policy evaluation uses (PPO's eval, best-of-n): the same list for the same
+  conversations, count and seed."""
+  return training_prompts(eval_conversations, num, seeds.stream(seed, seeds.EVAL_PROMPTS))
+
+
+def load_held_out_prompts(data: Any, num: int, seed: int, *, cache_dir: str) -> list[list[chat.Message]]:
+  """`held_out_prompts` of the eval split of `data` (a chat data config: sources, eval_fraction, split_seed)."""
+  conversations = load_conversations(data.sources, cache_dir=cache_dir)
+  _, eval_convs = split_by_group(conversations, eval_fraction=data.eval_fraction, seed=data.split_seed)
+  return held_out_prompts(eval_convs, num, seed)
 
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:

@@ -712,3 +712,51 @@ def load_params(path: str, abstract_params: Any, *, step: int = -1, tokenizer_sh
       args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True))
   return (restored["params"][subtree] if subtree else restored["params"]), meta, where
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-offs between stages: another run's meta, model shape and frozen parameters.
+
+
+def read_checkpoint_meta(path: str, step: int = -1) -> tuple[dict[str, Any], str, int]:
+  """(meta, checkpoints folder, step) of another run's checkpoint (see `resolve_checkpoint`)."""
+  folder, step = resolve_checkpoint(path, step)
+  return read_step_meta(folder, step), folder, step
+
+
+def model_config_from_meta(meta: dict[str, Any]) -> Any:
+  """The model shape (a gptrl.config.ModelConfig) a checkpoint's meta records; fields unknown to this version are
+  ignored."""
+  from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
+  fields = set(config_lib.ModelConfig.__dataclass_fields__)
+  return config_lib.ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+
+
+def param_shardings(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(abstract parameters, their shardings on `mesh` by the sharding rules) of `module`, nothing allocated."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from gptrl import sharding  # pylint: disable=import-outside-toplevel
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), example_tokens)["params"])
+    shardings = sharding.tree_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                          abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return abstract, shardings
+
+
+def load_frozen_params(module: Any, example_tokens: Any, mesh: jax.sharding.Mesh, init: Any, *,
+                       tokenizer_sha256: str, unused_ok: tuple[str, ...] = (), subtree: str = "") -> Any:
+  """The parameters of checkpoint `init` (a gptrl.config.InitConfig: checkpoint, step) for `module`, laid out on
+  `mesh` by the sharding rules (no optimizer state): the way a stage loads a model it samples from or scores with
+  but does not train."""
+  abstract, shardings = param_shardings(module, example_tokens, mesh)
+  params, _, where = load_params(init.checkpoint, abstract_like(abstract, shardings), step=init.step,
+                                 tokenizer_sha256=tokenizer_sha256, unused_ok=unused_ok, subtree=subtree)
+  logging.info("Loaded the parameters of %s.", where)
+  return params
+
+
+def open_workdir_checkpointer(workdir: str, train_cfg: Any) -> Checkpointer:
+  """The Checkpointer over `<workdir>/checkpoints`, as a `train` config group (TrainConfig) configures it."""
+  return Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+                      async_save=train_cfg.async_checkpoint, compression=train_cfg.checkpoint_compression)

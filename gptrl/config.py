@@ -3,7 +3,9 @@
 Experiments are Python files under `configs/` that return an `ml_collections.ConfigDict`; the launcher turns
 each group of it into one of the frozen dataclasses below with `from_configdict`, which refuses unknown keys
 (suggesting the closest valid one) and values of the wrong type, and each dataclass checks its own fields in
-`__post_init__`. The library only ever sees these dataclasses, never a raw ConfigDict.
+`__post_init__`. The library only ever sees these dataclasses, never a raw ConfigDict. The dataclasses' defaults are
+the one source of defaults: a config file starts from `as_configdict(<Stage>Config)` (every key, at its default)
+and sets only what differs.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from typing import Any, Mapping
 
 from gptrl import fileio
 from gptrl import hostmem
+from gptrl import judges
+from gptrl import presets
+from gptrl import stages as stages_lib
 
 
 class ConfigError(ValueError):
@@ -31,6 +36,50 @@ def _fail(key: str, message: str) -> typing.NoReturn:
 def _check(condition: bool, key: str, message: str) -> None:
   if not condition:
     _fail(key, message)
+
+
+# The allowed values of every setting that names a choice, each defined once: the checks below use them, and so do
+# the modules that implement the choices (gptrl/reward_model.py imports ENSEMBLE_REDUCTIONS). Where the module
+# that implements a choice holds a richer table of its own (gptrl/presets.py CHIPS, gptrl/judges.py JUDGES; both
+# import nothing heavy), the names are taken from it.
+DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype, model.dtype
+POS_EMBEDDINGS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+REMATS = ("none", "block", "dots")
+ATTENTIONS = ("xla", "dot_product")
+MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+TOKENIZER_TYPES = ("bpe", "unigram")
+INITIALIZE_MODES = ("auto", "always", "never")  # distributed.initialize; distributed.host_malloc: hostmem.MODES
+HARDWARE_CHIPS = tuple(presets.CHIPS)
+MEMORY_CHECKS = ("refuse", "warn", "off")
+ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")  # gptrl/reward_model.py reduce_members
+POOLINGS = ("last", "mean", "reply_mean")  # gptrl/reward_model.py pool_scores
+LABEL_JUDGES = ("vader", "length")  # judge.name: the judges that label comparisons
+WATCH_JUDGES = tuple(judges.JUDGES)  # ppo.watch_judges, bon.watch_judges: every judge of gptrl/judges.py
+KL_ESTIMATORS = ("k1", "k2", "k3")  # the per-token estimators of gptrl/ppo_math.py kl_estimate
+# ppo.kl_estimator: k1 or k3 of KL_ESTIMATORS per sampled token, or "full", the exact KL over the vocabulary
+# (gptrl/ppo_math.py exact_kl).
+PPO_KL_ESTIMATORS = ("k1", "k3", "full")
+CRITICS = ("separate", "shared")
+CRITIC_INITS = ("reward", "sft")
+PLACEMENTS = ("colocated", "split")
+PIPELINE_STAGES = stages_lib.PIPELINE_ORDER  # the order the pipeline runs them in (gptrl/stages/__init__.py)
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], key: str, *, empty: str = "") -> None:
+  """`value` must be one of `allowed`, or "" where `empty` says what "" means; the message lists them all."""
+  if value in allowed or (empty and value == ""):
+    return
+  options = [repr(a) for a in allowed] + ([f"'' ({empty})"] if empty else [])
+  listed = f"{', '.join(options[:-1])} or {options[-1]}" if len(options) > 1 else options[0]
+  suggestion = _suggest(value, allowed)
+  _fail(key, f"must be {listed}, got {value!r}" + (f".{suggestion}" if suggestion else ""))
+
+
+def _check_judges(names: tuple[str, ...], key: str) -> None:
+  for name in names:
+    _check(name in WATCH_JUDGES, key,
+           f"unknown judge {name!r}; known: {list(WATCH_JUDGES)}.{_suggest(name, WATCH_JUDGES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,26 +121,19 @@ class ModelConfig:
            f"must be divisible by model.num_heads={self.num_heads}, got {self.d_model}")
     _check(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
     _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-    _check(self.pos_embedding in ("learned", "rope"), "model.pos_embedding",
-           f"must be 'learned' or 'rope', got {self.pos_embedding!r}")
+    _check_choice(self.pos_embedding, POS_EMBEDDINGS, "model.pos_embedding")
     if self.pos_embedding == "rope":
       _check(self.head_dim % 2 == 0, "model.d_model", f"rope needs an even head dim, got {self.head_dim}")
-    _check(self.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-    for name in ("param_dtype", "dtype"):
-      _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"model.{name}",
-             f"must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
-    _check(self.remat in ("none", "block", "dots"), "model.remat",
-           f"must be 'none', 'block' or 'dots', got {self.remat!r}")
-    _check(self.attention in ("xla", "dot_product"), "model.attention",
-           f"must be 'xla' or 'dot_product', got {self.attention!r}")
+    _check_choice(self.norm, NORMS, "model.norm")
+    for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
+      _check_choice(getattr(self, name), allowed, f"model.{name}")
     _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
     _check(self.causal_chunk >= 0, "model.causal_chunk", f"must be >= 0 (0: automatic), got {self.causal_chunk}")
     _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
     _check(self.num_kv_heads >= 0 and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),
            "model.num_kv_heads", f"must be 0 (= num_heads) or divide model.num_heads={self.num_heads}, "
            f"got {self.num_kv_heads}")
-    _check(self.mlp_activation in ("gelu_tanh", "gelu", "silu", "relu"), "model.mlp_activation",
-           f"must be 'gelu_tanh', 'gelu', 'silu' or 'relu', got {self.mlp_activation!r}")
+    _check_choice(self.mlp_activation, MLP_ACTIVATIONS, "model.mlp_activation")
     _check(self.norm_eps >= 0, "model.norm_eps", f"must be >= 0 (0: the norm's default), got {self.norm_eps}")
 
   @property
@@ -166,18 +208,20 @@ class TokenizerConfig:
   def __post_init__(self):
     # 265 ids are reserved (specials, role markers, 256 byte-fallback pieces): see gptrl/tokenizer.py.
     _check(self.vocab_size >= 300, "tokenizer.vocab_size", f"must be >= 300, got {self.vocab_size}")
-    _check(self.model_type in ("bpe", "unigram"), "tokenizer.model_type",
-           f"must be 'bpe' or 'unigram', got {self.model_type!r}")
+    _check_choice(self.model_type, TOKENIZER_TYPES, "tokenizer.model_type")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Pretraining text and how it is batched."""
-  sources: tuple[str, ...] = ("shakespeare",)  # see gptrl.data.load_documents for the accepted forms
-  text_field: str = "text"  # field read from JSONL / TFDS records
-  eval_fraction: float = 0.05  # share of document groups held out for eval
+class _DataSplitConfig:
+  """What every stage's `data` group has: where the records come from, the held-out split, the batches and the
+  cache. DataConfig (pretraining), ChatDataConfig (SFT, labelling, PPO, best-of-n) and PreferenceDataConfig (the
+  reward model) add their own fields and defaults."""
+  sources: tuple[str, ...] = ()  # each group's own default
+  eval_fraction: float = 0.05  # share of groups (works, plays, prompts, or records) held out for eval
   split_seed: int = 0
-  batch_size: int = 16  # global batch, in sequences, per optimizer step
+  # Global batch per optimizer step: sequences (pretraining), conversations (SFT), prompts each with all its
+  # compared responses (reward model).
+  batch_size: int = 16
   eval_batches: int = 8  # eval batches per evaluation (0: the whole eval split)
   cache_dir: str = ""  # corpus / token cache, a local folder; "": $GPTRL_CACHE or ~/.cache/gptrl
   # On resume, when the saved data position belongs to a different pipeline (fingerprint: sources, seed, tokenizer,
@@ -188,11 +232,21 @@ class DataConfig:
   def __post_init__(self):
     _check_sources(self.sources, "data.sources")
     _check_local_cache(self.cache_dir)
-    _check(bool(self.text_field), "data.text_field", "must name the field that holds the text")
     _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
     _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
     _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
     _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_DataSplitConfig):
+  """Pretraining text and how it is batched."""
+  sources: tuple[str, ...] = ("shakespeare",)  # see gptrl.data.load_documents for the accepted forms
+  text_field: str = "text"  # field read from JSONL / TFDS records
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check(bool(self.text_field), "data.text_field", "must name the field that holds the text")
 
 
 def _check_url(path: str, key: str) -> None:
@@ -291,17 +345,12 @@ class DistributedConfig:
   host_malloc: str = "auto"
 
   def __post_init__(self):
-    _check(self.host_malloc in hostmem.MODES, "distributed.host_malloc",
-           f"must be one of {list(hostmem.MODES)}, got {self.host_malloc!r}")
-    _check(self.initialize in ("auto", "always", "never"), "distributed.initialize",
-           f"must be 'auto', 'always' or 'never', got {self.initialize!r}")
+    _check_choice(self.host_malloc, hostmem.MODES, "distributed.host_malloc")
+    _check_choice(self.initialize, INITIALIZE_MODES, "distributed.initialize")
     _check(self.num_processes >= 0, "distributed.num_processes",
            f"must be >= 0 (0 = from the environment), got {self.num_processes}")
     _check(self.process_id >= -1, "distributed.process_id",
            f"must be >= 0 or -1 (from the environment), got {self.process_id}")
-
-
-HARDWARE_CHIPS = ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200")  # gptrl/presets.py CHIPS (kept import-free here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +363,9 @@ class HardwareConfig:
   memory_check: str = "refuse"  # "refuse" | "warn" | "off": when the per-device estimate exceeds device memory
 
   def __post_init__(self):
-    if self.chip and self.chip not in HARDWARE_CHIPS:
-      _fail("hardware.chip", f"must be '' (the devices' own) or one of {list(HARDWARE_CHIPS)}, got "
-                             f"{self.chip!r}.{_suggest(self.chip, HARDWARE_CHIPS)}")
+    _check_choice(self.chip, HARDWARE_CHIPS, "hardware.chip", empty="the devices' own")
     _check(self.num_chips >= 0, "hardware.num_chips", f"must be >= 0 (0: any), got {self.num_chips}")
-    _check(self.memory_check in ("refuse", "warn", "off"), "hardware.memory_check",
-           f"must be 'refuse', 'warn' or 'off', got {self.memory_check!r}")
+    _check_choice(self.memory_check, MEMORY_CHECKS, "hardware.memory_check")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,23 +385,24 @@ class PretrainConfig:
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
-    _check(bool(self.workdir), "workdir", "must be set")
-    _check_paths(self)
-    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-    _check(self.data.batch_size % self.optim.grad_accum_steps == 0, "data.batch_size",
-           f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {self.data.batch_size}")
+    _check_stage(self, trains=True)
     _check(self.sample.max_new_tokens < self.model.max_len, "sample.max_new_tokens",
            f"must be < model.max_len={self.model.max_len} (the prompt needs room), got {self.sample.max_new_tokens}")
 
 
-def _check_trainable_stage(cfg: Any, *, init_from: str) -> None:
-  """Checks shared by the stages that train from another stage's checkpoint."""
+def _check_stage(cfg: Any, *, init: str = "", reward_model: bool = False, trains: bool = False) -> None:
+  """Checks every stage shares: its workdir, URLs and seed; `init`: what init.checkpoint must name;
+  `reward_model`: it reads a reward model; `trains`: its batch splits into optim.grad_accum_steps micro-batches."""
   _check(bool(cfg.workdir), "workdir", "must be set")
   _check_paths(cfg)
   _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-  _check(bool(cfg.init.checkpoint), "init.checkpoint", f"must name {init_from} to start from")
-  _check(cfg.data.batch_size % cfg.optim.grad_accum_steps == 0, "data.batch_size",
-         f"must be divisible by optim.grad_accum_steps={cfg.optim.grad_accum_steps}, got {cfg.data.batch_size}")
+  if init:
+    _check(bool(cfg.init.checkpoint), "init.checkpoint", f"must name {init}")
+  if reward_model:
+    _check(bool(cfg.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
+  if trains:
+    _check(cfg.data.batch_size % cfg.optim.grad_accum_steps == 0, "data.batch_size",
+           f"must be divisible by optim.grad_accum_steps={cfg.optim.grad_accum_steps}, got {cfg.data.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,9 +415,6 @@ class InitConfig:
     _check(self.step >= -1, "init.step", f"must be >= 0 or -1 (newest), got {self.step}")
 
 
-ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")  # gptrl/reward_model.py reduce_members
-
-
 @dataclasses.dataclass(frozen=True)
 class RewardModelConfig(InitConfig):
   """The reward model a policy stage optimises or picks with, and, if it is an ensemble (reward.ensemble > 1), how
@@ -381,9 +425,7 @@ class RewardModelConfig(InitConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.ensemble_reduce not in ENSEMBLE_REDUCTIONS:
-      _check(False, "reward_model.ensemble_reduce", f"must be one of {list(ENSEMBLE_REDUCTIONS)}, got "
-             f"{self.ensemble_reduce!r}{_suggest(self.ensemble_reduce, ENSEMBLE_REDUCTIONS)}")
+    _check_choice(self.ensemble_reduce, ENSEMBLE_REDUCTIONS, "reward_model.ensemble_reduce")
     _check(self.ensemble_penalty >= 0, "reward_model.ensemble_penalty", f"must be >= 0, got {self.ensemble_penalty}")
 
 
@@ -405,33 +447,16 @@ class ModelRuntimeConfig:
            f"must be >= 0 (0: automatic) or -1 (keep the checkpoint's), got {self.causal_chunk}")
     if self.dropout != -1.0:
       _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) or -1 (keep), got {self.dropout}")
-    for name, allowed in (("dtype", ("float32", "bfloat16", "float16")), ("remat", ("none", "block", "dots")),
-                          ("attention", ("xla", "dot_product"))):
-      value = getattr(self, name)
-      _check(value == "" or value in allowed, f"model.{name}",
-             f"must be one of {list(allowed)} or '' (keep the checkpoint's), got {value!r}")
+    for name, allowed in (("dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
+      _check_choice(getattr(self, name), allowed, f"model.{name}", empty="keep the checkpoint's")
 
 
 @dataclasses.dataclass(frozen=True)
-class ChatDataConfig:
+class ChatDataConfig(_DataSplitConfig):
   """Conversations for SFT (and the prompts the labelling stage and PPO sample from)."""
   # JSONL files/folders/globs of {"prompt","response"} or {"messages": [...]}, tfds:NAME[:SPLIT] with the same
   # fields, or "shakespeare_dialogue" (two-speaker exchanges from the plays, built by gptrl/dialogue.py).
   sources: tuple[str, ...] = ("shakespeare_dialogue",)
-  eval_fraction: float = 0.05  # share of groups (plays, or records) held out
-  split_seed: int = 0
-  batch_size: int = 16  # conversations per optimizer step
-  eval_batches: int = 8  # 0: the whole eval split
-  cache_dir: str = ""
-  reset_position: bool = False  # on resume with a changed data pipeline: see DataConfig.reset_position
-
-  def __post_init__(self):
-    _check_sources(self.sources, "data.sources")
-    _check_local_cache(self.cache_dir)
-    _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
-    _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
-    _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-    _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,7 +494,7 @@ class SFTConfig:
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
-    _check_trainable_stage(self, init_from="the pretraining run")
+    _check_stage(self, init="the pretraining run to start from", trains=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +504,7 @@ class JudgeConfig:
   min_gap: float = 0.3  # drop pairs whose judge scores differ by less than this
 
   def __post_init__(self):
-    _check(self.name in ("vader", "length"), "judge.name", f"must be 'vader' or 'length', got {self.name!r}")
+    _check_choice(self.name, LABEL_JUDGES, "judge.name")
     _check(self.min_gap >= 0, "judge.min_gap", f"must be >= 0, got {self.min_gap}")
 
 
@@ -504,10 +529,7 @@ class LabelConfig:
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
-    _check(bool(self.workdir), "workdir", "must be set")
-    _check_paths(self)
-    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
+    _check_stage(self, init="the SFT run to sample from")
     _check(self.num_prompts >= 0, "num_prompts", f"must be >= 0 (0 = all), got {self.num_prompts}")
     _check(self.responses_per_prompt >= 2, "responses_per_prompt", f"must be >= 2, got {self.responses_per_prompt}")
     _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -552,43 +574,26 @@ class BestOfNConfig:
   hardware: HardwareConfig = HardwareConfig()
 
   def __post_init__(self):
-    _check(bool(self.workdir), "workdir", "must be set")
-    _check_paths(self)
-    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run to sample from")
-    _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
-    for name in self.bon.watch_judges:
-      _check(name in WATCH_JUDGES, "bon.watch_judges", f"unknown judge {name!r}; known: {sorted(WATCH_JUDGES)}")
+    _check_stage(self, init="the SFT run to sample from", reward_model=True)
+    _check_judges(self.bon.watch_judges, "bon.watch_judges")
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceDataConfig:
+class PreferenceDataConfig(_DataSplitConfig):
   """Comparisons for the reward model: pairwise {chosen, rejected} or ranked {responses, ranking} JSONL."""
   sources: tuple[str, ...] = ("runs/label/comparisons.jsonl",)
   eval_fraction: float = 0.1  # share of prompts held out
-  split_seed: int = 0
-  batch_size: int = 16  # prompts per optimizer step (each with all its compared responses)
+  eval_batches: int = 0  # 0: the whole eval split
   max_responses: int = 4  # K: responses per prompt in one batch element; a prompt with more is split
   # > 0: prompt + response cut to this many tokens (the prompt keeps its latest turns), cheaper than the model's
   # whole context when prompts are long; recorded as the RM's "context", which every consumer scores with.
   max_len: int = 0
-  eval_batches: int = 0  # 0: the whole eval split
-  cache_dir: str = ""
-  reset_position: bool = False  # on resume with a changed data pipeline: see DataConfig.reset_position
 
   def __post_init__(self):
-    _check_sources(self.sources, "data.sources")
-    _check_local_cache(self.cache_dir)
-    _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
-    _check(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
-    _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+    super().__post_init__()
     _check(self.max_responses >= 2, "data.max_responses", f"must be >= 2, got {self.max_responses}")
     _check(self.max_len == 0 or self.max_len >= 16, "data.max_len", f"must be 0 (the model's context) or >= 16, "
            f"got {self.max_len}")
-    _check(self.eval_batches >= 0, "data.eval_batches", f"must be >= 0, got {self.eval_batches}")
-
-
-POOLINGS = ("last", "mean", "reply_mean")  # gptrl/reward_model.py pool_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -610,7 +615,7 @@ class RewardHeadConfig:
   def __post_init__(self):
     _check(self.ensemble >= 1, "reward.ensemble", f"must be >= 1 (1: a single model), got {self.ensemble}")
     _check(self.head_init_std > 0, "reward.head_init_std", f"must be > 0, got {self.head_init_std}")
-    _check(self.pooling in POOLINGS, "reward.pooling", f"must be one of {list(POOLINGS)}, got {self.pooling!r}")
+    _check_choice(self.pooling, POOLINGS, "reward.pooling")
     _check(self.margin_scale >= 0, "reward.margin_scale", f"must be >= 0, got {self.margin_scale}")
     _check(self.normalize_samples >= 0, "reward.normalize_samples", f"must be >= 0, got {self.normalize_samples}")
     _check(self.normalize_max_new_tokens >= 1, "reward.normalize_max_new_tokens",
@@ -635,10 +640,7 @@ class RewardConfig:
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
-    _check_trainable_stage(self, init_from="the SFT run")
-
-
-WATCH_JUDGES = ("textblob", "vader", "length")  # the names in gptrl/judges.py JUDGES (kept import-free here)
+    _check_stage(self, init="the SFT run to start from", trains=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -698,11 +700,9 @@ class PPOAlgoConfig:
       _check(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
     _check(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
            f"must divide ppo.rollout_batch_size={self.rollout_batch_size}, got {self.minibatch_size}")
-    _check(self.kl_estimator in ("k1", "k3", "full"), "ppo.kl_estimator",
-           f"must be 'k1', 'k3' or 'full', got {self.kl_estimator!r}")
-    _check(self.critic in ("separate", "shared"), "ppo.critic", f"must be 'separate' or 'shared', got {self.critic!r}")
-    _check(self.placement in ("colocated", "split"), "ppo.placement",
-           f"must be 'colocated' or 'split', got {self.placement!r}")
+    _check_choice(self.kl_estimator, PPO_KL_ESTIMATORS, "ppo.kl_estimator")
+    _check_choice(self.critic, CRITICS, "ppo.critic")
+    _check_choice(self.placement, PLACEMENTS, "ppo.placement")
     if self.placement == "split":
       _check(self.sampler_devices >= 1, "ppo.sampler_devices",
              f"must be >= 1 with ppo.placement='split', got {self.sampler_devices}")
@@ -711,8 +711,7 @@ class PPOAlgoConfig:
              "is 'colocated': set it to 'split' to use ppo.sampler_devices / ppo.scorer_devices")
     _check(self.scorer_devices >= 0, "ppo.scorer_devices", f"must be >= 0, got {self.scorer_devices}")
     _check(self.split_tensor >= 1, "ppo.split_tensor", f"must be >= 1, got {self.split_tensor}")
-    _check(self.critic_init in ("reward", "sft"), "ppo.critic_init",
-           f"must be 'reward' or 'sft', got {self.critic_init!r}")
+    _check_choice(self.critic_init, CRITIC_INITS, "ppo.critic_init")
     _check(not (self.critic == "shared" and self.critic_init == "reward"), "ppo.critic_init",
            "a shared critic lives on the policy's trunk (SFT weights); use critic_init='sft' or critic='separate'")
     for name in ("init_beta", "target_kl", "vf_coef", "entropy_coef", "max_approx_kl", "truncation_penalty"):
@@ -729,9 +728,7 @@ class PPOAlgoConfig:
            f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
     _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
     _check(self.ptx_coef >= 0, "ppo.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
-    for name in self.watch_judges:
-      _check(name in WATCH_JUDGES, "ppo.watch_judges",
-             f"unknown judge {name!r}; known: {list(WATCH_JUDGES)}.{_suggest(name, WATCH_JUDGES)}")
+    _check_judges(self.watch_judges, "ppo.watch_judges")
     _check(len(set(self.watch_judges)) == len(self.watch_judges), "ppo.watch_judges",
            f"names a judge twice: {list(self.watch_judges)}")
 
@@ -755,14 +752,7 @@ class PPOConfig:
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
 
   def __post_init__(self):
-    _check(bool(self.workdir), "workdir", "must be set")
-    _check_paths(self)
-    _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-    _check(bool(self.init.checkpoint), "init.checkpoint", "must name the SFT run (policy start and reference)")
-    _check(bool(self.reward_model.checkpoint), "reward_model.checkpoint", "must name the reward-model run")
-
-
-PIPELINE_STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")  # the order the pipeline runs them in
+    _check_stage(self, init="the SFT run (policy start and reference)", reward_model=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -812,9 +802,8 @@ class PipelineConfig:
            f"its own; got {list(self.reward.data.sources)}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig,
-                                  "reward": RewardConfig, "bon": BestOfNConfig, "ppo": PPOConfig,
-                                  "pipeline": PipelineConfig}
+# config.stage -> its config class, as the stage registry names them.
+STAGE_CONFIGS: dict[str, type] = {name: globals()[stages_lib.get(name).config] for name in stages_lib.NAMES}
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -922,8 +911,13 @@ def load_config_file(path: str, variant: str = "") -> Any:
 
 
 def as_configdict(config: Any) -> Any:
-  """A dataclass config (e.g. `MeshConfig()`) as an ml_collections.ConfigDict, for config files to start from."""
+  """A dataclass config (e.g. `MeshConfig()`), or a config class's defaults (e.g. `SFTConfig`: every key, each at
+  its default, unchecked, since a stage's defaults alone may not be a valid run), as an ml_collections.ConfigDict:
+  what a config file starts from, to set only what differs."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+  if isinstance(config, type):
+    return ml_collections.ConfigDict({f.name: to_dict(f.default) if dataclasses.is_dataclass(f.default) else f.default
+                                      for f in dataclasses.fields(config)})
   return ml_collections.ConfigDict(to_dict(config))
 
 

@@ -18,7 +18,6 @@ import itertools
 import hashlib
 import json
 import os
-import re
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -179,79 +178,8 @@ def _read_text_file(path: str) -> Document | None:
 
 
 def iter_jsonl(path: str, *, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
-  """Yields (\"path:line\", record) for each non-blank line of a .jsonl file.
-
-  A byte-order mark at the start of a line (files made by concatenating BOM files have them mid-file) is not
-  part of the record. Extra fields in a record are the caller's to ignore or refuse.
-
-  Args:
-    path: the file.
-    expected: what a record should hold, for error messages (e.g. "a string field 'text'").
-  Raises:
-    DataError: invalid UTF-8 or JSON (including numbers too long to convert and nesting too deep to parse), a
-      line that is not a JSON object, or a string with an unpaired UTF-16 surrogate escape ("\\ud800", which no
-      tokenizer can encode); names path:line, and the field where there is one.
-  """
-  try:
-    f = fileio.open(path, "rb")  # pylint: disable=consider-using-with
-  except OSError as e:
-    raise DataError(f"{path}: cannot open the file ({e.strerror or e}).") from None
-  with f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{path}:{lineno}"
-      try:
-        line = raw.decode("utf-8-sig")
-      except UnicodeDecodeError as e:
-        raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
-                        f"expected a UTF-8 JSON object with {expected}.") from None
-      if not line.strip():  # Blank lines (often a trailing one) carry no record.
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON "
-                        f"object per line with {expected}.") from None
-      except (ValueError, RecursionError) as e:  # a number of > 4300 digits; nesting deeper than the stack
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-        raise DataError(f"{where}: unreadable JSON ({reason}); expected one JSON object per line with "
-                        f"{expected}.") from None
-      if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with {expected}, got a "
-                        f"{type(record).__name__}.")
-      if _SURROGATE_ESCAPE.search(line):
-        field = _unpaired_surrogate(record)
-        if field is not None:
-          raise DataError(f"{where}: field {field} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff "
-                          f"without its pair), which is not text; fix the encoder that wrote the file.")
-      yield where, record
-
-
-# JSON can spell half of a UTF-16 surrogate pair ("\ud83d" alone); json.loads accepts it and gives a str that
-# cannot be encoded as UTF-8, so the tokenizer would fail far from the line. Only lines with such an escape
-# are walked.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _unpaired_surrogate(value: Any, name: str = "") -> str | None:
-  """The field path (e.g. 'messages[1].content') of the first string holding an unpaired surrogate, or None."""
-  if isinstance(value, str):
-    try:
-      value.encode("utf-8")
-    except UnicodeEncodeError:
-      return repr(name or "<key>")
-    return None
-  if isinstance(value, dict):
-    for key, item in value.items():
-      child = f"{name}.{key}" if name else str(key)
-      found = _unpaired_surrogate(key, child) or _unpaired_surrogate(item, child)
-      if found:
-        return found
-  if isinstance(value, list):
-    for i, item in enumerate(value):
-      found = _unpaired_surrogate(item, f"{name}[{i}]")
-      if found:
-        return found
-  return None
+  """fileio.iter_jsonl raising DataError: (\"path:line\", record) per non-blank line of a data file."""
+  return fileio.iter_jsonl(path, expected=expected, error=DataError)
 
 
 def _read_jsonl(path: str, *, text_field: str) -> list[Document]:
@@ -417,7 +345,7 @@ def _load_tfds(source: str, *, text_field: str) -> list[Document]:
 # Train/eval split.
 
 
-def _unit_hash(*parts: Any) -> float:
+def unit_hash(*parts: Any) -> float:
   """A stable pseudo-random number in [0, 1) from parts (sha256: Python's hash is salted)."""
   digest = hashlib.sha256(json.dumps(parts).encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -451,7 +379,7 @@ def split_documents(docs: Sequence[Document], *, eval_fraction: float,
       raise DataError(f"cannot split {len(groups)} document group(s) into train and eval "
                       f"(eval_fraction={eval_fraction}): add documents, or set eval_fraction=0.")
     n_eval = min(max(n_eval, 1), len(groups) - 1)
-  ranked = sorted(groups, key=lambda group: (_unit_hash(seed, group), group))
+  ranked = sorted(groups, key=lambda group: (unit_hash(seed, group), group))
   eval_groups = set(ranked[:n_eval])
   train = [doc for doc in docs if doc.group not in eval_groups]
   evals = [doc for doc in docs if doc.group in eval_groups]
@@ -571,7 +499,7 @@ class _WindowsToBatch:
             "targets": np.ascontiguousarray(windows[:, 1:]), "weights": weights}
 
 
-def _shuffle_seed(seed: int) -> int:
+def shuffle_seed(seed: int) -> int:
   """A 32-bit grain shuffle seed derived from seed.
 
   grain reshuffles epoch e with seed + e, so raw seeds s and s + 1 would share all but one epoch
@@ -579,6 +507,21 @@ def _shuffle_seed(seed: int) -> int:
   """
   digest = hashlib.sha256(f"gptrl.data.lm_dataset:{int(seed)}".encode()).digest()
   return int.from_bytes(digest[:4], "big")
+
+
+def index_batches(n: int, *, seed: int, batch_size: int, shuffle: bool = True, num_epochs: int | None = None,
+                  drop_remainder: bool | None = None) -> grain.MapDataset:
+  """The grain recipe of every training stream: indices 0..n-1, shuffled per epoch (from `seed`, see
+  `shuffle_seed`), repeated `num_epochs` times (None: forever) and batched `batch_size` at a time (a batch may
+  span two epochs); `drop_remainder` defaults to dropping a short last batch only when the stream is endless.
+  Map the index batches to arrays (each process its slice) and call to_iter_dataset for a checkpointable iterator.
+  """
+  ds = grain.MapDataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(seed=shuffle_seed(seed))
+  # repeat() before batch(): batches span epochs; reseed_each_epoch gives each epoch its own order.
+  ds = ds.repeat(num_epochs, reseed_each_epoch=True)
+  return ds.batch(batch_size, drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder)
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -646,12 +589,8 @@ def lm_dataset(tokens: np.ndarray, *, seq_len: int, seed: int, shuffle: bool = T
                     f"{need_windows * seq_len + 1} tokens. Add data, or lower seq_len or the "
                     f"batch size.")
   per_process = global_batch_size // process_count
-  ds = grain.MapDataset.range(n_windows)
-  if shuffle:
-    ds = ds.shuffle(seed=_shuffle_seed(seed))
-  # repeat() before batch(): batches span epochs; reseed_each_epoch gives each epoch its own order.
-  ds = ds.repeat(num_epochs, reseed_each_epoch=True)
-  ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+  ds = index_batches(n_windows, seed=seed, batch_size=global_batch_size, shuffle=shuffle, num_epochs=num_epochs,
+                     drop_remainder=drop_remainder)
   lo = process_index * per_process
   ds = ds.map(_WindowsToBatch(tokens, seq_len, lo, lo + per_process))
   # Explicit ReadOptions: grain's default is 16 threads and 500 elements read ahead.

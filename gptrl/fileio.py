@@ -27,6 +27,7 @@ import contextlib
 import glob as glob_lib
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -411,3 +412,104 @@ class Appender:
     self._closed = True
     if self._file is not None:
       self._file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL: the one reader of records (strict) and of logs (lenient).
+
+
+def iter_jsonl(path: str, *, expected: str,
+               error: type[Exception] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
+  """Yields (\"path:line\", record) for each non-blank line of a .jsonl file that people or other programs wrote
+  (training data, labels): anything else is an `error` naming the file and line. (Logs this project writes are
+  read with `read_jsonl_lenient`.)
+
+  A byte-order mark at the start of a line (files made by concatenating BOM files have them mid-file) is not
+  part of the record. Extra fields in a record are the caller's to ignore or refuse.
+
+  Args:
+    path: the file.
+    expected: what a record should hold, for error messages (e.g. "a string field 'text'").
+    error: the exception class raised (e.g. gptrl.data.DataError).
+  Raises:
+    error: invalid UTF-8 or JSON (including numbers too long to convert and nesting too deep to parse), a
+      line that is not a JSON object, or a string with an unpaired UTF-16 surrogate escape ("\\ud800", which no
+      tokenizer can encode); names path:line, and the field where there is one.
+  """
+  try:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise error(f"{path}: cannot open the file ({e.strerror or e}).") from None
+  with f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8-sig")
+      except UnicodeDecodeError as e:
+        raise error(f"{where}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
+                        f"expected a UTF-8 JSON object with {expected}.") from None
+      if not line.strip():  # Blank lines (often a trailing one) carry no record.
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON "
+                        f"object per line with {expected}.") from None
+      except (ValueError, RecursionError) as e:  # a number of > 4300 digits; nesting deeper than the stack
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise error(f"{where}: unreadable JSON ({reason}); expected one JSON object per line with "
+                        f"{expected}.") from None
+      if not isinstance(record, dict):
+        raise error(f"{where}: expected a JSON object with {expected}, got a "
+                        f"{type(record).__name__}.")
+      if _SURROGATE_ESCAPE.search(line):
+        field = _unpaired_surrogate(record)
+        if field is not None:
+          raise error(f"{where}: field {field} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff "
+                          f"without its pair), which is not text; fix the encoder that wrote the file.")
+      yield where, record
+
+
+# JSON can spell half of a UTF-16 surrogate pair ("\ud83d" alone); json.loads accepts it and gives a str that
+# cannot be encoded as UTF-8, so the tokenizer would fail far from the line. Only lines with such an escape
+# are walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(value: Any, name: str = "") -> str | None:
+  """The field path (e.g. 'messages[1].content') of the first string holding an unpaired surrogate, or None."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      return repr(name or "<key>")
+    return None
+  if isinstance(value, dict):
+    for key, item in value.items():
+      child = f"{name}.{key}" if name else str(key)
+      found = _unpaired_surrogate(key, child) or _unpaired_surrogate(item, child)
+      if found:
+        return found
+  if isinstance(value, list):
+    for i, item in enumerate(value):
+      found = _unpaired_surrogate(item, f"{name}[{i}]")
+      if found:
+        return found
+  return None
+
+
+def read_jsonl_lenient(path: str) -> list[dict[str, Any]]:
+  """The JSON objects of a JSONL log this project writes (metrics, replies, eval records), skipping blank lines and
+  lines torn by a kill mid-write; [] when the file does not exist."""
+  rows = []
+  if not exists(path):
+    return rows
+  with open(path, errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows

@@ -683,9 +683,8 @@ def _restore_params(checkpoint: str, step: int) -> tuple[config_lib.ModelConfig,
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
-  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
 
-  meta, folder, step = common.read_meta(checkpoint, step)
+  meta, folder, step = ckpt_lib.read_checkpoint_meta(checkpoint, step)
   where = f"{folder}/{step}"
   if "model" not in meta:
     raise HFError(f"{where}: its meta has no model config (is it a gptrl checkpoint?).")
@@ -693,7 +692,7 @@ def _restore_params(checkpoint: str, step: int) -> tuple[config_lib.ModelConfig,
   if stage == "reward":
     raise HFError(f"{where} is a reward model (a scalar head, no language-model head): nothing to export as a "
                   "causal LM. Export the SFT or PPO checkpoint instead.")
-  cfg = common.model_config_from_meta(meta)
+  cfg = ckpt_lib.model_config_from_meta(meta)
   model = model_lib.GPT(cfg)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jax.numpy.zeros((1, 1), "int32"))
                                                   ["params"]))

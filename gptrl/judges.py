@@ -1,4 +1,4 @@
-"""Automatic raters that stand in for people when labelling comparisons (gptrl/stages/label.py).
+"""Automatic raters that stand in for people when labelling comparisons (gptrl/stages/autolabel.py).
 
 A judge maps reply texts to scores, higher is better; the labelling stage turns score gaps into preferences
 and drops pairs whose gap is below `judge.min_gap`, where an automatic judge is least reliable.

@@ -110,7 +110,7 @@ class LabelStore:
     self._appended = 0
     self._crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     paths = {name: os.path.join(folder, name) for name in (self.LOG, self.COMPARISONS, self.DEMONSTRATIONS)}
-    existing = {name: _read_jsonl(path, "a record written by gptrl.label") if _repair_torn_tail(path) else []
+    existing = {name: list(fileio.iter_jsonl(path, expected="a record written by gptrl.label", error=UsageError)) if _repair_torn_tail(path) else []
                 for name, path in paths.items()}
     self._actions: dict[str, str] = {}
     for where, entry in existing[self.LOG]:
@@ -220,25 +220,6 @@ def _repair_torn_tail(path: str) -> bool:
   return True
 
 
-def _read_jsonl(path: str, expected: str) -> list[tuple[str, dict[str, Any]]]:
-  """(\"path:line\", record) for each non-blank line of a JSONL file; UsageError naming path:line otherwise."""
-  records = []
-  with fileio.open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{path}:{lineno}"
-      try:
-        line = raw.decode("utf-8-sig")
-        record = json.loads(line) if line.strip() else None
-      except (UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{where}: not a UTF-8 JSON line ({e}); expected {expected}.") from None
-      if record is None:
-        continue
-      if not isinstance(record, dict):
-        raise UsageError(f"{where}: expected a JSON object with {expected}, got {type(record).__name__}.")
-      records.append((where, record))
-  return records
-
-
 # ----------------------------------------------------------------------------------------------
 # The person at the page, as a labeller.
 
@@ -345,7 +326,7 @@ def replies_questions(path: str, k: int) -> list[Question]:
   if not fileio.isfile(path):
     raise UsageError(f"--replies {path}: no such file; give the replies.jsonl of a labelling run.")
   questions: dict[str, Question] = {}
-  for where, record in _read_jsonl(path, _REPLIES_EXPECTED):
+  for where, record in fileio.iter_jsonl(path, expected=_REPLIES_EXPECTED, error=UsageError):
     prompt = _prompt_of(record, where, cut_reply=False)
     responses = record.get("responses")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):

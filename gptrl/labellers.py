@@ -1,6 +1,6 @@
 """Labellers: who says which replies to a prompt are better. One interface, two kinds of labeller:
 
-- `JudgeLabeller`: an automatic judge of gptrl/judges.py (what the labelling stage, gptrl/stages/label.py, uses);
+- `JudgeLabeller`: an automatic judge of gptrl/judges.py (what the labelling stage, gptrl/stages/autolabel.py, uses);
 - the person at the labelling web page (`gptrl.label.WebLabeller`, `python -m gptrl.label`).
 
 A labeller is given a prompt (chat messages) and the K replies to it, and returns a `Label`:

@@ -6,7 +6,6 @@ with the closest valid key), joins a multi-process job when it detects one, and 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import sys
@@ -16,14 +15,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from gptrl import config as config_lib
+from gptrl import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", default=None, help_string="Path to a config file.",
                                           lock_config=True)
 
-# Stage name -> module with `run(typed_config)`; imported lazily so `--help` stays fast.
-STAGES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
-          "reward": "gptrl.stages.reward", "bon": "gptrl.stages.bon", "ppo": "gptrl.stages.ppo",
-          "pipeline": "gptrl.stages.pipeline"}
 
 
 def _usage_error(message: str) -> None:
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None, *, expect_stage: str = "", prog: str = "
   from gptrl import distributed, hostmem  # pylint: disable=import-outside-toplevel
   hostmem.configure(cfg.distributed.host_malloc)  # before JAX starts its threads
   distributed.maybe_initialize(cfg.distributed)
-  stage = importlib.import_module(STAGES[cfg.stage])
+  stage = stages.module(cfg.stage)  # imported now, so that `--help` stays fast
   # Errors in what the user gave (config values, data files, checkpoints, tokenizers) end the run with their
   # message, which names the file:line/field or the key, instead of a traceback from deep inside the stage.
   from gptrl import checkpoint, data, fileio, tokenizer, trainer  # pylint: disable=import-outside-toplevel

@@ -35,6 +35,19 @@ def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
   return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
 
 
+def lm_loss_fn(model):
+  """Token-weighted next-token cross-entropy of a GPT (`inputs`, `targets`, `weights` batches): the loss_fn
+  (gptrl/trainer.py LossFn) of pretraining and SFT; `rng` drives dropout when the model has any."""
+  deterministic = model.config.dropout == 0.0
+
+  def loss_fn(params, batch, rng):
+    logits_BxTxV = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                               rngs=None if deterministic else {"dropout": rng})
+    loss_sum, weight = weighted_cross_entropy(logits_BxTxV, batch["targets"], batch["weights"])
+    return loss_sum, {"weight": weight}
+  return loss_fn
+
+
 def bradley_terry(rewards_BxK: jax.Array, pairs_BxKxK: jax.Array, margins_BxKxK: jax.Array | None = None, *,
                   margin_scale: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Pairwise logistic (Bradley-Terry) loss over the compared responses of each prompt.

@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
 from gptrl import presets
+from gptrl import stages
 from gptrl import sharding
 
 GIB = 1024 ** 3
@@ -149,30 +151,22 @@ def _shape_only(cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
 
 
 def init_fn(kind: str, model_cfg: config_lib.ModelConfig, critic: str = "separate") -> Callable[[jax.Array], Any]:
-  """rng -> boxed parameters of a stage's trained model, as the stage initialises it.
+  """rng -> boxed parameters of a stage's trained model, built as the stage builds them.
 
   kind: "lm" (GPT: pretraining, SFT, labelling), "scalar" (the reward model), "ppo" ({"policy", "value"} with
   `critic` "separate" (a scalar-head transformer) or "shared" (a value head on the policy's hidden states)).
   """
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
   from gptrl import reward_model  # pylint: disable=import-outside-toplevel
-  example = jnp.zeros((1, model_cfg.max_len), jnp.int32)
+  from gptrl.stages import ppo, recipe  # pylint: disable=import-outside-toplevel
   if kind == "lm":
-    return lambda r: model_lib.GPT(model_cfg).init(r, example)["params"]
+    return recipe.init_params(model_lib.GPT(model_cfg), model_cfg.max_len)
   if kind == "scalar":
-    return lambda r: reward_model.ScalarHeadModel(model_cfg).init(r, example)["params"]
+    return recipe.init_params(reward_model.make_reward_model(model_cfg, 1), model_cfg.max_len)
   if kind != "ppo":
     raise ValueError(f"memory.init_fn: unknown kind {kind!r}")
-
-  def init_ppo(rng):  # as gptrl/stages/ppo.py:run builds the train state's parameters
-    r1, r2 = jax.random.split(rng)
-    if critic == "shared":
-      value = reward_model.ScalarHead(name="value_head").init(
-          r2, jnp.zeros((1, model_cfg.max_len, model_cfg.d_model), jnp.float32))["params"]
-    else:
-      value = reward_model.ScalarHeadModel(model_cfg, head_name="value_head").init(r2, example)["params"]
-    return {"policy": model_lib.GPT(model_cfg).init(r1, example)["params"], "value": value}
-  return init_ppo
+  models = ppo.make_models(model_cfg, model_cfg, config_lib.PPOAlgoConfig(critic=critic))
+  return functools.partial(ppo.init_params, models)
 
 
 @functools.lru_cache(maxsize=64)
@@ -487,19 +481,18 @@ def device_memory(chip: str = "", devices: Sequence[Any] | None = None) -> tuple
 def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None]:
   """The run's model shape(s) as the stage will build them: pretraining's from the config (the vocabulary from
   the tokenizer it is given or will train), the other stages' from their init checkpoints."""
-  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
   if cfg.stage == "pretrain":
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     if not cfg.model.vocab_size and cfg.tokenizer.path:
       from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
       vocab = tokenizer_lib.load_tokenizer(cfg.tokenizer.path).vocab_size
     return dataclasses.replace(cfg.model, vocab_size=vocab), None
-  meta, _, _ = common.read_meta(cfg.init.checkpoint, cfg.init.step)
-  model_cfg = cfg.model.apply(common.model_config_from_meta(meta))
+  meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.init.checkpoint, cfg.init.step)
+  model_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(meta))
   rm_cfg = None
   if cfg.stage == "ppo":
-    rm_meta, _, _ = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
-    rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
+    rm_meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
+    rm_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(rm_meta))
   return model_cfg, rm_cfg
 
 
@@ -514,8 +507,8 @@ def check_at_launch(cfg: Any) -> Estimate | None:
     config_lib.ConfigError: the estimate exceeds the device's memory and memory_check is "refuse".
   """
   hardware = getattr(cfg, "hardware", None)
-  if hardware is None or hardware.memory_check == "off" or cfg.stage not in ("pretrain", "sft", "label", "reward",
-                                                                              "ppo"):
+  if (hardware is None or hardware.memory_check == "off" or cfg.stage not in stages.NAMES
+      or not stages.get(cfg.stage).memory_estimate):
     return None
   try:
     mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, jax.device_count())))

@@ -18,7 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from gptrl.config import KL_ESTIMATORS
 
 
 def _valid(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:

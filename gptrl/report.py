@@ -21,7 +21,6 @@ Folders and --out may be gs:// URLs (gptrl/fileio.py).
 from __future__ import annotations
 
 import argparse
-import ast
 import base64
 import dataclasses
 import datetime
@@ -39,8 +38,9 @@ import numpy as np
 
 from gptrl import fileio
 from gptrl import frontier
+from gptrl import stages as stages_lib
 
-STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")  # pipeline order (gptrl/config.py PIPELINE_STAGES)
+STAGES = stages_lib.PIPELINE_ORDER
 TABLE_PROMPTS = 12  # held-out prompts shown in the SFT-vs-PPO table
 _JUDGE_PREFIX = "eval/judge_"
 _COLORS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")  # watch judges; the RM is tab:blue
@@ -60,22 +60,6 @@ def _read_json(path: str) -> dict[str, Any] | None:
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None
   return value if isinstance(value, dict) else None
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The JSON objects of a JSONL file, skipping blank and torn lines (a kill mid-write); [] if it is missing."""
-  rows = []
-  if not fileio.exists(path):
-    return rows
-  with fileio.open(path, errors="replace") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict):
-        rows.append(row)
-  return rows
 
 
 def _has_outputs(folder: str) -> bool:
@@ -146,7 +130,7 @@ class Run:
 
   def __init__(self, stage_dirs: dict[str, str]):
     self.dirs = {s: d for s, d in stage_dirs.items() if d}
-    self.metrics = {s: read_jsonl(os.path.join(d, "metrics.jsonl")) for s, d in self.dirs.items()}
+    self.metrics = {s: fileio.read_jsonl_lenient(os.path.join(d, "metrics.jsonl")) for s, d in self.dirs.items()}
     self.configs = {s: _read_json(os.path.join(d, "config.json")) or {} for s, d in self.dirs.items()}
     # A pipeline keeps every stage in a sub-folder of its workdir, next to its record of the stage times.
     parents = {os.path.dirname(fileio.abspath(d)) for d in self.dirs.values()}
@@ -533,8 +517,8 @@ def section_label(run: Run) -> str:
     return _note("No labelling stage in this report.")
   folder = run.dirs["label"]
   summary = _read_json(os.path.join(folder, "summary.json")) or {}
-  replies = read_jsonl(os.path.join(folder, "replies.jsonl"))
-  comparisons = read_jsonl(os.path.join(folder, "comparisons.jsonl"))
+  replies = fileio.read_jsonl_lenient(os.path.join(folder, "replies.jsonl"))
+  comparisons = fileio.read_jsonl_lenient(os.path.join(folder, "comparisons.jsonl"))
   if not summary and not replies and not comparisons:
     return _note(f"{folder}: no summary.json, replies.jsonl or comparisons.jsonl yet.")
   k = summary.get("replies_per_prompt") or (max((len(r.get("responses", [])) for r in replies), default=0))
@@ -564,28 +548,6 @@ def section_label(run: Run) -> str:
   return out
 
 
-_SAMPLE_TEXT = re.compile(r"^(?P<text>.*) \(reward (?P<reward>[-+]?[0-9.]+(?:e[-+]?\d+)?)\)$", re.S)
-
-
-def _eval_replies_from_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Runs from before eval_replies.jsonl: the few `'reply' (reward +x)` texts PPO logged per eval."""
-  out = []
-  for row in rows:
-    if row.get("tag") != "samples" or not isinstance(row.get("texts"), list):
-      continue
-    replies = []
-    for i, text in enumerate(row["texts"]):
-      match = _SAMPLE_TEXT.match(str(text))
-      try:
-        reply = ast.literal_eval(match["text"]) if match else str(text)
-      except (ValueError, SyntaxError):
-        reply = match["text"]
-      replies.append({"prompt_index": i, "messages": [], "reply": reply,
-                      "reward": float(match["reward"]) if match else None})
-    out.append({"step": row.get("step"), "replies": replies})
-  return out
-
-
 def _scores_cell(record: dict[str, Any] | None, judges: Sequence[str]) -> str:
   if record is None:
     return ""
@@ -598,7 +560,7 @@ def _scores_cell(record: dict[str, Any] | None, judges: Sequence[str]) -> str:
 
 def _eval_replies(ppo_folder: str) -> list[dict[str, Any]]:
   """The PPO stage's per-eval reply records (gptrl/stages/ppo.py append_eval_replies), oldest first."""
-  rows = read_jsonl(os.path.join(ppo_folder, "eval_replies.jsonl"))
+  rows = fileio.read_jsonl_lenient(os.path.join(ppo_folder, "eval_replies.jsonl"))
   return [e for e in rows if isinstance(e.get("replies"), list)]
 
 
@@ -624,13 +586,8 @@ def section_replies(run: Run) -> str:
     return _note("No PPO stage in this report.")
   folder = run.dirs["ppo"]
   evals = _eval_replies(folder)
-  note = ""
-  if not evals:
-    evals = _eval_replies_from_samples(read_jsonl(os.path.join(folder, "samples.jsonl")))
-    note = _note("This run has no eval_replies.jsonl (PPO from before it was written): showing the few replies "
-                 "it logged per eval in samples.jsonl, without their prompts or judge scores.")
   if len(evals) < 2:
-    return note + _note(f"{folder}: fewer than two evals of held-out replies logged; nothing to compare yet.")
+    return _note(f"{folder}: fewer than two evals of held-out replies logged; nothing to compare yet.")
   first, last = evals[0], evals[-1]
   judges = sorted({n for e in (first, last) for r in e["replies"] for n in (r.get("judges") or {})})
   by_index = {r.get("prompt_index"): r for r in last["replies"]}
@@ -658,7 +615,7 @@ def section_replies(run: Run) -> str:
         f"{n} {np.mean([r['judges'][n] for r in e['replies'] if n in (r.get('judges') or {})]):+.3f}"
         for n in judges]
     means.append(f"step {e.get('step')}: mean over {len(e['replies'])} prompts: " + ", ".join(p for p in parts if p))
-  return (note + _note(" | ".join(means)) + _table(header, rows, cls="replies") +
+  return (_note(" | ".join(means)) + _table(header, rows, cls="replies") +
           _note(f"The first {len(shown)} of {len(first['replies'])} held-out prompts; every eval samples with the "
                 "same key, so a change is the policy's. RM = the reward model's normalised reward."))
 
@@ -669,7 +626,7 @@ def _bon_picks(run: Run) -> tuple[dict[str, dict[str, Any]], str]:
   if "bon" not in run.dirs:
     return {}, ""
   picks, label = {}, ""
-  for record in read_jsonl(os.path.join(run.dirs["bon"], "bon_replies.jsonl")):
+  for record in fileio.read_jsonl_lenient(os.path.join(run.dirs["bon"], "bon_replies.jsonl")):
     key = next((k for k in record if k.startswith("best_of_")), None)
     if key is None or not isinstance(record.get(key), dict):
       continue

@@ -47,7 +47,6 @@ from gptrl import reward_model
 from gptrl import sampling
 from gptrl import sharding
 from gptrl import tokenizer as tokenizer_lib
-from gptrl.stages import common
 
 _PROG = "gptrl.sample"
 PRETRAIN_STAGE, REWARD_STAGE = "pretrain", "reward"
@@ -138,7 +137,7 @@ def load(source: Source, mesh: jax.sharding.Mesh) -> Loaded:
   else:
     model = model_lib.GPT(cfg)
   try:
-    params = common.load_frozen_params(model, np.zeros((1, cfg.max_len), np.int32), mesh,
+    params = ckpt_lib.load_frozen_params(model, np.zeros((1, cfg.max_len), np.int32), mesh,
                                        config_lib.InitConfig(checkpoint=source.folder, step=source.step),
                                        tokenizer_sha256=source.tok.sha256,
                                        subtree="policy" if source.stage == "ppo" else "")

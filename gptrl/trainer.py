@@ -1,8 +1,9 @@
-"""What every gradient-trained stage shares: the train state, the jitted train step, and the training loop.
+"""What every gradient-trained stage shares: the train state, the jitted train step, resume and rollback, and
+`GradientTask`, the gradient step as a unit of work of the one run loop (gptrl/loop.py).
 
 A stage supplies a loss function `loss_fn(params, batch, rng) -> (loss_sum, sums)` where `sums["weight"]` is
-the normaliser (e.g. the number of target tokens), plus its data iterator and its eval/sample callbacks. The
-loop owns checkpointing, resume, preemption, logging and the progress bar.
+the normaliser (e.g. the number of target tokens), plus its data iterator and its eval/sample callbacks
+(gptrl/stages/recipe.py puts them together).
 
 Numerics guard: the jitted step skips (by selection) an update whose loss or gradient norm is not finite or
 whose loss is a spike against the running statistics of recent good steps (`is_loss_spike`,
@@ -13,12 +14,7 @@ TrainingDivergedError. Every decision depends only on the state and the data, so
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import signal
-import sys
-import time
 from typing import Any, Callable, Iterator, Mapping
 
 import flax
@@ -27,17 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tqdm
-from jax.experimental import multihost_utils
 
 from gptrl import checkpoint as ckpt_lib
+from gptrl import data as data_lib
+from gptrl import loop as loop_lib
 from gptrl import sharding
 from gptrl.config import TrainConfig
-from gptrl.metrics import MetricsWriter
-
-# Exit code of a run stopped by preemption after saving (EX_TEMPFAIL: "try again"); launchers retry on it.
-EXIT_PREEMPTED = 75
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -234,33 +225,41 @@ def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.shardin
 
 
 # ----------------------------------------------------------------------------------------------
-# Restoring a TrainState, and rolling back to a checkpoint.
+# Resume, rollback, and the gradient step as the run loop's unit of work.
 
 
-def _saved_state_keys(directory: str, step: int) -> set[str] | None:
-  """Top-level names of checkpoint `step`'s saved state, or None when its metadata cannot be read."""
-  try:
-    return set(ocp.PyTreeCheckpointer().metadata(os.path.join(directory, str(step), "state")).item_metadata.keys())
-  except Exception:  # pylint: disable=broad-except  # unreadable: the restore itself reports (or sets it aside)
+def resume(checkpointer: ckpt_lib.Checkpointer, state: TrainState, state_shardings: Any, *, tokenizer_sha256: str,
+           fingerprint: str, fingerprint_parts: dict[str, Any], train_iter: Any,
+           reset_data_position: bool = False) -> tuple[int, TrainState, dict[str, Any]] | None:
+  """Restores this workdir's newest valid checkpoint into (state, train_iter), checking that it belongs to the
+  same tokenizer and data pipeline; returns (step, state, the checkpoint's data item), or None when there is
+  none (a fresh start).
+
+  A data pipeline whose fingerprint differs from the saved one is refused (naming what differs), unless
+  `reset_data_position` (config data.reset_position): then the state is restored and `train_iter` keeps its
+  fresh position; the returned data item then has "position_reset": True and no saved iterator positions.
+  """
+  restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
+  if restored is None:
     return None
-
-
-def restore_target(directory: str, step: int, abstract_state: TrainState) -> Any:
-  """The restore target for checkpoint `directory/step`: `abstract_state` (ShapeDtypeStructs), or a dict of its
-  fields but `numerics` for a checkpoint written before TrainState had them (turned back by `as_train_state`),
-  so that an older run's checkpoints still resume instead of failing the restore."""
-  keys = _saved_state_keys(directory, step)
-  if keys is not None and "params" in keys and "numerics" not in keys:
-    return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(TrainState) if f.name != "numerics"}
-  return abstract_state
-
-
-def as_train_state(restored: Any, fresh_numerics: NumericsState) -> TrainState:
-  """A restored state as a TrainState; one restored through `restore_target`'s dict gets `fresh_numerics`."""
-  if isinstance(restored, TrainState):
-    return restored
-  logging.warning("The checkpoint predates the numerics guard's counters; they start from 0.")
-  return TrainState(**restored, numerics=fresh_numerics)
+  step, state, data_state, meta = restored
+  where = f"{checkpointer.directory}/{step}"
+  ckpt_lib.check_tokenizer(meta, tokenizer_sha256, where=f"The checkpoint {where}")
+  try:
+    data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
+                               saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)
+  except data_lib.DataError:
+    if not reset_data_position:
+      raise
+    saved_parts = data_state.get("fingerprint_parts")
+    differs = data_lib.fingerprint_differences(saved_parts, fingerprint_parts) if saved_parts else "unrecorded parts"
+    logging.warning("data.reset_position=True: the data position saved in %s belongs to another data pipeline "
+                    "(differs in: %s); restored the model, optimizer state and step %d, and starting the data "
+                    "iterator from the beginning.", where, differs, step)
+    return step, state, {**data_state, "iterator": None, "ptx_iterator": None, "position_reset": True}
+  train_iter.set_state(data_state["iterator"])
+  logging.info("Resumed from %s.", where)
+  return step, state, data_state
 
 
 def rollback(checkpointer: ckpt_lib.Checkpointer, state: TrainState, *, done: int, streak: int, first_bad: int,
@@ -306,7 +305,7 @@ def rollback(checkpointer: ckpt_lib.Checkpointer, state: TrainState, *, done: in
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   for target in reversed(candidates):
     try:
-      restored, data, _ = checkpointer.restore(target, restore_target(checkpointer.directory, target, abstract))
+      restored, data, _ = checkpointer.restore(target, abstract)
       break
     except ckpt_lib.CheckpointError as e:  # damaged (and set aside by the Checkpointer): try the one before
       if target == candidates[0]:
@@ -314,7 +313,6 @@ def rollback(checkpointer: ckpt_lib.Checkpointer, state: TrainState, *, done: in
                                     f"could be restored (the oldest: {e}).") from e
       logging.error("Cannot roll back to %s/%d (%s); trying the checkpoint before it.", checkpointer.directory,
                     target, e)
-  restored = as_train_state(restored, init_numerics())
   saved = jax.device_get(restored.numerics)
   numerics = numerics.replace(bad_streak=np.int32(0), rollbacks=np.int32(rollbacks + 1), good_steps=saved.good_steps,
                               loss_mean=saved.loss_mean, loss_var=saved.loss_var)
@@ -326,181 +324,81 @@ def rollback(checkpointer: ckpt_lib.Checkpointer, state: TrainState, *, done: in
   return state, target, data
 
 
-class PreemptionGuard:
-  """Turns SIGTERM (and, in multi-process jobs, JAX's preemption sync point) into 'save and stop'."""
+class GradientTask(loop_lib.Task):
+  """A gradient stage's unit of work for gptrl/loop.py: one batch of `train_iter` through the jitted `train_step`.
 
-  def __init__(self):
-    self._signalled = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. under some test runners): rely on the sync point only
-      self._previous = None
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self._signalled = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          return True
-      except RuntimeError:  # the preemption service is not running in this job
-        pass
-      # Every process must agree, or the collective save would hang on the ones that carry on.
-      return bool(multihost_utils.process_allgather(np.array(self._signalled)).any())
-    return self._signalled
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-@dataclasses.dataclass
-class Loop:
-  """The pieces of one stage's training run."""
-  workdir: str
-  train_cfg: TrainConfig
-  mesh: jax.sharding.Mesh
-  train_step: Callable  # jitted (state, global_batch) -> (state, metrics)
-  train_iter: Iterator[dict[str, np.ndarray]]  # this process's batches; has get_state()
-  checkpointer: ckpt_lib.Checkpointer
-  meta: dict[str, Any]  # saved with each checkpoint
-  data_fingerprint: str
-  data_fingerprint_parts: dict[str, Any]  # what the fingerprint hashes, so a refused resume names what differs
-  tokens_per_step: int  # global tokens per optimizer step, for tokens/s
-  eval_fn: Callable[[TrainState], dict[str, float]] | None = None
-  sample_fn: Callable[[TrainState], list[str]] | None = None
-  flops_per_step: float = 0.0  # model FLOPs per optimizer step, for achieved FLOP/s
-  # Called once after the last step, before its checkpoint: returns entries added to that checkpoint's meta
-  # (and logged as metrics when numeric), e.g. the reward model's normalisation offset.
-  final_meta_fn: Callable[[TrainState], dict[str, Any]] | None = None
-
-
-def save_checkpoint(loop: Loop, state: TrainState, step: int) -> None:
-  data = {"iterator": loop.train_iter.get_state(), "fingerprint": loop.data_fingerprint,
-          "fingerprint_parts": loop.data_fingerprint_parts}
-  loop.checkpointer.save(step, state, data=data, meta=loop.meta)
-
-
-def run_loop(loop: Loop, state: TrainState, *, start_step: int) -> TrainState:
-  """Trains from `start_step` to `train_cfg.steps`, logging, evaluating, sampling and checkpointing.
-
-  Metrics of step s are fetched after step s+1 is dispatched, so the host never stalls the device; so is the
-  numerics verdict of step s: when it completes `train.max_bad_steps` skipped steps in a row, step s+1 (already
-  running on the bad state) is discarded with them, params and optimizer state roll back (`rollback`), and a
-  checkpoint is saved at once, so later rollbacks and resumes start from the rolled-back state.
-  Exits the process with EXIT_PREEMPTED after saving when preempted.
-  Raises:
-    TrainingDivergedError: bad steps again after `train.max_rollbacks` rollbacks, or none possible.
+  Metrics of step s are fetched after step s+1 is dispatched (`lagged`), so the host never stalls the device; so
+  is the numerics verdict of step s: when it completes `train.max_bad_steps` skipped steps in a row, step s+1
+  (already running on the bad state) is discarded with them, params and optimizer state roll back (`rollback`),
+  and the loop saves a checkpoint at once, so later rollbacks and resumes start from the rolled-back state.
+  A checkpoint's data item holds the iterator's position and the data pipeline's fingerprint (and its parts, so
+  that a refused resume names what differs).
   """
-  cfg = loop.train_cfg
-  is_main = jax.process_index() == 0
-  # A fresh start (step 0) keeps no earlier rows: a run killed before its first checkpoint starts over.
-  writer = MetricsWriter(loop.workdir, enabled=is_main, resume_step=start_step if start_step else -1)
-  guard = PreemptionGuard()
-  bar = tqdm.tqdm(total=cfg.steps, initial=start_step, disable=not (is_main and cfg.progress_bar),
-                  dynamic_ncols=True, desc="train", file=sys.stderr)
-  pending: tuple[int, Any] | None = None
-  last_log = (start_step, time.perf_counter())
-  # Skipped steps in a row before the step about to run (a resumed run continues the checkpoint's count).
-  prev_streak: Any = int(jax.device_get(state.numerics.bad_streak)) if cfg.max_bad_steps else 0
-  prev_metrics: dict[str, Any] | None = None
+  lagged = True
+  print_samples = True
 
-  def flush(pending):
-    nonlocal last_log
-    step, metrics = pending
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
-    steps_done = step - last_log[0]
-    if steps_done > 0:
-      metrics["train/tokens_per_sec"] = steps_done * loop.tokens_per_step / (now - last_log[1])
-      metrics["train/steps_per_sec"] = steps_done / (now - last_log[1])
-      if loop.flops_per_step:
-        metrics["train/flops_per_sec"] = steps_done * loop.flops_per_step / (now - last_log[1])
-    last_log = (step, now)
-    writer.write(step, metrics)
-    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                    tok_s=f"{metrics.get('train/tokens_per_sec', 0):.0f}", refresh=False)
+  def __init__(self, *, train_step: Callable, train_iter: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+               checkpointer: ckpt_lib.Checkpointer, train_cfg: TrainConfig, meta: dict[str, Any],
+               data_fingerprint: str, data_fingerprint_parts: dict[str, Any], tokens_per_step: int,
+               flops_per_step: float = 0.0, eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+               sample_fn: Callable[[TrainState], list[str]] | None = None,
+               final_meta_fn: Callable[[TrainState], dict[str, Any]] | None = None):
+    """`final_meta_fn(state)`, called once after the last step, returns entries added to that checkpoint's meta
+    (and logged as final/<name> when numeric), e.g. the reward model's normalisation offset."""
+    self.train_step, self.train_iter, self.mesh, self.checkpointer = train_step, train_iter, mesh, checkpointer
+    self.train_cfg, self.meta = train_cfg, meta
+    self.data_fingerprint, self.data_fingerprint_parts = data_fingerprint, data_fingerprint_parts
+    self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+    self.eval_fn, self.sample_fn, self.final_meta_fn = eval_fn, sample_fn, final_meta_fn
+    self._prev_streak: Any = None  # skipped steps in a row before the step about to run (a device scalar)
+    self._prev_metrics: dict[str, Any] | None = None
 
-  try:
-    if start_step == 0 and cfg.eval_at_start:
-      evaluate(loop, state, 0, writer)
-      last_log = (0, time.perf_counter())
-    for step in range(start_step, cfg.steps):
-      if guard.should_stop(step):
-        if pending:
-          flush(pending)
-        writer.sync()  # a bucket workdir's metrics rows first, then the checkpoint they lead up to
-        save_checkpoint(loop, state, step)
-        loop.checkpointer.wait()
-        logging.warning("Preempted at step %d: checkpoint saved; exiting with code %d.", step, EXIT_PREEMPTED)
-        bar.close()
-        writer.close()
-        sys.exit(EXIT_PREEMPTED)
-      batch = sharding.host_to_global(next(loop.train_iter), loop.mesh)
-      state, metrics = loop.train_step(state, batch)
-      loop.checkpointer.poll()  # a failed background save stops the run now, not at the next save
-      rolled_back = False
-      if cfg.max_bad_steps:
-        streak = int(prev_streak)  # the previous step's verdict: waits for it while this step runs
-        if streak and prev_metrics is not None:
-          m = jax.device_get({k: prev_metrics[k] for k in ("train/loss", "train/grad_norm", "train/spikes")})
-          logging.warning("Step %d skipped (%s: loss %.5g, grad norm %.5g); %d skipped in a row.", step,
-                          "loss spike" if m["train/spikes"] else "not finite", m["train/loss"], m["train/grad_norm"],
-                          streak)
-        if streak >= cfg.max_bad_steps:
-          state, _, _ = rollback(loop.checkpointer, state, done=step + 1, streak=streak, first_bad=step - streak,
-                                 train_cfg=cfg)
-          rolled_back, prev_streak, prev_metrics = True, 0, None
-          # This step's row shows the state after the rollback, not the discarded update's counts.
-          metrics = {**metrics, "train/bad_streak": 0, "train/rollbacks": int(jax.device_get(state.numerics.rollbacks))}
-        else:
-          prev_streak, prev_metrics = metrics["train/bad_streak"], metrics
-      if pending:
-        flush(pending)
-        pending = None
-      done = step + 1
-      bar.update(1)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        pending = (done, metrics)
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        if pending:
-          flush(pending)
-          pending = None
-        evaluate(loop, state, done, writer)
-        last_log = (done, time.perf_counter())  # eval time is not training throughput
-      if done == cfg.steps and loop.final_meta_fn is not None:
-        extra = loop.final_meta_fn(state)
-        loop.meta = {**loop.meta, **extra}
-        writer.write(done, {f"final/{k}": float(v) for k, v in extra.items() if isinstance(v, (int, float))})
-      if done % cfg.checkpoint_every == 0 or done == cfg.steps or rolled_back:
-        if pending:  # its row goes with the checkpoint (a bucket workdir uploads the rows at `sync`)
-          flush(pending)
-          pending = None
-        writer.sync()
-        save_checkpoint(loop, state, done)
-    if pending:
-      flush(pending)
-    loop.checkpointer.wait()
-  finally:
-    bar.close()
-    writer.close()
-    guard.restore()
-  return state
+  def step(self, state: TrainState, index: int) -> loop_lib.Outcome:
+    if self._prev_streak is None:  # a resumed run continues the checkpoint's count
+      self._prev_streak = int(jax.device_get(state.numerics.bad_streak)) if self.train_cfg.max_bad_steps else 0
+    state, metrics = self.train_step(state, sharding.host_to_global(next(self.train_iter), self.mesh))
+    self.checkpointer.poll()  # a failed background save stops the run now, not at the next save
+    return loop_lib.Outcome(state, metrics)
 
+  def check(self, state: TrainState, index: int, outcome: loop_lib.Outcome) -> tuple[TrainState, dict[str, Any], bool]:
+    cfg, state, metrics = self.train_cfg, outcome.state, outcome.metrics
+    if not cfg.max_bad_steps:
+      return state, metrics, False
+    streak = int(self._prev_streak)  # the previous step's verdict: waits for it while this step runs
+    if streak and self._prev_metrics is not None:
+      m = jax.device_get({k: self._prev_metrics[k] for k in ("train/loss", "train/grad_norm", "train/spikes")})
+      logging.warning("Step %d skipped (%s: loss %.5g, grad norm %.5g); %d skipped in a row.", index,
+                      "loss spike" if m["train/spikes"] else "not finite", m["train/loss"], m["train/grad_norm"],
+                      streak)
+    if streak < cfg.max_bad_steps:
+      self._prev_streak, self._prev_metrics = metrics["train/bad_streak"], metrics
+      return state, metrics, False
+    state, _, _ = rollback(self.checkpointer, state, done=index + 1, streak=streak, first_bad=index - streak,
+                           train_cfg=cfg)
+    self._prev_streak, self._prev_metrics = 0, None
+    # This step's row shows the state after the rollback, not the discarded update's counts.
+    metrics = {**metrics, "train/bad_streak": 0, "train/rollbacks": int(jax.device_get(state.numerics.rollbacks))}
+    return state, metrics, True
 
-def evaluate(loop: Loop, state: TrainState, step: int, writer: MetricsWriter) -> None:
-  """Runs the stage's eval and sampling callbacks and logs what they return."""
-  if loop.eval_fn is not None:
-    metrics = loop.eval_fn(state)
-    writer.write(step, metrics)
-    logging.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-  if loop.sample_fn is not None:
-    texts = loop.sample_fn(state)
-    writer.write_texts(step, "samples", texts)
-    if jax.process_index() == 0:
-      tqdm.tqdm.write(f"--- samples at step {step} ---")
-      for text in texts:
-        tqdm.tqdm.write(text.rstrip() + "\n---")
+  def save(self, state: TrainState, done: int) -> None:
+    data = {"iterator": self.train_iter.get_state(), "fingerprint": self.data_fingerprint,
+            "fingerprint_parts": self.data_fingerprint_parts}
+    self.checkpointer.save(done, state, data=data, meta=self.meta)
+
+  def wait(self) -> None:
+    self.checkpointer.wait()
+
+  def evaluate(self, state: TrainState, done: int) -> tuple[dict[str, float], list[str] | None]:
+    metrics = self.eval_fn(state) if self.eval_fn is not None else {}
+    texts = self.sample_fn(state) if self.sample_fn is not None else None
+    return metrics, texts
+
+  def finish(self, state: TrainState) -> dict[str, Any]:
+    if self.final_meta_fn is None:
+      return {}
+    extra = self.final_meta_fn(state)
+    self.meta = {**self.meta, **extra}
+    return extra
+
+  def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+    return {"loss": f"{metrics['train/loss']:.3f}", "tok_s": f"{metrics.get('train/tokens_per_sec', 0):.0f}"}

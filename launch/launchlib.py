@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# gptrl/trainer.py EXIT_PREEMPTED: a run stopped by SIGTERM / a preemption notice after saving a checkpoint.
+# gptrl/loop.py EXIT_PREEMPTED: a run stopped by SIGTERM / a preemption notice after saving a checkpoint.
 EXIT_PREEMPTED = 75
 JAX_VERSIONS = ">=0.10.2,<0.11"  # as pyproject.toml pins jax; the launchers install jax[tpu] / jax[cuda12] in it
 

@@ -27,7 +27,7 @@ from gptrl import label
 from gptrl import report
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.metrics import MetricsWriter
-from gptrl.stages import common
+from gptrl.stages import recipe
 from helpers import REPO, env, params, train_steps, write_chats, write_corpus
 
 
@@ -266,7 +266,7 @@ def test_resume_from_the_bucket_continues_at_the_saved_step(run_in_bucket):
 
 def test_next_stage_starts_from_the_checkpoint_in_the_bucket(run_in_bucket):
   run, _ = run_in_bucket
-  model_cfg, tok, meta = common.init_source(config_lib.InitConfig(checkpoint="gs://bkt/run"), "", "gs://bkt/sft",
+  model_cfg, tok, meta = recipe.init_source(config_lib.InitConfig(checkpoint="gs://bkt/run"), "", "gs://bkt/sft",
                                             config_lib.ModelRuntimeConfig(), expect_stage=("pretrain",))
   assert meta["init_checkpoint"] == "gs://bkt/run/checkpoints/6" and model_cfg.vocab_size == tok.vocab_size
   assert (run.parent / "sft" / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes()

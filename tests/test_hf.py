@@ -21,7 +21,6 @@ from gptrl import hf
 from gptrl import model as model_lib
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.config import ModelConfig
-from gptrl.stages import common
 
 import numeric
 
@@ -218,10 +217,10 @@ def test_llama_import_makes_a_workdir_that_a_later_stage_loads_and_export_restor
   assert f"--config.init.checkpoint={workdir}" in capsys.readouterr().out
 
   # What SFT does with --config.init.checkpoint=WORKDIR: meta, tokenizer (sha256 checked), parameters.
-  meta, folder, step = common.read_meta(str(workdir))
+  meta, folder, step = ckpt_lib.read_checkpoint_meta(str(workdir))
   assert meta["stage"] == "pretrain" and step == 0
   tok = tokenizer_lib.load_tokenizer(workdir / "tokenizer.model", expected_sha256=meta["tokenizer_sha256"])
-  cfg = common.model_config_from_meta(meta)
+  cfg = ckpt_lib.model_config_from_meta(meta)
   assert cfg.vocab_size == tok.vocab_size == 320 - 3 + 265 - 256  # <pad> and the 4 chat markers are new
   model = model_lib.GPT(cfg)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), int)))

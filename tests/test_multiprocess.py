@@ -34,8 +34,8 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> None
   from gptrl import optim  # pylint: disable=import-outside-toplevel
   from gptrl import sharding  # pylint: disable=import-outside-toplevel
   from gptrl import trainer  # pylint: disable=import-outside-toplevel
-  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
-  from gptrl.stages import pretrain  # pylint: disable=import-outside-toplevel
+  from gptrl import loop as loop_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import losses  # pylint: disable=import-outside-toplevel
 
   if num_processes > 1:  # the launcher's path: an explicit coordinator in the config
     assert distributed.maybe_initialize(config_lib.DistributedConfig(
@@ -64,7 +64,7 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> None
   optimizer = optim.make_optimizer(optim_cfg, STEPS)
   init = lambda rng: model.init(rng, np.zeros((1, SEQ_LEN), np.int32))["params"]
   state, shardings = trainer.create_train_state(init, optimizer, 0, mesh)
-  step_fn = trainer.jit_train_step(trainer.make_train_step(pretrain.lm_loss_fn(model), optimizer,
+  step_fn = trainer.jit_train_step(trainer.make_train_step(losses.lm_loss_fn(model), optimizer,
                                                            optim.learning_rate_schedule(optim_cfg, STEPS)),
                                    shardings, mesh)
   fingerprint_parts = {"process_count": jax.process_count(), "batch": BATCH}
@@ -75,11 +75,11 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> None
     checkpointer = ckpt_lib.Checkpointer(checkpoints, keep=3, async_save=True)
     cfg = config_lib.TrainConfig(steps=steps, log_every=1, eval_every=1000, checkpoint_every=RESTART_AT,
                                  progress_bar=False)
-    state = trainer.run_loop(trainer.Loop(
-        workdir=workdir, train_cfg=cfg, mesh=mesh, train_step=step_fn, train_iter=train_iter,
-        checkpointer=checkpointer, meta={"stage": "pretrain", "tokenizer_sha256": "synthetic"},
-        data_fingerprint=fingerprint, data_fingerprint_parts=fingerprint_parts,
-        tokens_per_step=BATCH * SEQ_LEN), state, start_step=start)
+    task = trainer.GradientTask(
+        train_step=step_fn, train_iter=train_iter, mesh=mesh, train_cfg=cfg, checkpointer=checkpointer,
+        meta={"stage": "pretrain", "tokenizer_sha256": "synthetic"}, data_fingerprint=fingerprint,
+        data_fingerprint_parts=fingerprint_parts, tokens_per_step=BATCH * SEQ_LEN)
+    state = loop_lib.run(task, state, start=start, cadence=loop_lib.Cadence.of(cfg), workdir=workdir, desc="train")
     checkpointer.close()
     return state
 
@@ -89,7 +89,7 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> None
     fresh = jax.tree.map(jax.numpy.zeros_like, state)
     train_iter = dataset(jax.process_index(), jax.process_count())
     checkpointer = ckpt_lib.Checkpointer(checkpoints, keep=3, async_save=False)
-    start, state, _ = common.resume(checkpointer, fresh, shardings, tokenizer_sha256="synthetic",
+    start, state, _ = trainer.resume(checkpointer, fresh, shardings, tokenizer_sha256="synthetic",
                                     fingerprint=fingerprint, fingerprint_parts=fingerprint_parts,
                                     train_iter=train_iter)
     checkpointer.close()

@@ -15,7 +15,8 @@ from gptrl import reward_model
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import MeshConfig, ModelConfig, OptimConfig, PPOAlgoConfig, PPOConfig, InitConfig, TrainConfig
-from gptrl.stages import common
+from gptrl import checkpoint as ckpt_lib
+from gptrl import config as config_lib
 from gptrl.stages import ppo
 
 import numeric
@@ -44,27 +45,21 @@ def good_token_share(rm_params, batch):
   return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def _learner(cfg: PPOConfig, mesh, placement=None):
+def _learner(cfg: PPOConfig, mesh, placement=None, ptx_iter=None):
   model_cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=2, d_model=32, max_len=16)
   prompt_len = model_cfg.max_len - NEW
   models = ppo.Models(policy=model_lib.GPT(model_cfg), critic=reward_model.ScalarHead(0.01, name="value_head"),
                       reward=reward_model.ScalarHeadModel(model_cfg), shared=True, prompt_len=prompt_len,
                       new_tokens=NEW)
-
-  def init_params(rng):
-    r1, r2 = jax.random.split(rng)
-    return {"policy": models.policy.init(r1, jnp.zeros((1, 16), jnp.int32))["params"],
-            "value": models.critic.init(r2, jnp.zeros((1, 16, 32), jnp.float32))["params"]}
-
   optimizer = optim.make_optimizer(cfg.optim, 100)
-  state, shardings = trainer.create_train_state(init_params, optimizer, 0, mesh)
+  state, shardings = trainer.create_train_state(lambda rng: ppo.init_params(models, rng), optimizer, 0, mesh)
   ref = jax.tree.map(lambda x: jnp.array(x, copy=True), state.params["policy"])
   if placement is not None:  # the reference lives on the frozen models' mesh
-    _, scorer_shardings = common.param_shardings(models.policy, jnp.zeros((1, 16), jnp.int32), placement.scorer)
+    _, scorer_shardings = ckpt_lib.param_shardings(models.policy, jnp.zeros((1, 16), jnp.int32), placement.scorer)
     ref = jax.device_put(ref, scorer_shardings)
   learner = ppo.Learner(cfg, models, mesh, optimizer, shardings, ref, None,
                         ppo.make_score_fn(models, cfg, 0.0, raw_score_fn=good_token_share), pad_id=PAD, stop_id=STOP,
-                        placement=placement)
+                        placement=placement, ptx_iter=ptx_iter)
   return learner, state
 
 
@@ -86,8 +81,9 @@ def _train(shape, iterations, **placement):
   learner, state = _learner(cfg, mesh, plan)
   rows, beta = [], cfg.ppo.init_beta
   for it in range(iterations):
-    state, row, beta, _, _ = learner.iteration(state, _prompts(seed=it), it, beta)
-    rows.append(row)
+    result = learner.iteration(state, _prompts(seed=it), it, beta)
+    state, beta = result.state, result.beta
+    rows.append(result.row)
   return rows, state
 
 
@@ -141,11 +137,11 @@ def test_split_placement_puts_each_model_on_its_own_devices():
   learner, state = _learner(cfg, plan.learner, plan)
   devices_of = lambda tree: set().union(*(x.sharding.device_set for x in jax.tree.leaves(tree)))
   assert devices_of(state.params) == groups[0]
-  assert devices_of(learner.sampler_params(state.params)) == groups[1]
+  assert devices_of(learner.sampler_params(state.params)[0]) == groups[1]
   assert devices_of(learner.ref_params) == groups[2]
-  with pytest.raises(ppo.common.config_lib.ConfigError, match="ppo.sampler_devices"):
+  with pytest.raises(config_lib.ConfigError, match="ppo.sampler_devices"):
     ppo.make_placement(MeshConfig(), _cfg(placement="split", sampler_devices=6, scorer_devices=2).ppo)
-  with pytest.raises(ppo.common.config_lib.ConfigError, match="ppo.placement"):
+  with pytest.raises(config_lib.ConfigError, match="ppo.placement"):
     _cfg(sampler_devices=2)  # colocated with sampler devices: a config mistake
 
 
@@ -165,7 +161,7 @@ def test_kl_in_loss_and_full_kl_options_run():
   for overrides in (dict(kl_in_reward=False, kl_estimator="k3"), dict(kl_estimator="full", whiten_rewards=True)):
     cfg = dataclasses.replace(_cfg(**overrides), train=TrainConfig(steps=1))
     learner, state = _learner(cfg, mesh)
-    _, row, _, _, _ = learner.iteration(state, _prompts(), 0, 0.1)
+    row = learner.iteration(state, _prompts(), 0, 0.1).row
     assert np.isfinite(row["ppo/policy_loss"]) and abs(row["ppo/first_ratio"] - 1) < 1e-5
 
 
@@ -186,15 +182,14 @@ def test_saved_rollouts_read_back_through_grain(tmp_path):
 def test_ptx_mixes_a_pretraining_loss_into_each_update():
   mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
   cfg = dataclasses.replace(_cfg(ptx_coef=0.5), train=TrainConfig(steps=1))
-  learner, state = _learner(cfg, mesh)
   rng = np.random.default_rng(0)
 
   def batches():
     while True:
       tokens = rng.integers(1, VOCAB, (16, 17)).astype(np.int32)
       yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((16, 16), np.float32)}
-  learner.ptx_iter = batches()
-  _, row, _, _, _ = learner.iteration(state, _prompts(), 0, 0.1)
+  learner, state = _learner(cfg, mesh, ptx_iter=batches())
+  row = learner.iteration(state, _prompts(), 0, 0.1).row
   # A random-init model's next-token loss on uniform tokens is about log(VOCAB).
   assert abs(row["ppo/ptx_loss"] - np.log(VOCAB)) < 0.5 and abs(row["ppo/first_ratio"] - 1) < 1e-5
 

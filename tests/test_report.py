@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 
+from gptrl import fileio
 from gptrl import judges
 from gptrl import report
 from gptrl.metrics import MetricsWriter, truncate_jsonl_after
@@ -216,16 +217,12 @@ def test_missing_stages_and_metrics_degrade_to_notes(tmp_path):
   assert len(_pngs(text)) == 4  # PPO losses, PPO per iteration, reward vs KL, PPO's points on the frontier
 
 
-def test_old_ppo_runs_fall_back_to_the_logged_samples(tmp_path):
+def test_a_ppo_run_without_eval_replies_says_so(tmp_path):
   _ppo(tmp_path, judged=False)
-  writer = MetricsWriter(str(tmp_path))
-  writer.write_texts(0, "samples", ["'Thy ends <b>make</b> some.' (reward -0.624)"])
-  writer.write_texts(8, "samples", ['"Bless thee, love." (reward +1.263)'])
-  writer.close()
+  (tmp_path / ppo.EVAL_REPLIES_FILE).unlink(missing_ok=True)
   text = _section(pathlib.Path(report.write_report({"ppo": str(tmp_path)}, str(tmp_path / "r.html"))).read_text(
       encoding="utf-8"), "replies")
-  assert "Thy ends &lt;b&gt;make&lt;/b&gt; some." in text and "RM -0.624" in text
-  assert "Bless thee, love." in text and "RM +1.263" in text
+  assert "fewer than two evals of held-out replies logged" in text
 
 
 def test_stage_folders_are_found_in_every_layout(pipeline_dir, tmp_path):
@@ -272,7 +269,7 @@ def test_resumed_ppo_drops_eval_replies_written_after_the_checkpoint(tmp_path):
   with open(tmp_path / ppo.EVAL_REPLIES_FILE, "a", encoding="utf-8") as f:
     f.write('{"step": 12, "repl')  # torn
   truncate_jsonl_after(str(tmp_path / ppo.EVAL_REPLIES_FILE), 4)  # what the PPO stage does on resume
-  assert [r["step"] for r in report.read_jsonl(str(tmp_path / ppo.EVAL_REPLIES_FILE))] == [0, 4]
+  assert [r["step"] for r in fileio.read_jsonl_lenient(str(tmp_path / ppo.EVAL_REPLIES_FILE))] == [0, 4]
 
 
 def test_a_damaged_file_costs_only_its_section(tmp_path):
@@ -300,7 +297,7 @@ def test_without_a_gold_judge_the_frontier_shows_the_proxy_and_says_why(tmp_path
     (tmp_path / stage).mkdir()
   _bon(tmp_path / "bon", gold=False)
   _ppo(tmp_path / "ppo", judged=False)
-  rows = report.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))
+  rows = fileio.read_jsonl_lenient(str(tmp_path / "ppo" / "metrics.jsonl"))
   with open(tmp_path / "ppo" / "metrics.jsonl", "w", encoding="utf-8") as f:
     for row in rows:
       row.pop("eval/gold", None)

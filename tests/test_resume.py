@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptrl import data as data_lib
-from gptrl import trainer
+from gptrl import loop
 from gptrl.corpus import Document
 from helpers import REPO, check_ok as _check_ok, complete_steps as _complete_steps, params as _params
 from helpers import run as _run, start as _start, train_steps as _train_steps, wait_for as _wait_for
@@ -111,7 +111,7 @@ def test_sigterm_saves_and_exits_75_then_resumes(corpus, tmp_path):
   output = (tmp_path / "run1.log").read_text()
   if rc == 0:
     pytest.skip("the run finished before SIGTERM arrived; machine too fast for this window")
-  assert rc == trainer.EXIT_PREEMPTED, output[-4000:]
+  assert rc == loop.EXIT_PREEMPTED, output[-4000:]
   steps = _complete_steps(workdir)
   assert len(steps) == 1 and 0 < steps[0] < STEPS, steps
   assert f"Preempted at step {steps[0]}" in output

@@ -219,7 +219,7 @@ def test_train_step_estimate_is_close_to_xla_count_for_a_compiled_step():
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
   from gptrl import optim  # pylint: disable=import-outside-toplevel
   from gptrl import trainer  # pylint: disable=import-outside-toplevel
-  from gptrl.stages import pretrain  # pylint: disable=import-outside-toplevel
+  from gptrl import losses  # pylint: disable=import-outside-toplevel
   model_cfg = config_lib.ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, d_model=64, max_len=128)
   cfg = config_lib.PretrainConfig(model=model_cfg, data=config_lib.DataConfig(batch_size=8),
                                   sample=config_lib.SampleConfig(max_new_tokens=16))
@@ -230,7 +230,7 @@ def test_train_step_estimate_is_close_to_xla_count_for_a_compiled_step():
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=1), devices=jax.devices()[:1])
   state, _ = trainer.create_train_state(lambda r: model.init(r, jnp.zeros((1, 128), jnp.int32))["params"],
                                         optimizer, 0, mesh)
-  step = trainer.make_train_step(pretrain.lm_loss_fn(model), optimizer, lambda s: 1e-3)
+  step = trainer.make_train_step(losses.lm_loss_fn(model), optimizer, lambda s: 1e-3)
   batch = {"inputs": jnp.zeros((8, 128), jnp.int32), "targets": jnp.zeros((8, 128), jnp.int32),
            "weights": jnp.ones((8, 128), jnp.float32)}
   with sharding.activate(mesh):

@@ -12,7 +12,7 @@ from gptrl import optim
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import ConfigError, MeshConfig, ModelConfig, OptimConfig
-from gptrl.stages.pretrain import lm_loss_fn
+from gptrl.losses import lm_loss_fn
 
 import numeric
 

@@ -16,7 +16,7 @@ from gptrl import optim
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import MeshConfig, ModelConfig, OptimConfig
-from gptrl.stages.pretrain import lm_loss_fn
+from gptrl.losses import lm_loss_fn
 
 import numeric
 

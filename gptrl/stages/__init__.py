@@ -1,1 +1,51 @@
-"""Pipeline stages. Each module exposes `run(config)` taking its typed config from gptrl/config.py."""
+"""Pipeline stages, and the one registry of them that the launcher, the pipeline, the config loader, the report and
+the memory check read. Each stage module exposes `run(config)` taking its typed config from gptrl/config.py.
+
+Import-light (no JAX): `python -m gptrl.launch --help` and config parsing read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage: its name (`config.stage`, a pipeline sub-folder), the module that runs it and its config class."""
+  name: str
+  module: str  # the module whose run(config) runs it
+  config: str  # its config class in gptrl/config.py
+  init_from: str = ""  # the stage whose checkpoint `init.checkpoint` is (the pipeline wires it)
+  reads_reward_model: bool = False  # it scores with the `reward_model.checkpoint` of a reward stage
+  memory_estimate: bool = False  # gptrl/memory.py estimates its per-device memory before launch
+
+
+# In pipeline order.
+STAGES = (
+    Stage("pretrain", "gptrl.stages.pretrain", "PretrainConfig", memory_estimate=True),
+    Stage("sft", "gptrl.stages.sft", "SFTConfig", init_from="pretrain", memory_estimate=True),
+    Stage("label", "gptrl.stages.autolabel", "LabelConfig", init_from="sft", memory_estimate=True),
+    Stage("reward", "gptrl.stages.reward", "RewardConfig", init_from="sft", memory_estimate=True),
+    Stage("bon", "gptrl.stages.bon", "BestOfNConfig", init_from="sft", reads_reward_model=True),
+    Stage("ppo", "gptrl.stages.ppo", "PPOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
+)
+# The whole pipeline, launched like a stage (config.stage = "pipeline").
+PIPELINE = Stage("pipeline", "gptrl.stages.pipeline", "PipelineConfig")
+
+PIPELINE_ORDER = tuple(s.name for s in STAGES)
+_BY_NAME = {s.name: s for s in STAGES + (PIPELINE,)}
+NAMES = tuple(_BY_NAME)  # every name `config.stage` may hold
+
+
+def get(name: str) -> Stage:
+  """The stage called `name` (KeyError naming the known ones otherwise)."""
+  try:
+    return _BY_NAME[name]
+  except KeyError:
+    raise KeyError(f"unknown stage {name!r}; known: {list(_BY_NAME)}") from None
+
+
+def module(name: str) -> ModuleType:
+  """The module that runs stage `name` (imported now: JAX and the stage's dependencies load)."""
+  return importlib.import_module(get(name).module)

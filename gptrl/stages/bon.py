@@ -34,15 +34,15 @@ from gptrl import judges as judges_lib
 from gptrl import model as model_lib
 from gptrl import reward_model
 from gptrl import sampling
+from gptrl import seeds
 from gptrl import sharding
 from gptrl.config import BestOfNConfig, ConfigError
 from gptrl.corpus import default_cache_dir
-from gptrl.stages import common
 from gptrl.stages import ppo as ppo_lib
+from gptrl.stages import recipe as recipe_lib
 
 RESULT_FILE = "bon.json"
 REPLIES_FILE = "bon_replies.jsonl"
-SAMPLE_SEED_OFFSET = 13  # the sampler's key: seed + 13, a stream of its own
 
 
 def n_values(samples: int) -> list[int]:
@@ -66,44 +66,40 @@ def frontier_table(proxy_PxN: np.ndarray, scores: dict[str, np.ndarray]) -> list
 
 def run(cfg: BestOfNConfig) -> dict[str, Any]:
   """Samples, scores and writes the best-of-n table; returns it."""
-  workdir = common.prepare_workdir(cfg)
+  workdir = recipe_lib.prepare_workdir(cfg)
   cache_dir = cfg.data.cache_dir or str(default_cache_dir())
   b = cfg.bon
   mesh = sharding.make_mesh(cfg.mesh)
   dp = sharding.data_parallel_size(mesh)
-  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
-                                                 expect_stage=("sft",))
-  rm_meta, rm_folder, rm_step = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
-  if rm_meta.get("stage") != "reward":
-    raise ConfigError(f"config.reward_model.checkpoint: {rm_folder}/{rm_step} is a {rm_meta.get('stage')!r} "
-                      "checkpoint, not a reward model.")
-  ckpt_lib.check_tokenizer(rm_meta, tok.sha256, where=f"The reward model {rm_folder}/{rm_step}")
-  rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
+  model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
+                                                     expect_stage=("sft",))
+  rm = ppo_lib.read_reward_model(cfg, tok)
   prompt_len = model_cfg.max_len - b.max_new_tokens
-  if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
+  if prompt_len < 8 or rm.model_config.max_len < model_cfg.max_len:
     raise ConfigError(f"config.bon.max_new_tokens={b.max_new_tokens} leaves {prompt_len} prompt tokens of the "
-                      f"policy's {model_cfg.max_len} (and the reward model's context is {rm_cfg.max_len}); lower it.")
-  members = int(rm_meta.get("ensemble", 1))
+                      f"policy's {model_cfg.max_len} (and the reward model's context is {rm.model_config.max_len}); "
+                      "lower it.")
+  members = int(rm.meta.get("ensemble", 1))
   models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.make_reward_model(
-                              rm_cfg, members, pooling=rm_meta.get("pooling", "last")),
+                              rm.model_config, members, pooling=rm.meta.get("pooling", "last")),
                           shared=False, prompt_len=prompt_len, new_tokens=b.max_new_tokens,
-                          reward_context=int(rm_meta.get("context", 0)), end_id=tok.end_of_turn_id)
+                          reward_context=int(rm.meta.get("context", 0)), end_id=tok.end_of_turn_id)
   example = np.zeros((1, model_cfg.max_len), np.int32)
-  policy_params = common.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
-  rm_params = common.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
+  policy_params = ckpt_lib.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
+  rm_params = ckpt_lib.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
+  rm_meta, readout = rm.meta, rm.readout
   offset = float(rm_meta.get("reward_offset", 0.0))
-  readout = reward_model.Readout.from_meta(rm_meta, cfg.reward_model.ensemble_reduce, cfg.reward_model.ensemble_penalty)
   gold_name = rm_meta.get("gold_judge")
   gold = judges_lib.make_judge(gold_name) if gold_name else None
   watch = {name: judges_lib.make_judge(name) for name in b.watch_judges}
-  logging.info("Best-of-%d: policy %s, reward model %s/%d (%s), gold judge %s.", b.samples,
-               init_meta["init_checkpoint"], rm_folder, rm_step, readout, gold_name or "none")
+  logging.info("Best-of-%d: policy %s, reward model %s (%s), gold judge %s.", b.samples,
+               init_meta["init_checkpoint"], rm.where, readout, gold_name or "none")
 
-  messages = ppo_lib.held_out_prompts(cfg.data, b.num_prompts, cfg.seed, cache_dir=cache_dir)
+  messages = chat_data.load_held_out_prompts(cfg.data, b.num_prompts, cfg.seed, cache_dir=cache_dir)
   prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in messages]
   rows = [(p, s) for p in range(len(prompts)) for s in range(b.samples)]  # (prompt, sample) in a fixed order
   chunk = max(dp, b.batch_size // dp * dp)
-  rng = jax.random.key(cfg.seed + SAMPLE_SEED_OFFSET)
+  rng = jax.random.key(seeds.stream(cfg.seed, seeds.BEST_OF_N))
   score = jax.jit(lambda params, batch: ppo_lib.reward_model_score(models, params, batch))
   responses: list[list[int]] = []
   raw = []
@@ -139,7 +135,7 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   for name, judge in watch.items():
     scores[f"judge_{name}"] = np.asarray(judge(texts), np.float64).reshape(proxy.shape)
   table = frontier_table(proxy, scores)
-  result = {"policy": init_meta["init_checkpoint"], "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": offset,
+  result = {"policy": init_meta["init_checkpoint"], "reward_model": rm.where, "reward_offset": offset,
             "reward_readout": dataclasses.asdict(readout), "gold_judge": gold_name,
             "watch_judges": list(b.watch_judges), "samples": b.samples, "prompts": len(prompts),
             "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, "seed": cfg.seed, "rows": table}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import json
 import logging
 import os
@@ -35,12 +34,11 @@ import jax
 
 from gptrl import config as config_lib
 from gptrl import fileio
-from gptrl.config import PIPELINE_STAGES, PipelineConfig
+from gptrl import stages
+from gptrl.config import PipelineConfig
 
 STATE_FILE = "pipeline_state.json"
 
-STAGE_MODULES = {"pretrain": "gptrl.stages.pretrain", "sft": "gptrl.stages.sft", "label": "gptrl.stages.label",
-                 "reward": "gptrl.stages.reward", "bon": "gptrl.stages.bon", "ppo": "gptrl.stages.ppo"}
 
 
 def _input(cfg: PipelineConfig, workdir: str, produced_by: str, configured: str, key: str) -> str:
@@ -61,15 +59,16 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
   for name in cfg.stages:
     stage_cfg = getattr(cfg, name)
     changes: dict[str, Any] = {"workdir": os.path.join(workdir, name), "distributed": cfg.distributed}
-    if name in ("sft", "label", "reward", "bon", "ppo"):
-      produced_by = "pretrain" if name == "sft" else "sft"
+    stage = stages.get(name)
+    if stage.init_from:
+      produced_by = stage.init_from
       changes["init"] = dataclasses.replace(
           stage_cfg.init, checkpoint=_input(cfg, workdir, produced_by, stage_cfg.init.checkpoint,
                                             f"{name}.init.checkpoint"))
     if name == "reward" and "label" in cfg.stages:
       changes["data"] = dataclasses.replace(
           stage_cfg.data, sources=(os.path.join(workdir, "label", "comparisons.jsonl"),))
-    if name in ("bon", "ppo"):
+    if stage.reads_reward_model:
       # (Best-of-n reads an ensemble as PPO does; its table also has every other reduction.)
       rm_cfg = cfg.ppo.reward_model if name == "bon" else stage_cfg.reward_model
       changes["reward_model"] = dataclasses.replace(
@@ -134,8 +133,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
   workdir = fileio.abspath(cfg.workdir)
   fileio.makedirs(workdir)
   configs = stage_configs(cfg)
-  from gptrl.stages import common  # pylint: disable=import-outside-toplevel
-  common.prepare_workdir(cfg)  # the whole resolved pipeline config, as config.json
+  from gptrl.stages import recipe  # pylint: disable=import-outside-toplevel
+  recipe.prepare_workdir(cfg)  # the whole resolved pipeline config, as config.json
   state = read_state(workdir)
   total = len(cfg.stages)
   for index, name in enumerate(cfg.stages, start=1):
@@ -151,7 +150,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
       continue
     logging.info("Stage %d/%d %s -> %s", index, total, name, stage_cfg.workdir)
     start = time.monotonic()
-    importlib.import_module(STAGE_MODULES[name]).run(stage_cfg)
+    stages.module(name).run(stage_cfg)
     seconds = time.monotonic() - start
     state["done"][name] = {"finished": datetime.datetime.now().isoformat(timespec="seconds"),
                            "seconds": round(seconds, 1), "config": _stage_fingerprint(stage_cfg)}
@@ -161,7 +160,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     _write_report(workdir, cfg)
   spent = sum(d.get("seconds", 0.0) for d in state["done"].values())
   logging.info("Pipeline done: %s (%.1f min of stage time in all).",
-               ", ".join(f"{n} {state['done'][n]['seconds'] / 60:.1f} min" for n in PIPELINE_STAGES
+               ", ".join(f"{n} {state['done'][n]['seconds'] / 60:.1f} min" for n in stages.PIPELINE_ORDER
                          if n in state["done"]), spent / 60)
   return state
 
@@ -169,6 +168,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 def _write_report(workdir: str, cfg: PipelineConfig) -> None:  # pylint: disable=unused-argument
   """The HTML report over every stage sub-folder of this pipeline (gptrl/report.py)."""
   from gptrl import report  # pylint: disable=import-outside-toplevel
-  stage_dirs = {n: os.path.join(workdir, n) for n in PIPELINE_STAGES if fileio.isdir(os.path.join(workdir, n))}
+  stage_dirs = {n: os.path.join(workdir, n) for n in stages.PIPELINE_ORDER if fileio.isdir(os.path.join(workdir, n))}
   path = report.write_report(stage_dirs, os.path.join(workdir, "report.html"))
   logging.info("Report: %s", path)

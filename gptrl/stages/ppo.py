@@ -33,10 +33,10 @@ iterator position and the pipeline fingerprint are in its data item. Every rando
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -45,26 +45,28 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
+from gptrl import config as config_lib
 from gptrl import data as data_lib
 from gptrl import fileio
 from gptrl import judges as judges_lib
+from gptrl import loop as loop_lib
 from gptrl import losses
 from gptrl import model as model_lib
 from gptrl import optim
 from gptrl import ppo_math as pm
 from gptrl import reward_model
 from gptrl import sampling
+from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import PPOConfig
 from gptrl.corpus import default_cache_dir
-from gptrl.metrics import MetricsWriter, truncate_jsonl_after
-from gptrl.stages import common
+from gptrl.metrics import truncate_jsonl_after
+from gptrl.stages import recipe as recipe_lib
 
 # Rollout arrays: B responses, L = P + N token buffer (P prompt slots, left-padded; N response slots).
 ROLLOUT_KEYS = ("tokens", "positions", "attention", "response_mask", "logp", "ref_logp", "values", "advantages",
@@ -85,29 +87,50 @@ class Models:
   end_id: int = -1  # <|end|>: an unfinished reply is scored with it appended, as the RM's training replies end
 
 
+def make_models(model_cfg: Any, rm_cfg: Any, p: Any, *, ensemble: int = 1, pooling: str = "last",
+                reward_context: int = 0, end_id: int = -1) -> Models:
+  """PPO's models: the policy (`model_cfg`), its critic as `p` (a PPOAlgoConfig: critic, value_head_init_std,
+  max_new_tokens) says, and the reward model (`rm_cfg`; an ensemble of `ensemble` members, pooled by `pooling`)."""
+  shared = p.critic == "shared"
+  critic = (reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
+            reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std, head_name="value_head"))
+  return Models(policy=model_lib.GPT(model_cfg), critic=critic,
+                reward=reward_model.make_reward_model(rm_cfg, ensemble, pooling=pooling), shared=shared,
+                prompt_len=model_cfg.max_len - p.max_new_tokens, new_tokens=p.max_new_tokens,
+                reward_context=reward_context, end_id=end_id)
+
+
+def init_params(models: Models, rng: jax.Array) -> dict[str, Any]:
+  """Fresh (boxed) parameters of the train state: {"policy": GPT params, "value": the critic's}. A run replaces
+  them with the SFT policy and the configured critic init (`init_from_previous_stages`); gptrl/memory.py sizes
+  them."""
+  cfg = models.policy.config
+  example = np.zeros((1, cfg.max_len), np.int32)
+  r_policy, r_value = jax.random.split(rng)
+  critic_input = jnp.zeros((1, cfg.max_len, cfg.d_model), jnp.float32) if models.shared else example
+  return {"policy": models.policy.init(r_policy, example)["params"],
+          "value": models.critic.init(r_value, critic_input)["params"]}
+
+
 def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
   """The positions whose outputs predict / evaluate the N response tokens: P-1 .. P+N-2."""
   return x_BxLx[:, models.prompt_len - 1:models.prompt_len - 1 + models.new_tokens]
 
 
 def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Log-probs (fp32), values and entropy of the response tokens under `params`: the one function both the
-  rollout (old) and the learner (new) use, so that on unchanged parameters the ratio is exactly 1."""
+  """Log-probs (fp32) and values of the response tokens under `params`, and the policy's logits there: the one
+  function both the rollout (old) and the learner (new) use, so that on unchanged parameters the ratio is exactly 1."""
   logits, hidden = models.policy.apply({"params": params["policy"]}, batch["tokens"],
                                        positions_BxT=batch["positions"], attention_mask_BxT=batch["attention"],
                                        return_hidden=True)
   logits_BxNxV = _response_slice(logits, models)
-  targets_BxN = batch["tokens"][:, models.prompt_len:]
-  logp_all = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
-  logp_BxN = jnp.take_along_axis(logp_all, targets_BxN[..., None], axis=-1)[..., 0]
-  entropy_BxN = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  logp_BxN = losses.token_log_probs(logits_BxNxV, batch["tokens"][:, models.prompt_len:])
   if models.shared:
     values_BxL = models.critic.apply({"params": params["value"]}, hidden)
   else:
     values_BxL = models.critic.apply({"params": params["value"]}, batch["tokens"], positions_BxT=batch["positions"],
                                      attention_mask_BxT=batch["attention"])
-  return {"logp": logp_BxN, "values": _response_slice(values_BxL, models), "entropy": entropy_BxN,
-          "logits": logits_BxNxV}
+  return {"logp": logp_BxN, "values": _response_slice(values_BxL, models), "logits": logits_BxNxV}
 
 
 def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -202,7 +225,7 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
     if p.whiten_advantages:
       advantages = pm.masked_whiten(advantages, mask)
     stats = {"score": score_B, "raw_score": jnp.mean(raw_BxM, axis=1), "kl_sum": jnp.sum(kl, axis=1),
-             "length": length_B, "entropy": pm.masked_mean(out["entropy"], mask),
+             "length": length_B, "entropy": pm.entropy(out["logits"], mask),
              # How much an ensemble's members disagree about each reply (0 for one model).
              "ensemble_std": jnp.std(centred_BxM, axis=1), "proxy_mean": jnp.mean(centred_BxM, axis=1)}
     return {"logp": out["logp"], "ref_logp": ref_logp, "values": values, "advantages": advantages,
@@ -241,13 +264,13 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
     return Placement.colocated(sharding.make_mesh(mesh_cfg, devices))
   n_learner = len(devices) - p.sampler_devices - p.scorer_devices
   if n_learner < 1:
-    raise common.config_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.ppo.sampler_devices: {p.sampler_devices} sampler + {p.scorer_devices} scorer devices leave "
         f"{n_learner} of the {len(devices)} devices for the learner; it needs at least 1.")
-  sub = common.config_lib.MeshConfig(data=-1, fsdp=1, tensor=p.split_tensor)
+  sub = config_lib.MeshConfig(data=-1, fsdp=1, tensor=p.split_tensor)
   for name, n in (("sampler_devices", p.sampler_devices), ("scorer_devices", p.scorer_devices)):
     if n and n % p.split_tensor:
-      raise common.config_lib.ConfigError(f"config.ppo.{name}: {n} devices cannot hold tensor-parallel groups "
+      raise config_lib.ConfigError(f"config.ppo.{name}: {n} devices cannot hold tensor-parallel groups "
                                           f"of ppo.split_tensor={p.split_tensor}.")
   learner = sharding.make_mesh(mesh_cfg, devices[:n_learner])
   sampler = sharding.make_mesh(sub, devices[n_learner:n_learner + p.sampler_devices])
@@ -266,7 +289,7 @@ def make_ppo_loss(models: Models, cfg: PPOConfig):
     out = evaluate_actions(models, params, batch)
     pg_loss, pg_stats = pm.policy_loss(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps)
     vf_loss, vf_stats = pm.value_loss(out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
-    ent = pm.masked_mean(out["entropy"], mask)
+    ent = pm.entropy(out["logits"], mask)
     loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * ent
     kl_loss = jnp.zeros(())
     if not p.kl_in_reward:
@@ -295,10 +318,8 @@ class Prompts:
     if len(prompts) < batch:
       raise data_lib.DataError(f"{len(prompts)} training prompts, fewer than ppo.rollout_batch_size={batch}.")
     self._prompts = prompts
-    shuffle_seed = data_lib._shuffle_seed(seed)  # pylint: disable=protected-access
-    ds = grain.MapDataset.range(len(prompts)).shuffle(seed=shuffle_seed)
-    self._iter = iter(ds.repeat(None, reseed_each_epoch=True).batch(batch).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    ds = data_lib.index_batches(len(prompts), seed=seed, batch_size=batch, drop_remainder=False)
+    self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
   def next(self) -> list[list[int]]:
     return [self._prompts[int(i)] for i in next(self._iter)]
@@ -372,14 +393,36 @@ def append_eval_replies(workdir: str, step: int, replies: list[dict[str, Any]]) 
                 json.dumps({"step": int(step), "replies": replies}, ensure_ascii=False) + "\n")
 
 
+@dataclasses.dataclass
+class Iteration:
+  """What one PPO iteration returns."""
+  state: trainer.TrainState
+  row: dict[str, float]  # the metrics row
+  beta: float  # the KL coefficient for the next iteration
+  prompts: list[list[int]]
+  responses: list[list[int]]
+  stats: dict[str, np.ndarray]  # per response: score, raw_score, kl_sum, length, ...
+  rollout: dict[str, np.ndarray]  # the rollout buffer (ROLLOUT_KEYS and more) with each response's score
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """What an evaluation on the held-out prompts returns."""
+  metrics: dict[str, float]
+  texts: list[str]  # a few replies with their reward, for samples.jsonl
+  replies: list[dict[str, Any]]  # one record per prompt (with `tok`): turns, reply, reward, KL, length, judges
+
+
 class Learner:
   """One PPO iteration (rollout, scoring, learning, beta update) and the held-out evaluation, on a mesh."""
 
   def __init__(self, cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh, optimizer: Any, state_shardings: Any,
                ref_params: Any, rm_params: Any, score_fn: Scorer, *, pad_id: int, stop_id: int,
-               placement: Placement | None = None):
+               placement: Placement | None = None, ptx_iter: Any = None,
+               watch_judges: dict[str, judges_lib.Judge] | None = None, gold_judge: judges_lib.Judge | None = None):
     """`mesh` is the learner's; `placement` (default: colocated on `mesh`) says where sampling and the frozen
-    models run, and `ref_params` / `rm_params` must already live on its scorer mesh."""
+    models run, and `ref_params` / `rm_params` must already live on its scorer mesh. `ptx_iter`: PPO-ptx's
+    pretraining batches of minibatch_size rows; `watch_judges` and `gold_judge` score the eval replies."""
     p = cfg.ppo
     self.cfg, self.models, self.mesh = cfg, models, mesh
     self.placement = placement or Placement.colocated(mesh)
@@ -387,43 +430,34 @@ class Learner:
       raise ValueError("Learner: placement.learner must be the learner's mesh.")
     self.ref_params, self.rm_params, self.score_fn = ref_params, rm_params, score_fn
     self.pad_id, self.stop_id = pad_id, stop_id
+    self.ptx_iter, self.watch_judges, self.gold_judge = ptx_iter, watch_judges or {}, gold_judge
     self.dp = sharding.data_parallel_size(mesh)
     self.sampler_dp = sharding.data_parallel_size(self.placement.sampler)
     self.scorer_dp = sharding.data_parallel_size(self.placement.scorer)
     self.sampler_shardings = None
     if self.placement.split_sampler:  # the policy's layout on the sampler's mesh, by the same sharding rules
       example = np.zeros((1, models.policy.config.max_len), np.int32)
-      _, self.sampler_shardings = common.param_shardings(models.policy, example, self.placement.sampler)
-    self.last_sync_s = 0.0
+      _, self.sampler_shardings = ckpt_lib.param_shardings(models.policy, example, self.placement.sampler)
     updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
     self.train_step = trainer.jit_train_step(
         trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
                                 optim.learning_rate_schedule(cfg.optim, updates), cfg.optim.grad_accum_steps,
                                 **trainer.spike_options(cfg.train)),
         state_shardings, mesh)
-    self.last_rollout: dict[str, np.ndarray] = {}
-    self.last_prompts: list[list[int]] = []
-    self.ptx_iter = None  # PPO-ptx: an iterator of pretraining batches of minibatch_size rows (set by run)
-    self.watch_judges: dict[str, judges_lib.Judge] = {}  # name -> judge of the eval replies (set by run)
-    self.gold_judge: judges_lib.Judge | None = None  # the RM's labeller, when a judge labelled all (set by run)
-    self.last_eval_replies: list[dict[str, Any]] = []  # the last evaluate()'s per-prompt records (needs tok)
 
-  def sampler_params(self, params: Any) -> Any:
-    """The policy's parameters where the sampler runs: colocated, `params["policy"]` itself; split, a copy on the
-    sampler's mesh in its layout, moved device to device (jax.device_put between shardings, no host copy)."""
+  def sampler_params(self, params: Any) -> tuple[Any, float]:
+    """(the policy's parameters where the sampler runs, seconds the copy took): colocated, `params["policy"]`
+    itself; split, a copy on the sampler's mesh in its layout, moved device to device (no host copy)."""
     if not self.placement.split_sampler:
-      return params["policy"]
+      return params["policy"], 0.0
     t0 = time.perf_counter()
     copy = jax.block_until_ready(jax.device_put(params["policy"], self.sampler_shardings))
-    self.last_sync_s = time.perf_counter() - t0
-    return copy
+    return copy, time.perf_counter() - t0
 
-  def rollout(self, params: Any, prompts: list[list[int]], rng: jax.Array, sampler_params: Any = None):
-    """(responses, the sampler's log-probs, host arrays of the rollout buffer); `sampler_params`: the policy on
-    the sampler's mesh (default: `self.sampler_params(params)`)."""
+  def rollout(self, sampler_params: Any, prompts: list[list[int]], rng: jax.Array):
+    """(responses, the sampler's log-probs, host arrays of the rollout buffer), sampled with the policy's
+    `sampler_params` (on the sampler's mesh: `sampler_params`)."""
     p = self.cfg.ppo
-    if sampler_params is None:
-      sampler_params = self.sampler_params(params)
     with sharding.activate(self.placement.sampler):
       responses, sampler_logp = sampling.generate(
           self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
@@ -434,6 +468,8 @@ class Learner:
     return responses, sampler_logp, host
 
   def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
+    """(rollout arrays, per-response stats) of a rollout buffer: the frozen models' part on the scorer's mesh,
+    the shaping (log-probs, values, KL, rewards, GAE) on the learner's."""
     rows = host["tokens"].shape[0]
     multiple = int(np.lcm(self.dp, self.scorer_dp))
     pad = -rows % multiple
@@ -451,27 +487,15 @@ class Learner:
     return ({k: np.asarray(v)[:rows] for k, v in arrays.items()},
             {k: np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v) for k, v in stats.items()})
 
-  def iteration(self, state: trainer.TrainState, prompts: list[list[int]], it: int, beta: float):
-    """One PPO iteration; returns (state, metrics row, next beta, responses, per-response stats)."""
+  def learn(self, state: trainer.TrainState, roll: dict[str, np.ndarray], beta: float, rng: jax.Array):
+    """`ppo.epochs` passes over minibatches of the rollout, in an order drawn from `rng`; stops early when the
+    last minibatch's approximate KL exceeds `ppo.max_approx_kl`. Returns (state, per-update metrics, stopped)."""
     p = self.cfg.ppo
-    t0 = time.perf_counter()
-    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), it)
-    self.last_sync_s = 0.0
-    responses, sampler_logp, host = self.rollout(state.params, prompts, jax.random.fold_in(rng, 0))
-    arrays, stats = self.score(state.params, host, beta)
-    t_rollout = time.perf_counter() - t0
-    roll = {**host, **arrays}
-    self.last_rollout, self.last_prompts = {**roll, "score": stats["score"]}, prompts
-    sampler_gap = max((float(np.max(np.abs(np.asarray(sl) - roll["logp"][i, :len(sl)]))) for i, sl in
-                       enumerate(sampler_logp) if len(sl)), default=0.0)
-
-    # Learning: epochs x minibatches of the rollout, in an order drawn from this iteration's key.
-    perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(rng, 1))).astype(np.uint32))
-    learn_metrics, updates, stopped = [], 0, False
-    n_mb = p.rollout_batch_size // p.minibatch_size
+    perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).astype(np.uint32))
+    learn_metrics, stopped = [], False
     for _ in range(p.epochs):
       order = perm_rng.permutation(p.rollout_batch_size)
-      for m in range(n_mb):
+      for m in range(p.rollout_batch_size // p.minibatch_size):
         idx = order[m * p.minibatch_size:(m + 1) * p.minibatch_size]
         mb = {k: roll[k][idx] for k in ROLLOUT_KEYS}
         mb["beta"] = np.full((p.minibatch_size, 1), beta, np.float32)  # rank 2: sharded like the batch
@@ -479,10 +503,24 @@ class Learner:
           mb.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items()})
         state, metrics = self.train_step(state, sharding.host_to_global(mb, self.mesh))
         learn_metrics.append(jax.device_get(metrics))
-        updates += 1
       if p.max_approx_kl > 0 and float(learn_metrics[-1]["train/approx_kl"]) > p.max_approx_kl:
         stopped = True
         break
+    return state, learn_metrics, stopped
+
+  def iteration(self, state: trainer.TrainState, prompts: list[list[int]], it: int, beta: float) -> Iteration:
+    """One PPO iteration: rollout, scoring, learning, the invariants' check and the KL controller's update."""
+    p = self.cfg.ppo
+    t0 = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), it)
+    sampler_params, sync_s = self.sampler_params(state.params)
+    responses, sampler_logp, host = self.rollout(sampler_params, prompts, jax.random.fold_in(rng, 0))
+    arrays, stats = self.score(state.params, host, beta)
+    t_rollout = time.perf_counter() - t0
+    roll = {**host, **arrays}
+    sampler_gap = max((float(np.max(np.abs(np.asarray(sl) - roll["logp"][i, :len(sl)]))) for i, sl in
+                       enumerate(sampler_logp) if len(sl)), default=0.0)
+    state, learn_metrics, stopped = self.learn(state, roll, beta, jax.random.fold_in(rng, 1))
     t_learn = time.perf_counter() - t0 - t_rollout
 
     # The invariants: the first minibatch sees ratio 1 and approximate KL 0 (same code, same params), and the
@@ -501,36 +539,34 @@ class Learner:
               if reward_model.num_members(self.models.reward) > 1 else {}),
            "ppo/length": float(np.mean(stats["length"])), "ppo/truncated": float(np.mean(host["truncated"])),
            "ppo/entropy": float(np.mean(stats["entropy"])), "ppo/first_ratio": ratio0, "ppo/first_approx_kl": kl0,
-           "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": updates, "ppo/early_stopped": float(stopped),
-           "time/rollout_s": t_rollout, "time/learn_s": t_learn, "time/weight_sync_s": self.last_sync_s,
+           "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": len(learn_metrics), "ppo/early_stopped": float(stopped),
+           "time/rollout_s": t_rollout, "time/learn_s": t_learn, "time/weight_sync_s": sync_s,
            "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)}
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
               "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
       row[f"ppo/{k}"] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
     for k in ("skipped_total", "spikes_total", "rollbacks"):  # the run's numerics-guard counts (gptrl/trainer.py)
       row[f"ppo/{k}"] = float(learn_metrics[-1][f"train/{k}"])
-    return state, row, new_beta, responses, stats
+    return Iteration(state=state, row=row, beta=new_beta, prompts=prompts, responses=responses, stats=stats,
+                     rollout={**roll, "score": stats["score"]})
 
-  def evaluate(self, params: Any, prompts: list[list[int]], beta: float, tok: Any = None
-               ) -> tuple[dict[str, float], list[str]]:
+  def evaluate(self, params: Any, prompts: list[list[int]], beta: float, tok: Any = None) -> Evaluation:
     """Mean normalised reward and KL of the policy's answers to fixed held-out prompts, with a fixed key.
 
     `eval/proxy` is the RM's normalised reward (also `eval/reward`), `eval/kl` the mean over replies of the summed
     per-token KL to the reference. With `tok`, also the gold judge's mean score of the decoded replies
     (`eval/gold`, when the RM's comparisons came from one automatic judge), the watch judges' (`eval/judge_<name>`)
-    and, in `self.last_eval_replies`, one record per prompt: its turns, the reply, its reward, KL, length, gold
-    and judge scores.
+    and one record per prompt: its turns, the reply, its reward, KL, length, gold and judge scores.
     """
-    self.last_eval_replies = []
     if not prompts:
-      return {}, []
+      return Evaluation({}, [], [])
     p = self.cfg.ppo
-    eval_rng = jax.random.key(self.cfg.seed + 11)
+    eval_rng = jax.random.key(seeds.stream(self.cfg.seed, seeds.PPO_EVAL))
     scores, kls, lengths, texts, replies, ensemble_stds, proxy_means = [], [], [], [], [], [], []
-    sampler_params = self.sampler_params(params)
+    sampler_params, _ = self.sampler_params(params)
     for lo in range(0, len(prompts), p.rollout_batch_size):
       chunk = prompts[lo:lo + p.rollout_batch_size]
-      responses, _, host = self.rollout(params, chunk, jax.random.fold_in(eval_rng, lo), sampler_params)
+      responses, _, host = self.rollout(sampler_params, chunk, jax.random.fold_in(eval_rng, lo))
       _, stats = self.score(params, host, beta)
       scores.append(stats["score"])
       kls.append(stats["kl_sum"])
@@ -553,26 +589,7 @@ class Learner:
       metrics.update({"eval/ensemble_std": float(np.concatenate(ensemble_stds).mean()),
                       "eval/proxy_mean": float(np.concatenate(proxy_means).mean())})
     metrics.update(judge_replies(replies, self.gold_judge, self.watch_judges))
-    self.last_eval_replies = replies
-    return metrics, texts
-
-
-EVAL_PROMPTS_SEED_OFFSET = 7  # the held-out prompts' order: a seed stream of its own (seed + 7)
-
-
-def held_out_messages(eval_conversations: list[chat_data.Conversation], num: int, seed: int
-                      ) -> list[list[chat.Message]]:
-  """The `num` held-out prompts every policy evaluation uses (PPO's eval, best-of-n): the same list for the same
-  conversations, count and seed."""
-  from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
-  return training_prompts(eval_conversations, num, seed + EVAL_PROMPTS_SEED_OFFSET)
-
-
-def held_out_prompts(data: Any, num: int, seed: int, *, cache_dir: str) -> list[list[chat.Message]]:
-  """`held_out_messages` of the eval split of `data` (a ChatDataConfig: sources, eval_fraction, split_seed)."""
-  conversations = chat_data.load_conversations(data.sources, cache_dir=cache_dir)
-  _, eval_convs = chat_data.split_by_group(conversations, eval_fraction=data.eval_fraction, seed=data.split_seed)
-  return held_out_messages(eval_convs, num, seed)
+    return Evaluation(metrics, texts, replies)
 
 
 def judge_replies(replies: list[dict[str, Any]], gold_judge: judges_lib.Judge | None,
@@ -598,212 +615,244 @@ def judge_replies(replies: list[dict[str, Any]], gold_judge: judges_lib.Judge | 
   return metrics
 
 
-def run(cfg: PPOConfig) -> trainer.TrainState:
-  """Runs (or resumes) PPO for `cfg.train.steps` iterations."""
-  workdir = common.prepare_workdir(cfg)
-  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
+class PPOTask(loop_lib.Task):
+  """A PPO iteration as the run loop's unit of work. Its checkpoint holds the train state and, in the data item,
+  the KL coefficient beta, the prompt and PPO-ptx iterators' positions and the pipeline's fingerprint; a rollback
+  restores beta with the policy."""
+  unit = "iteration"
+
+  def __init__(self, cfg: PPOConfig, learner: Learner, *, prompts: Prompts, eval_prompts: list[list[int]],
+               beta: float, tok: Any, checkpointer: ckpt_lib.Checkpointer, meta: dict[str, Any], fingerprint: str,
+               fingerprint_parts: dict[str, Any], workdir: str):
+    self.cfg, self.learner, self.prompts, self.eval_prompts, self.beta, self.tok = (cfg, learner, prompts,
+                                                                                    eval_prompts, beta, tok)
+    self.checkpointer, self.meta, self.workdir = checkpointer, meta, workdir
+    self.fingerprint, self.fingerprint_parts = fingerprint, fingerprint_parts
+    self.is_main = jax.process_index() == 0
+
+  def step(self, state: trainer.TrainState, index: int) -> loop_lib.Outcome:
+    result = self.learner.iteration(state, self.prompts.next(), index, self.beta)
+    self.checkpointer.poll()  # a failed background save stops the run now, not at the next save
+    self.beta = result.beta
+    if self.cfg.ppo.save_rollouts and self.is_main:
+      save_rollout(os.path.join(self.workdir, "rollouts"), index, result.rollout)
+    texts = [json.dumps({"prompt": _last_turn(result.prompts[i], self.tok),
+                         "response": chat.decode_reply(result.responses[i], self.tok),
+                         "reward": round(float(result.stats["score"][i]), 4)}, ensure_ascii=False)
+             for i in range(min(3, len(result.responses)))] if self.is_main else []
+    return loop_lib.Outcome(result.state, result.row, {"rollouts": texts})
+
+  def check(self, state: trainer.TrainState, index: int, outcome: loop_lib.Outcome):
+    """Rolls back (trainer.rollback) after `train.max_bad_steps` skipped minibatch updates in a row."""
+    cfg, state = self.cfg, outcome.state
+    streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
+    if not streak >= cfg.train.max_bad_steps > 0:
+      return state, outcome.metrics, False
+    per_iteration = cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+    first_bad = index + 1 - -(-streak // per_iteration)  # the iteration the bad updates began in
+    state, _, saved = trainer.rollback(self.checkpointer, state, done=index + 1, streak=streak, first_bad=first_bad,
+                                       train_cfg=cfg.train, unit="iteration")
+    self.beta = float(saved["beta"])  # the KL controller's state goes back with the policy
+    return state, outcome.metrics, True
+
+  def save(self, state: trainer.TrainState, done: int) -> None:
+    ptx_iter = self.learner.ptx_iter
+    self.checkpointer.save(done, state, meta=self.meta, data={
+        "iterator": self.prompts.get_state(), "fingerprint": self.fingerprint,
+        "fingerprint_parts": self.fingerprint_parts, "beta": self.beta,
+        "ptx_iterator": ptx_iter.get_state() if ptx_iter else None})
+
+  def wait(self) -> None:
+    self.checkpointer.wait()
+
+  def evaluate(self, state: trainer.TrainState, done: int) -> tuple[dict[str, float], list[str] | None]:
+    result = self.learner.evaluate(state.params, self.eval_prompts, self.beta, self.tok)
+    if not result.metrics:
+      return {}, None
+    if self.is_main and result.replies:
+      append_eval_replies(self.workdir, done, result.replies)
+    return result.metrics, result.texts
+
+  def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+    return {"reward": f"{metrics['ppo/reward']:+.3f}", "kl": f"{metrics['ppo/kl']:.2f}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run, as a sequence of named steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelRun:
+  """The frozen reward model a PPO run scores with: its meta, where it is, and how its scores are read."""
+  meta: dict[str, Any]
+  where: str  # folder/step
+  model_config: Any
+  readout: reward_model.Readout
+
+
+def read_reward_model(cfg: PPOConfig, tok: Any) -> RewardModelRun:
+  """The reward model of `cfg.reward_model`, checked: a reward-stage checkpoint trained with this tokenizer."""
+  meta, folder, step = ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
+  where = f"{folder}/{step}"
+  if meta.get("stage") != "reward":
+    raise config_lib.ConfigError(f"config.reward_model.checkpoint: {where} is a {meta.get('stage')!r} checkpoint, "
+                                 "not a reward model.")
+  ckpt_lib.check_tokenizer(meta, tok.sha256, where=f"The reward model {where}")
+  if "reward_offset" not in meta:
+    logging.warning("The reward model %s has no reward_offset (trained without normalisation); using 0.", where)
+  readout = reward_model.Readout.from_meta(meta, cfg.reward_model.ensemble_reduce, cfg.reward_model.ensemble_penalty)
+  return RewardModelRun(meta, where, cfg.model.apply(ckpt_lib.model_config_from_meta(meta)), readout)
+
+
+def check_shapes(cfg: PPOConfig, placement: Placement, model_cfg: Any, rm: RewardModelRun) -> None:
+  """Refuses batch sizes the learner's mesh cannot split, and a reply length that leaves no room for a prompt."""
   p = cfg.ppo
-  placement = make_placement(cfg.mesh, p)
-  mesh = placement.learner
-  dp = sharding.data_parallel_size(mesh)
+  dp = sharding.data_parallel_size(placement.learner)
   if p.minibatch_size % dp or p.rollout_batch_size % dp:
-    raise common.config_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.ppo.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
         f"divisible by the data-parallel size {dp}.")
+  prompt_len = model_cfg.max_len - p.max_new_tokens
+  if prompt_len < 8 or rm.model_config.max_len < model_cfg.max_len:
+    raise config_lib.ConfigError(
+        f"config.ppo.max_new_tokens={p.max_new_tokens} leaves {prompt_len} prompt tokens of the policy's "
+        f"{model_cfg.max_len} (and the reward model's context is {rm.model_config.max_len}); lower it.")
+
+
+def load_prompts(cfg: PPOConfig, tok: Any, prompt_len: int, cache_dir: str) -> tuple[Prompts, list[list[int]], int]:
+  """(the stream of training prompts, the encoded held-out eval prompts, the number of training prompts): the
+  training split's conversations cut before their last assistant turn, and `chat_data.held_out_prompts`."""
+  conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
+  train_convs, eval_convs = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
+                                                     seed=cfg.data.split_seed)
+  train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
+                   for m in chat_data.training_prompts(train_convs, 0, cfg.seed)]
+  eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
+                  for m in chat_data.held_out_prompts(eval_convs, cfg.ppo.num_eval_prompts, cfg.seed)]
+  logging.info("PPO prompts: %d training, %d held-out for eval.", len(train_prompts), len(eval_prompts))
+  return Prompts(train_prompts, seed=cfg.seed, batch=cfg.ppo.rollout_batch_size), eval_prompts, len(train_prompts)
+
+
+def _copy_to(tree: Any, shardings: Any) -> Any:
+  """A copy of `tree` in buffers of its own, laid out by `shardings` (the train step donates its state)."""
+  return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), tree, shardings)
+
+
+def init_from_previous_stages(cfg: PPOConfig, models: Models, params: Any, shardings: Any, ref_params: Any,
+                              rm_params: Any, tok: Any) -> Any:
+  """A fresh run's trainable parameters: the policy equal to the frozen SFT reference; the critic from the reward
+  model (`ppo.critic_init="reward"`: an ensemble's first member), from the SFT transformer under a fresh value
+  head ("sft"), or, shared, a fresh value head on the policy's trunk."""
+  p = cfg.ppo
+  params = {**params, "policy": _copy_to(ref_params, shardings["policy"])}
+  abstract_value = ckpt_lib.abstract_like(params["value"], shardings["value"])
+  if p.critic_init == "reward" and reward_model.num_members(models.reward) > 1:
+    # An ensemble's first member (the model a single RM run with this seed would train) starts the critic.
+    member0 = jax.tree.map(lambda x: x[0], {"transformer": rm_params["transformer"],
+                                            "value_head": rm_params["reward_head"]})
+    params["value"] = _copy_to(member0, shardings["value"])
+  elif p.critic_init == "reward":
+    trunk, _, _ = ckpt_lib.load_params(cfg.reward_model.checkpoint, abstract_value["transformer"],
+                                       step=cfg.reward_model.step, tokenizer_sha256=tok.sha256, subtree="transformer")
+    head = _copy_to(rm_params["reward_head"], shardings["value"]["value_head"])
+    params["value"] = {"transformer": trunk, "value_head": head}
+  elif not models.shared:
+    trunk, _, _ = ckpt_lib.load_params(cfg.init.checkpoint, abstract_value["transformer"], step=cfg.init.step,
+                                       tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
+    params["value"] = {**params["value"], "transformer": trunk}
+  return params
+
+
+def ptx_stream(cfg: PPOConfig, tok: Any, seq_len: int, cache_dir: str, saved_position: Any) -> Any:
+  """PPO-ptx's pretraining batches (minibatch_size rows of the policy's context), at `saved_position` when
+  resuming; None without ptx."""
+  p = cfg.ppo
+  if p.ptx_coef <= 0:
+    return None
+  docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
+  ptx_docs, _ = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)
+  ptx_tokens = data_lib.tokenize_documents(ptx_docs, tok, cache_dir=os.path.join(cache_dir, "tokens"))
+  it = iter(data_lib.lm_dataset(ptx_tokens, seq_len=seq_len, seed=cfg.seed,
+                                global_batch_size=p.minibatch_size, process_index=jax.process_index(),
+                                process_count=jax.process_count()))
+  if saved_position is not None:
+    it.set_state(saved_position)
+  logging.info("PPO-ptx: %d pretraining tokens, coefficient %g.", ptx_tokens.size, p.ptx_coef)
+  return it
+
+
+def run(cfg: PPOConfig) -> trainer.TrainState:
+  """Runs (or resumes) PPO for `cfg.train.steps` iterations."""
+  p = cfg.ppo
+  workdir = recipe_lib.prepare_workdir(cfg)
+  cache_dir = cfg.data.cache_dir or str(default_cache_dir())
+  placement = make_placement(cfg.mesh, p)
+  mesh = placement.learner
   if p.placement == "split":
     logging.info("PPO placement: learner on %d devices %s, sampler on %d, frozen models on %d%s.", mesh.size,
                  dict(mesh.shape), placement.sampler.size, placement.scorer.size,
                  "" if placement.split_scorer else " (the learner's)")
-  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
-                                                 expect_stage=("sft",))
-  rm_meta, rm_folder, rm_step = common.read_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
-  if rm_meta.get("stage") != "reward":
-    raise common.config_lib.ConfigError(f"config.reward_model.checkpoint: {rm_folder}/{rm_step} is a "
-                                        f"{rm_meta.get('stage')!r} checkpoint, not a reward model.")
-  ckpt_lib.check_tokenizer(rm_meta, tok.sha256, where=f"The reward model {rm_folder}/{rm_step}")
-  if "reward_offset" not in rm_meta:
-    logging.warning("The reward model %s/%d has no reward_offset (trained without normalisation); using 0.",
-                    rm_folder, rm_step)
-  reward_offset = float(rm_meta.get("reward_offset", 0.0))
-  readout = reward_model.Readout.from_meta(rm_meta, cfg.reward_model.ensemble_reduce,
-                                           cfg.reward_model.ensemble_penalty)
-  rm_cfg = cfg.model.apply(common.model_config_from_meta(rm_meta))
-  n_new = p.max_new_tokens
-  prompt_len = model_cfg.max_len - n_new
-  if prompt_len < 8 or rm_cfg.max_len < model_cfg.max_len:
-    raise common.config_lib.ConfigError(
-        f"config.ppo.max_new_tokens={n_new} leaves {prompt_len} prompt tokens of the policy's {model_cfg.max_len} "
-        f"(and the reward model's context is {rm_cfg.max_len}); lower it.")
-  shared = p.critic == "shared"
-  models = Models(policy=model_lib.GPT(model_cfg),
-                  critic=(reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
-                          reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std,
-                                                       head_name="value_head")),
-                  reward=reward_model.make_reward_model(rm_cfg, int(rm_meta.get("ensemble", 1)),
-                                                        pooling=rm_meta.get("pooling", "last")), shared=shared,
-                  prompt_len=prompt_len, new_tokens=n_new, reward_context=int(rm_meta.get("context", 0)),
-                  end_id=tok.end_of_turn_id)
-
-  # Prompts: the training split for rollouts, the held-out split for evaluation.
-  conversations = chat_data.load_conversations(cfg.data.sources, cache_dir=cache_dir)
-  train_convs, eval_convs = chat_data.split_by_group(conversations, eval_fraction=cfg.data.eval_fraction,
-                                                     seed=cfg.data.split_seed)
-  from gptrl.stages.label import training_prompts  # pylint: disable=import-outside-toplevel
-  train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
-                   for m in training_prompts(train_convs, 0, cfg.seed)]
-  eval_messages = held_out_messages(eval_convs, p.num_eval_prompts, cfg.seed)
-  eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in eval_messages]
-  prompts = Prompts(train_prompts, seed=cfg.seed, batch=p.rollout_batch_size)
-  logging.info("PPO prompts: %d training, %d held-out for eval.", len(train_prompts), len(eval_prompts))
+  model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
+                                                     expect_stage=("sft",))
+  rm = read_reward_model(cfg, tok)
+  check_shapes(cfg, placement, model_cfg, rm)
+  models = make_models(model_cfg, rm.model_config, p, ensemble=int(rm.meta.get("ensemble", 1)),
+                       pooling=rm.meta.get("pooling", "last"), reward_context=int(rm.meta.get("context", 0)),
+                       end_id=tok.end_of_turn_id)
+  prompts, eval_prompts, num_prompts = load_prompts(cfg, tok, models.prompt_len, cache_dir)
 
   # Parameters: the policy and critic train; the reference and the reward model are frozen.
+  updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
+  optimizer = optim.make_optimizer(cfg.optim, updates)
+  state, state_shardings = trainer.create_train_state(functools.partial(init_params, models), optimizer, cfg.seed,
+                                                      mesh)
   example = np.zeros((1, model_cfg.max_len), np.int32)
+  ref_params = ckpt_lib.load_frozen_params(models.policy, example, placement.scorer, cfg.init,
+                                           tokenizer_sha256=tok.sha256)
+  rm_params = ckpt_lib.load_frozen_params(models.reward, example, placement.scorer, cfg.reward_model,
+                                          tokenizer_sha256=tok.sha256)
 
-  def init_params(rng):
-    r1, r2 = jax.random.split(rng)
-    policy = models.policy.init(r1, example)["params"]
-    if shared:
-      value = models.critic.init(r2, jnp.zeros((1, model_cfg.max_len, model_cfg.d_model), jnp.float32))["params"]
-    else:
-      value = models.critic.init(r2, example)["params"]
-    return {"policy": policy, "value": value}
-
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size))
-  state, state_shardings = trainer.create_train_state(init_params, optimizer, cfg.seed, mesh)
-  ref_params = common.load_frozen_params(models.policy, example, placement.scorer, cfg.init,
-                                         tokenizer_sha256=tok.sha256)
-  rm_params = common.load_frozen_params(models.reward, example, placement.scorer, cfg.reward_model,
-                                        tokenizer_sha256=tok.sha256)
-
-  checkpointer = common.open_checkpointer(workdir, cfg.train)
-  fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
-                           eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
-                           process_count=jax.process_count(), tokenizer_sha256=tok.sha256,
-                           num_prompts=len(train_prompts), prompt_len=prompt_len,
-                           ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
-  fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
-  start, beta, ptx_state = 0, p.init_beta, None
-  resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=prompts,
-                          reset_data_position=cfg.data.reset_position)
-  if resumed is not None:
-    start, state, data_state = resumed
-    beta = float(data_state["beta"])
-    ptx_state = data_state.get("ptx_iterator")
-    logging.info("Resumed at beta %.4f.", beta)
-  else:
-    params = dict(state.params)
-    # The trained policy starts equal to the frozen reference, in buffers of its own (the train step donates).
-    params["policy"] = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), ref_params,
-                                    state_shardings.params["policy"])
-    abstract_value = ckpt_lib.abstract_like(state.params["value"], state_shardings.params["value"])
-    if p.critic_init == "reward" and reward_model.num_members(models.reward) > 1:
-      # An ensemble's first member (the model a single RM run with this seed would train) starts the critic.
-      params["value"] = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x[0], copy=True), s),
-                                     {"transformer": rm_params["transformer"], "value_head": rm_params["reward_head"]},
-                                     state_shardings.params["value"])
-    elif p.critic_init == "reward":
-      trunk, _, _ = ckpt_lib.load_params(cfg.reward_model.checkpoint, abstract_value["transformer"],
-                                         step=cfg.reward_model.step, tokenizer_sha256=tok.sha256, subtree="transformer")
-      head = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), rm_params["reward_head"],
-                          state_shardings.params["value"]["value_head"])
-      params["value"] = {"transformer": trunk, "value_head": head}
-    elif not shared:  # (a shared critic is a fresh value head on the policy's trunk)
-      trunk, _, _ = ckpt_lib.load_params(cfg.init.checkpoint, abstract_value["transformer"], step=cfg.init.step,
-                                         tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
-      params["value"] = {**params["value"], "transformer": trunk}
-    state = state.replace(params=params)
-    logging.info("Policy from %s, critic from %s, reward model %s/%d (%s).", init_meta["init_checkpoint"],
-                 "a fresh head on the policy" if shared else p.critic_init, rm_folder, rm_step, readout)
-
-  learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
-                    make_score_fn(models, cfg, readout), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
-                    placement=placement)
-  learner.watch_judges = {name: judges_lib.make_judge(name) for name in p.watch_judges}
-  if rm_meta.get("gold_judge"):
-    learner.gold_judge = judges_lib.make_judge(rm_meta["gold_judge"])
-    logging.info("Gold judge (the reward model's labeller): %s.", rm_meta["gold_judge"])
-  else:
-    logging.info("No gold judge: the reward model's comparisons were not all labelled by one automatic judge.")
-  if p.ptx_coef > 0:
-    docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
-    ptx_docs, _ = data_lib.split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)
-    ptx_tokens = data_lib.tokenize_documents(ptx_docs, tok, cache_dir=os.path.join(cache_dir, "tokens"))
-    learner.ptx_iter = iter(data_lib.lm_dataset(
-        ptx_tokens, seq_len=model_cfg.max_len, seed=cfg.seed, global_batch_size=p.minibatch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()))
-    if ptx_state is not None:
-      learner.ptx_iter.set_state(ptx_state)
-    logging.info("PPO-ptx: %d pretraining tokens, coefficient %g.", ptx_tokens.size, p.ptx_coef)
-
-  is_main = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if start else -1)
-  if is_main:
-    # On resume, the eval-reply lines an interrupted run wrote after the checkpoint go, as metrics rows do.
-    truncate_jsonl_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
-  guard = trainer.PreemptionGuard()
-  bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (is_main and cfg.train.progress_bar),
-                  desc="ppo", file=sys.stderr, dynamic_ncols=True)
-  meta = {"stage": "ppo", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
-          "num_params": model_lib.count_params(state.params["policy"]), "init_checkpoint": init_meta["init_checkpoint"],
-          "reward_model": f"{rm_folder}/{rm_step}", "reward_offset": reward_offset, "critic": p.critic,
-          "reward_readout": dataclasses.asdict(readout)}
-
-  def save(step):
-    writer.sync()  # a bucket workdir's metrics rows first, then the checkpoint they lead up to
-    checkpointer.save(step, state, data={"iterator": prompts.get_state(), "fingerprint": fingerprint,
-                                         "fingerprint_parts": fingerprint_parts, "beta": beta,
-                                         "ptx_iterator": learner.ptx_iter.get_state() if learner.ptx_iter else None},
-                    meta=meta)
-
-  def log_eval(step):
-    metrics, texts = learner.evaluate(state.params, eval_prompts, beta, tok)
-    if metrics:
-      writer.write(step, metrics)
-      writer.write_texts(step, "samples", texts)
-      if is_main and learner.last_eval_replies:
-        append_eval_replies(workdir, step, learner.last_eval_replies)
-      logging.info("iteration %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-
+  checkpointer = ckpt_lib.open_workdir_checkpointer(workdir, cfg.train)
   try:
-    if start == 0 and cfg.train.eval_at_start:
-      log_eval(0)
-    for it in range(start, cfg.train.steps):
-      if guard.should_stop(it):
-        save(it)
-        checkpointer.wait()
-        logging.warning("Preempted at iteration %d: checkpoint saved; exiting with code %d.", it,
-                        trainer.EXIT_PREEMPTED)
-        sys.exit(trainer.EXIT_PREEMPTED)
-      state, row, beta, responses, stats = learner.iteration(state, prompts.next(), it, beta)
-      checkpointer.poll()  # a failed background save stops the run now, not at the next save
-      rolled_back = False
-      streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
-      if streak >= cfg.train.max_bad_steps > 0:  # skipped minibatch updates in a row: roll back (trainer.rollback)
-        per_iteration = p.epochs * (p.rollout_batch_size // p.minibatch_size)
-        first_bad = it + 1 - -(-streak // per_iteration)  # the iteration the bad updates began in
-        state, _, saved = trainer.rollback(checkpointer, state, done=it + 1, streak=streak, first_bad=first_bad,
-                                           train_cfg=cfg.train, unit="iteration")
-        beta, rolled_back = float(saved["beta"]), True  # the KL controller's state goes back with the policy
-      if p.save_rollouts and is_main:
-        save_rollout(os.path.join(workdir, "rollouts"), it, learner.last_rollout)
-      kl_mean = row["ppo/kl"]
-      writer.write(it + 1, row)
-      if is_main:
-        writer.write_texts(it + 1, "rollouts", [json.dumps(
-            {"prompt": _last_turn(learner.last_prompts[i], tok), "response": chat.decode_reply(responses[i], tok),
-             "reward": round(float(stats["score"][i]), 4)}, ensure_ascii=False) for i in range(min(3, len(responses)))])
-      bar.update(1)
-      bar.set_postfix(reward=f"{row['ppo/reward']:+.3f}", kl=f"{kl_mean:.2f}", refresh=False)
-      done = it + 1
-      if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-        log_eval(done)
-      if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or rolled_back:
-        save(done)
-    checkpointer.wait()
+    fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
+                             eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
+                             process_count=jax.process_count(), tokenizer_sha256=tok.sha256, num_prompts=num_prompts,
+                             prompt_len=models.prompt_len, ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
+    fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
+    start, beta, ptx_position = 0, p.init_beta, None
+    resumed = trainer.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256,
+                             fingerprint=fingerprint, fingerprint_parts=fingerprint_parts, train_iter=prompts,
+                             reset_data_position=cfg.data.reset_position)
+    if resumed is not None:
+      start, state, data_state = resumed
+      beta, ptx_position = float(data_state["beta"]), data_state.get("ptx_iterator")
+      logging.info("Resumed at beta %.4f.", beta)
+    else:
+      state = state.replace(params=init_from_previous_stages(cfg, models, state.params, state_shardings.params,
+                                                             ref_params, rm_params, tok))
+      logging.info("Policy from %s, critic from %s, reward model %s (%s).", init_meta["init_checkpoint"],
+                   "a fresh head on the policy" if models.shared else p.critic_init, rm.where, rm.readout)
+
+    gold_judge = judges_lib.make_judge(rm.meta["gold_judge"]) if rm.meta.get("gold_judge") else None
+    logging.info("Gold judge: %s.", f"{rm.meta['gold_judge']} (the reward model's labeller)" if gold_judge else
+                 "none (the reward model's comparisons were not all labelled by one automatic judge)")
+    learner = Learner(cfg, models, mesh, optimizer, state_shardings, ref_params, rm_params,
+                      make_score_fn(models, cfg, rm.readout), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
+                      placement=placement, ptx_iter=ptx_stream(cfg, tok, model_cfg.max_len, cache_dir, ptx_position),
+                      watch_judges={name: judges_lib.make_judge(name) for name in p.watch_judges},
+                      gold_judge=gold_judge)
+    if jax.process_index() == 0:
+      # On resume, the eval-reply lines an interrupted run wrote after the checkpoint go, as metrics rows do.
+      truncate_jsonl_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
+    meta = {"stage": "ppo", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(model_cfg),
+            "num_params": model_lib.count_params(state.params["policy"]),
+            "init_checkpoint": init_meta["init_checkpoint"], "reward_model": rm.where,
+            "reward_offset": float(rm.meta.get("reward_offset", 0.0)), "critic": p.critic,
+            "reward_readout": dataclasses.asdict(rm.readout)}
+    task = PPOTask(cfg, learner, prompts=prompts, eval_prompts=eval_prompts, beta=beta, tok=tok,
+                   checkpointer=checkpointer, meta=meta, fingerprint=fingerprint,
+                   fingerprint_parts=fingerprint_parts, workdir=workdir)
+    return loop_lib.run(task, state, start=start, cadence=loop_lib.Cadence.of(cfg.train, log_every=1),
+                        workdir=workdir, desc="ppo")
   finally:
-    bar.close()
-    writer.close()
-    guard.restore()
     checkpointer.close()
-  return state

@@ -1,7 +1,8 @@
 """Stage 3, reward modelling: a scalar-head transformer initialised from SFT learns a Bradley-Terry score.
 
-Initialisation order: resume this workdir's own checkpoint if there is one; else the transformer's parameters
-from the SFT checkpoint `init.checkpoint` and a fresh, small head.
+The recipe: comparison records (pairs or K-way rankings) split by prompt group, each prompt's replies encoded to
+the reward model's context; a fresh run starts the transformer from the SFT checkpoint `init.checkpoint` (every
+member of an ensemble from the same one) with a fresh, small head; eval is the held-out loss and pair accuracy.
 
 After the last step the reward is normalised as InstructGPT does before PPO: the SFT model answers
 `reward.normalize_samples` training prompts, the trained reward model scores the answers, and their mean is
@@ -22,16 +23,17 @@ from jax.experimental import multihost_utils
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
+from gptrl import config as config_lib
 from gptrl import data as data_lib
 from gptrl import losses
 from gptrl import model as model_lib
-from gptrl import optim
 from gptrl import reward_model
 from gptrl import sampling
+from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.config import RewardConfig
-from gptrl.stages import common
+from gptrl.stages import recipe as recipe_lib
 
 
 def _rewards_and_loss(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float, params,
@@ -137,14 +139,14 @@ def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh
               **({"reward_offsets": [0.0] * members, "reward_stds": [1.0] * members} if members > 1 else {})}
     model_cfg = model.config
     policy = model_lib.GPT(model_cfg)
-    sft_params = common.load_frozen_params(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh, cfg.init,
+    sft_params = ckpt_lib.load_frozen_params(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh, cfg.init,
                                            tokenizer_sha256=tok.sha256)
     picks = np.random.default_rng(cfg.seed).permutation(len(prompts))[:n]
     max_new = cfg.reward.normalize_max_new_tokens
     encoded = [chat.prompt_tokens(prompts[i], tok, max_tokens=model_cfg.max_len - max_new) for i in picks]
     with sharding.activate(mesh):
       outs = sampling.generate(policy, sft_params, encoded, max_new_tokens=max_new,
-                               rng=jax.random.key(cfg.seed + 2), temperature=1.0, stop_id=tok.end_of_turn_id,
+                               rng=jax.random.key(seeds.stream(cfg.seed, seeds.RM_NORMALISER)), temperature=1.0, stop_id=tok.end_of_turn_id,
                                pad_id=tok.pad_id, batch_multiple=sharding.data_parallel_size(mesh))
     length = context
     seqs = [chat_data.response_sequence(prompts[i], chat.decode_reply(o, tok) or " ", tok, max_len=length,
@@ -185,17 +187,15 @@ def _drop_leading_axis(named: jax.sharding.NamedSharding) -> jax.sharding.NamedS
   return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*tuple(named.spec)[1:]))
 
 
-def run(cfg: RewardConfig) -> trainer.TrainState:
-  """Trains (or resumes training) the reward model."""
-  workdir, _, mesh = common.setup(cfg)
+def recipe(cfg: RewardConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
   k = cfg.data.max_responses
   # The data first: a bad record is reported before any checkpoint is read.
   groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
-  model_cfg, tok, init_meta = common.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
-                                                 expect_stage=("sft",))
+  model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, ctx.workdir, cfg.model,
+                                                     expect_stage=("sft",))
   seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
   if cfg.reward.normalize_samples and cfg.reward.normalize_max_new_tokens >= seq_len:
-    raise common.config_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.reward.normalize_max_new_tokens: {cfg.reward.normalize_max_new_tokens} leaves no room for a "
         f"prompt in the reward model's context of {seq_len} tokens (data.max_len or the model's); lower it.")
   train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
@@ -222,22 +222,11 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
                            global_batch_size=cfg.data.batch_size, process_count=jax.process_count(),
                            tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs,
                            **({"ensemble": members} if members > 1 else {}))
-  fingerprint = data_lib.pipeline_fingerprint(stage="reward", **fingerprint_parts)
-
   model = reward_model.make_reward_model(model_cfg, members, head_init_std=cfg.reward.head_init_std,
                                         pooling=cfg.reward.pooling)
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, members=members)
-  state, state_shardings = trainer.create_train_state(
-      lambda rng: model.init(rng, np.zeros((1, seq_len), np.int32))["params"], optimizer, cfg.seed, mesh)
-  checkpointer = common.open_checkpointer(workdir, cfg.train)
-  start_step = 0
-  resumed = common.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256, fingerprint=fingerprint,
-                          fingerprint_parts=fingerprint_parts, train_iter=train_iter,
-                          reset_data_position=cfg.data.reset_position)
-  if resumed is not None:
-    start_step, state, _ = resumed
-  else:
-    abstract = ckpt_lib.abstract_like(state.params, state_shardings.params)
+
+  def init_from(params, shardings):  # the SFT transformer under a fresh head (each member's own)
+    abstract = ckpt_lib.abstract_like(params, shardings)
     if members > 1:  # one SFT transformer, without the members' axis
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
                                                              sharding=_drop_leading_axis(x.sharding)), abstract)
@@ -245,16 +234,11 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
                                               tokenizer_sha256=tok.sha256, unused_ok=reward_model.UNUSED_LM_PARAMS)
     if members > 1:  # every member starts from the SFT transformer; their heads and data orders differ
       backbone = jax.jit(lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (members,) + x.shape), tree),
-                         out_shardings=state_shardings.params["transformer"])(backbone)
-    state = state.replace(params={**state.params, "transformer": backbone})
+                         out_shardings=shardings["transformer"])(backbone)
     logging.info("Initialised the transformer%s from %s; the reward head%s fresh.",
                  f" of each of {members} members" if members > 1 else "", where, "s are" if members > 1 else " is")
+    return {**params, "transformer": backbone}
 
-  train_step = trainer.jit_train_step(
-      trainer.make_train_step(reward_loss_fn(model, cfg.reward.margin_scale), optimizer,
-                              optim.learning_rate_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum_steps,
-                              **trainer.spike_options(cfg.train), members=members),
-      state_shardings, mesh)
   eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
                                                max_batches=cfg.data.eval_batches, process_index=jax.process_index(),
                                                process_count=jax.process_count())
@@ -263,22 +247,21 @@ def run(cfg: RewardConfig) -> trainer.TrainState:
   gold = chat_data.gold_judge(groups)
   labelled_by = collections.Counter(name for g in groups for name in g.labellers)
   logging.info("Comparisons labelled by %s; gold judge: %s.", dict(labelled_by), gold or "none (not one judge)")
-  meta = {"stage": "reward", "tokenizer_sha256": tok.sha256, "model": common.config_lib.to_dict(model_cfg),
-          "num_params": model_lib.count_params(state.params), "init_checkpoint": init_meta["init_checkpoint"],
-          "head": "reward_head", "pooling": cfg.reward.pooling, "ensemble": members, "context": seq_len,
-          "eval_pairs": n_eval_pairs,
-          "eval_prompts": len(eval_groups),
-          "gold_judge": gold, "labellers": dict(labelled_by)}
   tokens_per_step = cfg.data.batch_size * k * seq_len
-  loop = trainer.Loop(
-      workdir=workdir, train_cfg=cfg.train, mesh=mesh, train_step=train_step, train_iter=train_iter,
-      checkpointer=checkpointer, meta=meta, data_fingerprint=fingerprint, data_fingerprint_parts=fingerprint_parts,
-      tokens_per_step=tokens_per_step,
-      eval_fn=make_reward_eval_fn(model, mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
+  return recipe_lib.Recipe(
+      stage="reward", tokenizer=tok, model_config=model_cfg, model=model, seq_len=seq_len,
+      loss_fn=reward_loss_fn(model, cfg.reward.margin_scale), train_iter=train_iter,
+      fingerprint=data_lib.pipeline_fingerprint(stage="reward", **fingerprint_parts),
+      fingerprint_parts=fingerprint_parts, tokens_per_step=tokens_per_step,
       flops_per_step=model_lib.flops_per_token(model_cfg, seq_len, lm_head=False) * tokens_per_step,
-      final_meta_fn=make_normalizer(cfg, model, mesh, tok, [g.prompt for g in train_groups], seq_len))
-  try:
-    state = trainer.run_loop(loop, state, start_step=start_step)
-  finally:
-    checkpointer.close()
-  return state
+      meta={"init_checkpoint": init_meta["init_checkpoint"], "head": "reward_head", "pooling": cfg.reward.pooling,
+            "ensemble": members, "context": seq_len, "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups),
+            "gold_judge": gold, "labellers": dict(labelled_by)},
+      members=members, init_from=init_from,
+      eval_fn=make_reward_eval_fn(model, ctx.mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
+      final_meta_fn=make_normalizer(cfg, model, ctx.mesh, tok, [g.prompt for g in train_groups], seq_len))
+
+
+def run(cfg: RewardConfig) -> trainer.TrainState:
+  """Trains (or resumes training) the reward model."""
+  return recipe_lib.train(cfg, lambda ctx: recipe(cfg, ctx))
