@@ -10,7 +10,8 @@ directory, deleted at the end), through gptrl.checkpoint.Checkpointer exactly as
 1. State: gptrl.trainer.create_train_state of the chosen model with its Adam state (~3x the parameter bytes).
    Adam's moments start at zero, which zstd (--compression) compresses away; after training they are dense, so by
    default they are filled with random values of plausible size (--opt_state init keeps the zeros).
-2. Save (each repeat): `Checkpointer.save(step, state, data=, meta=)` then `wait()`, as the run loop (gptrl/loop.py) does. Measured:
+2. Save (each repeat): `Checkpointer.save(step, state, data=, meta=)` then `wait()`, as the run loop
+   (gptrl/loop.py) does. Measured:
    the time the caller is blocked in save(); the time from the call until the step is committed (orbax has
    written it, the sha256 manifest is written and fsynced, the folder renamed): any save() or wait() issued
    before then blocks for the rest; save bytes/s = bytes on disk / call-to-commit time. The manifest's own
@@ -70,6 +71,7 @@ from gptrl import model as model_lib  # pylint: disable=wrong-import-position
 from gptrl import optim  # pylint: disable=wrong-import-position
 from gptrl import sharding  # pylint: disable=wrong-import-position
 from gptrl import trainer  # pylint: disable=wrong-import-position
+from gptrl.stages import recipe  # pylint: disable=wrong-import-position
 
 MODELS = {
     # configs/pretrain_cpu.py's model with its 4096-token tokenizer.
@@ -250,9 +252,7 @@ def make_state(name: str, opt_state: str, seed: int = 0):
   mesh = sharding.make_mesh(config_lib.MeshConfig())
   model = model_lib.GPT(model_cfg)
   optimizer = optim.make_optimizer(config_lib.OptimConfig(), 1000)
-  init_tokens = np.zeros((1, model_cfg.max_len), np.int32)
-  state, shardings = trainer.create_train_state(lambda r: model.init(r, init_tokens)["params"], optimizer, seed,
-                                                mesh)
+  state, shardings = trainer.create_train_state(recipe.init_params(model, model_cfg.max_len), optimizer, seed, mesh)
   if opt_state == "dense":
     state = densify_optimizer_state(state, shardings, seed + 1)
   jax.block_until_ready(state)
@@ -271,7 +271,8 @@ def same_values(a: Any, b: Any) -> bool:
 
 def measure_save(checkpointer: ckpt_lib.Checkpointer, step: int, state: Any, meta: dict[str, Any],
                  manifest_times: ManifestTimes) -> dict[str, Any]:
-  """One save as the run loop (gptrl/loop.py) does it, then wait(); the step's size on disk and the sha256 cost of verifying it."""
+  """One save as the run loop (gptrl/loop.py) does it, then wait(); the step's size on disk and the sha256 cost of
+  verifying it."""
   data = {"iterator": {"position": step}, "fingerprint": "checkpoint-io-benchmark", "fingerprint_parts": {}}
   t0 = time.perf_counter()
   checkpointer.save(step, state, data=data, meta=meta)
@@ -315,7 +316,7 @@ def measure_restore(directory: str, step: int, state: Any, shardings: Any, *, ch
       if drop:
         residents.append(drop_page_cache(step_files))
       t0 = time.perf_counter()
-      restored, _, _ = checkpointer.restore(step, target)  # verified above: orbax's read alone
+      restored, _, _ = checkpointer.restore(step, abstract)  # verified above: orbax's read alone
       jax.block_until_ready(restored)
       out[name] = time.perf_counter() - t0
       del restored
@@ -523,7 +524,8 @@ def main(argv=None) -> int:
   stream = logging.StreamHandler(sys.stderr)
   stream.setLevel(logging.WARNING)
   # Orbax warns when a state item's metadata is read that the step-level metadata file is not in state/; it is
-  # expected there and says nothing about the I/O. Orbax also counts the time of an explicit wait() as "waiting for previous save" at the next save and warns.
+  # expected there and says nothing about the I/O. Orbax also counts the time of an explicit wait() as "waiting for
+  # previous save" at the next save and warns.
   stream.addFilter(lambda record: not record.getMessage().startswith(
       ("Metadata file does not exist", "Waiting for previous save to complete")))
   manifest_times = ManifestTimes()

@@ -1,4 +1,4 @@
-"""Decoding speed: gptrl.sampling.generate (KV cache, one jitted loop) against transformers' `generate` on the
+"""Decoding speed: gptrl.decoding.generate (KV cache, one jitted loop) against transformers' `generate` on the
 identical GPT-2 model, at several batch sizes, and the bytes each step must move over the measured memory
 bandwidth, in one run.
 
@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptrl import config as config_lib
+from gptrl import decoding
 from gptrl import model as model_lib
-from gptrl import sampling
 
 MODEL = dict(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, max_len=256)
 TOP_K = 50
@@ -49,7 +49,7 @@ def gptrl_generate(cfg: config_lib.ModelConfig, prompts: list[list[int]], new_to
       jax.random.key(0))
 
   def run():
-    out = sampling.generate(model, params, prompts, max_new_tokens=new_tokens, rng=jax.random.key(0),
+    out = decoding.generate(model, params, prompts, max_new_tokens=new_tokens, rng=jax.random.key(0),
                             temperature=1.0, top_k=TOP_K, use_cache=use_cache)
     assert all(len(r) == new_tokens for r in out)
     return out

@@ -150,10 +150,10 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
   from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
   from gptrl import optim  # pylint: disable=import-outside-toplevel
-  from gptrl import reward_model  # pylint: disable=import-outside-toplevel
   from gptrl import sharding  # pylint: disable=import-outside-toplevel
   from gptrl import trainer  # pylint: disable=import-outside-toplevel
   from gptrl.stages import ppo  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import recipe  # pylint: disable=import-outside-toplevel
 
   total_iterations = cfg.warmup + cfg.iterations
   max_len = cfg.prompt_len + cfg.new_tokens
@@ -176,7 +176,6 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
       seed=cfg.seed)
   models = ppo.make_models(model_cfg, model_cfg, ppo_cfg.ppo)
   mesh = sharding.make_mesh(config_lib.MeshConfig())
-  example_1xL = np.zeros((1, max_len), np.int32)
   init_params = functools.partial(ppo.init_params, models)
 
   optimizer = optim.make_optimizer(ppo_cfg.optim, total_iterations * cfg.updates_per_iteration)
@@ -184,7 +183,7 @@ def run_gptrl(cfg: BenchConfig) -> dict[str, Any]:
   # The frozen reference starts equal to the policy (as in ppo.run), in buffers of its own (the step donates).
   ref_params = jax.tree.map(lambda x: jnp.array(x, copy=True), state.params["policy"])
   with sharding.activate(mesh):
-    rm_init = lambda r: models.reward.init(r, example_1xL)["params"]  # pylint: disable=unnecessary-lambda-assignment
+    rm_init = recipe.init_params(models.reward, max_len)
     rm_shardings = sharding.tree_shardings(jax.eval_shape(rm_init, jax.random.key(cfg.seed + 1)), mesh)
     rm_params = jax.jit(lambda r: nn.meta.unbox(rm_init(r)), out_shardings=rm_shardings)(
         jax.random.key(cfg.seed + 1))

@@ -39,6 +39,7 @@ from gptrl import reward_model
 from gptrl import sharding
 from gptrl import trainer
 from gptrl.losses import lm_loss_fn
+from gptrl.stages import recipe
 from gptrl.stages.reward import reward_loss_fn
 
 # name -> (ModelConfig overrides, rows per batch, responses per reward-model prompt)
@@ -90,13 +91,12 @@ def gptrl_step(stage: str, cfg: config_lib.ModelConfig, batch: dict[str, np.ndar
   optimizer = optim.make_optimizer(optim_cfg, steps)
   if stage == "reward":
     model = reward_model.ScalarHeadModel(cfg)
-    init = lambda r: model.init(r, np.zeros((1, cfg.max_len), np.int32))["params"]
     loss_fn = reward_loss_fn(model, margin_scale=0.0)
   else:
     model = model_lib.GPT(cfg)
-    init = lambda r: model.init(r, np.zeros((1, cfg.max_len), np.int32))["params"]
     loss_fn = lm_loss_fn(model)
-  state, shardings = trainer.create_train_state(init, optimizer, 0, mesh)
+  # Parameters as the stage's recipe initialises them.
+  state, shardings = trainer.create_train_state(recipe.init_params(model, cfg.max_len), optimizer, 0, mesh)
   n_params = model_lib.count_params(state.params)
   step_fn = trainer.jit_train_step(
       trainer.make_train_step(loss_fn, optimizer, optim.learning_rate_schedule(optim_cfg, steps)), shardings, mesh)

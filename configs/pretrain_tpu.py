@@ -9,7 +9,7 @@ Variants after the colon, comma-separated: `size=125m|350m|1b|3b|7b` (default 1b
 `chip=v5p|v4|v6e|v5e` (default: the first in the size's row of PLANS), `chips=N` (default: the row's). The
 global batch is fixed per size; the micro-batching (optim.grad_accum_steps) follows the rows per device of the
 row, so a slice with other chips or another chip count keeps the same training run. The launcher prints the
-per-device memory estimate (gptrl/memory.py) and refuses a plan that cannot fit (tests/test_scale_configs.py
+per-device memory estimate (gptrl/memory.py) and refuses a plan that cannot fit (tests/test_configs.py
 checks every row).
 
 Numerics: parameters and optimizer state in float32, matmuls in bfloat16, every block rematerialised in the

@@ -402,7 +402,8 @@ class _RowsToRewardBatch:
 def reward_dataset(enc: EncodedComparisons, *, seed: int, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
   lo, hi = _shard_bounds(global_batch_size, process_index, process_count)
-  ds = data_lib.index_batches(enc.tokens.shape[0], seed=seed, batch_size=global_batch_size, shuffle=shuffle, num_epochs=num_epochs)
+  ds = data_lib.index_batches(enc.tokens.shape[0], seed=seed, batch_size=global_batch_size, shuffle=shuffle,
+                              num_epochs=num_epochs)
   return ds.map(_RowsToRewardBatch(enc, lo, hi)).to_iter_dataset(_read_options())
 
 

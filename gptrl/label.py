@@ -110,8 +110,9 @@ class LabelStore:
     self._appended = 0
     self._crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     paths = {name: os.path.join(folder, name) for name in (self.LOG, self.COMPARISONS, self.DEMONSTRATIONS)}
-    existing = {name: list(fileio.iter_jsonl(path, expected="a record written by gptrl.label", error=UsageError)) if _repair_torn_tail(path) else []
-                for name, path in paths.items()}
+    expected = "a record written by gptrl.label"
+    existing = {name: list(fileio.iter_jsonl(path, expected=expected, error=UsageError))
+                if _repair_torn_tail(path) else [] for name, path in paths.items()}
     self._actions: dict[str, str] = {}
     for where, entry in existing[self.LOG]:
       if not isinstance(entry.get("prompt_id"), str) or entry.get("action") not in ("submitted", "skipped"):

@@ -156,8 +156,9 @@ def run(task: Task, state: Any, *, start: int, cadence: Cadence, workdir: str, d
       if task.flops_per_step:
         metrics["train/flops_per_sec"] = (done - last_log[0]) * task.flops_per_step / seconds
     last_log = (done, now)
-    writer.write(done, metrics)
-    bar.set_postfix(task.postfix(metrics), refresh=False)
+    if metrics:
+      writer.write(done, metrics)
+      bar.set_postfix(task.postfix(metrics), refresh=False)
 
   def evaluate(done: int) -> None:
     nonlocal last_log

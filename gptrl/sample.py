@@ -41,10 +41,10 @@ from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import cli
 from gptrl import config as config_lib
+from gptrl import decoding
 from gptrl import fileio
 from gptrl import model as model_lib
 from gptrl import reward_model
-from gptrl import sampling
 from gptrl import sharding
 from gptrl import tokenizer as tokenizer_lib
 
@@ -150,7 +150,7 @@ def generate(loaded: Loaded, prompts: Sequence[Sequence[int]], *, num_samples: i
              rng: jax.Array, temperature: float, top_k: int, top_p: float, stop_id: int) -> list[list[list[int]]]:
   """`num_samples` continuations of each token-id prompt: result[prompt][sample] = new tokens (up to stop_id).
 
-  `sampling.generate` compiles once per prompt length, which in a chat grows every turn: prompts are padded to
+  `decoding.generate` compiles once per prompt length, which in a chat grows every turn: prompts are padded to
   the next power of two (at least 32), so every prompt up to that length shares one compiled program; padding
   does not change the replies.
   """
@@ -158,7 +158,7 @@ def generate(loaded: Loaded, prompts: Sequence[Sequence[int]], *, num_samples: i
   longest = max(len(p) for p in batch)
   bucket = min(max(32, 1 << (longest - 1).bit_length()), loaded.source.model_config.max_len - max_new_tokens)
   with sharding.activate(loaded.mesh):
-    outs = sampling.generate(loaded.model, loaded.params, batch, max_new_tokens=max_new_tokens, rng=rng,
+    outs = decoding.generate(loaded.model, loaded.params, batch, max_new_tokens=max_new_tokens, rng=rng,
                              temperature=temperature, top_k=top_k, top_p=top_p, stop_id=stop_id,
                              pad_id=loaded.source.tok.pad_id, batch_multiple=sharding.data_parallel_size(loaded.mesh),
                              min_prompt_len=bucket)

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import random
+import signal
 import subprocess
 import time
 
@@ -58,6 +59,21 @@ def wait_for(proc: subprocess.Popen, path: pathlib.Path, timeout: float = 120) -
       return path.is_dir()
     time.sleep(0.02)
   raise TimeoutError(f"{path} did not appear within {timeout} s")
+
+
+def kill_when(argv: list[str], path: pathlib.Path, log: pathlib.Path, timeout: float = 120) -> int:
+  """Starts `argv`, kills it with SIGKILL once `path` exists (the run must still be going then) and returns its
+  exit status."""
+  proc, f = start(argv, log)
+  try:
+    appeared = wait_for(proc, path, timeout=timeout)
+    assert proc.poll() is None and appeared, f"the run ended before {path} appeared, so it could not be killed"
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    f.close()
 
 
 def complete_steps(workdir: pathlib.Path) -> list[int]:

@@ -31,12 +31,12 @@ from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
+from gptrl import decoding
 from gptrl import fileio
 from gptrl import judges
 from gptrl import labellers
 from gptrl import loop as loop_lib
 from gptrl import model as model_lib
-from gptrl import sampling
 from gptrl import sharding
 from gptrl.config import LabelConfig
 from gptrl.corpus import default_cache_dir
@@ -73,7 +73,7 @@ class LabelTask(loop_lib.Task):
     cfg, tok, k, chunk = self.cfg, self.tok, self.cfg.responses_per_prompt, self.chunks[index]
     encoded = [chat.prompt_tokens(p, tok, max_tokens=self.max_prompt) for p in chunk for _ in range(k)]
     with sharding.activate(self.mesh):
-      outs = sampling.generate(self.model, self.params, encoded, max_new_tokens=cfg.sample.max_new_tokens,
+      outs = decoding.generate(self.model, self.params, encoded, max_new_tokens=cfg.sample.max_new_tokens,
                                rng=jax.random.fold_in(jax.random.key(cfg.seed), index),
                                temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
                                stop_id=tok.end_of_turn_id, pad_id=tok.pad_id,

@@ -17,23 +17,22 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
+from gptrl import decoding
 from gptrl import fileio
 from gptrl import frontier
 from gptrl import judges as judges_lib
+from gptrl import loop as loop_lib
 from gptrl import model as model_lib
 from gptrl import reward_model
-from gptrl import sampling
 from gptrl import seeds
 from gptrl import sharding
 from gptrl.config import BestOfNConfig, ConfigError
@@ -62,6 +61,48 @@ def frontier_table(proxy_PxN: np.ndarray, scores: dict[str, np.ndarray]) -> list
     means = np.mean([frontier.best_of_n(proxy_PxN[p], stacked[p], n) for p in range(num_prompts)], axis=0)
     rows.append({"n": n, "kl": float(frontier.best_of_n_kl(n)), **{k: float(v) for k, v in zip(names, means)}})
   return rows
+
+
+@dataclasses.dataclass
+class Sampled:
+  """The replies sampled so far (token ids) and their reward models' raw scores ([rows, M] per chunk)."""
+  responses: list[list[int]] = dataclasses.field(default_factory=list)
+  raw: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class Sampling(loop_lib.Task):
+  """The run loop's unit of work: one chunk of (prompt, sample) rows sampled by the policy and scored by the reward
+  model. Nothing is checkpointed: the result is a function of the config and the checkpoints (fixed keys), so a
+  stopped run samples again."""
+  unit = "chunk"
+
+  def __init__(self, *, models: ppo_lib.Models, policy_params: Any, rm_params: Any, prompts: list[list[int]],
+               rows: list[tuple[int, int]], chunk: int, b: Any, tok: Any, mesh: jax.sharding.Mesh, rng: jax.Array):
+    self.models, self.policy_params, self.rm_params, self.prompts, self.rows = (models, policy_params, rm_params,
+                                                                                prompts, rows)
+    self.chunk, self.b, self.tok, self.mesh, self.rng = chunk, b, tok, mesh, rng
+    self.num_chunks = -(-len(rows) // chunk)
+    self.score = jax.jit(lambda params, batch: ppo_lib.reward_model_score(models, params, batch))
+
+  def step(self, state: Sampled, index: int) -> loop_lib.Outcome:
+    lo, tok, dp = index * self.chunk, self.tok, sharding.data_parallel_size(self.mesh)
+    part = [self.prompts[p] for p, _ in self.rows[lo:lo + self.chunk]]
+    with sharding.activate(self.mesh):
+      # Chunk `lo` draws from fold_in(key, lo), row by row (decoding.generate): fixed for a fixed batch_size.
+      outs = decoding.generate(self.models.policy, self.policy_params, part, max_new_tokens=self.b.max_new_tokens,
+                               rng=jax.random.fold_in(self.rng, lo), temperature=self.b.temperature,
+                               stop_id=tok.end_of_turn_id, pad_id=tok.pad_id, batch_multiple=dp,
+                               min_prompt_len=self.models.prompt_len)
+      host = ppo_lib.build_rollout_batch(part, outs, prompt_len=self.models.prompt_len,
+                                         new_tokens=self.b.max_new_tokens, pad_id=tok.pad_id,
+                                         stop_id=tok.end_of_turn_id)
+      pad = -len(part) % dp
+      if pad:
+        host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
+      state.raw.append(np.asarray(jax.device_get(self.score(self.rm_params,
+                                                            sharding.host_to_global(host, self.mesh))))[:len(part)])
+    state.responses.extend(outs)
+    return loop_lib.Outcome(state, {})
 
 
 def run(cfg: BestOfNConfig) -> dict[str, Any]:
@@ -98,30 +139,12 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   messages = chat_data.load_held_out_prompts(cfg.data, b.num_prompts, cfg.seed, cache_dir=cache_dir)
   prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len) for m in messages]
   rows = [(p, s) for p in range(len(prompts)) for s in range(b.samples)]  # (prompt, sample) in a fixed order
-  chunk = max(dp, b.batch_size // dp * dp)
-  rng = jax.random.key(seeds.stream(cfg.seed, seeds.BEST_OF_N))
-  score = jax.jit(lambda params, batch: ppo_lib.reward_model_score(models, params, batch))
-  responses: list[list[int]] = []
-  raw = []
-  is_main = jax.process_index() == 0
-  with tqdm.tqdm(total=len(rows), desc="bon", unit="reply", file=sys.stderr, dynamic_ncols=True,
-                 disable=not (is_main and cfg.progress_bar)) as bar:
-    for lo in range(0, len(rows), chunk):
-      part = rows[lo:lo + chunk]
-      with sharding.activate(mesh):
-        # Chunk `lo` draws from fold_in(key, lo), row by row (sampling.generate): fixed for a fixed batch_size.
-        outs = sampling.generate(models.policy, policy_params, [prompts[p] for p, _ in part],
-                                 max_new_tokens=b.max_new_tokens, rng=jax.random.fold_in(rng, lo),
-                                 temperature=b.temperature, stop_id=tok.end_of_turn_id, pad_id=tok.pad_id,
-                                 batch_multiple=dp, min_prompt_len=prompt_len)
-        host = ppo_lib.build_rollout_batch([prompts[p] for p, _ in part], outs, prompt_len=prompt_len,
-                                           new_tokens=b.max_new_tokens, pad_id=tok.pad_id, stop_id=tok.end_of_turn_id)
-        pad = -len(part) % dp
-        if pad:
-          host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
-        raw.append(np.asarray(jax.device_get(score(rm_params, sharding.host_to_global(host, mesh))))[:len(part)])
-      responses.extend(outs)
-      bar.update(len(part))
+  task = Sampling(models=models, policy_params=policy_params, rm_params=rm_params, prompts=prompts, rows=rows,
+                  chunk=max(dp, b.batch_size // dp * dp), b=b, tok=tok, mesh=mesh,
+                  rng=jax.random.key(seeds.stream(cfg.seed, seeds.BEST_OF_N)))
+  sampled = loop_lib.run(task, Sampled(), start=0, workdir=workdir, desc="bon",
+                         cadence=loop_lib.Cadence(total=task.num_chunks, progress_bar=cfg.progress_bar))
+  responses, raw = sampled.responses, sampled.raw
   shape = (len(prompts), b.samples)
   centred = np.asarray(readout.centred(jnp.asarray(np.concatenate(raw))), np.float64)  # [P * N, M]
   proxy = reward_model.reduce_members(centred, readout.reduce, readout.penalty).reshape(shape)
@@ -146,7 +169,7 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
     for reduce in reward_model.ENSEMBLE_REDUCTIONS:
       picker = reward_model.reduce_members(centred, reduce, readout.penalty).reshape(shape)
       result["by_reduce"][reduce] = frontier_table(picker, {**scores, "proxy": picker})
-  if is_main:
+  if jax.process_index() == 0:
     _write_replies(os.path.join(workdir, REPLIES_FILE), messages, texts, scores, b.samples, b.table_n)
     fileio.atomic_write(os.path.join(workdir, RESULT_FILE), json.dumps(result, indent=1))
   for row in table:

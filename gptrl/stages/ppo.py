@@ -51,6 +51,7 @@ from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
 from gptrl import data as data_lib
+from gptrl import decoding
 from gptrl import fileio
 from gptrl import judges as judges_lib
 from gptrl import loop as loop_lib
@@ -59,7 +60,6 @@ from gptrl import model as model_lib
 from gptrl import optim
 from gptrl import ppo_math as pm
 from gptrl import reward_model
-from gptrl import sampling
 from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
@@ -275,6 +275,8 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
   learner = sharding.make_mesh(mesh_cfg, devices[:n_learner])
   sampler = sharding.make_mesh(sub, devices[n_learner:n_learner + p.sampler_devices])
   scorer = sharding.make_mesh(sub, devices[n_learner + p.sampler_devices:]) if p.scorer_devices else learner
+  logging.info("PPO placement: learner on %d devices %s, sampler on %d, frozen models on %d%s.", learner.size,
+               dict(learner.shape), sampler.size, scorer.size, "" if scorer is not learner else " (the learner's)")
   return Placement(learner, sampler, scorer)
 
 
@@ -340,7 +342,7 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], *,
                         pad_id: int, stop_id: int) -> dict[str, np.ndarray]:
   """Left-padded prompt + right-padded response buffers with positions and masks, as the sampler laid them out."""
   b = len(prompts)
-  tokens, attention, positions, _ = sampling.prompt_buffer(prompts, max_len=prompt_len + new_tokens,
+  tokens, attention, positions, _ = decoding.prompt_buffer(prompts, max_len=prompt_len + new_tokens,
                                                           max_new_tokens=new_tokens, pad_id=pad_id,
                                                           batch_multiple=1, min_prompt_len=prompt_len)
   response_mask = np.zeros((b, new_tokens), np.int32)
@@ -459,7 +461,7 @@ class Learner:
     `sampler_params` (on the sampler's mesh: `sampler_params`)."""
     p = self.cfg.ppo
     with sharding.activate(self.placement.sampler):
-      responses, sampler_logp = sampling.generate(
+      responses, sampler_logp = decoding.generate(
           self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_id=self.stop_id, pad_id=self.pad_id,
           batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
@@ -733,6 +735,15 @@ def load_prompts(cfg: PPOConfig, tok: Any, prompt_len: int, cache_dir: str) -> t
   return Prompts(train_prompts, seed=cfg.seed, batch=cfg.ppo.rollout_batch_size), eval_prompts, len(train_prompts)
 
 
+def data_fingerprint_parts(cfg: PPOConfig, tok: Any, num_prompts: int, prompt_len: int) -> dict[str, Any]:
+  """What must match for a checkpoint's prompt (and ptx) iterator positions to apply on resume."""
+  p = cfg.ppo
+  return dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed, eval_fraction=cfg.data.eval_fraction,
+              seed=cfg.seed, rollout_batch=p.rollout_batch_size, process_count=jax.process_count(),
+              tokenizer_sha256=tok.sha256, num_prompts=num_prompts, prompt_len=prompt_len,
+              ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
+
+
 def _copy_to(tree: Any, shardings: Any) -> Any:
   """A copy of `tree` in buffers of its own, laid out by `shardings` (the train step donates its state)."""
   return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), tree, shardings)
@@ -788,10 +799,6 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   cache_dir = cfg.data.cache_dir or str(default_cache_dir())
   placement = make_placement(cfg.mesh, p)
   mesh = placement.learner
-  if p.placement == "split":
-    logging.info("PPO placement: learner on %d devices %s, sampler on %d, frozen models on %d%s.", mesh.size,
-                 dict(mesh.shape), placement.sampler.size, placement.scorer.size,
-                 "" if placement.split_scorer else " (the learner's)")
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                      expect_stage=("sft",))
   rm = read_reward_model(cfg, tok)
@@ -814,10 +821,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
 
   checkpointer = ckpt_lib.open_workdir_checkpointer(workdir, cfg.train)
   try:
-    fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
-                             eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, rollout_batch=p.rollout_batch_size,
-                             process_count=jax.process_count(), tokenizer_sha256=tok.sha256, num_prompts=num_prompts,
-                             prompt_len=models.prompt_len, ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
+    fingerprint_parts = data_fingerprint_parts(cfg, tok, num_prompts, models.prompt_len)
     fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
     start, beta, ptx_position = 0, p.init_beta, None
     resumed = trainer.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256,

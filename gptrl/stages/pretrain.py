@@ -14,9 +14,9 @@ import jax
 
 from gptrl import checkpoint as ckpt_lib
 from gptrl import data as data_lib
+from gptrl import decoding
 from gptrl import losses
 from gptrl import model as model_lib
-from gptrl import sampling
 from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
@@ -33,7 +33,7 @@ def make_sample_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, tok: Any, cfg:
       return []
     rng = jax.random.fold_in(jax.random.key(seeds.stream(cfg.seed, seeds.SAMPLES)), int(state.step))
     with sharding.activate(mesh):
-      outs = sampling.generate(model, state.params, prompts, max_new_tokens=cfg.sample.max_new_tokens, rng=rng,
+      outs = decoding.generate(model, state.params, prompts, max_new_tokens=cfg.sample.max_new_tokens, rng=rng,
                                temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, stop_id=tok.eos_id,
                                pad_id=tok.pad_id, batch_multiple=sharding.data_parallel_size(mesh))
     return [text + tok.decode([t for t in out if t != tok.eos_id]) for text, out in zip(cfg.sample.prompts, outs)]

@@ -15,7 +15,6 @@ import numpy as np
 
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
-from gptrl import data as data_lib
 from gptrl import fileio
 from gptrl import loop as loop_lib
 from gptrl import losses

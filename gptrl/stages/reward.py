@@ -25,10 +25,10 @@ from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
 from gptrl import data as data_lib
+from gptrl import decoding
 from gptrl import losses
 from gptrl import model as model_lib
 from gptrl import reward_model
-from gptrl import sampling
 from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
@@ -145,8 +145,9 @@ def make_normalizer(cfg: RewardConfig, model: reward_model.ScalarHeadModel, mesh
     max_new = cfg.reward.normalize_max_new_tokens
     encoded = [chat.prompt_tokens(prompts[i], tok, max_tokens=model_cfg.max_len - max_new) for i in picks]
     with sharding.activate(mesh):
-      outs = sampling.generate(policy, sft_params, encoded, max_new_tokens=max_new,
-                               rng=jax.random.key(seeds.stream(cfg.seed, seeds.RM_NORMALISER)), temperature=1.0, stop_id=tok.end_of_turn_id,
+      outs = decoding.generate(policy, sft_params, encoded, max_new_tokens=max_new,
+                               rng=jax.random.key(seeds.stream(cfg.seed, seeds.RM_NORMALISER)), temperature=1.0,
+                               stop_id=tok.end_of_turn_id,
                                pad_id=tok.pad_id, batch_multiple=sharding.data_parallel_size(mesh))
     length = context
     seqs = [chat_data.response_sequence(prompts[i], chat.decode_reply(o, tok) or " ", tok, max_len=length,

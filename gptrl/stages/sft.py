@@ -17,9 +17,9 @@ from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
 from gptrl import config as config_lib
 from gptrl import data as data_lib
+from gptrl import decoding
 from gptrl import losses
 from gptrl import model as model_lib
-from gptrl import sampling
 from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
@@ -54,7 +54,7 @@ def make_chat_sample_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, tok: Any,
       return []
     rng = jax.random.fold_in(jax.random.key(seeds.stream(seed, seeds.SAMPLES)), int(state.step))
     with sharding.activate(mesh):
-      outs = sampling.generate(model, state.params, encoded, max_new_tokens=sample_cfg.max_new_tokens, rng=rng,
+      outs = decoding.generate(model, state.params, encoded, max_new_tokens=sample_cfg.max_new_tokens, rng=rng,
                                temperature=sample_cfg.temperature, top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
                                stop_id=tok.end_of_turn_id, pad_id=tok.pad_id,
                                batch_multiple=sharding.data_parallel_size(mesh))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import signal
 import sys
 
 import jax
@@ -16,7 +15,7 @@ from gptrl import checkpoint as ckpt_lib
 from gptrl import model as model_lib
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.config import ModelConfig
-from helpers import (REPO, check_ok, complete_steps, params, run, start, tiny_stage_flags, train_steps, wait_for,
+from helpers import (REPO, check_ok, complete_steps, kill_when, params, run, tiny_stage_flags, train_steps,
                      write_chats, write_corpus)
 
 def _chats(path: pathlib.Path, n: int = 120, seed: int = 0) -> pathlib.Path:
@@ -124,16 +123,7 @@ def test_reward_outputs(pipeline):
 
 
 def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path, step: int = 4) -> None:
-  proc, f = start(argv, log)
-  try:
-    appeared = wait_for(proc, workdir / "checkpoints" / str(step))
-    assert proc.poll() is None and appeared, "the run ended before it could be killed mid-run"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    f.close()
+  kill_when(argv, workdir / "checkpoints" / str(step), log)
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo"])

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptrl import decoding
 from gptrl import model as model_lib
-from gptrl import sampling
 from gptrl import sharding
 from gptrl.config import MeshConfig, ModelConfig
 
@@ -140,7 +140,7 @@ def test_compute_logits_false_returns_the_hidden_states_and_skips_the_head():
 def _generate(prompts=tuple(map(tuple, PROMPTS)), cfg=TINY, **kwargs):
   model, params = _model(cfg)
   kwargs.setdefault("temperature", 0.0)
-  return sampling.generate(model, params, [list(p) for p in prompts], max_new_tokens=NEW,
+  return decoding.generate(model, params, [list(p) for p in prompts], max_new_tokens=NEW,
                            rng=jax.random.key(7), **kwargs)
 
 
@@ -165,9 +165,9 @@ def test_stop_id_ends_a_row_and_pads_it_while_other_rows_continue():
 
   # Before generate trims them, the stopped row holds pad_id (with log-prob 0) after its stop token.
   model, params = _model()
-  buffer, mask, positions, prompt_len = sampling.prompt_buffer(
+  buffer, mask, positions, prompt_len = decoding.prompt_buffer(
       PROMPTS, max_len=TINY.max_len, max_new_tokens=NEW, pad_id=0, batch_multiple=1)
-  tokens, logprobs = sampling._generate(  # pylint: disable=protected-access
+  tokens, logprobs = decoding._generate(  # pylint: disable=protected-access
       model, params, buffer, mask, positions, jax.random.key(7), prompt_len=prompt_len, max_new_tokens=NEW,
       temperature=0.0, top_k=0, top_p=1.0, stop_id=stop, pad_id=0, use_cache=True)
   after = full[0].index(stop) + 1
@@ -205,7 +205,7 @@ def test_generate_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens()
   abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
   sharded_params = jax.device_put(params, sharding.tree_shardings(abstract, mesh))
   with sharding.activate(mesh):
-    out = sampling.generate(model, sharded_params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(7),
+    out = decoding.generate(model, sharded_params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(7),
                             batch_multiple=sharding.data_parallel_size(mesh), **SAMPLED)
   assert out == _generate(**SAMPLED)
 

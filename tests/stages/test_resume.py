@@ -18,7 +18,7 @@ from gptrl import data as data_lib
 from gptrl import loop
 from gptrl.corpus import Document
 from helpers import REPO, check_ok as _check_ok, complete_steps as _complete_steps, params as _params
-from helpers import run as _run, start as _start, train_steps as _train_steps, wait_for as _wait_for
+from helpers import kill_when, run as _run, start as _start, train_steps as _train_steps
 from helpers import write_corpus as _write_corpus
 
 STEPS = 12
@@ -61,17 +61,7 @@ def test_kill_and_resume_is_bitwise_identical(finished, corpus, tmp_path):
   workdir_a, _ = finished
   workdir_b, cache = tmp_path / "b", tmp_path / "cache"
   argv = _argv(workdir_b, corpus, cache)
-  proc, log = _start(argv, tmp_path / "b1.log")
-  try:
-    appeared = _wait_for(proc, workdir_b / "checkpoints" / "4")
-    assert proc.poll() is None and appeared, "run B ended before it could be killed mid-run"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    log.close()
-  assert proc.returncode == -signal.SIGKILL
+  assert kill_when(argv, workdir_b / "checkpoints" / "4", tmp_path / "b1.log") == -signal.SIGKILL
   killed_at = _complete_steps(workdir_b)
   assert killed_at and max(killed_at) < STEPS, killed_at
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import REPO, check_ok, complete_steps, params, run, start, tiny_stage_flags, wait_for, write_chats
+from helpers import REPO, check_ok, complete_steps, kill_when, params, run, tiny_stage_flags, write_chats
 from helpers import write_corpus
 
 STAGES = ("pretrain", "sft", "label", "reward", "bon", "ppo")
@@ -94,15 +93,7 @@ def test_rerun_skips_finished_stages(finished, data):
 def test_interrupted_stage_resumes_and_ends_as_an_uninterrupted_run(finished, data, tmp_path):
   workdir = tmp_path / "run"
   argv = _argv(workdir, data, stages="('pretrain','sft')", report=False)
-  proc, f = start(argv, tmp_path / "killed.log")
-  try:
-    assert wait_for(proc, workdir / "sft" / "checkpoints" / "4", timeout=300) and proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    f.close()
+  kill_when(argv, workdir / "sft" / "checkpoints" / "4", tmp_path / "killed.log", timeout=300)
   assert sorted(_state(workdir)["done"]) == ["pretrain"]
   result = run(argv, timeout=300)
   check_ok(result)

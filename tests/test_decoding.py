@@ -1,4 +1,4 @@
-"""Tests for gptrl/sampling.py: greedy decoding against a no-cache argmax loop, padding, top_k, stop_id."""
+"""Tests for gptrl/decoding.py: greedy decoding against a no-cache argmax loop, padding, top_k, stop_id."""
 import functools
 
 import flax.linen as nn
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptrl import decoding
 from gptrl import model as model_lib
-from gptrl import sampling
 from gptrl.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16, init_std=0.3)
@@ -28,7 +28,7 @@ def _model():
 def _greedy(prompts, **kwargs):
   model, params = _model()
   kwargs.setdefault("temperature", 0.0)
-  return sampling.generate(model, params, prompts, max_new_tokens=NEW, rng=jax.random.key(1), **kwargs)
+  return decoding.generate(model, params, prompts, max_new_tokens=NEW, rng=jax.random.key(1), **kwargs)
 
 
 def _reference_greedy(prompt):
@@ -97,7 +97,7 @@ def test_filter_logits_matches_a_sorting_numpy_reference(top_k, top_p):
   logits[1] = np.round(logits[1])  # many ties
   logits[2] -= 1e4  # all negative and large
   logits[3, :10] = 7.0  # a tie at the top
-  out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+  out = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
   ref = _np_filter(logits, top_k, top_p)
   np.testing.assert_array_equal(out > np.finfo(np.float32).min, np.isfinite(ref))
   np.testing.assert_array_equal(out[np.isfinite(ref)], logits[np.isfinite(ref)])

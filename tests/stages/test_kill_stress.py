@@ -152,7 +152,7 @@ def _kill_and_resume(tmp_path: pathlib.Path, reference, kills: list[tuple[str, i
 def test_kill_during_a_save_then_resume_bitwise(tmp_path, reference):
   # Killed while step 4 is being written, once step 2 is committed: the resumed run sets the interrupted save
   # aside and goes on from step 2. (Each launch costs ~20 s of start-up and compilation: one kill here, many in
-  # the slow test; tests/test_resume.py kills just after a commit.)
+  # the slow test; tests/stages/test_resume.py kills just after a commit.)
   counts = _kill_and_resume(tmp_path, reference, [("during-save", 2)], seed=0)
   assert counts["kills during-save"] == 1 and counts["kills that left an interrupted save"] == 1, counts
   assert counts["set aside: interrupted-save"] == 1, counts
