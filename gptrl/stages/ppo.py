@@ -26,9 +26,14 @@ Checks every iteration, logged: on the first minibatch the probability ratio is 
 (the trainer recomputes exactly what the rollout computed), and the sampler's own log-probs agree with the
 scorer's; a breach is a warning with numbers.
 
-Resume: the train state (policy, critic, optimizer, step, RNG) is an Orbax checkpoint; beta, the prompt
-iterator position and the pipeline fingerprint are in its data item. Every random draw derives from
+Resume: the train state (policy, critic, optimizer, step, RNG) is an Orbax checkpoint; beta, the prompt (and
+PPO-ptx) iterator positions and the pipeline fingerprint are in its data item. Every random draw derives from
 (seed, iteration), so a killed run resumes to the same result.
+
+Reading order: `Learner.iteration` (rollout -> score -> learn -> checks -> beta) returns an `Iteration`;
+`PPOTask` makes it the unit of work of the one run loop (gptrl/loop.py: cadence, preemption, rollback); `run` is
+the set-up as named steps: read_reward_model, check_shapes, make_models, load_prompts, the train state,
+init_from_previous_stages (or resume), ptx_stream, then the loop.
 """
 from __future__ import annotations
 
