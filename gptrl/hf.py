@@ -769,7 +769,7 @@ def _parser() -> argparse.ArgumentParser:
   imp = sub.add_parser("import", help="a Hugging Face checkpoint folder -> a gptrl workdir")
   imp.add_argument("--hf-dir", required=True, help="folder with config.json, model.safetensors, tokenizer.model")
   imp.add_argument("--out", required=True, help="the gptrl workdir to create")
-  imp.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  imp.add_argument("--param-dtype", default="float32", choices=config_lib.DTYPES)
   imp.add_argument("--max-len", type=int, default=0,
                    help="context length of the imported model (0: the checkpoint's; learned positions: at most that)")
   exp = sub.add_parser("export", help="a gptrl checkpoint -> a Hugging Face checkpoint folder")
@@ -778,7 +778,7 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--step", type=int, default=-1)
   exp.add_argument("--vocab-from", default="", help="the Hugging Face folder the run was imported from: "
                                                      "export with its token ids and tokenizer files")
-  exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  exp.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
   return parser
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptrl.config import ENSEMBLE_REDUCTIONS, ModelConfig
+from gptrl.config import ENSEMBLE_REDUCTIONS, POOLINGS, ModelConfig
 from gptrl.model import GPT
 
 # Names of SFT-checkpoint parameters a scalar-head model does not use (see checkpoint.load_params).
@@ -65,8 +65,8 @@ def pool_scores(scores_NxL: jax.Array, last_N: jax.Array, pooling: str, valid_Nx
   last_N = last_N.astype(jnp.int32)
   if pooling == "last":
     return jnp.take_along_axis(scores_NxL, last_N[:, None], axis=1)[:, 0]
-  if pooling not in ("mean", "reply_mean"):
-    raise ValueError(f"unknown pooling {pooling!r}; known: 'last', 'mean', 'reply_mean'")
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown pooling {pooling!r}; known: {list(POOLINGS)}")
   positions = jnp.arange(scores_NxL.shape[1])[None, :]
   mask_NxL = positions <= last_N[:, None]
   if pooling == "reply_mean":

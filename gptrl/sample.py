@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--reward_model", "--reward-model", default="", metavar="RUN",
                    help="the reward-model run (or checkpoint folder) that picks with --best_of")
   device = p.add_argument_group("running")
-  device.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
+  device.add_argument("--dtype", default="", choices=("",) + config_lib.DTYPES,
                       help="compute dtype (default: the checkpoint's)")
   device.add_argument("--single_device", action="store_true", help="use one device instead of all of them")
   device.add_argument("--json", action="store_true", help="one JSON object per reply (or score) on stdout")

@@ -344,6 +344,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, *,
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  from gptrl.config import TOKENIZER_TYPES  # pylint: disable=import-outside-toplevel  (config imports no tokenizer)
   parser = argparse.ArgumentParser(
       prog="python -m gptrl.tokenizer",
       description="Train gptrl's sentencepiece tokenizer and print its sha256.")
@@ -352,7 +353,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                            "file, or the word 'shakespeare'; repeat for several inputs")
   parser.add_argument("--output", required=True, help="path of the .model file to write")
   parser.add_argument("--vocab_size", type=int, default=4096)
-  parser.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+  parser.add_argument("--model_type", choices=TOKENIZER_TYPES, default="bpe")
   parser.add_argument("--character_coverage", type=float, default=1.0)
   parser.add_argument("--text_field", default="text",
                       help="JSON field holding the text of .jsonl records")
