@@ -237,3 +237,31 @@ def test_rm_scores_a_rollout_as_it_scored_its_training_sequences(context):
     expected.append(float(reward_model.sequence_scores(rm, rm_params, jnp.asarray(tokens),
                                                        jnp.array([[len(seq) - 1]]))[0, 0]))
   numeric.assert_close(got, np.asarray(expected))
+
+
+def test_a_rollback_restores_the_policy_and_beta_of_the_checkpoint(tmp_path):
+  # train.max_bad_steps (8) skipped minibatch updates in a row, all in the iteration just run (4 epochs x 2
+  # minibatches): params, optimizer state and the KL coefficient go back to the checkpoint from before it.
+  from gptrl import loop  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  cfg = _cfg()
+  learner, state = _learner(cfg, mesh)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  task = ppo.PPOTask(cfg, learner, prompts=ppo.Prompts(_prompts(), seed=0, batch=32), eval_prompts=[], beta=0.5,
+                     tok=None, checkpointer=checkpointer, meta={"stage": "ppo"}, fingerprint="f",
+                     fingerprint_parts={}, workdir=str(tmp_path))
+  saved = jax.device_get(state.params)
+  task.save(state, 1)
+  task.beta = 0.9
+  bad = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params),
+                      numerics=state.numerics.replace(bad_streak=jnp.int32(8), skipped_total=jnp.int32(8)))
+  restored, _, rolled_back = task.check(bad, 3, loop.Outcome(bad, {"ppo/reward": 0.0}))
+  assert rolled_back and task.beta == 0.5
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved)
+  counts = jax.device_get(restored.numerics)
+  assert int(counts.rollbacks) == 1 and int(counts.bad_streak) == 0 and int(counts.skipped_total) == 8
+  # One update short of the limit: nothing happens.
+  almost = bad.replace(numerics=bad.numerics.replace(bad_streak=jnp.int32(7)))
+  same, _, rolled_back = task.check(almost, 4, loop.Outcome(almost, {}))
+  assert not rolled_back and same is almost
+  checkpointer.close()
