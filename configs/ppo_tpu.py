@@ -71,7 +71,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.ppo.max_new_tokens = 128
   c.ppo.init_beta = 0.02
   c.ppo.truncation_penalty = 1.0  # subtracted from replies that hit max_new_tokens unfinished
-  c.ppo.max_approx_kl = 0.05  # stop an iteration's epochs early beyond this approximate KL
+  c.ppo.max_approx_kl = 0.05  # stop an iteration's updates once a minibatch's approximate KL exceeds this
   c.ppo.num_eval_prompts = 512  # held-out prompts, answered in chunks of rollout_batch_size
   # Placement: "colocated" (the default: every model on the whole slice, the plan below is sized for) or "split":
   # disjoint sub-meshes, the learner on the first chips (config.mesh), then sampler_devices chips generating with

@@ -671,7 +671,7 @@ class PPOAlgoConfig:
   clip_eps_value: float = 0.2  # <= 0: no value clipping
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
-  max_approx_kl: float = 0.0  # > 0: stop an iteration's epochs early once approximate KL exceeds it
+  max_approx_kl: float = 0.0  # > 0: stop an iteration's updates once a minibatch's approximate KL exceeds it
   # PPO-ptx (InstructGPT): add ptx_coef * the next-token loss on pretraining text to each update (0: off).
   ptx_coef: float = 0.0
   ptx_sources: tuple[str, ...] = ("shakespeare",)  # as data.sources of pretraining; its training split is used

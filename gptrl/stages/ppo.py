@@ -495,11 +495,12 @@ class Learner:
             {k: np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v) for k, v in stats.items()})
 
   def learn(self, state: trainer.TrainState, roll: dict[str, np.ndarray], beta: float, rng: jax.Array):
-    """`ppo.epochs` passes over minibatches of the rollout, in an order drawn from `rng`; stops early when the
-    last minibatch's approximate KL exceeds `ppo.max_approx_kl`. Returns (state, per-update metrics, stopped)."""
+    """`ppo.epochs` passes over minibatches of the rollout, in an order drawn from `rng`; stops early, after any
+    update, once that minibatch's approximate KL (measured before its update) exceeds `ppo.max_approx_kl`.
+    Returns (state, per-update metrics, stopped)."""
     p = self.cfg.ppo
     perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).astype(np.uint32))
-    learn_metrics, stopped = [], False
+    learn_metrics = []
     for _ in range(p.epochs):
       order = perm_rng.permutation(p.rollout_batch_size)
       for m in range(p.rollout_batch_size // p.minibatch_size):
@@ -510,10 +511,9 @@ class Learner:
           mb.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items()})
         state, metrics = self.train_step(state, sharding.host_to_global(mb, self.mesh))
         learn_metrics.append(jax.device_get(metrics))
-      if p.max_approx_kl > 0 and float(learn_metrics[-1]["train/approx_kl"]) > p.max_approx_kl:
-        stopped = True
-        break
-    return state, learn_metrics, stopped
+        if p.max_approx_kl > 0 and float(learn_metrics[-1]["train/approx_kl"]) > p.max_approx_kl:
+          return state, learn_metrics, True
+    return state, learn_metrics, False
 
   def iteration(self, state: trainer.TrainState, prompts: list[list[int]], it: int, beta: float) -> Iteration:
     """One PPO iteration: rollout, scoring, learning, the invariants' check and the KL controller's update."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import signal
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,7 +17,7 @@ from gptrl import checkpoint as ckpt_lib
 from gptrl import model as model_lib
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.config import ModelConfig
-from helpers import (REPO, check_ok, complete_steps, kill_when, params, run, tiny_stage_flags, train_steps,
+from helpers import (REPO, check_ok, complete_steps, kill_when, params, run, start, tiny_stage_flags, train_steps,
                      write_chats, write_corpus)
 
 def _chats(path: pathlib.Path, n: int = 120, seed: int = 0) -> pathlib.Path:
@@ -227,6 +229,39 @@ def test_label_resumes_after_a_cut_chunk(pipeline, tmp_path):
   check_ok(run(_label_argv(workdir, pipeline["sft"], pipeline["chats"], pipeline["cache"])))
   assert (workdir / "comparisons.jsonl").read_bytes() == full
   assert (workdir / "replies.jsonl").read_bytes() == (pipeline["label"] / "replies.jsonl").read_bytes()
+
+
+def test_label_killed_mid_run_resumes_to_the_same_files(pipeline, tmp_path):
+  """A real kill -9 of the labelling stage between (or during) chunks: the resumed run's comparisons and replies are
+  byte for byte those of an uninterrupted run."""
+  more = {"num_prompts": 48}  # 6 chunks of 8 prompts x 4 replies
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  check_ok(run(_label_argv(whole, pipeline["sft"], pipeline["chats"], pipeline["cache"]) +
+               [f"--config.{k}={v}" for k, v in more.items()]))
+  argv = _label_argv(killed, pipeline["sft"], pipeline["chats"], pipeline["cache"]) + [
+      f"--config.{k}={v}" for k, v in more.items()]
+  proc, log = start(argv, tmp_path / "killed.log")
+  try:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+      try:
+        if json.loads((killed / "label_state.json").read_text())["chunks_done"] >= 2:
+          break
+      except (OSError, ValueError, KeyError):
+        pass
+      time.sleep(0.01)
+    assert proc.poll() is None, "the labelling run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  done = json.loads((killed / "label_state.json").read_text())["chunks_done"]
+  assert 2 <= done < 6, done
+  check_ok(run(argv))
+  for name in ("comparisons.jsonl", "replies.jsonl"):
+    assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 def test_handoff_names_every_mismatched_parameter(pipeline):

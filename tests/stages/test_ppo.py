@@ -265,3 +265,39 @@ def test_a_rollback_restores_the_policy_and_beta_of_the_checkpoint(tmp_path):
   same, _, rolled_back = task.check(almost, 4, loop.Outcome(almost, {}))
   assert not rolled_back and same is almost
   checkpointer.close()
+
+
+@pytest.mark.parametrize("threshold, updates", [(1e-9, 2), (1e9, 16)])
+def test_max_approx_kl_stops_the_updates_after_the_minibatch_that_exceeds_it(threshold, updates):
+  # 4 minibatches per epoch, 4 epochs. The first minibatch sees approximate KL 0 (the rollout's own parameters);
+  # the second, after one update, more than 1e-9: the iteration stops there, mid-epoch, after 2 updates.
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  cfg = dataclasses.replace(_cfg(minibatch_size=8, max_approx_kl=threshold), train=TrainConfig(steps=1))
+  learner, state = _learner(cfg, mesh)
+  row = learner.iteration(state, _prompts(), 0, 0.1).row
+  assert row["ppo/updates"] == updates and row["ppo/early_stopped"] == float(updates < 16)
+
+
+def test_the_ptx_stream_resumes_where_its_checkpointed_position_says(tmp_path):
+  # PPO-ptx's pretraining batches: a stream rebuilt from a saved position continues exactly where the first one
+  # was, as a resumed PPO run's must (the position is in the checkpoint's data item).
+  from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from helpers import write_corpus  # pylint: disable=import-outside-toplevel
+  write_corpus(tmp_path / "corpus")
+  texts = [p.read_text(encoding="utf-8") for p in sorted((tmp_path / "corpus").iterdir())]
+  tok = tokenizer_lib.train_tokenizer(texts, tmp_path / "t.model", vocab_size=300)
+  cfg = _cfg(ptx_coef=0.5, ptx_sources=(str(tmp_path / "corpus"),), minibatch_size=8)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
+  stream = ppo.ptx_stream(cfg, tok, 16, str(tmp_path / "cache"), None)
+  for _ in range(3):
+    next(stream)
+  position = stream.get_state()
+  expected = [next(stream) for _ in range(2)]
+  resumed = ppo.ptx_stream(cfg, tok, 16, str(tmp_path / "cache"), position)
+  for want in expected:
+    got = next(resumed)
+    assert sorted(got) == ["inputs", "targets", "weights"] and got["inputs"].shape == (8, 16)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert ppo.ptx_stream(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=0.0)), tok, 16,
+                        str(tmp_path / "cache"), None) is None
