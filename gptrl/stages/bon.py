@@ -35,7 +35,7 @@ from gptrl import model as model_lib
 from gptrl import reward_model
 from gptrl import seeds
 from gptrl import sharding
-from gptrl.config import BestOfNConfig, ConfigError
+from gptrl.config import BestOfNConfig
 from gptrl.corpus import default_cache_dir
 from gptrl.stages import ppo as ppo_lib
 from gptrl.stages import recipe as recipe_lib
@@ -115,11 +115,8 @@ def run(cfg: BestOfNConfig) -> dict[str, Any]:
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                      expect_stage=("sft",))
   rm = ppo_lib.read_reward_model(cfg, tok)
+  ppo_lib.check_reply_room("bon", b.max_new_tokens, model_cfg, rm)
   prompt_len = model_cfg.max_len - b.max_new_tokens
-  if prompt_len < 8 or rm.model_config.max_len < model_cfg.max_len:
-    raise ConfigError(f"config.bon.max_new_tokens={b.max_new_tokens} leaves {prompt_len} prompt tokens of the "
-                      f"policy's {model_cfg.max_len} (and the reward model's context is {rm.model_config.max_len}); "
-                      "lower it.")
   members = int(rm.meta.get("ensemble", 1))
   models = ppo_lib.Models(policy=model_lib.GPT(model_cfg), critic=None, reward=reward_model.make_reward_model(
                               rm.model_config, members, pooling=rm.meta.get("pooling", "last")),

@@ -719,10 +719,16 @@ def check_shapes(cfg: PPOConfig, placement: Placement, model_cfg: Any, rm: Rewar
     raise config_lib.ConfigError(
         f"config.ppo.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
         f"divisible by the data-parallel size {dp}.")
-  prompt_len = model_cfg.max_len - p.max_new_tokens
+  check_reply_room("ppo", p.max_new_tokens, model_cfg, rm)
+
+
+def check_reply_room(group: str, max_new_tokens: int, model_cfg: Any, rm: RewardModelRun) -> None:
+  """Refuses `config.<group>.max_new_tokens` that leaves fewer than 8 prompt tokens of the policy's context, or a
+  reward model whose context is shorter than the policy's (it scores the whole prompt + reply buffer)."""
+  prompt_len = model_cfg.max_len - max_new_tokens
   if prompt_len < 8 or rm.model_config.max_len < model_cfg.max_len:
     raise config_lib.ConfigError(
-        f"config.ppo.max_new_tokens={p.max_new_tokens} leaves {prompt_len} prompt tokens of the policy's "
+        f"config.{group}.max_new_tokens={max_new_tokens} leaves {prompt_len} prompt tokens of the policy's "
         f"{model_cfg.max_len} (and the reward model's context is {rm.model_config.max_len}); lower it.")
 
 
