@@ -407,6 +407,16 @@ def reward_dataset(enc: EncodedComparisons, *, seed: int, global_batch_size: int
   return ds.map(_RowsToRewardBatch(enc, lo, hi)).to_iter_dataset(_read_options())
 
 
+def reward_batch_shapes(batch_size: int, max_responses: int, seq_len: int,
+                        members: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (global shape, dtype) of a reward-model batch of `batch_size` prompts with `max_responses` replies
+  each: what `reward_dataset` yields, or with `members` > 1 `reward_member_batches` ([B, M, ...])."""
+  b, k = (batch_size,) + ((members,) if members > 1 else ()), max_responses
+  return {"tokens": ((*b, k, seq_len), np.dtype(np.int32)), "last": ((*b, k), np.dtype(np.int32)),
+          "first": ((*b, k), np.dtype(np.int32)), "pairs": ((*b, k, k), np.dtype(np.float32)),
+          "margins": ((*b, k, k), np.dtype(np.float32))}
+
+
 class MemberBatches:
   """One batch per ensemble member, each from its own iterator (its own data order), stacked along axis 1:
   [B, M, ...], so the batch axis stays first and shards over the data-parallel axes as usual. get_state() /

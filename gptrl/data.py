@@ -529,6 +529,13 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
   return max(num_tokens - 1, 0) // seq_len
 
 
+def lm_batch_shapes(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (global shape, dtype) of a language-model batch (pretraining, SFT, their eval): what `lm_dataset`
+  and the SFT datasets yield, for compiling a step without data."""
+  return {"inputs": ((batch_size, seq_len), np.dtype(np.int32)), "targets": ((batch_size, seq_len), np.dtype(np.int32)),
+          "weights": ((batch_size, seq_len), np.dtype(np.float32))}
+
+
 def steps_per_epoch(num_tokens: int, *, seq_len: int, global_batch_size: int) -> int:
   """Number of full global batches in one pass over the windows of num_tokens tokens."""
   return num_windows(num_tokens, seq_len) // global_batch_size

@@ -118,7 +118,9 @@ def abstract_mesh(mesh_shape: Mapping[str, int]) -> jax.sharding.AbstractMesh:
                                    axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
 
 
-def _unbox(tree: Any) -> Any:
+def unbox(tree: Any) -> Any:
+  """A tree boxed with logical axis names (nn.Partitioned), unboxed without applying sharding constraints (which
+  need a concrete mesh)."""
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
@@ -127,7 +129,7 @@ def sharded_bytes(boxed_abstract: Any, mesh: Any) -> int:
   """Bytes one device holds of a tree of abstract arrays boxed with logical axis names (as `model.init` returns
   them), laid out by gptrl/sharding.py's rules on `mesh` (a Mesh or AbstractMesh)."""
   shardings = sharding.tree_shardings(boxed_abstract, mesh)
-  leaves = jax.tree.leaves(_unbox(boxed_abstract))
+  leaves = jax.tree.leaves(unbox(boxed_abstract))
   return int(sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                  for s, x in zip(jax.tree.leaves(shardings), leaves)))
 
@@ -187,7 +189,7 @@ def abstract_state(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: conf
 
 def param_count(boxed_abstract: Any) -> int:
   """Total number of parameters (all devices) of an abstract parameter tree."""
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(_unbox(boxed_abstract))))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(unbox(boxed_abstract))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +480,7 @@ def device_memory(chip: str = "", devices: Sequence[Any] | None = None) -> tuple
   return None, getattr(device, "device_kind", device.platform)
 
 
-def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None]:
+def model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None]:
   """The run's model shape(s) as the stage will build them: pretraining's from the config (the vocabulary from
   the tokenizer it is given or will train), the other stages' from their init checkpoints."""
   if cfg.stage == "pretrain":
@@ -512,7 +514,7 @@ def check_at_launch(cfg: Any) -> Estimate | None:
     return None
   try:
     mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, jax.device_count())))
-    model_cfg, rm_cfg = _model_configs(cfg)
+    model_cfg, rm_cfg = model_configs(cfg)
     result = estimate(cfg, mesh_shape, model_cfg, rm_cfg)
   except Exception as e:  # pylint: disable=broad-except  # the estimate must never be why a run fails
     logging.info("No memory estimate: %s: %s", type(e).__name__, e)

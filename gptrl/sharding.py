@@ -70,11 +70,17 @@ def resolve_mesh_shape(mesh_config: config_lib.MeshConfig, num_devices: int) -> 
   return tuple(sizes)
 
 
-def make_mesh(mesh_config: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+def make_mesh(mesh_config: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None, *,
+              whole: bool | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+  `whole`: the devices are a whole slice (default: when they are all of `jax.devices()`; gptrl/compile.py says so
+  for a TPU topology's devices), laid out by their physical topology; else in the order given (a sub-mesh)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_config, len(devices))
-  if len(devices) == len(jax.devices()):
+  if whole is None:
+    whole = len(devices) == len(jax.devices())
+  if whole:
     # Lets JAX order devices so that the inner axes (tensor) sit on the fastest interconnect.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

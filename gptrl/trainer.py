@@ -112,6 +112,29 @@ def spike_options(train_cfg: TrainConfig) -> dict[str, Any]:
           "spike_window": train_cfg.spike_window}
 
 
+def _init_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation):
+  def init(rng):
+    init_rng, step_rng = jax.random.split(rng)
+    params = init_params(init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(step_rng), numerics=init_numerics())
+  return init
+
+
+def abstract_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """(the train state as ShapeDtypeStructs carrying their shardings, the shardings): what `create_train_state`
+  would make, without allocating anything (gptrl/compile.py lowers the train step on it)."""
+  init = _init_state(init_params, optimizer)
+  key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: nothing may run on a compile-only mesh
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(init, key)
+    shardings = sharding.tree_shardings(abstract, mesh)
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                         abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings), shardings
+
+
 def create_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
                        seed: int, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
   """Initialises the state directly into its sharded layout (no full copy on one device).
@@ -124,12 +147,7 @@ def create_train_state(init_params: Callable[[jax.Array], Any], optimizer: optax
   Returns:
     (state, state_shardings), the latter a TrainState of NamedShardings.
   """
-  def init(rng):
-    init_rng, step_rng = jax.random.split(rng)
-    params = init_params(init_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(step_rng), numerics=init_numerics())
-
+  init = _init_state(init_params, optimizer)
   rng = jax.random.key(seed)
   with sharding.activate(mesh):
     abstract = jax.eval_shape(init, rng)
@@ -213,15 +231,26 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, lr
   return train_step
 
 
-def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
-  """jit with explicit shardings: state in its layout (donated), batch over the data axes, metrics replicated."""
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+class JittedStep:
+  """A jitted step bound to its mesh: called, it runs in the mesh's context (logical axis rules); `lower(...)`
+  lowers the same program for abstract arguments (gptrl/compile.py compiles it for a TPU slice)."""
 
-  def call(state, batch):
-    with sharding.activate(mesh):
-      return jitted(state, batch)
-  return call
+  def __init__(self, jitted: Any, mesh: jax.sharding.Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with sharding.activate(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with sharding.activate(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.sharding.Mesh) -> JittedStep:
+  """jit with explicit shardings: state in its layout (donated), batch over the data axes, metrics replicated."""
+  return JittedStep(jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                            out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), mesh)
 
 
 # ----------------------------------------------------------------------------------------------

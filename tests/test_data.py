@@ -357,3 +357,9 @@ def test_token_stream_from_cache_feeds_the_pipeline(tmp_path):
   batch = next(iter(data.lm_dataset(tokens, seq_len=8, seed=0, global_batch_size=4)))
   assert batch["inputs"].shape == (4, 8) and int(batch["targets"].max()) <= 256
   assert not isinstance(batch["inputs"], np.memmap)  # Host copies, not views of the cache file.
+
+
+def test_lm_batch_shapes_are_what_lm_dataset_yields():
+  """data.lm_batch_shapes (what gptrl/compile.py compiles the train and eval steps for) against a real batch."""
+  batch = next(iter(data.lm_dataset(np.arange(400, dtype=np.int32), seq_len=8, seed=0, global_batch_size=4)))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == data.lm_batch_shapes(4, 8)

@@ -266,7 +266,7 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
   `p.scorer_devices` (data=-1, fsdp=1, tensor=p.split_tensor)."""
   devices = list(jax.devices() if devices is None else devices)
   if p.placement == "colocated":
-    return Placement.colocated(sharding.make_mesh(mesh_cfg, devices))
+    return Placement.colocated(sharding.make_mesh(mesh_cfg, devices, whole=True))
   n_learner = len(devices) - p.sampler_devices - p.scorer_devices
   if n_learner < 1:
     raise config_lib.ConfigError(
@@ -420,6 +420,36 @@ class Evaluation:
   replies: list[dict[str, Any]]  # one record per prompt (with `tok`): turns, reply, reward, KL, length, judges
 
 
+def num_updates(cfg: PPOConfig) -> int:
+  """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+  p = cfg.ppo
+  return cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
+
+
+def make_update_step(cfg: PPOConfig, models: Models, optimizer: Any, state_shardings: Any,
+                     mesh: jax.sharding.Mesh) -> trainer.JittedStep:
+  """The jitted PPO update (one minibatch: clipped surrogate, value loss, entropy, KL and ptx terms)."""
+  return trainer.jit_train_step(
+      trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
+                              optim.learning_rate_schedule(cfg.optim, num_updates(cfg)), cfg.optim.grad_accum_steps,
+                              **trainer.spike_options(cfg.train)),
+      state_shardings, mesh)
+
+
+def minibatch_shapes(cfg: PPOConfig, models: Models, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (global shape, dtype) of one PPO minibatch as `Learner.learn` feeds the update (the rollout's
+  arrays, beta, and with PPO-ptx the pretraining batch), for compiling the update without a rollout."""
+  p, n = cfg.ppo, models.new_tokens
+  rows, length = p.minibatch_size, models.prompt_len + n
+  shapes = {"tokens": ((rows, length), np.dtype(np.int32)), "positions": ((rows, length), np.dtype(np.int32)),
+            "attention": ((rows, length), np.dtype(np.int32)), "response_mask": ((rows, n), np.dtype(np.int32)),
+            **{k: ((rows, n), np.dtype(np.float32)) for k in ("logp", "ref_logp", "values", "advantages", "returns", "kl")},
+            "beta": ((rows, 1), np.dtype(np.float32))}
+  if p.ptx_coef > 0:
+    shapes.update({f"ptx_{k}": v for k, v in data_lib.lm_batch_shapes(rows, seq_len).items()})
+  return shapes
+
+
 class Learner:
   """One PPO iteration (rollout, scoring, learning, beta update) and the held-out evaluation, on a mesh."""
 
@@ -430,7 +460,6 @@ class Learner:
     """`mesh` is the learner's; `placement` (default: colocated on `mesh`) says where sampling and the frozen
     models run, and `ref_params` / `rm_params` must already live on its scorer mesh. `ptx_iter`: PPO-ptx's
     pretraining batches of minibatch_size rows; `watch_judges` and `gold_judge` score the eval replies."""
-    p = cfg.ppo
     self.cfg, self.models, self.mesh = cfg, models, mesh
     self.placement = placement or Placement.colocated(mesh)
     if self.placement.learner is not mesh:
@@ -445,12 +474,7 @@ class Learner:
     if self.placement.split_sampler:  # the policy's layout on the sampler's mesh, by the same sharding rules
       example = np.zeros((1, models.policy.config.max_len), np.int32)
       _, self.sampler_shardings = ckpt_lib.param_shardings(models.policy, example, self.placement.sampler)
-    updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
-    self.train_step = trainer.jit_train_step(
-        trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
-                                optim.learning_rate_schedule(cfg.optim, updates), cfg.optim.grad_accum_steps,
-                                **trainer.spike_options(cfg.train)),
-        state_shardings, mesh)
+    self.train_step = make_update_step(cfg, models, optimizer, state_shardings, mesh)
 
   def sampler_params(self, params: Any) -> tuple[Any, float]:
     """(the policy's parameters where the sampler runs, seconds the copy took): colocated, `params["policy"]`
@@ -820,8 +844,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   prompts, eval_prompts, num_prompts = load_prompts(cfg, tok, models.prompt_len, cache_dir)
 
   # Parameters: the policy and critic train; the reference and the reward model are frozen.
-  updates = cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
-  optimizer = optim.make_optimizer(cfg.optim, updates)
+  optimizer = optim.make_optimizer(cfg.optim, num_updates(cfg))
   state, state_shardings = trainer.create_train_state(functools.partial(init_params, models), optimizer, cfg.seed,
                                                       mesh)
   example = np.zeros((1, model_cfg.max_len), np.int32)

@@ -143,13 +143,18 @@ def init_source(init: config_lib.InitConfig, tokenizer_path: str, workdir: str,
 
 
 
-def lm_eval_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, batches: Callable[[], Any], prefix: str = "eval"):
-  """eval_fn of a language model: token-weighted loss and perplexity over `batches()` (the same fixed batches of
-  {"inputs", "targets", "weights"} each time): `<prefix>/loss`, `<prefix>/perplexity`, `<prefix>/tokens`."""
-  @jax.jit
+def lm_eval_step(model: model_lib.GPT) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+  """(params, {"inputs", "targets", "weights"}) -> (loss sum, weight): one eval batch of a language model."""
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"])
     return losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+  return eval_step
+
+
+def lm_eval_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, batches: Callable[[], Any], prefix: str = "eval"):
+  """eval_fn of a language model: token-weighted loss and perplexity over `batches()` (the same fixed batches of
+  {"inputs", "targets", "weights"} each time): `<prefix>/loss`, `<prefix>/perplexity`, `<prefix>/tokens`."""
+  eval_step = jax.jit(lm_eval_step(model))
 
   def eval_fn(state: trainer.TrainState) -> dict[str, float]:
     loss_sum, weight = 0.0, 0.0
@@ -204,6 +209,16 @@ class Recipe:
   final_meta_fn: Callable[[trainer.TrainState], dict[str, Any]] | None = None
 
 
+def make_train_step(cfg: Any, loss_fn: trainer.LossFn, optimizer: Any, state_shardings: Any,
+                    mesh: jax.sharding.Mesh, *, members: int = 1) -> trainer.JittedStep:
+  """The jitted train step of a gradient stage as `cfg` (optim, train) configures it: what `train` runs and
+  gptrl/compile.py compiles."""
+  return trainer.jit_train_step(
+      trainer.make_train_step(loss_fn, optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
+                              cfg.optim.grad_accum_steps, **trainer.spike_options(cfg.train), members=members),
+      state_shardings, mesh)
+
+
 def train(cfg: Any, build: Callable[[Context], Recipe]) -> trainer.TrainState:
   """Trains (or resumes training) the recipe `build(context)` as `cfg` (a stage config with workdir, seed,
   mesh, data, optim and train groups) says; returns the final state.
@@ -229,11 +244,7 @@ def train(cfg: Any, build: Callable[[Context], Recipe]) -> trainer.TrainState:
       start, state, _ = resumed
     elif recipe.init_from is not None:
       state = state.replace(params=recipe.init_from(state.params, state_shardings.params))
-    train_step = trainer.jit_train_step(
-        trainer.make_train_step(recipe.loss_fn, optimizer, optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
-                                cfg.optim.grad_accum_steps, **trainer.spike_options(cfg.train),
-                                members=recipe.members),
-        state_shardings, mesh)
+    train_step = make_train_step(cfg, recipe.loss_fn, optimizer, state_shardings, mesh, members=recipe.members)
     meta = {"stage": recipe.stage, "tokenizer_sha256": recipe.tokenizer.sha256,
             "model": config_lib.to_dict(recipe.model_config), "num_params": num_params, **recipe.meta}
     task = trainer.GradientTask(

@@ -36,7 +36,7 @@ from gptrl.config import RewardConfig
 from gptrl.stages import recipe as recipe_lib
 
 
-def _rewards_and_loss(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float, params,
+def rewards_and_loss(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float, params,
                       batch, rng):
   """(loss_sum, sums, rewards) of one batch of comparisons; `rng` drives dropout when the model has any (None, as
   in eval: no dropout). Rewards are [B, K], or [M, B, K] for an ensemble, whose loss is the sum of its members'
@@ -61,9 +61,14 @@ def _rewards_and_loss(model: reward_model.ScalarHeadModel | reward_model.RewardE
 
 def reward_loss_fn(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float):
   def loss_fn(params, batch, rng):
-    loss_sum, sums, _ = _rewards_and_loss(model, margin_scale, params, batch, rng)
+    loss_sum, sums, _ = rewards_and_loss(model, margin_scale, params, batch, rng)
     return loss_sum, sums
   return loss_fn
+
+
+def reward_eval_step(model: reward_model.ScalarHeadModel | reward_model.RewardEnsemble, margin_scale: float):
+  """(params, batch) -> (loss sum, sums, rewards) of one held-out batch (no dropout)."""
+  return lambda params, batch: rewards_and_loss(model, margin_scale, params, batch, None)
 
 
 # Buckets of the labeller's score gap ("margin" of a comparison record) for the RM's held-out accuracy: an RM
@@ -94,7 +99,7 @@ def make_reward_eval_fn(model: reward_model.ScalarHeadModel | reward_model.Rewar
   the agreement with the labeller overall and by its score gap (`pair_accuracy_by_gap`). For an ensemble the loss
   and per-prompt figures are the members' means, the pair accuracies those of the members' mean score, and
   `eval/member_pair_accuracy_{mean,min,max}` those of the members alone."""
-  eval_step = jax.jit(lambda params, batch: _rewards_and_loss(model, margin_scale, params, batch, None))
+  eval_step = jax.jit(reward_eval_step(model, margin_scale))
 
   def eval_fn(state: trainer.TrainState) -> dict[str, float]:
     totals: dict[str, float] = {}

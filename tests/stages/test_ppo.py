@@ -301,3 +301,19 @@ def test_the_ptx_stream_resumes_where_its_checkpointed_position_says(tmp_path):
       np.testing.assert_array_equal(got[key], want[key])
   assert ppo.ptx_stream(dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=0.0)), tok, 16,
                         str(tmp_path / "cache"), None) is None
+
+
+def test_minibatch_shapes_are_what_learn_feeds_the_update():
+  """ppo.minibatch_shapes (what gptrl/compile.py compiles the PPO update for) against the minibatches of a real
+  iteration, with and without PPO-ptx."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  cfg = _cfg()
+  learner, state = _learner(cfg, mesh)
+  seen = []
+  step = learner.train_step
+  learner.train_step = lambda s, mb: (seen.append({k: (v.shape, v.dtype) for k, v in mb.items()}), step(s, mb))[1]
+  learner.iteration(state, _prompts(), 0, cfg.ppo.init_beta)
+  assert seen and all(mb == ppo.minibatch_shapes(cfg, learner.models, 16) for mb in seen)
+  ptx = _cfg(ptx_coef=0.1)
+  assert set(ppo.minibatch_shapes(ptx, learner.models, 16)) - set(seen[0]) == {"ptx_inputs", "ptx_targets",
+                                                                               "ptx_weights"}

@@ -264,3 +264,19 @@ def test_mean_pooled_scores_of_replies_to_one_prompt_differ_only_by_their_own_to
   np.testing.assert_allclose(per_position[0, :4], per_position[1, :4], rtol=1e-6)
   pooled = np.asarray(reward_model.sequence_scores(model, params, jnp.asarray(tokens), jnp.asarray(last)))[0]
   np.testing.assert_allclose(pooled, [per_position[0, :7].mean(), per_position[1, :9].mean()], rtol=1e-5)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_reward_batch_shapes_are_what_the_datasets_yield(tmp_path, members):
+  """chat_data.reward_batch_shapes (what gptrl/compile.py compiles the train step for) against real batches."""
+  msgs = [{"role": "user", "content": "q"}]
+  recs = [{"messages": msgs + [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"}
+          for i in range(6)]
+  groups = chat_data.load_comparisons([_write(tmp_path / "p.jsonl", recs)], max_responses=3)
+  enc = chat_data.encode_comparisons(groups, _tok(tmp_path), max_len=32, max_responses=3)
+  if members == 1:
+    batch = next(iter(chat_data.reward_dataset(enc, seed=0, global_batch_size=4)))
+  else:
+    batch = next(chat_data.reward_member_batches(enc, seed=0, members=members, global_batch_size=4))
+  shapes = chat_data.reward_batch_shapes(4, 3, 32, members)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
