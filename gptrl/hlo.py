@@ -1,0 +1,406 @@
+"""What one compiled program does per step, read from its optimised HLO text (`compiled.as_text()`).
+
+XLA's own `cost_analysis()` counts a while loop's body once, whatever its trip count, so a train step that
+accumulates gradients over A micro-batches in a `lax.scan`, or a sampler that decodes N tokens in a
+`fori_loop`, reports the flops of one micro-batch or one token. This module reads the program instead: every
+computation's execution count (a while loop's body and condition run its trip count times, read from the loop's
+condition), then per execution
+
+  - the matmul flops of every `dot` and `convolution` (XLA's own counting rule: 2 x multiply-adds over the valid
+    window positions, as HloCostAnalysis does it; on TPU einsums are compiled to convolutions);
+  - the collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, sync or async):
+    how many run per step and the bytes of the larger of their operand and result, per device;
+  - the bytes the top-level instructions read and write (fusions, copies, collectives...: operands + results,
+    not what happens inside a fusion), for a memory-bandwidth bound.
+
+With every trip count taken as 1 (`loops=False`) the matmul flops are what `cost_analysis()["flops"]` reports,
+less its elementwise flops (tests/test_hlo.py checks this against XLA on CPU and TPU programs).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+import numpy as np
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+# Instructions that move no data of their own (views, tuples, control flow, bookkeeping).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "custom-call", "async-done",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "send-done",
+               "recv-done"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+  dtype: str
+  dims: tuple[int, ...]
+
+  @property
+  def bytes(self) -> float:
+    return math.prod(self.dims) * _ITEM_BYTES.get(self.dtype, 1)
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  opcode: str
+  result: list[Array]  # the arrays of its result (several for a tuple)
+  operands: list[str]  # operand instruction names
+  inline_operands: list[list[Array]]  # operand types when the text spells them out (CPU/GPU HLO)
+  attrs: str
+
+
+@dataclasses.dataclass
+class Computation:
+  name: str
+  entry: bool
+  instructions: list[Instruction]
+
+  def by_name(self) -> dict[str, Instruction]:
+    return {i.name: i for i in self.instructions}
+
+
+def arrays(type_text: str) -> list[Array]:
+  """The arrays named in an HLO type (`bf16[8,128]{1,0}` or a tuple of them)."""
+  return [Array(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) for m in _ARRAY.finditer(type_text)]
+
+
+def _matching(text: str, start: int) -> int:
+  """Index just past the bracket closing the one at text[start]."""
+  pairs = {"(": ")", "{": "}", "[": "]"}
+  depth, stack = 0, []
+  for i in range(start, len(text)):
+    c = text[i]
+    if c in pairs:
+      stack.append(pairs[c])
+      depth += 1
+    elif stack and c == stack[-1]:
+      stack.pop()
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  return len(text)
+
+
+def _split_top(text: str) -> list[str]:
+  """`text` split at the commas outside brackets."""
+  parts, depth, current = [], 0, []
+  for c in text:
+    if c in "([{":
+      depth += 1
+    elif c in ")]}":
+      depth -= 1
+    if c == "," and depth == 0:
+      parts.append("".join(current))
+      current = []
+    else:
+      current.append(c)
+  if "".join(current).strip():
+    parts.append("".join(current))
+  return parts
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+  m = _INSTRUCTION.match(line)
+  if not m:
+    return None
+  name, rest = m.group(1), m.group(2).strip()
+  if rest.startswith("("):
+    end = _matching(rest, 0)
+  else:
+    end = rest.find(" ")
+    end = len(rest) if end < 0 else end
+  type_text, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r"([\w\-]+)\(", rest)
+  if not op:
+    return None
+  close = _matching(rest, op.end() - 1)
+  operand_text, attrs = rest[op.end():close - 1], rest[close:]
+  operands, inline = [], []
+  for part in _split_top(operand_text):
+    names = re.findall(r"%([\w.\-]+)", part)
+    if names:
+      operands.append(names[-1])
+      inline.append(arrays(part[:part.rfind("%")]))
+  return Instruction(name, op.group(1), arrays(type_text), operands, inline, attrs)
+
+
+def parse(text: str) -> dict[str, Computation]:
+  """The computations of an HLO module's text, by name (in the order the text defines them)."""
+  computations: dict[str, Computation] = {}
+  current: Computation | None = None
+  for line in text.splitlines():
+    if current is None:
+      m = _HEADER.match(line)
+      if m and not line.startswith(" ") and "=" not in line.split("(")[0]:
+        current = Computation(m.group(2), bool(m.group(1)), [])
+      continue
+    if line.startswith("}"):
+      computations[current.name] = current
+      current = None
+      continue
+    inst = _parse_instruction(line)
+    if inst is not None:
+      current.instructions.append(inst)
+  return computations
+
+
+def _trip_count(while_inst: Instruction, caller: Computation, computations: dict[str, Computation],
+                literals: dict[tuple[str, str], int]) -> int | None:
+  """How many times a while loop runs: XLA's `known_trip_count` when the backend records it, else from the
+  condition `i < K` (or `<=`) on a tuple element whose initial value is a constant in the caller."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_inst.attrs)
+  if known:
+    return int(known.group(1))
+  cond_name = re.search(r"\bcondition=%?([\w.\-]+)", while_inst.attrs)
+  cond = computations.get(cond_name.group(1)) if cond_name else None
+  if cond is None or not cond.instructions:
+    return None
+  defs = cond.by_name()
+  root = cond.instructions[-1]
+  if root.opcode != "compare" or len(root.operands) != 2:
+    return None
+  direction = re.search(r"direction=(\w+)", root.attrs)
+  direction = direction.group(1) if direction else ""
+  a, b = (defs.get(n) for n in root.operands)
+  limit_side = 1 if b is not None and (cond.name, b.name) in literals else 0
+  counter, limit = (a, b) if limit_side == 1 else (b, a)
+  if limit is None or (cond.name, limit.name) not in literals or counter is None:
+    return None
+  bound = literals[(cond.name, limit.name)]
+  if direction in ("GT", "GE"):  # `K > i`: the limit on the left
+    direction = {"GT": "LT", "GE": "LE"}[direction] if limit_side == 0 else direction
+  start, step = 0, 1
+  index = re.search(r"index=(\d+)", counter.attrs) if counter.opcode == "get-tuple-element" else None
+  if index and while_inst.operands:
+    i = int(index.group(1))
+    init = caller.by_name().get(while_inst.operands[0])
+    if init is not None and init.opcode == "tuple" and i < len(init.operands):
+      start = _resolve_constant(caller, init.operands[i], literals) or 0
+    body_name = re.search(r"\bbody=%?([\w.\-]+)", while_inst.attrs)
+    body = computations.get(body_name.group(1)) if body_name else None
+    if body is not None and body.instructions and body.instructions[-1].opcode == "tuple":
+      root = body.instructions[-1]
+      update = body.by_name().get(root.operands[i]) if i < len(root.operands) else None
+      if update is not None and update.opcode == "add":
+        steps = [_resolve_constant(body, o, literals) for o in update.operands]
+        step = next((k for k in steps if k), 1)
+  if step <= 0:
+    return None
+  if direction == "LT":
+    return max(-(-(bound - start) // step), 0)
+  if direction == "LE":
+    return max((bound - start) // step + 1, 0)
+  return None
+
+
+def _resolve_constant(comp: Computation, name: str, literals: dict[tuple[str, str], int]) -> int | None:
+  """The integer constant `name` is, through copies, bitcasts and conversions; None if it is not one."""
+  defs = comp.by_name()
+  for _ in range(8):
+    if (comp.name, name) in literals:
+      return literals[(comp.name, name)]
+    inst = defs.get(name)
+    if inst is None or inst.opcode not in ("copy", "bitcast", "convert", "reshape") or not inst.operands:
+      return None
+    name = inst.operands[0]
+  return None
+
+
+def _literals(text: str) -> dict[tuple[str, str], int]:
+  """(computation, instruction) -> value of every integer scalar constant."""
+  out, current = {}, None
+  for line in text.splitlines():
+    if current is None:
+      m = _HEADER.match(line)
+      if m and not line.startswith(" "):
+        current = m.group(2)
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((-?\d+)\)", line)
+    if m:
+      out[(current, m.group(1))] = int(m.group(2))
+  return out
+
+
+def execution_counts(computations: dict[str, Computation], literals: dict[tuple[str, str], int],
+                     loops: bool = True) -> tuple[dict[str, float], list[str]]:
+  """(times each computation runs per call of the entry computation, loops whose trip count is unknown: taken
+  as 1). With `loops=False` every loop counts once, as XLA's cost analysis does."""
+  callees: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+  unknown = []
+  for comp in computations.values():
+    for inst in comp.instructions:
+      factor = 1.0
+      if inst.opcode == "while" and loops:
+        trips = _trip_count(inst, comp, computations, literals)
+        if trips is None:
+          unknown.append(f"{comp.name}/{inst.name}")
+        factor = float(trips if trips is not None else 1)
+      names = [m.group(2) for m in _CALLEES.finditer(inst.attrs)]
+      for m in _BRANCHES.finditer(inst.attrs):
+        names += [n.strip().lstrip("%") for n in m.group(1).split(",") if n.strip()]
+      for name in names:
+        if name in computations:
+          callees[comp.name].append((name, factor))
+  counts: dict[str, float] = collections.defaultdict(float)
+  order = _topological(computations, callees)
+  for name in order:
+    if computations[name].entry:
+      counts[name] += 1.0
+  for name in order:
+    for callee, factor in callees[name]:
+      counts[callee] += counts[name] * factor
+  return dict(counts), unknown
+
+
+def _topological(computations: dict[str, Computation], callees: dict[str, list[tuple[str, float]]]) -> list[str]:
+  """Callers before callees."""
+  incoming = collections.Counter(c for edges in callees.values() for c, _ in edges)
+  ready = [n for n in computations if incoming[n] == 0]
+  order = []
+  while ready:
+    name = ready.pop()
+    order.append(name)
+    for callee, _ in callees[name]:
+      incoming[callee] -= 1
+      if incoming[callee] == 0:
+        ready.append(callee)
+  return order
+
+
+def _operand_arrays(inst: Instruction, defs: dict[str, Instruction], k: int) -> list[Array]:
+  if k < len(inst.inline_operands) and inst.inline_operands[k]:
+    return inst.inline_operands[k]
+  d = defs.get(inst.operands[k]) if k < len(inst.operands) else None
+  return d.result if d is not None else []
+
+
+def _dims(attrs: str, key: str) -> list[int]:
+  m = re.search(key + r"=\{([\d,]*)\}", attrs)
+  return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def dot_flops(inst: Instruction, defs: dict[str, Instruction]) -> float:
+  """2 x output elements x the contracted size (XLA's rule for `dot`)."""
+  lhs = _operand_arrays(inst, defs, 0)
+  if not lhs or not inst.result:
+    return 0.0
+  contracted = math.prod(lhs[0].dims[d] for d in _dims(inst.attrs, "lhs_contracting_dims"))
+  return 2.0 * math.prod(inst.result[0].dims) * contracted
+
+
+def _window(attrs: str) -> dict[str, list[list[int]]]:
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  out: dict[str, list[list[int]]] = {}
+  if not m:
+    return out
+  for item in m.group(1).split():
+    key, _, value = item.partition("=")
+    out[key] = [[int(x) for x in part.split("_")] for part in value.split("x")]
+  return out
+
+
+def _valid_positions(in_size: int, kernel: int, out_size: int, stride: int, pad_low: int, base_dilation: int,
+                     window_dilation: int) -> int:
+  """Pairs (output position, kernel position) that read a real (not padding, not dilation-hole) input element."""
+  o = np.arange(out_size, dtype=np.int64)[:, None]
+  k = np.arange(kernel, dtype=np.int64)[None, :]
+  undilated = o * stride - pad_low + k * window_dilation
+  ok = (undilated % base_dilation == 0) & (undilated >= 0) & (undilated // base_dilation < in_size)
+  return int(np.count_nonzero(ok))
+
+
+def convolution_flops(inst: Instruction, defs: dict[str, Instruction]) -> float:
+  """2 x (input features / feature groups) x output features x (batch / batch groups) x valid window positions
+  (HloCostAnalysis's rule for `convolution`)."""
+  lhs, rhs = _operand_arrays(inst, defs, 0), _operand_arrays(inst, defs, 1)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+  if not lhs or not rhs or not labels or not inst.result:
+    return 0.0
+  lhs_dims, rhs_dims, out_dims = lhs[0].dims, rhs[0].dims, inst.result[0].dims
+  lhs_l, rhs_l, out_l = labels.groups()
+  window = _window(inst.attrs)
+  groups = re.search(r"feature_group_count=(\d+)", inst.attrs)
+  batch_groups = re.search(r"batch_group_count=(\d+)", inst.attrs)
+  positions = 1
+  for d in range(sum(c.isdigit() for c in lhs_l)):
+    get = lambda key, default, d=d: window[key][d][0] if key in window else default
+    pad_low = window["pad"][d][0] if "pad" in window else 0
+    positions *= _valid_positions(lhs_dims[lhs_l.index(str(d))], rhs_dims[rhs_l.index(str(d))],
+                                  out_dims[out_l.index(str(d))], get("stride", 1), pad_low, get("lhs_dilate", 1),
+                                  get("rhs_dilate", 1))
+  fma = ((lhs_dims[lhs_l.index("f")] // (int(groups.group(1)) if groups else 1)) * rhs_dims[rhs_l.index("o")]
+         * (lhs_dims[lhs_l.index("b")] // (int(batch_groups.group(1)) if batch_groups else 1)) * positions)
+  return 2.0 * fma
+
+
+@dataclasses.dataclass
+class Collective:
+  count: float = 0.0  # executions per step
+  bytes: float = 0.0  # per device, summed over executions
+
+
+@dataclasses.dataclass
+class Profile:
+  """Per call of the program, per device."""
+  matmul_flops: float
+  bytes_accessed: float
+  collectives: dict[str, Collective]
+  unknown_loops: list[str]  # loops whose trip count could not be read (counted once)
+
+  @property
+  def collective_bytes(self) -> float:
+    return sum(c.bytes for c in self.collectives.values())
+
+
+def _kind(opcode: str) -> str | None:
+  base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+  return base if base in COLLECTIVES else None
+
+
+def profile(text: str, loops: bool = True) -> Profile:
+  """Matmul flops, top-level bytes and collectives of one call of the HLO module `text`."""
+  computations = parse(text)
+  counts, unknown = execution_counts(computations, _literals(text), loops=loops)
+  fused = {m.group(2) for comp in computations.values() for inst in comp.instructions if inst.opcode == "fusion"
+           for m in _CALLEES.finditer(inst.attrs) if m.group(1) == "calls"}
+  flops, traffic = 0.0, 0.0
+  collectives = {k: Collective() for k in COLLECTIVES}
+  for comp in computations.values():
+    n = counts.get(comp.name, 0.0)
+    if not n:
+      continue
+    defs = comp.by_name()
+    for inst in comp.instructions:
+      if inst.opcode == "dot":
+        flops += n * dot_flops(inst, defs)
+      elif inst.opcode == "convolution":
+        flops += n * convolution_flops(inst, defs)
+      kind = _kind(inst.opcode)
+      if kind:
+        operand_bytes = [a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]
+        largest = max([a.bytes for a in inst.result] + operand_bytes + [0.0])
+        collectives[kind].count += n
+        collectives[kind].bytes += n * largest
+      if comp.name not in fused and inst.opcode not in _NO_TRAFFIC:
+        operand_bytes = sum(a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k))
+        traffic += n * (operand_bytes + sum(a.bytes for a in inst.result))
+  return Profile(flops, traffic, collectives, unknown)
+
+
+def summarise(collectives: dict[str, Collective]) -> str:
+  """'all-gather 24 x, 1.2 GiB; ...' for the kinds that occur."""
+  parts = [f"{k} {c.count:.0f}x {c.bytes / 2**30:.2f} GiB" for k, c in collectives.items() if c.count]
+  return "; ".join(parts) or "none"

@@ -1,0 +1,166 @@
+"""gptrl/hlo.py: loop trip counts, matmul flops and collectives read from HLO text, against hand counts of
+hand-written modules, and against XLA's own cost analysis of programs compiled for the CPU and for a TPU slice."""
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptrl import hlo
+
+# A loop i = 1, 3, 5, 7 (start 1, step 2, i < 8: 4 trips) around a [8,16] x [16,32] dot and an all-reduce of
+# f32[256]; inside it a second loop of 3 trips (0..2) around a convolution written as a [4,16] x [16,8] matmul;
+# after the loop one all-gather to bf16[64,32].
+MODULE = """HloModule test, entry_computation_layout={(f32[8,16]{1,0}, f32[16,32]{1,0})->f32[8,32]{1,0}}
+
+%fused_dot (p0: f32[8,16], p1: f32[16,32]) -> f32[8,32] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %p1 = f32[16,32]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,32]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner_cond (ip: (s32[], f32[4,16], f32[16,8])) -> pred[] {
+  %ip = (s32[], f32[4,16]{1,0}, f32[16,8]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%ip), index=0
+  %three = s32[] constant(3)
+  ROOT %lt.2 = pred[] compare(%j, %three), direction=LT
+}
+
+%inner_body (ib: (s32[], f32[4,16], f32[16,8])) -> (s32[], f32[4,16], f32[16,8]) {
+  %ib = (s32[], f32[4,16]{1,0}, f32[16,8]{1,0}) parameter(0)
+  %j.1 = s32[] get-tuple-element(%ib), index=0
+  %a = f32[4,16]{1,0} get-tuple-element(%ib), index=1
+  %b = f32[16,8]{1,0} get-tuple-element(%ib), index=2
+  %conv = f32[4,8]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+  %one = s32[] constant(1)
+  %j.2 = s32[] add(%j.1, %one)
+  ROOT %t = (s32[], f32[4,16]{1,0}, f32[16,8]{1,0}) tuple(%j.2, %a, %b)
+}
+
+%outer_cond (cp: (s32[], f32[8,16], f32[16,32], f32[256])) -> pred[] {
+  %cp = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}, f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%cp), index=0
+  %eight = s32[] constant(8)
+  ROOT %lt.1 = pred[] compare(%i, %eight), direction=LT
+}
+
+%outer_body (bp: (s32[], f32[8,16], f32[16,32], f32[256])) -> (s32[], f32[8,16], f32[16,32], f32[256]) {
+  %bp = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}, f32[256]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%bp), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%bp), index=1
+  %w = f32[16,32]{1,0} get-tuple-element(%bp), index=2
+  %v = f32[256]{0} get-tuple-element(%bp), index=3
+  %f = f32[8,32]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %ar = f32[256]{0} all-reduce(%v), replica_groups={}, to_apply=%add_comp
+  %zero.1 = s32[] constant(0)
+  %lhs = f32[4,16]{1,0} slice(%x), slice={[0:4], [0:16]}
+  %rhs = f32[16,8]{1,0} slice(%w), slice={[0:16], [0:8]}
+  %it = (s32[], f32[4,16]{1,0}, f32[16,8]{1,0}) tuple(%zero.1, %lhs, %rhs)
+  %inner = (s32[], f32[4,16]{1,0}, f32[16,8]{1,0}) while(%it), condition=%inner_cond, body=%inner_body
+  %two = s32[] constant(2)
+  %c = s32[] copy(%two)
+  %i.2 = s32[] add(%i.1, %c)
+  ROOT %t.1 = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}, f32[256]{0}) tuple(%i.2, %x, %w, %ar)
+}
+
+%add_comp (l: f32[], r: f32[]) -> f32[] {
+  %l = f32[] parameter(0)
+  %r = f32[] parameter(1)
+  ROOT %s = f32[] add(%l, %r)
+}
+
+ENTRY %main (x0: f32[8,16], w0: f32[16,32]) -> bf16[64,32] {
+  %x0 = f32[8,16]{1,0} parameter(0)
+  %w0 = f32[16,32]{1,0} parameter(1)
+  %start = s32[] constant(1)
+  %init_v = f32[256]{0} broadcast(%start), dimensions={}
+  %tuple = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}, f32[256]{0}) tuple(%start, %x0, %w0, %init_v)
+  %loop = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}, f32[256]{0}) while(%tuple), condition=%outer_cond, body=%outer_body
+  %small = bf16[16,32]{1,0} convert(%w0)
+  ROOT %ag = bf16[64,32]{1,0} all-gather(%small), dimensions={0}, replica_groups={{0,1,2,3}}
+}
+"""
+
+
+def test_trip_counts_flops_and_collectives_of_a_hand_written_module():
+  computations = hlo.parse(MODULE)
+  assert set(computations) == {"fused_dot", "inner_cond", "inner_body", "outer_cond", "outer_body", "add_comp",
+                               "main"}
+  assert computations["main"].entry
+  counts, unknown = hlo.execution_counts(computations, hlo._literals(MODULE))  # pylint: disable=protected-access
+  assert not unknown
+  assert counts["outer_body"] == 4  # i = 1, 3, 5, 7
+  assert counts["fused_dot"] == 4
+  assert counts["inner_body"] == 4 * 3
+  prof = hlo.profile(MODULE)
+  dot, conv = 2 * 8 * 32 * 16, 2 * 4 * 8 * 16
+  assert prof.matmul_flops == 4 * dot + 12 * conv
+  assert prof.collectives["all-reduce"].count == 4 and prof.collectives["all-reduce"].bytes == 4 * 256 * 4
+  assert prof.collectives["all-gather"].count == 1 and prof.collectives["all-gather"].bytes == 64 * 32 * 2
+  once = hlo.profile(MODULE, loops=False)
+  assert once.matmul_flops == dot + conv and once.collectives["all-reduce"].count == 1
+
+
+def test_convolution_flops_count_only_window_positions_inside_the_input():
+  # A 1-D convolution over 10 positions with a window of 3 and one position of padding each side: the two edge
+  # outputs each see one padded position, so 10 * 3 - 2 = 28 multiply-adds per (input, output) feature pair.
+  text = """HloModule conv
+
+ENTRY %main (a: f32[2,10,3], k: f32[3,3,5]) -> f32[2,10,5] {
+  %a = f32[2,10,3]{2,1,0} parameter(0)
+  %k = f32[3,3,5]{2,1,0} parameter(1)
+  ROOT %c = f32[2,10,5]{2,1,0} convolution(%a, %k), window={size=3 pad=1_1}, dim_labels=b0f_0io->b0f
+}
+"""
+  assert hlo.profile(text).matmul_flops == 2 * 2 * 3 * 5 * 28
+  # Stride 2 without padding: outputs 0..3 read positions 2o..2o+2, all inside: 4 * 3 positions.
+  strided = text.replace("f32[2,10,5]{2,1,0} convolution", "f32[2,4,5]{2,1,0} convolution").replace(
+      "window={size=3 pad=1_1}", "window={size=3 stride=2}")
+  assert hlo.profile(strided).matmul_flops == 2 * 2 * 3 * 5 * 12
+
+
+def _scan_matmul(w, x):
+  def body(c, xi):
+    return c + (xi @ w).sum(), None
+  return jax.lax.scan(body, 0.0, x)[0]
+
+
+def test_cpu_program_loop_counted_once_matches_xla_and_by_trips_multiplies():
+  compiled = jax.jit(_scan_matmul).lower(jnp.ones((16, 32)), jnp.ones((6, 8, 16))).compile()
+  text = compiled.as_text()
+  xla = compiled.cost_analysis()["flops"]
+  once = hlo.profile(text, loops=False).matmul_flops
+  assert once == 2 * 8 * 32 * 16
+  assert 0.9 * xla <= once <= xla  # XLA adds the elementwise sums
+  assert hlo.profile(text).matmul_flops == 6 * once
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the test extras install it)")
+def test_tpu_program_matches_xla_cost_analysis():
+  """A sharded two-layer MLP in a scan of 5, compiled for a v5e:2x2 slice: XLA's TPU compiler rewrites the
+  matmuls as convolutions; counted once they are XLA's flops (less its elementwise ones), and the loop runs 5
+  times; the fsdp-sharded weights are gathered."""
+  from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
+  devices = compile_lib.tpu_topology("v5e:2x2").devices
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(4), ("fsdp",))
+  spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+  def f(w1, w2, x):
+    def body(c, xi):
+      return c + jnp.sum(jnp.maximum(xi @ w1, 0) @ w2), None
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), x)[0]
+
+  args = (jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=spec("fsdp", None)),
+          jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=spec("fsdp", None)),
+          jax.ShapeDtypeStruct((5, 64, 256), jnp.bfloat16, sharding=spec(None, "fsdp", None)))
+  compiled = jax.jit(f).lower(*args).compile()
+  text = compiled.as_text()
+  xla = compiled.cost_analysis()["flops"]
+  once = hlo.profile(text, loops=False)
+  per_device = 2 * 16 * 256 * 512 * 2  # 16 rows per device, two matmuls
+  assert once.matmul_flops == pytest.approx(per_device, rel=0.01)
+  assert 0.9 * xla <= once.matmul_flops <= 1.001 * xla
+  looped = hlo.profile(text)
+  assert looped.matmul_flops == pytest.approx(5 * per_device, rel=0.01)
+  assert looped.collectives["all-gather"].count + looped.collectives["collective-permute"].count > 0
