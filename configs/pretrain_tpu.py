@@ -85,4 +85,5 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   c.hardware.chip = plan.chip  # the chip this plan is sized for (its HBM is the memory limit)
   c.hardware.num_chips = plan.chips  # the slice size: launch/ creates it; mesh.fsdp = num_chips / mesh.tensor
+  c.hardware.model_size = plan.size  # the shape gptrl.compile builds before the checkpoints exist
   return c

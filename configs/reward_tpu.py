@@ -72,4 +72,5 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   c.hardware.chip = plan.chip  # the chip this plan is sized for
   c.hardware.num_chips = plan.chips  # the slice size
+  c.hardware.model_size = plan.size  # the shape gptrl.compile builds before the checkpoints exist
   return c

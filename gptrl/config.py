@@ -51,6 +51,7 @@ MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 TOKENIZER_TYPES = ("bpe", "unigram")
 INITIALIZE_MODES = ("auto", "always", "never")  # distributed.initialize; distributed.host_malloc: hostmem.MODES
 HARDWARE_CHIPS = tuple(presets.CHIPS)
+MODEL_SIZES = presets.MODEL_SIZES  # hardware.model_size
 MEMORY_CHECKS = ("refuse", "warn", "off")
 ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")  # gptrl/reward_model.py reduce_members
 POOLINGS = ("last", "mean", "reply_mean")  # gptrl/reward_model.py pool_scores
@@ -360,12 +361,16 @@ class HardwareConfig:
   # and launch/ creates slices of it.
   chip: str = ""
   num_chips: int = 0  # devices the config is sized for (the mesh tests and launch/ use it); 0: any
+  # The model size (gptrl/presets.py) the plan is written for: `python -m gptrl.compile` builds that shape when the
+  # init checkpoints it would read do not exist yet. "": the checkpoints' shapes (pretraining: config.model).
+  model_size: str = ""
   memory_check: str = "refuse"  # "refuse" | "warn" | "off": when the per-device estimate exceeds device memory
 
   def __post_init__(self):
     _check_choice(self.chip, HARDWARE_CHIPS, "hardware.chip", empty="the devices' own")
     _check(self.num_chips >= 0, "hardware.num_chips", f"must be >= 0 (0: any), got {self.num_chips}")
     _check_choice(self.memory_check, MEMORY_CHECKS, "hardware.memory_check")
+    _check_choice(self.model_size, MODEL_SIZES, "hardware.model_size", empty="the checkpoints' shapes")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,18 +23,31 @@ class Chip:
   cores_per_chip: int = 1
   runtime_version: str = ""
   chips_per_host: int = 8  # devices one host (one process) drives in a multi-host slice / GPU server
+  hbm_gbps: float = 0.0  # HBM bandwidth of one device, GB/s (gptrl/compile.py's memory-bound time)
+  link_gbps: float = 0.0  # one device's interconnect bandwidth, all links together, GB/s (ICI; NVLink)
+  # Cloud TPU only: the dimensions of a slice's topology name (2: v5e:4x8; 3: v5p:2x4x4), and the chip
+  # configuration to compile for (v4 and v5p: "megacore", one JAX device per chip, as they run).
+  topology_dims: int = 0
+  chip_config: str = ""
 
 
-# HBM and peak figures from the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e) and NVIDIA's datasheets;
+# HBM, bandwidth and peak figures from the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e: interchip
+# interconnect 2400 / 1600 / 4800 / 3584 Gbps per chip) and NVIDIA's datasheets (NVLink 600 / 900 GB/s);
 # runtime versions from the Cloud TPU "TPU software versions" page (JAX on v4 and earlier: tpu-ubuntu2204-base).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "tpu", 32.0, 275.0, ("TPU v4",), "v4", 2, "tpu-ubuntu2204-base", 4),
-    "v5e": Chip("v5e", "tpu", 16.0, 197.0, ("TPU v5 lite", "TPU v5e"), "v5litepod", 1, "v2-alpha-tpuv5-lite", 4),
-    "v5p": Chip("v5p", "tpu", 95.0, 459.0, ("TPU v5", "TPU v5p"), "v5p", 2, "v2-alpha-tpuv5", 4),
-    "v6e": Chip("v6e", "tpu", 32.0, 918.0, ("TPU v6 lite", "TPU v6e"), "v6e", 1, "v2-alpha-tpuv6e", 4),
-    "a100": Chip("a100", "gpu", 80.0, 312.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe")),
-    "h100": Chip("h100", "gpu", 80.0, 989.0, ("NVIDIA H100 80GB HBM3", "NVIDIA H100")),
-    "h200": Chip("h200", "gpu", 141.0, 989.0, ("NVIDIA H200",)),
+    "v4": Chip("v4", "tpu", 32.0, 275.0, ("TPU v4",), "v4", 2, "tpu-ubuntu2204-base", 4, hbm_gbps=1228.0,
+               link_gbps=300.0, topology_dims=3, chip_config="megacore"),
+    "v5e": Chip("v5e", "tpu", 16.0, 197.0, ("TPU v5 lite", "TPU v5e"), "v5litepod", 1, "v2-alpha-tpuv5-lite", 4,
+                hbm_gbps=819.0, link_gbps=200.0, topology_dims=2),
+    "v5p": Chip("v5p", "tpu", 95.0, 459.0, ("TPU v5", "TPU v5p"), "v5p", 2, "v2-alpha-tpuv5", 4, hbm_gbps=2765.0,
+                link_gbps=600.0, topology_dims=3, chip_config="megacore"),
+    "v6e": Chip("v6e", "tpu", 32.0, 918.0, ("TPU v6 lite", "TPU v6e"), "v6e", 1, "v2-alpha-tpuv6e", 4,
+                hbm_gbps=1640.0, link_gbps=448.0, topology_dims=2),
+    "a100": Chip("a100", "gpu", 80.0, 312.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), hbm_gbps=2039.0,
+                 link_gbps=600.0),
+    "h100": Chip("h100", "gpu", 80.0, 989.0, ("NVIDIA H100 80GB HBM3", "NVIDIA H100"), hbm_gbps=3350.0,
+                 link_gbps=900.0),
+    "h200": Chip("h200", "gpu", 141.0, 989.0, ("NVIDIA H200",), hbm_gbps=4800.0, link_gbps=900.0),
 }
 
 
@@ -54,6 +67,25 @@ def accelerator_type(chip: str, num_chips: int) -> str:
     tpus = [c for c, s in CHIPS.items() if s.platform == "tpu"]
     raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {tpus}")
   return f"{spec.accelerator_prefix}-{num_chips * spec.cores_per_chip}"
+
+
+# Slice shapes by chip count, as Cloud TPU builds them (2D torus for v5e/v6e, 3D for v4/v5p).
+_TOPOLOGIES = {2: {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+               3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+                   512: "8x8x8", 1024: "8x8x16"}}
+
+
+def topology_name(chip: str, num_chips: int) -> str:
+  """The topology name of a slice of `num_chips` chips, as `jax.experimental.topologies.get_topology_desc` takes
+  it, e.g. ("v5p", 64) -> "v5p:4x4x4", ("v5e", 32) -> "v5e:4x8"."""
+  spec = CHIPS[chip]
+  if spec.platform != "tpu":
+    raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {[c for c, s in CHIPS.items() if s.platform == 'tpu']}")
+  shapes = _TOPOLOGIES[spec.topology_dims]
+  if num_chips not in shapes:
+    raise ValueError(f"no {chip} slice of {num_chips} chips; slices of {sorted(shapes)} chips exist "
+                     f"(or give a topology such as {chip}:{shapes[16]})")
+  return f"{chip}:{shapes[num_chips]}"
 
 
 # Llama-style decoder shapes (rope, RMSNorm, SwiGLU MLP whose width is a multiple of 256, untied output head),

@@ -106,7 +106,7 @@ def test_config_builds_on_its_slice_shards_every_weight_as_intended_and_fits(pat
   # Every parameter split over exactly the mesh axes intended for it (a dimension the mesh does not divide
   # would be replicated instead, and fail here).
   mesh = memory.abstract_mesh(mesh_shape)
-  unboxed = memory._unbox(params)  # pylint: disable=protected-access
+  unboxed = memory.unbox(params)
   leaves = {"/".join(str(getattr(k, "key", k)) for k in path): x
             for path, x in jax.tree_util.tree_flatten_with_path(unboxed)[0]}
   for name, spec in param_specs(params, mesh).items():
@@ -172,14 +172,19 @@ def test_config_accepts_exactly_the_chips_presets_knows():
     config_lib.HardwareConfig(chip="v5pp")
 
 
-def test_accelerator_types_follow_cloud_tpu_naming():
-  # v4 and v5p count TensorCores (2 per chip), v5e and v6e count chips.
-  assert presets.accelerator_type("v5p", 64) == "v5p-128"
-  assert presets.accelerator_type("v4", 16) == "v4-32"
-  assert presets.accelerator_type("v5e", 32) == "v5litepod-32"
-  assert presets.accelerator_type("v6e", 8) == "v6e-8"
+def test_accelerator_types_and_topologies_follow_cloud_tpu_naming():
+  # v4 and v5p count TensorCores (2 per chip), v5e and v6e count chips; topologies are chips in a 2-D (v5e, v6e)
+  # or 3-D (v4, v5p) torus, as jax.experimental.topologies names them (gptrl/compile.py).
+  assert presets.accelerator_type("v5p", 64) == "v5p-128" and presets.topology_name("v5p", 64) == "v5p:4x4x4"
+  assert presets.accelerator_type("v4", 16) == "v4-32" and presets.topology_name("v4", 8) == "v4:2x2x2"
+  assert presets.accelerator_type("v5e", 32) == "v5litepod-32" and presets.topology_name("v5e", 32) == "v5e:4x8"
+  assert presets.accelerator_type("v6e", 8) == "v6e-8" and presets.topology_name("v6e", 256) == "v6e:16x16"
   with pytest.raises(ValueError, match="not a Cloud TPU chip"):
     presets.accelerator_type("h100", 8)
+  with pytest.raises(ValueError, match="not a Cloud TPU chip"):
+    presets.topology_name("h100", 8)
+  with pytest.raises(ValueError, match="no v5e slice of 12 chips"):
+    presets.topology_name("v5e", 12)
 
 
 # ----------------------------------------------------------------------------------------------

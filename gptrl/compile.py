@@ -1,0 +1,610 @@
+"""Compile every program a run executes for its real TPU slice, on any host: nothing is allocated or run.
+
+  python -m gptrl.compile --config configs/pretrain_tpu.py:size=1b [--topology v5p:2x4x4] [--json out.json]
+
+With `libtpu` installed (`pip install 'gptrl[tpu-compile]'`, or `jax[tpu]`), `jax.experimental.topologies`
+describes a slice's devices on a CPU host (the topology defaults to config.hardware's chip and chip count). The
+run's mesh is laid over them, and each jitted function the stage would execute is lowered for ShapeDtypeStructs
+carrying the run's shardings and compiled by XLA for that TPU, as the run would compile it:
+
+  pretrain, sft: train step (grad accumulation and remat as configured), eval step, sampler (prefill + decode);
+  reward: train step (one model or an ensemble), eval step, the SFT model's sampler for the reward normalisation;
+  ppo: rollout sampler, scoring by the frozen models, shaping (log-probs, values, KL, GAE), the PPO update; under
+    ppo.placement=split also the policy's copy from the learner's to the sampler's devices (a transfer, not a
+    program: its bytes).
+
+For each program it reports, per device: XLA's memory (arguments, outputs, temporaries, code) plus the run's
+resident state the program does not take (e.g. the optimizer state during sampling) against the chip's HBM and
+against gptrl/memory.py's estimate of that phase; the matmul flops of the optimised program (loops counted by
+their trip counts: gptrl/hlo.py) against the model-FLOPs formula (6N + 12LHQT per trained token); a projected
+step time max(flops / peak, bytes / HBM bandwidth, collective bytes / interconnect bandwidth) and the MFU it
+implies; the collectives per step (counts and bytes); and parameters that the sharding rules meant to split but
+had to replicate. A program that cannot fit is an error that names it and the bytes (exit status 1); the
+launchers run this check before creating hardware.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptrl import config as config_lib
+from gptrl import hlo
+from gptrl import memory
+from gptrl import presets
+from gptrl import sharding
+
+GIB = 1024 ** 3
+
+
+class CompileCheckError(RuntimeError):
+  """The plan cannot run as configured (a program does not fit, or does not compile); the message says which."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The slice.
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The devices compiled for: a TPU topology's (compile-only) devices, or this host's own."""
+  name: str  # "v5p:2x4x4", or "local"
+  chip: presets.Chip | None
+  devices: tuple[Any, ...]
+
+
+def tpu_topology(name: str, num_slices: int = 1) -> Target:
+  """The compile-only devices of the TPU slice `name` ("v5p:2x4x4"; `num_slices` > 1: that many slices, a
+  multi-slice job). Needs libtpu; raises CompileCheckError naming what to install."""
+  chip_name = name.split(":")[0]
+  chip = presets.CHIPS.get(chip_name)
+  if chip is None or chip.platform != "tpu":
+    tpus = [c for c, s in presets.CHIPS.items() if s.platform == "tpu"]
+    raise CompileCheckError(f"--topology {name!r}: the chip before ':' must be one of {tpus}, e.g. v5p:2x4x4")
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("libtpu") is None:
+    raise CompileCheckError("compiling for a TPU needs libtpu, which is not installed: pip install "
+                            "'gptrl[tpu-compile]' (or jax[tpu]); --skip-compile-check skips this check")
+  # On a host without TPUs libtpu cannot discover its workers; it needs only a name to describe a slice. Compiling
+  # touches no chip, so several processes may do it at once (libtpu otherwise holds a lock file per host).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  kwargs: dict[str, Any] = {}
+  if chip.chip_config:
+    kwargs["chip_config_name"] = chip.chip_config
+  if num_slices > 1:
+    kwargs["num_slices"] = num_slices
+  try:
+    devices = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices
+  except Exception as e:  # pylint: disable=broad-except  # a name libtpu does not know
+    raise CompileCheckError(f"libtpu cannot describe TPU topology {name!r}: {' '.join(str(e).split())[:300]}") from e
+  return Target(name + (f" x {num_slices} slices" if num_slices > 1 else ""), chip, tuple(devices))
+
+
+def local_target(chip: str = "") -> Target:
+  """This host's devices (CPU tests; a GPU box compiling for itself)."""
+  devices = tuple(jax.devices())
+  spec = presets.CHIPS.get(chip) or presets.chip_for_device_kind(getattr(devices[0], "device_kind", ""))
+  return Target("local", spec if devices[0].platform != "cpu" else None, devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs.
+
+
+@dataclasses.dataclass
+class Resident:
+  """State that stays on a mesh's devices for the whole run (a train state, frozen parameters)."""
+  name: str
+  tree: Any  # ShapeDtypeStructs with shardings
+  mesh: Any
+
+  @property
+  def bytes(self) -> float:
+    return tree_bytes(self.tree)
+
+
+@dataclasses.dataclass
+class Program:
+  """One jitted function of the run, ready to lower."""
+  name: str
+  lower: Callable[[], Any]  # -> jax.stages.Lowered
+  mesh: Any
+  takes: tuple[str, ...]  # the Residents passed as arguments (the others on its mesh stay in memory beside it)
+  model_flops: float  # global model FLOPs of one call by the formula (6N + 12LHQT per trained token; 2N + ... forward)
+  phase: str = ""  # gptrl/memory.py's phase of the run this program is the peak of ("": no estimate)
+
+
+@dataclasses.dataclass
+class Transfer:
+  """Arrays copied between meshes (ppo.placement=split): not a program, their bytes."""
+  name: str
+  bytes_sent_per_device: float
+  bytes_received_per_device: float
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a config runs on a target: its programs, the resident state, and the estimate to check against."""
+  title: str
+  programs: list[Program]
+  residents: list[Resident]
+  estimate: memory.Estimate | None = None
+  transfers: list[Transfer] = dataclasses.field(default_factory=list)
+  replicated: list[str] = dataclasses.field(default_factory=list)  # parameters the rules could not split
+
+
+def tree_bytes(tree: Any) -> float:
+  """Bytes one device holds of a tree of ShapeDtypeStructs (or arrays) carrying shardings: the largest shard."""
+  total = 0.0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], mesh: Any) -> dict[str, Any]:
+  """ShapeDtypeStructs of a batch laid out as sharding.host_to_global lays it: rows over the data axes."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def on_mesh(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def rows_for(rows: int, multiple: int) -> int:
+  return -(-rows // multiple) * multiple
+
+
+def replicated_parameters(boxed_abstract: Any, mesh: Any) -> list[str]:
+  """Parameters the sharding rules meant to split over a mesh axis of size > 1 that had to be replicated
+  instead (a dimension not divisible by it): 'name shape: dim d (logical) not split over axis'."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  specs = nn.get_partition_spec(boxed_abstract)
+  found = []
+  flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  shapes = jax.tree_util.tree_flatten_with_path(memory.unbox(boxed_abstract))[0]
+  for (path, spec), (_, x) in zip(flat_specs, shapes):
+    wanted = nn.logical_to_mesh_axes(tuple(spec), sharding.RULES)
+    got = sharding.logical_to_named_sharding(spec, x.shape, mesh).spec
+    for d, (w, g) in enumerate(zip(wanted, tuple(got) + (None,) * (len(wanted) - len(got)))):
+      axes = (w,) if isinstance(w, str) else tuple(w or ())
+      if axes and g is None and math.prod(mesh.shape[a] for a in axes) > 1:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        found.append(f"{name} {tuple(x.shape)}: dim {d} ({spec[d]}, size {x.shape[d]}) not split over "
+                     f"{'x'.join(axes)}={math.prod(mesh.shape[a] for a in axes)}")
+  return found
+
+
+def reward_model_meta(cfg: Any) -> dict[str, Any]:
+  """PPO: the reward model checkpoint's meta (ensemble size, pooling, context)."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  return ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)[0]
+
+
+def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None, dict[str, Any]]:
+  """(model, reward model or None, the reward model's meta) as the run builds them: from the init checkpoints
+  when they exist, else from config.hardware.model_size (the plan's preset shape, the presets' vocabulary)."""
+  try:
+    model_cfg, rm_cfg = memory.model_configs(cfg)
+    return model_cfg, rm_cfg, (reward_model_meta(cfg) if cfg.stage == "ppo" else {})
+  except Exception as e:  # pylint: disable=broad-except  # the checkpoints do not exist yet (before booking)
+    size = cfg.hardware.model_size
+    if not size:
+      raise CompileCheckError(f"the model shape: {type(e).__name__}: {' '.join(str(e).split())[:300]}; set "
+                              f"config.hardware.model_size (one of {list(presets.MODEL_SIZES)}) to compile the "
+                              f"plan before its init checkpoints exist.") from e
+    shape = config_lib.ModelConfig(**{**presets.model_shape(size), "vocab_size": presets.VOCAB_SIZE})
+    model_cfg = cfg.model.apply(shape)
+    logging.info("No init checkpoint to read the model from (%s); compiling the %s shape of config.hardware."
+                 "model_size.", type(e).__name__, size)
+    return model_cfg, (model_cfg if cfg.stage == "ppo" else None), {}
+
+
+def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
+  """Pretraining and SFT."""
+  from gptrl import data as data_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import losses, optim, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import recipe as recipe_lib  # pylint: disable=import-outside-toplevel
+  model, t, b = model_lib.GPT(model_cfg), model_cfg.max_len, cfg.data.batch_size
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  init = recipe_lib.init_params(model, t)
+  state, shardings = trainer.abstract_train_state(init, optimizer, mesh)
+  step = recipe_lib.make_train_step(cfg, losses.lm_loss_fn(model), optimizer, shardings, mesh)
+  batch = abstract_batch(data_lib.lm_batch_shapes(b, t), mesh)
+  per_token = model_lib.flops_per_token(model_cfg, t)
+  eval_step = trainer.JittedStep(jax.jit(recipe_lib.lm_eval_step(model)), mesh)
+  programs = [
+      Program("train step", lambda: step.lower(state, batch), mesh, ("train state",), per_token * b * t, "train step"),
+      Program("eval step", lambda: eval_step.lower(state.params, batch), mesh, ("train state/params",),
+              per_token / 3 * b * t, "eval (whole batch, no micro-batches)"),
+  ]
+  prompts = len(cfg.sample.prompts) if hasattr(cfg.sample, "prompts") else cfg.sample.num_prompts
+  new = cfg.sample.max_new_tokens
+  if prompts and new and new < t:
+    rows = rows_for(prompts, sharding.data_parallel_size(mesh))
+    programs.append(Program(
+        "sampler", functools.partial(_lower_sampler, mesh, model, state.params, rows, t - new, new, cfg.sample),
+        mesh, ("train state/params",), per_token / 3 * rows * t, "eval sampling"))
+  return Plan(f"{cfg.stage}: {_shape(model_cfg)}", programs, [Resident("train state", state, mesh)],
+              replicated=replicated_parameters(memory.abstract_params(init), mesh))
+
+
+def _lower_sampler(mesh: Any, model: Any, params: Any, rows: int, prompt_len: int, new: int, sample: Any) -> Any:
+  from gptrl import decoding  # pylint: disable=import-outside-toplevel
+  with sharding.activate(mesh):
+    return decoding.lower_generate(model, params, rows=rows, prompt_len=prompt_len, max_new_tokens=new,
+                                   temperature=sample.temperature, top_k=sample.top_k,
+                                   top_p=getattr(sample, "top_p", 1.0))
+
+
+def _reward_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
+  from gptrl import chat_data, optim, reward_model, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import recipe as recipe_lib  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import reward as reward_lib  # pylint: disable=import-outside-toplevel
+  members, k, b = cfg.reward.ensemble, cfg.data.max_responses, cfg.data.batch_size
+  seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
+  model = reward_model.make_reward_model(model_cfg, members, head_init_std=cfg.reward.head_init_std,
+                                         pooling=cfg.reward.pooling)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, members=members)
+  init = recipe_lib.init_params(model, seq_len)
+  state, shardings = trainer.abstract_train_state(init, optimizer, mesh)
+  step = recipe_lib.make_train_step(cfg, reward_lib.reward_loss_fn(model, cfg.reward.margin_scale), optimizer,
+                                    shardings, mesh, members=members)
+  batch = abstract_batch(chat_data.reward_batch_shapes(b, k, seq_len, members), mesh)
+  eval_batch = abstract_batch(chat_data.reward_batch_shapes(b, k, seq_len), mesh)
+  eval_step = trainer.JittedStep(jax.jit(reward_lib.reward_eval_step(model, cfg.reward.margin_scale)), mesh)
+  per_token = model_lib.flops_per_token(model_cfg, seq_len, lm_head=False)
+  programs = [
+      Program("train step", lambda: step.lower(state, batch), mesh, ("train state",), per_token * b * k * seq_len *
+              members, "train step"),
+      Program("eval step", lambda: eval_step.lower(state.params, eval_batch), mesh, ("train state/params",),
+              per_token / 3 * b * k * seq_len * members, "eval (whole batch)")]
+  residents = [Resident("train state", state, mesh)]
+  if cfg.reward.normalize_samples:  # the SFT model samples replies after training, beside the train state
+    policy = model_lib.GPT(model_cfg)
+    abstract, policy_shardings = ckpt_lib.param_shardings(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh)
+    sft = on_mesh(abstract, policy_shardings)
+    residents.append(Resident("SFT parameters", sft, mesh))
+    new = cfg.reward.normalize_max_new_tokens
+    rows = rows_for(cfg.reward.normalize_samples, sharding.data_parallel_size(mesh))
+    programs.append(Program(
+        "sampler (reward normalisation)",
+        functools.partial(_lower_sampler, mesh, policy, sft, rows, seq_len - new, new,
+                          config_lib.ChatSampleConfig(temperature=1.0, top_k=0)),
+        mesh, ("SFT parameters",), model_lib.flops_per_token(model_cfg, seq_len) / 3 * rows * seq_len,
+        "reward normalisation (SFT model samples)"))
+  return Plan(f"reward: {_shape(model_cfg)}" + (f", ensemble of {members}" if members > 1 else ""), programs,
+              residents, replicated=replicated_parameters(memory.abstract_params(init), mesh))
+
+
+def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig, rm_meta: dict[str, Any],
+              devices: tuple[Any, ...]) -> Plan:
+  from gptrl import optim, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import ppo  # pylint: disable=import-outside-toplevel
+  p = cfg.ppo
+  placement = ppo.make_placement(cfg.mesh, p, list(devices))
+  learner, sampler, scorer = placement.learner, placement.sampler, placement.scorer
+  models = ppo.make_models(model_cfg, rm_cfg, p, ensemble=int(rm_meta.get("ensemble", 1)),
+                           pooling=rm_meta.get("pooling", "last"), reward_context=int(rm_meta.get("context", 0)),
+                           end_id=1)
+  optimizer = optim.make_optimizer(cfg.optim, ppo.num_updates(cfg))
+  init = functools.partial(ppo.init_params, models)
+  state, shardings = trainer.abstract_train_state(init, optimizer, learner)
+  example = np.zeros((1, model_cfg.max_len), np.int32)
+  ref = on_mesh(*ckpt_lib.param_shardings(models.policy, example, scorer))
+  rm = on_mesh(*ckpt_lib.param_shardings(models.reward, example, scorer))
+  residents = [Resident("train state", state, learner), Resident("reference policy", ref, scorer),
+               Resident("reward model", rm, scorer)]
+  policy_on_sampler = state.params["policy"]
+  transfers = []
+  if placement.split_sampler:
+    policy_on_sampler = on_mesh(*ckpt_lib.param_shardings(models.policy, example, sampler))
+    residents.append(Resident("policy copy", policy_on_sampler, sampler))
+    transfers.append(Transfer("policy parameters, learner -> sampler (after every update phase)",
+                              tree_bytes(state.params["policy"]), tree_bytes(policy_on_sampler)))
+
+  # The rollout: R prompts (padded to the data-parallel sizes) of P tokens, N new ones.
+  rows = rows_for(p.rollout_batch_size, int(np.lcm(sharding.data_parallel_size(learner),
+                                                    sharding.data_parallel_size(scorer))))
+  host = ppo.build_rollout_batch([[1]] * rows, [[1]] * rows, prompt_len=models.prompt_len,
+                                 new_tokens=models.new_tokens, pad_id=0, stop_id=1)
+  shapes = {k: (v.shape, v.dtype) for k, v in host.items()}
+  scorer_fn = ppo.make_score_fn(models, cfg, 0.0)
+  scorer_batch, learner_batch = abstract_batch(shapes, scorer), abstract_batch(shapes, learner)
+  with sharding.activate(scorer):
+    frozen_out = jax.eval_shape(scorer_fn.frozen, ref, rm, scorer_batch)
+  frozen_on_learner = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(learner, v.ndim))
+                       for k, v in frozen_out.items()}
+  beta = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(learner))
+  update = ppo.make_update_step(cfg, models, optimizer, shardings, learner)
+  minibatch = abstract_batch(ppo.minibatch_shapes(cfg, models, model_cfg.max_len), learner)
+
+  def lower_in(mesh, fn, *args):
+    with sharding.activate(mesh):
+      return fn.lower(*args)
+
+  t = model_cfg.max_len
+  policy_token = model_lib.flops_per_token(model_cfg, t)
+  scalar_token = model_lib.flops_per_token(model_cfg, t, lm_head=False)
+  rm_token = model_lib.flops_per_token(rm_cfg, t, lm_head=False)
+  critic_token = 0.0 if models.shared else scalar_token
+  sampler_rows = rows_for(p.rollout_batch_size, sharding.data_parallel_size(sampler))
+  update_flops = (policy_token + critic_token) * p.minibatch_size * t
+  if p.ptx_coef > 0:
+    update_flops += policy_token * p.minibatch_size * t
+  scoring = "scoring (policy, reference, critic, reward model over the rollout)"
+  programs = [
+      Program("rollout sampler", functools.partial(_lower_sampler, sampler, models.policy, policy_on_sampler,
+                                                   sampler_rows, models.prompt_len, models.new_tokens,
+                                                   config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k,
+                                                                               top_p=p.top_p)),
+              sampler, ("policy copy",) if placement.split_sampler else ("train state/params/policy",),
+              policy_token / 3 * sampler_rows * t, "rollout sampling"),
+      Program("scoring: frozen models", lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch), scorer,
+              ("reference policy", "reward model"), (policy_token + rm_token) / 3 * rows * t, scoring),
+      Program("scoring: shaping", lambda: lower_in(learner, scorer_fn.shaping, state.params, frozen_on_learner,
+                                                   learner_batch, beta), learner,
+              ("train state/params",), (policy_token + critic_token) / 3 * rows * t, scoring),
+      Program("PPO update", lambda: update.lower(state, minibatch), learner, ("train state",), update_flops,
+              "train step"),
+  ]
+  title = (f"ppo: policy {_shape(model_cfg)}; critic {p.critic}; reward model {_shape(rm_cfg)}"
+           + (f"; split placement: learner {learner.size}, sampler {sampler.size}, scorer {scorer.size} devices"
+              if p.placement == "split" else ""))
+  return Plan(title, programs, residents, transfers=transfers,
+              replicated=replicated_parameters(memory.abstract_params(init), learner))
+
+
+def _shape(cfg: config_lib.ModelConfig) -> str:
+  return (f"{cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, vocab {cfg.vocab_size}, "
+          f"context {cfg.max_len}, {cfg.dtype}, remat {cfg.remat}")
+
+
+def build_plan(cfg: Any, devices: tuple[Any, ...]) -> Plan:
+  """The programs `cfg` runs over `devices` (a topology's, or real ones), with their abstract arguments."""
+  if cfg.stage not in ("pretrain", "sft", "reward", "ppo"):
+    raise CompileCheckError(f"config.stage {cfg.stage!r}: the compile check covers pretrain, sft, reward and ppo")
+  model_cfg, rm_cfg, rm_meta = _model_configs(cfg)
+  if cfg.stage == "ppo":
+    plan = _ppo_plan(cfg, model_cfg, rm_cfg or model_cfg, rm_meta, devices)
+    colocated = cfg.ppo.placement == "colocated"
+  else:
+    mesh = sharding.make_mesh(cfg.mesh, list(devices), whole=True)
+    plan = _lm_plan(cfg, model_cfg, mesh) if cfg.stage in ("pretrain", "sft") else _reward_plan(cfg, model_cfg, mesh)
+    colocated = True
+  if colocated:  # the estimate is of every model on one mesh
+    mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, len(devices))))
+    plan.estimate = memory.estimate(cfg, mesh_shape, model_cfg, rm_cfg)
+  return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling and reading the results.
+
+
+@dataclasses.dataclass
+class Result:
+  """One program compiled: bytes and seconds per device."""
+  name: str
+  compile_s: float
+  arguments: float
+  outputs: float
+  aliased: float
+  temporaries: float
+  code: float
+  beside: float  # resident state on its devices that the program does not take
+  hbm: float | None
+  estimate: float | None  # gptrl/memory.py: resident + this program's phase
+  model_flops: float  # per device, by the formula
+  xla_flops: float  # cost_analysis()["flops"] (a loop's body counted once)
+  matmul_flops: float  # gptrl/hlo.py: every dot/convolution, loops by their trip counts
+  bytes_accessed: float
+  xla_optimal_seconds: float | None
+  projected_seconds: float | None
+  collectives: dict[str, dict[str, float]]
+  unknown_loops: list[str]
+  peak_flops: float | None  # the chip's dense bf16 FLOP/s
+
+  @property
+  def total(self) -> float:
+    """What the devices hold while the program runs: its buffers, its code, and the resident state beside it."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.beside
+
+  @property
+  def fits(self) -> bool | None:
+    return None if not self.hbm else self.total <= self.hbm
+
+  @property
+  def projected_mfu(self) -> float | None:
+    if not self.projected_seconds or not self.peak_flops:
+      return None
+    return self.model_flops / self.projected_seconds / self.peak_flops
+
+
+def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> Result:
+  """Lowers and compiles one program; reads XLA's memory and cost analyses and the optimised HLO."""
+  t0 = time.perf_counter()
+  compiled = program.lower().compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  profile = hlo.profile(compiled.as_text())
+  beside = sum(r.bytes for r in plan.residents if r.mesh is program.mesh and not any(
+      t == r.name or t.startswith(r.name + "/") for t in program.takes))
+  # A program that takes part of a resident tree (e.g. the params of the train state) has the rest beside it.
+  for r in plan.residents:
+    for t in program.takes:
+      if t.startswith(r.name + "/") and r.mesh is program.mesh:
+        part = r.tree
+        for key in t[len(r.name) + 1:].split("/"):
+          part = part[key] if isinstance(part, dict) else getattr(part, key)
+        beside += r.bytes - tree_bytes(part)
+  estimate = None
+  if plan.estimate is not None and program.phase in plan.estimate.phases:
+    estimate = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(program.phase)
+  projected = None
+  if chip is not None and chip.hbm_gbps and chip.link_gbps:
+    projected = max(profile.matmul_flops / (chip.bf16_tflops * 1e12), profile.bytes_accessed / (chip.hbm_gbps * 1e9),
+                    profile.collective_bytes / (chip.link_gbps * 1e9))
+  optimal = cost.get("optimal_seconds")
+  result = Result(
+      name=program.name, compile_s=compile_s, arguments=float(mem.argument_size_in_bytes),
+      outputs=float(mem.output_size_in_bytes), aliased=float(mem.alias_size_in_bytes),
+      temporaries=float(mem.temp_size_in_bytes), code=float(mem.generated_code_size_in_bytes), beside=float(beside),
+      hbm=chip.hbm_gib * GIB if chip is not None else None, estimate=estimate,
+      model_flops=program.model_flops / program.mesh.size, xla_flops=float(cost.get("flops", 0.0)),
+      matmul_flops=profile.matmul_flops, bytes_accessed=profile.bytes_accessed,
+      xla_optimal_seconds=float(optimal) if optimal is not None and optimal > 0 else None,
+      projected_seconds=projected,
+      collectives={k: {"count": c.count, "bytes": c.bytes} for k, c in profile.collectives.items() if c.count},
+      unknown_loops=profile.unknown_loops, peak_flops=chip.bf16_tflops * 1e12 if chip is not None else None)
+  return result
+
+
+def _gib(x: float | None) -> str:
+  return "-" if x is None else f"{x / GIB:.2f}"
+
+
+def table(plan: Plan, results: list[Result], target: Target) -> str:
+  """The results as text: memory, flops, projected time and MFU, collectives; then transfers and warnings."""
+  chip = target.chip
+  lines = [f"{plan.title}", f"on {target.name}: {len(target.devices)} devices"
+           + (f" ({chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s each)" if chip else "")]
+  head = (f"{'program':<32}{'args':>8}{'temp':>8}{'out-al':>8}{'code':>7}{'beside':>8}{'total':>8}{'HBM':>7}"
+          f"{'estim.':>8}{'est/xla':>8}{'flops/formula':>14}{'proj. ms':>9}{'MFU':>6}{'compile s':>10}")
+  lines += ["per device, GiB", head]
+  for r in results:
+    ratio = "-" if r.estimate is None else f"{r.estimate / r.total:.2f}"
+    flops = "-" if not r.model_flops else f"{r.matmul_flops / r.model_flops:.2f}"
+    mfu = "-" if r.projected_mfu is None else f"{100 * r.projected_mfu:.0f}%"
+    ms = "-" if r.projected_seconds is None else f"{1e3 * r.projected_seconds:.1f}"
+    lines.append(f"{r.name:<32}{_gib(r.arguments):>8}{_gib(r.temporaries):>8}{_gib(r.outputs - r.aliased):>8}"
+                 f"{_gib(r.code):>7}{_gib(r.beside):>8}{_gib(r.total):>8}{_gib(r.hbm):>7}{_gib(r.estimate):>8}"
+                 f"{ratio:>8}{flops:>14}{ms:>9}{mfu:>6}{r.compile_s:>10.1f}")
+  lines.append("collectives per step (count, GiB per device):")
+  for r in results:
+    parts = [f"{k} {v['count']:.0f}x {v['bytes'] / GIB:.2f}" for k, v in r.collectives.items()]
+    lines.append(f"  {r.name:<32}{'; '.join(parts) or 'none'}")
+  for t in plan.transfers:
+    lines.append(f"transfer: {t.name}: {_gib(t.bytes_sent_per_device)} GiB out of each learner device, "
+                 f"{_gib(t.bytes_received_per_device)} GiB into each sampler device")
+  for r in results:
+    if r.unknown_loops:
+      lines.append(f"note: {r.name}: {len(r.unknown_loops)} loops of unknown trip count, counted once")
+  if plan.replicated:
+    lines.append(f"replicated against the sharding rules ({len(plan.replicated)}):")
+    lines += [f"  {x}" for x in plan.replicated[:20]]
+  else:
+    lines.append("every parameter split as the sharding rules say")
+  return "\n".join(lines)
+
+
+def to_json(plan: Plan, results: list[Result], target: Target, config: str) -> dict[str, Any]:
+  return {"config": config, "title": plan.title, "topology": target.name, "devices": len(target.devices),
+          "chip": target.chip.name if target.chip else None,
+          "programs": [{**dataclasses.asdict(r),
+                        "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu} for r in results],
+          "transfers": [dataclasses.asdict(t) for t in plan.transfers], "replicated": plan.replicated}
+
+
+def check(cfg: Any, target: Target, *, programs: tuple[str, ...] = (), progress: Callable[[str], None] = print
+          ) -> tuple[Plan, list[Result]]:
+  """Compiles the plan's programs (those whose names start with one of `programs`, default all) for `target`.
+
+  Raises:
+    CompileCheckError: a program does not fit the chip's HBM (the message names it and the bytes), or XLA
+      refused to compile it.
+  """
+  plan = build_plan(cfg, target.devices)
+  chosen = [p for p in plan.programs if not programs or any(p.name.startswith(x) for x in programs)]
+  results = []
+  for program in chosen:
+    progress(f"compiling {program.name} for {target.name} ...")
+    try:
+      results.append(compile_program(program, plan, target.chip))
+    except Exception as e:  # pylint: disable=broad-except  # XLA's errors (e.g. out of memory) are long
+      text = " ".join(str(e).split())
+      if "RESOURCE_EXHAUSTED" in text and target.chip is not None:  # XLA itself found it cannot fit
+        raise CompileCheckError(f"{program.name} does not fit {target.chip.name}'s {target.chip.hbm_gib:g} GiB per "
+                                f"device on {target.name}: XLA: {text[text.index('RESOURCE_EXHAUSTED'):][:300]}. "
+                                f"{_ADVICE}") from e
+      raise CompileCheckError(f"{program.name} does not compile for {target.name}: {text[:600]}") from e
+  misfits = [r for r in results if r.fits is False]
+  if misfits:
+    r = misfits[0]
+    raise CompileCheckError(
+        f"{r.name} does not fit {target.chip.name}'s {r.hbm / GIB:.1f} GiB per device: XLA needs "
+        f"{r.total / GIB:.2f} GiB ({r.arguments / GIB:.2f} arguments + {r.temporaries / GIB:.2f} temporaries + "
+        f"{(r.outputs - r.aliased) / GIB:.2f} outputs not donated + {r.code / GIB:.2f} code + {r.beside / GIB:.2f} "
+        f"resident beside it). {_ADVICE}")
+  return plan, results
+
+
+_ADVICE = ("Use smaller micro-batches (optim.grad_accum_steps), shard more (mesh.fsdp / mesh.tensor), set "
+           "model.remat='block', or use more or larger chips.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command.
+
+
+def main(argv: list[str] | None = None) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from gptrl import launch  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("topology", "", "TPU slice to compile for, e.g. v5p:2x4x4 (default: config.hardware's chip "
+                      "and num_chips); 'local': this host's devices")
+  flags.DEFINE_integer("num_slices", 1, "slices of the topology (a multi-slice job)")
+  flags.DEFINE_string("json", "", "write the results here as JSON")
+  flags.DEFINE_list("programs", [], "compile only the programs whose names start with these")
+  argv = sys.argv if argv is None else argv
+  cfg = launch.parse(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  f = flags.FLAGS
+  config_arg = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                     if a == "--config" or a.startswith("--config=")), "")
+  try:
+    if f.topology == "local":
+      target = local_target(cfg.hardware.chip)
+    else:
+      name = f.topology
+      if not name:
+        if not cfg.hardware.chip or not cfg.hardware.num_chips:
+          raise CompileCheckError("no topology: give --topology (e.g. v5p:2x4x4) or set config.hardware.chip and "
+                                  "config.hardware.num_chips")
+        name = presets.topology_name(cfg.hardware.chip, cfg.hardware.num_chips)
+      target = tpu_topology(name, f.num_slices)
+    plan, results = check(cfg, target, programs=tuple(f.programs),
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
+  except (CompileCheckError, config_lib.ConfigError, ValueError) as e:
+    print(f"gptrl.compile: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(table(plan, results, target))
+  if f.json:
+    os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+    with open(f.json, "w", encoding="utf-8") as fh:
+      json.dump(to_json(plan, results, target, config_arg), fh, indent=1)
+    print(f"wrote {f.json}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,192 @@
+"""gptrl/compile.py: the programs of each stage compiled for a real TPU slice (v5e:2x2, compile-only devices from
+libtpu on this CPU host), checked against independent figures: the bytes of the arguments against the sharded
+state's own shard shapes, the flops against the model-FLOPs formula, the collectives an fsdp mesh must issue;
+a plan too large is refused naming the program and the bytes. The configs' own plans at full size compile in
+minutes each: `tests/test_compile.py::test_every_tpu_plan_compiles_and_fits` is marked slow."""
+import dataclasses
+import importlib.util
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptrl import compile as compile_lib
+from gptrl import config as config_lib
+from gptrl import memory
+from gptrl import presets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="compiling for a TPU needs libtpu (the test extras install it)")
+TINY = config_lib.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, d_model=128, max_len=256, dtype="bfloat16",
+                              remat="block")
+
+
+def tiny_pretrain(**changes) -> config_lib.PretrainConfig:
+  return dataclasses.replace(config_lib.PretrainConfig(
+      model=TINY, mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1),
+      data=config_lib.DataConfig(batch_size=16), optim=config_lib.OptimConfig(grad_accum_steps=2),
+      sample=config_lib.SampleConfig(max_new_tokens=32),
+      hardware=config_lib.HardwareConfig(chip="v5e", num_chips=4)), **changes)
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  return compile_lib.tpu_topology("v5e:2x2")
+
+
+def test_megacore_chips_compile_one_device_per_chip():
+  assert len(compile_lib.tpu_topology("v5p:2x2x2").devices) == 8
+  assert len(compile_lib.tpu_topology("v4:2x2x1").devices) == 4
+
+
+def test_pretrain_plan_compiles_for_a_v5e_slice(v5e):
+  # Widths that fill the TPU's (8, 128) tiles once split 4 ways, so that XLA's bytes are the shards' own (XLA
+  # pads a smaller dimension to its tile).
+  cfg = tiny_pretrain(model=dataclasses.replace(TINY, d_model=1024, num_heads=8, vocab_size=1024))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=32))
+  plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
+  by_name = {r.name: r for r in results}
+  assert list(by_name) == ["train step", "eval step", "sampler"]
+  train, evaluation = by_name["train step"], by_name["eval step"]
+  assert all(r.fits for r in results) and all(r.hbm == 16 * memory.GIB for r in results)
+  # XLA's argument bytes are the sharded train state's shards (counted from the shardings) plus the batch's.
+  state = compile_lib.tree_bytes(plan.residents[0].tree)
+  batch = 32 * 256 * (4 + 4 + 4) / 4  # inputs, targets, weights; rows over 4 devices
+  assert train.arguments == pytest.approx(state + batch, rel=0.01)
+  assert train.beside == 0  # the train step takes the whole state
+  params = compile_lib.tree_bytes(plan.residents[0].tree.params)
+  assert evaluation.beside == pytest.approx(state - params)  # the optimizer state waits beside the eval step
+  # Flops: the train step recomputes each block's forward (remat) on top of 6N + 12LHQT; eval is a forward.
+  assert 1.0 <= train.matmul_flops / train.model_flops <= 1.5
+  assert 0.7 <= evaluation.matmul_flops / evaluation.model_flops <= 1.1
+  # fsdp over 4 chips: weights gathered (all-gather, or its collective-permute ring), gradients reduced.
+  gathered = sum(train.collectives.get(k, {}).get("count", 0) for k in ("all-gather", "collective-permute"))
+  reduced = sum(train.collectives.get(k, {}).get("count", 0) for k in ("reduce-scatter", "all-reduce"))
+  assert gathered > 0 and reduced > 0
+  assert not plan.replicated
+  assert 0 < train.projected_mfu < 1
+  text = compile_lib.table(plan, results, v5e)
+  assert "train step" in text and "every parameter split as the sharding rules say" in text
+
+
+def test_a_program_that_does_not_fit_is_refused_naming_it_and_the_bytes(v5e):
+  small = dataclasses.replace(v5e, chip=dataclasses.replace(presets.CHIPS["v5e"], hbm_gib=0.001))
+  with pytest.raises(compile_lib.CompileCheckError,
+                     match=r"train step does not fit v5e's 0.0 GiB per device: XLA needs \d+\.\d+ GiB \("):
+    compile_lib.check(tiny_pretrain(), small, programs=("train",), progress=lambda m: None)
+
+
+def test_replicated_parameters_are_listed():
+  mesh = memory.abstract_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+  odd = dataclasses.replace(TINY, vocab_size=511)
+  params = memory.abstract_params(memory.init_fn("lm", odd))
+  found = compile_lib.replicated_parameters(params, mesh)
+  assert found and all("vocab" in x and "size 511" in x and "tensor=2" in x for x in found)
+  assert not compile_lib.replicated_parameters(memory.abstract_params(memory.init_fn("lm", TINY)), mesh)
+
+
+def _tiny_later_stage(monkeypatch, stage_cfg):
+  """A stage after pretraining with the tiny shape, as if read from its init checkpoints."""
+  monkeypatch.setattr(memory, "model_configs", lambda cfg: (cfg.model.apply(TINY),
+                                                            cfg.model.apply(TINY) if cfg.stage == "ppo" else None))
+  monkeypatch.setattr(compile_lib, "reward_model_meta", lambda cfg: {})
+  return stage_cfg
+
+
+def test_reward_ensemble_plan_compiles(v5e, monkeypatch):
+  cfg = _tiny_later_stage(monkeypatch, config_lib.RewardConfig(
+      init=config_lib.InitConfig(checkpoint="runs/sft"), model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      mesh=config_lib.MeshConfig(data=1, fsdp=-1), data=config_lib.PreferenceDataConfig(batch_size=8, max_responses=4),
+      reward=config_lib.RewardHeadConfig(ensemble=2, normalize_samples=8, normalize_max_new_tokens=32)))
+  plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
+  assert [r.name for r in results] == ["train step", "eval step", "sampler (reward normalisation)"]
+  train = results[0]
+  # Two members' parameters and moments: twice one model's, to the byte.
+  one = compile_lib.tree_bytes(compile_lib.build_plan(dataclasses.replace(
+      cfg, reward=dataclasses.replace(cfg.reward, ensemble=1)), v5e.devices).residents[0].tree)
+  assert compile_lib.tree_bytes(plan.residents[0].tree) == pytest.approx(2 * one, rel=0.01)
+  assert 1.0 <= train.matmul_flops / train.model_flops <= 1.5
+  assert results[2].beside > 0  # the trained state stays while the SFT model samples
+
+
+@pytest.mark.parametrize("placement", ["colocated", "split"])
+def test_ppo_plan_compiles(v5e, monkeypatch, placement):
+  split = dict(placement="split", sampler_devices=1, scorer_devices=1, split_tensor=1) if placement == "split" else {}
+  cfg = _tiny_later_stage(monkeypatch, config_lib.PPOConfig(
+      init=config_lib.InitConfig(checkpoint="runs/sft"),
+      reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"), model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      mesh=config_lib.MeshConfig(data=1, fsdp=-1),
+      ppo=config_lib.PPOAlgoConfig(rollout_batch_size=16, minibatch_size=8, max_new_tokens=32, **split)))
+  plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
+  names = [r.name for r in results]
+  assert names == ["rollout sampler", "scoring: frozen models", "scoring: shaping", "PPO update"]
+  assert all(r.fits for r in results)
+  update = results[-1]
+  assert 1.0 <= update.matmul_flops / update.model_flops <= 1.5
+  if placement == "split":
+    assert [t.name.split(",")[0] for t in plan.transfers] == ["policy parameters"]
+    # The learner's 2 devices each send half the policy; the sampler's one device receives all of it.
+    assert plan.transfers[0].bytes_received_per_device == pytest.approx(2 * plan.transfers[0].bytes_sent_per_device,
+                                                                        rel=0.01)
+    assert plan.estimate is None
+  else:
+    assert not plan.transfers and plan.estimate is not None
+
+
+def _write_config(tmp_path, batch: int, vocab: int = 32000, context: int = 2048) -> str:
+  path = tmp_path / "tiny.py"
+  path.write_text(f'''from gptrl import config as config_lib
+def get_config(variant=""):
+  c = config_lib.as_configdict(config_lib.PretrainConfig)
+  c.model.update(dict(vocab_size={vocab}, num_layers=2, num_heads=4, d_model=128, max_len={context}, dtype="bfloat16",
+                      remat="block"))
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.data.batch_size = {batch}
+  c.hardware.chip, c.hardware.num_chips = "v5e", 4
+  return c
+''')
+  return str(path)
+
+
+def _run_cli(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "gptrl.compile", *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=600)
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = _run_cli("--config", _write_config(tmp_path, 8, vocab=512, context=256), "--programs", "train,eval",
+                  "--json", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "train step" in proc.stdout and "eval step" in proc.stdout and "on v5e:2x2: 4 devices" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["topology"] == "v5e:2x2" and [p["name"] for p in report["programs"]] == ["train step", "eval step"]
+  assert all(p["fits"] for p in report["programs"])
+
+
+def test_cli_refuses_a_plan_too_large_for_the_chip(tmp_path):
+  # 512 rows of 2048 tokens with a 32k vocabulary: 128 rows per chip, whose logits alone need 16 GiB.
+  proc = _run_cli("--config", _write_config(tmp_path, 512), "--programs", "train")
+  assert proc.returncode == 1
+  message = proc.stderr.strip().splitlines()[-1]
+  assert message.startswith("gptrl.compile: train step does not fit v5e's 16 GiB per device on v5e:2x2: XLA: "
+                            "RESOURCE_EXHAUSTED")
+  assert "HBM" in message and "grad_accum_steps" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,size", [(f"configs/{stage}_tpu.py", size) for stage in ("pretrain", "sft", "reward",
+                                                                                        "ppo")
+                                       for size in presets.MODEL_SIZES])
+def test_every_tpu_plan_compiles_and_fits(path, size):
+  cfg = config_lib.stage_config(runpy.run_path(os.path.join(ROOT, path))["get_config"](f"size={size}"))
+  target = compile_lib.tpu_topology(presets.topology_name(cfg.hardware.chip, cfg.hardware.num_chips))
+  _, results = compile_lib.check(cfg, target, progress=lambda m: None)
+  assert all(r.fits for r in results)
+  assert np.isfinite([r.total for r in results]).all()
