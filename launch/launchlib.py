@@ -27,6 +27,7 @@ class LaunchError(RuntimeError):
 class Result:
   returncode: int
   stdout: str = ""
+  stderr: str = ""  # with capture=True
 
 
 class Runner:
@@ -71,7 +72,7 @@ class Runner:
       result = Result(proc.wait(), "".join(lines))
     elif capture:
       proc = subprocess.run(list(argv), env=full_env, capture_output=True, text=True, check=False)
-      result = Result(proc.returncode, proc.stdout)
+      result = Result(proc.returncode, proc.stdout, proc.stderr)
       if proc.returncode and check:
         raise LaunchError(f"{shlex.join(argv)} failed with exit code {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     else:
@@ -101,6 +102,26 @@ def repo_relative(config: str) -> str:
     raise LaunchError(f"--config {config}: {path} is outside the repository {REPO}; the hosts only get the "
                       f"repository, so put the config file in it (e.g. under configs/)")
   return rel + sep + variant
+
+
+def compile_check(runner: Runner, config: str, overrides: Sequence[str], topology: str, say: Callable[[str], None]
+                  ) -> None:
+  """Compiles every program of the run for `topology` on this machine (`python -m gptrl.compile`: needs jax and
+  libtpu here, no TPU) before any hardware is booked; a plan XLA cannot fit or compile is refused with
+  gptrl.compile's one-line reason. Prints the compile report."""
+  argv = [sys.executable, "-m", "gptrl.compile", "--config", config, *overrides]
+  if topology:
+    argv += ["--topology", topology]
+  say(f"compile check: every program of {config} for {topology or 'the config hardware'} (skip it with "
+      f"--skip-compile-check)")
+  result = runner.run(argv, capture=True, check=False)
+  if result.stdout:
+    print(result.stdout, end="" if result.stdout.endswith("\n") else "\n", file=runner.out, flush=True)
+  if result.returncode:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if line.startswith("gptrl.")), lines[-1] if lines else "")
+    raise LaunchError(f"the compile check refused the plan (exit code {result.returncode}): {reason}; nothing was "
+                      f"booked. --skip-compile-check books the hardware anyway.")
 
 
 @dataclasses.dataclass(frozen=True)

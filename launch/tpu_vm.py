@@ -4,6 +4,10 @@ worker, start `python -m gptrl.launch` on all of them, stream their logs, restar
   python launch/tpu_vm.py run --config configs/pretrain_tpu.py:size=1b --name gptrl-1b --zone us-east5-a \\
       --project my-project --mount-bucket my-bucket [--spot] [--dry-run] [-- --config.train.steps=1000]
 
+Before `create` and `run` book anything, the run's programs are compiled for the slice's topology on this
+machine (`python -m gptrl.compile`, which needs jax and libtpu here, no TPU): a plan XLA cannot fit in HBM is
+refused with the program and the bytes (`--skip-compile-check` books it anyway).
+
 Subcommands: `create` (or reuse), `install`, `run` (create + install + start + follow, restarting on exit code
 75 and on a preempted slice), `start` (in the background), `logs` (follow the newest attempt's log), `stop`
 (SIGTERM: the run saves a checkpoint and exits 75), `delete`. `--dry-run` prints the exact gcloud commands
@@ -47,6 +51,7 @@ class Slice:
   runtime_version: str
   queued: bool
   spot: bool
+  chip: str = ""  # presets.CHIPS key
 
   def _where(self) -> list[str]:
     return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
@@ -160,7 +165,7 @@ EXIT_CODE = re.compile(r"gptrl-exit-code=(\S+) host=(\S+)")
 
 class Launcher:
   def __init__(self, args: argparse.Namespace, overrides: list[str], runner: launchlib.Runner):
-    self.args, self.runner = args, runner
+    self.args, self.runner, self.overrides = args, runner, list(overrides)
     self.slice = make_slice(args)
     self.command = (launchlib.gptrl_command(launchlib.repo_relative(args.config), overrides,
                                             python=f"{REMOTE_VENV}/bin/python") if args.config else [])
@@ -172,6 +177,14 @@ class Launcher:
   def state(self) -> str:
     """The slice's state, "" when it does not exist."""
     return self.runner.run(self.slice.describe(), capture=True, check=False).stdout.strip()
+
+  def check_plan(self) -> None:
+    """Before any slice is booked: the config's programs compiled for this slice's topology (gptrl.compile)."""
+    if self.args.skip_compile_check or not self.args.config:
+      return
+    chips = int(self.slice.accelerator_type.rsplit("-", 1)[1]) // presets.CHIPS[self.slice.chip].cores_per_chip
+    launchlib.compile_check(self.runner, self.args.config, self.overrides,
+                            presets.topology_name(self.slice.chip, chips), self.say)
 
   def ensure(self) -> None:
     """Creates the slice unless it exists and is usable; a preempted or failed one is deleted and made again."""
@@ -227,7 +240,8 @@ class Launcher:
     return codes
 
   def run(self) -> int:
-    """create/reuse -> install -> (start -> follow) until success, restarting after preemption."""
+    """compile check -> create/reuse -> install -> (start -> follow) until success, restarting after preemption."""
+    self.check_plan()
     self.ensure()
     self.install()
     for attempt in range(1, self.args.max_restarts + 2):
@@ -273,7 +287,7 @@ def make_slice(args: argparse.Namespace) -> Slice:
     raise launchlib.LaunchError(f"--accelerator-type {accelerator}: not a v4/v5e (v5litepod)/v5p/v6e type")
   runtime = args.runtime_version or presets.CHIPS[chip].runtime_version
   queued = chip in QUEUED_BY_DEFAULT if args.queued is None else args.queued
-  return Slice(args.name, args.zone, args.project, accelerator, runtime, queued, args.spot)
+  return Slice(args.name, args.zone, args.project, accelerator, runtime, queued, args.spot, chip)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -300,6 +314,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--max-restarts", type=int, default=20, help="restarts after preemption before giving up")
   p.add_argument("--wait-minutes", type=float, default=120, help="how long to wait for the slice to be ready")
   p.add_argument("--delete-after", action="store_true", help="delete the slice when the run has finished")
+  p.add_argument("--skip-compile-check", action="store_true",
+                 help="book the slice without first compiling the run's programs for it (python -m gptrl.compile, "
+                      "which needs libtpu on this machine)")
   p.add_argument("--dry-run", action="store_true", help="print the gcloud commands instead of running them")
   args = p.parse_args(own)
   for kv in args.env:
@@ -316,6 +333,7 @@ def main(argv: list[str] | None = None, runner: launchlib.Runner | None = None) 
   try:
     launcher = Launcher(args, overrides, runner)
     if args.action == "create":
+      launcher.check_plan()
       launcher.ensure()
     elif args.action == "install":
       launcher.install()

@@ -2,6 +2,7 @@
 scripted gcloud, the worker-side job control (launch/worker.sh) run for real, and the rendered Slurm script."""
 import io
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,8 @@ def test_tpu_dry_run_of_a_v5p_config_queues_the_slice_copies_installs_starts_and
                                 "--config.train.steps=1000"])
   where = "--zone=us-east5-a --project=my-proj"
   assert lines == [
+      shlex.join([sys.executable, "-m", "gptrl.compile", "--config", "configs/pretrain_tpu.py:size=1b",
+                  "--config.train.steps=1000", "--topology", "v5p:2x4x4"]),
       f"gcloud compute tpus queued-resources describe gptrl-1b {where} '--format=value(state.state)'",
       f"gcloud compute tpus queued-resources create gptrl-1b {where} --node-id=gptrl-1b --accelerator-type=v5p-64 "
       "--runtime-version=v2-alpha-tpuv5",
@@ -55,18 +58,21 @@ def test_tpu_dry_run_of_an_existing_v4_slice_reuses_it_and_mounts_the_bucket():
   lines = dry_run(tpu_vm.main, ["run", "--config", os.path.join(ROOT, "configs/sft_tpu.py") + ":size=7b,chip=v4",
                                 "--name", "g7", "--zone", "us-central2-b", "--spot", "--mount-bucket", "my-bucket",
                                 "--env", "GPTRL_CACHE=/mnt/gptrl/cache", "--dry-run"], replies)
-  assert lines[0] == "gcloud compute tpus tpu-vm describe g7 --zone=us-central2-b '--format=value(state)'"
+  assert lines[0].endswith(" -m gptrl.compile --config " + os.path.join(ROOT, "configs/sft_tpu.py")
+                           + ":size=7b,chip=v4 --topology v4:4x4x4")
+  assert lines[1] == "gcloud compute tpus tpu-vm describe g7 --zone=us-central2-b '--format=value(state)'"
   assert not any(" create " in line for line in lines)  # READY: reused, not created
-  install = lines[3]
+  install = lines[4]
   assert "gcsfuse --implicit-dirs my-bucket /mnt/gptrl" in install and "mountpoint -q /mnt/gptrl" in install
-  assert lines[4] == ("gcloud compute tpus tpu-vm ssh g7 --zone=us-central2-b --worker=all '--command=cd ~/gptrl && "
+  assert lines[5] == ("gcloud compute tpus tpu-vm ssh g7 --zone=us-central2-b --worker=all '--command=cd ~/gptrl && "
                       "bash ~/gptrl/launch/worker.sh start g7 1 env PYTHONUNBUFFERED=1 GPTRL_CACHE=/mnt/gptrl/cache "
                       "~/gptrl-venv/bin/python -m gptrl.launch --config configs/sft_tpu.py:size=7b,chip=v4'")
 
 
 def test_tpu_create_direct_with_spot_and_delete_and_stop_commands():
   lines = dry_run(tpu_vm.main, ["create", "--config", "configs/ppo_tpu.py:size=7b,chip=v4", "--name", "p",
-                                "--zone", "us-central2-b", "--spot", "--dry-run"])
+                                "--zone", "us-central2-b", "--spot", "--skip-compile-check", "--dry-run"])
+  assert "gptrl.compile" not in lines[0]
   assert lines[1] == ("gcloud compute tpus tpu-vm create p --zone=us-central2-b --accelerator-type=v4-256 "
                       "--version=tpu-ubuntu2204-base --spot")
   assert dry_run(tpu_vm.main, ["delete", "--accelerator-type", "v6e-64", "--name", "p", "--zone", "z",
@@ -126,6 +132,23 @@ def test_tpu_run_recreates_and_reinstalls_a_preempted_slice():
   assert verbs.index("delete") < verbs.index("create") < len(verbs) - verbs[::-1].index("ssh") - 1
   assert sum("worker.sh start" in c for c in runner.calls) == 2
   assert sum("pip install" in c for c in runner.calls) == 2  # installed again on the new slice
+
+
+def test_tpu_run_refused_by_the_compile_check_books_nothing(capsys):
+  class Refusing(ScriptedGcloud):
+    def run(self, argv, *, env=None, capture=False, on_line=None, check=True):
+      if "gptrl.compile" in argv:
+        self.calls.append(" ".join(argv))
+        return launchlib.Result(1, "", "compiling train step ...\ngptrl.compile: train step does not fit v5p's "
+                                       "95.0 GiB per device: XLA needs 120.00 GiB (...)\n")
+      return super().run(argv, env=env, capture=capture, on_line=on_line, check=check)
+
+  runner = Refusing(states=[], exit_codes=[])
+  assert run_tpu(runner) == 1
+  assert len(runner.calls) == 1 and "gptrl.compile" in runner.calls[0]  # no gcloud call: nothing booked
+  err = capsys.readouterr().err
+  assert "the compile check refused the plan (exit code 1): gptrl.compile: train step does not fit" in err
+  assert "--skip-compile-check" in err
 
 
 def test_tpu_run_stops_on_a_real_failure_with_the_exit_codes():
