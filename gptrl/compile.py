@@ -16,10 +16,13 @@ carrying the run's shardings and compiled by XLA for that TPU, as the run would 
 For each program it reports, per device: XLA's memory (arguments, outputs, temporaries, code) plus the run's
 resident state the program does not take (e.g. the optimizer state during sampling) against the chip's HBM and
 against gptrl/memory.py's estimate of that phase; the matmul flops of the optimised program (loops counted by
-their trip counts: gptrl/hlo.py) against the model-FLOPs formula (6N + 12LHQT per trained token); a projected
-step time max(flops / peak, bytes / HBM bandwidth, collective bytes / interconnect bandwidth) and the MFU it
-implies; the collectives per step (counts and bytes); and parameters that the sharding rules meant to split but
-had to replicate. A program that cannot fit is an error that names it and the bytes (exit status 1); the
+their trip counts: gptrl/hlo.py) against the model-FLOPs formula (6N + 12LHQT per trained token); two bounds on
+the MFU the program can reach: at most model flops / compiled flops (every matmul at the chip's peak, nothing
+else: what remat and masked work cost), and at least what a roofline time max(flops / peak, bytes / HBM bandwidth,
+collective bytes / interconnect bandwidth) implies, where the bytes are every top-level instruction's operands
+and results as XLA's own cost analysis counts them (reads that stay in on-chip memory included, so a bound); the
+collectives per step (counts and bytes); and parameters that the sharding rules meant to split but had to
+replicate. A program that cannot fit is an error that names it and the bytes (exit status 1); the
 launchers run this check before creating hardware.
 """
 from __future__ import annotations
@@ -433,7 +436,13 @@ class Result:
     return None if not self.hbm else self.total <= self.hbm
 
   @property
+  def compute_mfu(self) -> float | None:
+    """The MFU if every matmul ran at peak and nothing else took time: model flops over compiled flops."""
+    return self.model_flops / self.matmul_flops if self.matmul_flops and self.model_flops else None
+
+  @property
   def projected_mfu(self) -> float | None:
+    """The MFU of the roofline time (`projected_seconds`): a lower bound."""
     if not self.projected_seconds or not self.peak_flops:
       return None
     return self.model_flops / self.projected_seconds / self.peak_flops
@@ -491,16 +500,17 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
   lines = [f"{plan.title}", f"on {target.name}: {len(target.devices)} devices"
            + (f" ({chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s each)" if chip else "")]
   head = (f"{'program':<32}{'args':>8}{'temp':>8}{'out-al':>8}{'code':>7}{'beside':>8}{'total':>8}{'HBM':>7}"
-          f"{'estim.':>8}{'est/xla':>8}{'flops/formula':>14}{'proj. ms':>9}{'MFU':>6}{'compile s':>10}")
+          f"{'estim.':>8}{'est/xla':>8}{'flops/formula':>14}{'roofline ms':>12}{'MFU from-to':>12}{'compile s':>10}")
   lines += ["per device, GiB", head]
   for r in results:
     ratio = "-" if r.estimate is None else f"{r.estimate / r.total:.2f}"
     flops = "-" if not r.model_flops else f"{r.matmul_flops / r.model_flops:.2f}"
-    mfu = "-" if r.projected_mfu is None else f"{100 * r.projected_mfu:.0f}%"
+    mfu = "-" if r.compute_mfu is None else (
+        f"{100 * r.projected_mfu:.0f}-{100 * r.compute_mfu:.0f}%" if r.projected_mfu else f"<={100 * r.compute_mfu:.0f}%")
     ms = "-" if r.projected_seconds is None else f"{1e3 * r.projected_seconds:.1f}"
     lines.append(f"{r.name:<32}{_gib(r.arguments):>8}{_gib(r.temporaries):>8}{_gib(r.outputs - r.aliased):>8}"
                  f"{_gib(r.code):>7}{_gib(r.beside):>8}{_gib(r.total):>8}{_gib(r.hbm):>7}{_gib(r.estimate):>8}"
-                 f"{ratio:>8}{flops:>14}{ms:>9}{mfu:>6}{r.compile_s:>10.1f}")
+                 f"{ratio:>8}{flops:>14}{ms:>12}{mfu:>12}{r.compile_s:>10.1f}")
   lines.append("collectives per step (count, GiB per device):")
   for r in results:
     parts = [f"{k} {v['count']:.0f}x {v['bytes'] / GIB:.2f}" for k, v in r.collectives.items()]
@@ -523,7 +533,8 @@ def to_json(plan: Plan, results: list[Result], target: Target, config: str) -> d
   return {"config": config, "title": plan.title, "topology": target.name, "devices": len(target.devices),
           "chip": target.chip.name if target.chip else None,
           "programs": [{**dataclasses.asdict(r),
-                        "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu} for r in results],
+                        "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu,
+                        "compute_mfu": r.compute_mfu} for r in results],
           "transfers": [dataclasses.asdict(t) for t in plan.transfers], "replicated": plan.replicated}
 
 

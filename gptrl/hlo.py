@@ -394,10 +394,42 @@ def profile(text: str, loops: bool = True) -> Profile:
         largest = max([a.bytes for a in inst.result] + operand_bytes + [0.0])
         collectives[kind].count += n
         collectives[kind].bytes += n * largest
-      if comp.name not in fused and inst.opcode not in _NO_TRAFFIC:
-        operand_bytes = sum(a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k))
-        traffic += n * (operand_bytes + sum(a.bytes for a in inst.result))
+      if comp.name not in fused:
+        traffic += n * _traffic(inst, defs, computations)
   return Profile(flops, traffic, collectives, unknown)
+
+
+def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict[str, Computation]) -> float:
+  """Bytes a top-level instruction reads and writes in device memory: its operands and results, except where
+  only part of a buffer moves (a slice reads what it returns; an in-place dynamic-update-slice writes its
+  update, not the whole buffer) and for the second half of async pairs (counted at their start)."""
+  op = inst.opcode
+  if op in _NO_TRAFFIC or op.endswith("-done"):
+    return 0.0
+  operands = [a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]
+  results = [a.bytes for a in inst.result if a.dims]
+  if op in ("slice", "dynamic-slice", "slice-start"):
+    return 2.0 * min(results, default=0.0)
+  if op == "copy-start":
+    return 2.0 * sum(operands)
+  total = sum(operands) + sum(a.bytes for a in inst.result)
+  # In a fusion, a buffer that a dynamic-update-slice updates in place, or that a multi-output fusion passes
+  # through, is neither read nor written whole.
+  if op == "fusion":
+    callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.attrs)
+    body = computations.get(callee.group(1)) if callee else None
+    if body is not None and body.instructions:
+      inner = body.by_name()
+      root = body.instructions[-1]
+      outputs = [inner.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
+      for out in outputs:
+        if out is not None and out.opcode == "parameter" and root.opcode == "tuple":  # passed through, aliased
+          total -= 2.0 * sum(a.bytes for a in out.result)
+        elif out is not None and out.opcode == "dynamic-update-slice" and len(out.operands) > 1:
+          buffer = sum(a.bytes for a in out.result)
+          update = sum(a.bytes for a in (inner[out.operands[1]].result if out.operands[1] in inner else []))
+          total -= 2.0 * buffer - 2.0 * update
+  return max(total, 0.0)
 
 
 def summarise(collectives: dict[str, Collective]) -> str:

@@ -161,6 +161,9 @@ def test_tpu_program_matches_xla_cost_analysis():
   per_device = 2 * 16 * 256 * 512 * 2  # 16 rows per device, two matmuls
   assert once.matmul_flops == pytest.approx(per_device, rel=0.01)
   assert 0.9 * xla <= once.matmul_flops <= 1.001 * xla
+  # Bytes: the top-level instructions' operands and results, close to XLA's own count of the loop body once.
+  assert 0.75 * compiled.cost_analysis()["bytes accessed"] <= once.bytes_accessed <= 1.25 * \
+      compiled.cost_analysis()["bytes accessed"]
   looped = hlo.profile(text)
   assert looped.matmul_flops == pytest.approx(5 * per_device, rel=0.01)
   assert looped.collectives["all-gather"].count + looped.collectives["collective-permute"].count > 0
