@@ -177,7 +177,8 @@ def replicated_parameters(boxed_abstract: Any, mesh: Any) -> list[str]:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   specs = nn.get_partition_spec(boxed_abstract)
   found = []
-  flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # pylint: disable=unnecessary-lambda-assignment
+  flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
   shapes = jax.tree_util.tree_flatten_with_path(memory.unbox(boxed_abstract))[0]
   for (path, spec), (_, x) in zip(flat_specs, shapes):
     wanted = nn.logical_to_mesh_axes(tuple(spec), sharding.RULES)
@@ -505,8 +506,9 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
   for r in results:
     ratio = "-" if r.estimate is None else f"{r.estimate / r.total:.2f}"
     flops = "-" if not r.model_flops else f"{r.matmul_flops / r.model_flops:.2f}"
-    mfu = "-" if r.compute_mfu is None else (
-        f"{100 * r.projected_mfu:.0f}-{100 * r.compute_mfu:.0f}%" if r.projected_mfu else f"<={100 * r.compute_mfu:.0f}%")
+    mfu = "-" if r.compute_mfu is None else f"<={100 * r.compute_mfu:.0f}%"
+    if r.compute_mfu is not None and r.projected_mfu:
+      mfu = f"{100 * r.projected_mfu:.0f}-{100 * r.compute_mfu:.0f}%"
     ms = "-" if r.projected_seconds is None else f"{1e3 * r.projected_seconds:.1f}"
     lines.append(f"{r.name:<32}{_gib(r.arguments):>8}{_gib(r.temporaries):>8}{_gib(r.outputs - r.aliased):>8}"
                  f"{_gib(r.code):>7}{_gib(r.beside):>8}{_gib(r.total):>8}{_gib(r.hbm):>7}{_gib(r.estimate):>8}"

@@ -80,7 +80,8 @@ def topology_name(chip: str, num_chips: int) -> str:
   it, e.g. ("v5p", 64) -> "v5p:4x4x4", ("v5e", 32) -> "v5e:4x8"."""
   spec = CHIPS[chip]
   if spec.platform != "tpu":
-    raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {[c for c, s in CHIPS.items() if s.platform == 'tpu']}")
+    tpus = [c for c, s in CHIPS.items() if s.platform == "tpu"]
+    raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {tpus}")
   shapes = _TOPOLOGIES[spec.topology_dims]
   if num_chips not in shapes:
     raise ValueError(f"no {chip} slice of {num_chips} chips; slices of {sorted(shapes)} chips exist "

@@ -20,8 +20,8 @@ from gptrl import memory
 from gptrl import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="compiling for a TPU needs libtpu (the test extras install it)")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="compiling for a TPU needs libtpu (the test extras install it)")
 TINY = config_lib.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, d_model=128, max_len=256, dtype="bfloat16",
                               remat="block")
 
@@ -39,11 +39,19 @@ def v5e():
   return compile_lib.tpu_topology("v5e:2x2")
 
 
-def test_megacore_chips_compile_one_device_per_chip():
-  assert len(compile_lib.tpu_topology("v5p:2x2x2").devices) == 8
+@needs_libtpu
+def test_topologies_are_whole_pods_one_device_per_chip():
+  assert len(compile_lib.tpu_topology("v5p:2x2x2").devices) == 8  # megacore: one device per chip, as runs see it
   assert len(compile_lib.tpu_topology("v4:2x2x1").devices) == 4
+  # A multi-host slice and a two-slice job: the devices of every process (the global program is compiled).
+  assert {d.process_index for d in compile_lib.tpu_topology("v5e:4x4").devices} == {0, 1, 2, 3}
+  two = compile_lib.tpu_topology("v5e:2x2", num_slices=2)
+  assert len(two.devices) == 8 and two.name == "v5e:2x2 x 2 slices"
+  with pytest.raises(compile_lib.CompileCheckError, match="must be one of"):
+    compile_lib.tpu_topology("h100:8")
 
 
+@needs_libtpu
 def test_pretrain_plan_compiles_for_a_v5e_slice(v5e):
   # Widths that fill the TPU's (8, 128) tiles once split 4 ways, so that XLA's bytes are the shards' own (XLA
   # pads a smaller dimension to its tile).
@@ -74,6 +82,7 @@ def test_pretrain_plan_compiles_for_a_v5e_slice(v5e):
   assert "train step" in text and "every parameter split as the sharding rules say" in text
 
 
+@needs_libtpu
 def test_a_program_that_does_not_fit_is_refused_naming_it_and_the_bytes(v5e):
   small = dataclasses.replace(v5e, chip=dataclasses.replace(presets.CHIPS["v5e"], hbm_gib=0.001))
   with pytest.raises(compile_lib.CompileCheckError,
@@ -98,9 +107,11 @@ def _tiny_later_stage(monkeypatch, stage_cfg):
   return stage_cfg
 
 
+@needs_libtpu
 def test_reward_ensemble_plan_compiles(v5e, monkeypatch):
   cfg = _tiny_later_stage(monkeypatch, config_lib.RewardConfig(
-      init=config_lib.InitConfig(checkpoint="runs/sft"), model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      init=config_lib.InitConfig(checkpoint="runs/sft"),
+      model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
       mesh=config_lib.MeshConfig(data=1, fsdp=-1), data=config_lib.PreferenceDataConfig(batch_size=8, max_responses=4),
       reward=config_lib.RewardHeadConfig(ensemble=2, normalize_samples=8, normalize_max_new_tokens=32)))
   plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
@@ -114,12 +125,14 @@ def test_reward_ensemble_plan_compiles(v5e, monkeypatch):
   assert results[2].beside > 0  # the trained state stays while the SFT model samples
 
 
+@needs_libtpu
 @pytest.mark.parametrize("placement", ["colocated", "split"])
 def test_ppo_plan_compiles(v5e, monkeypatch, placement):
   split = dict(placement="split", sampler_devices=1, scorer_devices=1, split_tensor=1) if placement == "split" else {}
   cfg = _tiny_later_stage(monkeypatch, config_lib.PPOConfig(
       init=config_lib.InitConfig(checkpoint="runs/sft"),
-      reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"), model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"),
+      model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
       mesh=config_lib.MeshConfig(data=1, fsdp=-1),
       ppo=config_lib.PPOAlgoConfig(rollout_batch_size=16, minibatch_size=8, max_new_tokens=32, **split)))
   plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
@@ -159,6 +172,7 @@ def _run_cli(*args):
                         env=env, timeout=600)
 
 
+@needs_libtpu
 def test_cli_prints_the_table_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
   proc = _run_cli("--config", _write_config(tmp_path, 8, vocab=512, context=256), "--programs", "train,eval",
@@ -170,6 +184,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
   assert all(p["fits"] for p in report["programs"])
 
 
+@needs_libtpu
 def test_cli_refuses_a_plan_too_large_for_the_chip(tmp_path):
   # 512 rows of 2048 tokens with a 32k vocabulary: 128 rows per chip, whose logits alone need 16 GiB.
   proc = _run_cli("--config", _write_config(tmp_path, 512), "--programs", "train")
@@ -181,6 +196,7 @@ def test_cli_refuses_a_plan_too_large_for_the_chip(tmp_path):
 
 
 @pytest.mark.slow
+@needs_libtpu
 @pytest.mark.parametrize("path,size", [(f"configs/{stage}_tpu.py", size) for stage in ("pretrain", "sft", "reward",
                                                                                         "ppo")
                                        for size in presets.MODEL_SIZES])
@@ -190,3 +206,10 @@ def test_every_tpu_plan_compiles_and_fits(path, size):
   _, results = compile_lib.check(cfg, target, progress=lambda m: None)
   assert all(r.fits for r in results)
   assert np.isfinite([r.total for r in results]).all()
+
+
+def test_without_libtpu_the_check_says_what_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(compile_lib.CompileCheckError, match=r"needs libtpu.*pip install 'gptrl\[tpu-compile\]'"):
+    compile_lib.tpu_topology("v5e:2x2")

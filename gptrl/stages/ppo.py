@@ -443,7 +443,8 @@ def minibatch_shapes(cfg: PPOConfig, models: Models, seq_len: int) -> dict[str, 
   rows, length = p.minibatch_size, models.prompt_len + n
   shapes = {"tokens": ((rows, length), np.dtype(np.int32)), "positions": ((rows, length), np.dtype(np.int32)),
             "attention": ((rows, length), np.dtype(np.int32)), "response_mask": ((rows, n), np.dtype(np.int32)),
-            **{k: ((rows, n), np.dtype(np.float32)) for k in ("logp", "ref_logp", "values", "advantages", "returns", "kl")},
+            **{k: ((rows, n), np.dtype(np.float32))
+               for k in ("logp", "ref_logp", "values", "advantages", "returns", "kl")},
             "beta": ((rows, 1), np.dtype(np.float32))}
   if p.ptx_coef > 0:
     shapes.update({f"ptx_{k}": v for k, v in data_lib.lm_batch_shapes(rows, seq_len).items()})
