@@ -24,6 +24,7 @@ PLANS = {
     "3b": (64, 2, {"v5p": (32, 4), "v4": (32, 4), "v6e": (32, 4), "v5e": (64, 2)}),
     "7b": (64, 4, {"v5p": (64, 4), "v4": (64, 4), "v6e": (64, 4), "v5e": (128, 2)}),
 }
+REMAT = {"125m": "dots", "350m": "dots"}  # as configs/pretrain_tpu.py (the same model and context)
 LEARNING_RATES = {"125m": 5e-5, "350m": 3e-5, "1b": 2e-5, "3b": 2e-5, "7b": 1e-5}
 
 
@@ -40,7 +41,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
-  c.model.remat = "block"  # recompute each block in the backward pass
+  c.model.remat = REMAT.get(plan.size, "block")  # "block": recompute each block in the backward pass
   c.model.dropout = 0.0
 
   c.mesh.data = 1  # no pure data parallelism
