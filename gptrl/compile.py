@@ -590,6 +590,11 @@ def main(argv: list[str] | None = None) -> None:
   flags.DEFINE_string("json", "", "write the results here as JSON")
   flags.DEFINE_list("programs", [], "compile only the programs whose names start with these")
   argv = sys.argv if argv is None else argv
+  if "--help" in argv or "-h" in argv:
+    print(__doc__)
+    print("Flags: --config FILE[:variant] [--config.a.b=value ...] --topology NAME (or 'local') --num_slices N "
+          "--json FILE --programs NAME,...")
+    return
   cfg = launch.parse(argv)
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
   f = flags.FLAGS
