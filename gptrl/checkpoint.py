@@ -191,6 +191,24 @@ def _has_manifest(step_dir: str) -> bool:
 # Multi-process agreement: process 0 decides, everyone follows.
 
 
+class _QuietBackgroundErrors(logging.Filter):
+  """Drops orbax's error records of a failed background save (a traceback from each thread involved, and again
+  from wait_until_finished): the Checkpointer raises the same error at its next call, as one line
+  (`_finish_pending`), so a full disk ends a run with that line instead of pages of tracebacks."""
+  _SAVE_FAILURES = ("_SignalingThread.run() raised an exception", "in background save thread",
+                    "Save Finalize thread")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    message = record.getMessage()
+    return not any(s in message for s in self._SAVE_FAILURES)
+
+
+_QUIET = _QuietBackgroundErrors()
+logging.getLogger("absl").addFilter(_QUIET)  # orbax logs through absl's logger
+
+
 def _is_primary() -> bool:
   return jax.process_index() == 0
 
@@ -269,6 +287,7 @@ class Checkpointer:
     self._unverifiable: set[int] = set()  # steps without a manifest (older than manifests), warned about once
     self._last_problem = ""  # what the last step set aside had, for error messages
     self._deleter: threading.Thread | None = None  # deleting the files of an old step (local folders)
+    self._need = 0  # bytes the pending save needs on disk (`_check_space`), for a disk-full message
     if _is_primary():
       fileio.makedirs(self.directory)
       self._clear_interrupted()
@@ -398,12 +417,47 @@ class Checkpointer:
     CheckpointError rather than lost; once it is committed, old steps beyond `keep` are deleted.
     """
     self._finish_pending()
+    self._check_space(step, state)
     self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
         meta=ocp.args.JsonSave({**meta, MANIFEST_META_KEY: MANIFEST_FORMAT})), force=True)
     if not self._async:
       self._finish_pending()
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Before a save starts: room on a local disk for the whole step (as large as the newest step's files, or
+    the state's arrays when there is none yet, plus 5%), or a one-line CheckpointError naming the folder, the
+    bytes free and the bytes needed; nothing is written and every complete step stays."""
+    free, need, basis = None, 0, ""
+    if _is_primary():
+      free = fileio.free_bytes(self.directory)
+      if free is not None:
+        need, basis = self._bytes_of_newest_step()
+        if not need:
+          need = int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)))
+          basis = "the state's arrays"
+        need = int(need * 1.05)
+    self._need = need
+    if not _broadcast(int(free is None or free >= need)):
+      gb = lambda n: f"{n / 1e9:.2f} GB ({n} bytes)" if n is not None else "?"  # pylint: disable=unnecessary-lambda-assignment
+      raise CheckpointError(
+          f"Not enough disk space to save checkpoint {step} in {self.directory}: {gb(free)} free, the step needs "
+          f"about {gb(need)} (from {basis or 'process 0'}, plus 5%). Nothing was written for step {step}; the "
+          f"newest complete checkpoint is step {self.latest_step()}. Free space (or lower "
+          "train.keep_checkpoints) and relaunch: the run resumes from it.")
+
+  def _bytes_of_newest_step(self) -> tuple[int, str]:
+    """(the bytes of the newest complete step's files by its manifest, "step N"), or (0, "") without one."""
+    step = self.latest_step()
+    if step is None:
+      return 0, ""
+    path = os.path.join(self._step_dir(step), MANIFEST)
+    try:
+      with fileio.open(path) as f:
+        return int(sum(int(e["size"]) for e in json.load(f)["files"])), f"step {step}"
+    except (OSError, ValueError, KeyError, TypeError):
+      return 0, ""
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk; raises CheckpointError if one failed."""
@@ -425,11 +479,18 @@ class Checkpointer:
       error = e
     if not _all_true(error is None):  # every process raises, or none does
       self._pending = None
-      why = f"{type(error).__name__}: {error}" if error is not None else "on another process; see its log"
+      why = " ".join(f"{type(error).__name__}: {error}".split()) if error is not None else \
+          "on another process; see its log"
+      space = ""
+      if error is not None and any(s in why for s in ("No space left", "os_error_code='28'", "Disk quota",
+                                                      "File too large", "os_error_code='27'")):
+        free = fileio.free_bytes(self.directory)
+        space = (f" The disk holding {self.directory} has {free} bytes free" if free is not None else "") + \
+            (f"; the step needs about {self._need} bytes." if self._need else ".")
       raise CheckpointError(
           f"Saving checkpoint {self._step_dir(step) if step is not None else self.directory} failed in the "
-          f"background ({why}). Nothing was committed for step {step}; the newest complete checkpoint is step "
-          f"{self.latest_step()}. Check the disk (space, permissions, quota); relaunching resumes from that "
+          f"background ({why}).{space} Nothing was committed for step {step}; the newest complete checkpoint is "
+          f"step {self.latest_step()}. Check the disk (space, permissions, quota); relaunching resumes from that "
           "checkpoint.") from error
     self._pending = None
     if step is None:

@@ -239,6 +239,13 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def free_bytes(path: str) -> int | None:
+  """Bytes free for a non-root user on the local file system holding `path`; None for a bucket (no such limit)."""
+  if is_remote(path):
+    return None
+  return int(shutil.disk_usage(path).free)
+
+
 def fsync_dir(path: str) -> None:
   """Makes the entries of local folder `path` (files just created or renamed) survive a power cut; nothing to do
   for a URL."""

@@ -326,21 +326,45 @@ def _poll_until_it_raises(checkpointer):
     time.sleep(0.01)
 
 
+def test_a_save_without_room_on_the_disk_is_refused_before_writing_anything(tmp_path, monkeypatch):
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "c"), keep=3)
+  checkpointer.save(1, _big_state(), data={}, meta={})
+  checkpointer.wait()
+  step1 = sum(p.stat().st_size for p in (tmp_path / "c" / "1").rglob("*") if p.is_file())
+  monkeypatch.setattr(ckpt_lib.fileio, "free_bytes", lambda path: 1000)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    checkpointer.save(2, _big_state(), data={}, meta={})
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"Not enough disk space to save checkpoint 2 in {tmp_path / 'c'}: 0.00 GB (1000 bytes) "
+                            "free, the step needs about ")
+  needed = int(message.split("needs about ")[1].split("(")[1].split(" bytes")[0])
+  assert step1 < needed < 1.1 * step1  # the newest step's files, plus 5%
+  assert "(from step 1, plus 5%)" in message and "newest complete checkpoint is step 1" in message
+  monkeypatch.undo()
+  checkpointer.close()
+  assert _steps(tmp_path / "c") == ["1"]  # nothing was written for step 2
+
+
 @pytest.mark.parametrize("surfaces_in", ["wait", "save", "poll"])
-def test_background_save_error_surfaces_at_the_next_call(tmp_path, file_size_limit, surfaces_in):
+def test_background_save_error_surfaces_at_the_next_call(tmp_path, file_size_limit, surfaces_in, caplog):
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "c"), keep=3)
   checkpointer.save(1, _big_state(), data={}, meta={})
   checkpointer.wait()
   file_size_limit(20_000)  # the array file of a step is ~200 kB
   checkpointer.save(2, _big_state(), data={}, meta={})  # returns: the writing happens in the background
   with pytest.raises(ckpt_lib.CheckpointError, match=r"Saving checkpoint .*/2 failed in the background.*File too "
-                                                     r"large.*newest complete checkpoint is step 1"):
+                                                     r"large.*bytes free; the step needs about \d+ bytes\. Nothing was "
+                                                     r"committed.*newest complete checkpoint is step 1") as e:
     if surfaces_in == "wait":
       checkpointer.wait()
     elif surfaces_in == "poll":
       _poll_until_it_raises(checkpointer)
     else:
       checkpointer.save(3, _big_state(), data={}, meta={})
+  assert "\n" not in str(e.value)
+  # One line, not orbax's tracebacks from each of its background threads.
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "orbax" in r.pathname]
   file_size_limit(resource.RLIM_INFINITY)
   checkpointer.save(4, _big_state(), data={}, meta={})  # the checkpointer still works once the disk does
   checkpointer.close()
