@@ -40,6 +40,22 @@ def test_memory_bandwidth_and_peak_are_positive_and_finite():
   assert 1e7 < peak["flops"] < 1e16
 
 
+def test_compile_plans_table_row_from_a_report():
+  import compile_plans  # pylint: disable=import-outside-toplevel
+  gib = 2 ** 30
+  train = {"name": "train step", "total": 19 * gib, "estimate": 38 * gib, "projected_mfu": 0.25,
+           "model_flops": 9.0, "matmul_flops": 10.0, "projected_seconds": 0.5,
+           "collectives": {"all-gather": {"count": 3, "bytes": 1.5 * gib},
+                           "all-reduce": {"count": 1, "bytes": gib / 2}},
+           "compile_s": 30.0}
+  report = {"topology": "v5p:2x2x2", "programs": [train, {**train, "name": "eval step", "total": 47.5 * gib,
+                                                          "compile_s": 10.0}]}
+  cells = [c.strip() for c in compile_plans.row("pretrain", "125m", "v5p", report).split("|")[1:-1]]
+  assert cells == ["pretrain", "125m", "v5p", "v5p:2x2x2", "eval step: 47.5 of 95 GiB (50% free)", "2.00", "25-90%",
+                   "500", "2.0", "40"]
+  assert "not compiled yet" in compile_plans.row("ppo", "7b", "v5p", None)
+
+
 def _run(script: str, *args: str, tmp_path: pathlib.Path) -> dict:
   out = tmp_path / f"{script}.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the machine's devices, not the 8 fake ones

@@ -1,0 +1,111 @@
+"""Every TPU plan (configs/*_tpu.py: stage x size x chip) compiled for its slice: fit, projected MFU, collectives.
+
+  python benchmarks/compile_plans.py [--stages pretrain,sft] [--sizes 125m,1b] [--chips v5p] [--programs train]
+      [--out benchmarks/results/compile] [--table benchmarks/results/compile_plans.md]
+
+Each plan runs `python -m gptrl.compile` in its own process (a 7B plan's compile holds several GiB of host memory)
+and leaves its JSON report in --out; plans whose JSON is already there are not compiled again (delete it to
+redo one). The table then has one row per plan: the largest per-device total of its programs against the chip's
+HBM, the train step's XLA memory against gptrl/memory.py's estimate, its MFU bounds and roofline step time
+(gptrl/compile.py: max of flops / peak, bytes / HBM bandwidth, collective bytes / interconnect bandwidth), and its
+collective bytes per step per device. MFU is a range: from the roofline time's to model flops over compiled flops
+(every matmul at peak).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from gptrl import presets  # noqa: E402  pylint: disable=wrong-import-position
+
+STAGES = ("pretrain", "sft", "reward", "ppo")
+GIB = 1024 ** 3
+
+
+def plans(stages, sizes, chips):
+  for stage in stages:
+    table = runpy.run_path(os.path.join(ROOT, f"configs/{stage}_tpu.py"))["PLANS"]
+    for size in sizes:
+      for chip in table[size][2]:
+        if not chips or chip in chips:
+          yield stage, size, chip
+
+
+def compile_plan(stage: str, size: str, chip: str, out: str, programs: str, render_only: bool) -> dict | None:
+  path = os.path.join(out, f"{stage}_{size}_{chip}.json")
+  if not os.path.exists(path) and render_only:
+    return None
+  if not os.path.exists(path):
+    argv = [sys.executable, "-m", "gptrl.compile", "--config", f"configs/{stage}_tpu.py:size={size},chip={chip}",
+            "--json", path] + (["--programs", programs] if programs else [])
+    t0 = time.time()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    print(f"{stage} {size} {chip}: exit {proc.returncode} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    if proc.returncode:
+      reason = [line for line in proc.stderr.splitlines() if line.startswith("gptrl.")][-1:] or proc.stderr[-500:]
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump({"error": reason[0] if isinstance(reason, list) else reason}, f)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def row(stage: str, size: str, chip: str, report: dict | None) -> str:
+  spec = presets.CHIPS[chip]
+  if report is None:
+    topology = presets.topology_name(chip, _chips(stage, size, chip))
+    return f"| {stage} | {size} | {chip} | {topology} | not compiled yet | | | | | |"
+  if "error" in report:
+    return f"| {stage} | {size} | {chip} | - | refused: {report['error'][:160]} | | | | | |"
+  programs = {p["name"]: p for p in report["programs"]}
+  peak = max(report["programs"], key=lambda p: p["total"])
+  train = programs.get("train step") or programs.get("PPO update")
+  headroom = 1 - peak["total"] / (spec.hbm_gib * GIB)
+  est = f"{train['estimate'] / train['total']:.2f}" if train and train.get("estimate") else "-"
+  mfu = (f"{100 * train['projected_mfu']:.0f}-{100 * train['model_flops'] / train['matmul_flops']:.0f}%"
+         if train and train.get("projected_mfu") else "-")
+  ms = f"{1e3 * train['projected_seconds']:.0f}" if train and train.get("projected_seconds") else "-"
+  coll = sum(v["bytes"] for v in train["collectives"].values()) / GIB if train else 0.0
+  compile_s = sum(p["compile_s"] for p in report["programs"])
+  return (f"| {stage} | {size} | {chip} | {report['topology']} | {peak['name']}: {peak['total'] / GIB:.1f} of "
+          f"{spec.hbm_gib:g} GiB ({100 * headroom:.0f}% free) | {est} | {mfu} | {ms} | {coll:.1f} | "
+          f"{compile_s:.0f} |")
+
+
+def _chips(stage: str, size: str, chip: str) -> int:
+  return runpy.run_path(os.path.join(ROOT, f"configs/{stage}_tpu.py"))["PLANS"][size][2][chip][0]
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--stages", default=",".join(STAGES))
+  p.add_argument("--sizes", default=",".join(presets.MODEL_SIZES))
+  p.add_argument("--chips", default="", help="only these chips (default: every chip of each size's plan row)")
+  p.add_argument("--programs", default="", help="compile only these programs (gptrl.compile --programs)")
+  p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/compile"))
+  p.add_argument("--table", default=os.path.join(ROOT, "benchmarks/results/compile_plans.md"))
+  args = p.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  lines = ["| stage | size | chip | topology | largest program per device | train est/XLA | "
+           "train MFU (roofline-compute) | roofline step ms | collectives GiB/step | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for stage, size, chip in plans(args.stages.split(","), args.sizes.split(","),
+                                 [c for c in args.chips.split(",") if c]):
+    lines.append(row(stage, size, chip, compile_plan(stage, size, chip, args.out, args.programs, args.render_only)))
+    print(lines[-1], flush=True)
+  with open(args.table, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
