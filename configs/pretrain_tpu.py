@@ -13,10 +13,10 @@ per-device memory estimate (gptrl/memory.py) and refuses a plan that cannot fit 
 checks every row).
 
 Numerics: parameters and optimizer state in float32, matmuls in bfloat16, every block rematerialised in the
-backward pass (125m and 350m: all but the matmul outputs; see REMAT). Parameters and optimizer state are sharded over all chips (mesh.fsdp), and for 3b/7b also over
-heads / MLP / vocabulary (mesh.tensor). Paths must be a filesystem every host sees at the same path (a gcsfuse
-mount of a bucket, or a shared disk): /mnt/gptrl below; or gs:// URLs for the workdir, data and checkpoints,
-with data.cache_dir on a local disk, e.g.
+backward pass (125m and 350m: all but the matmul outputs; see REMAT). Parameters and optimizer state are sharded
+over all chips (mesh.fsdp), and for 3b/7b also over heads / MLP / vocabulary (mesh.tensor). Paths must be a
+filesystem every host sees at the same path (a gcsfuse mount of a bucket, or a shared disk): /mnt/gptrl below;
+or gs:// URLs for the workdir, data and checkpoints, with data.cache_dir on a local disk, e.g.
   --config.workdir=gs://my-bucket/runs/pretrain_1b --config.data.sources="('gs://my-bucket/data/pretrain',)" \
   --config.data.cache_dir=/tmp/gptrl-cache
 """

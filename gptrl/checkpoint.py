@@ -191,6 +191,10 @@ def _has_manifest(step_dir: str) -> bool:
 # Multi-process agreement: process 0 decides, everyone follows.
 
 
+def _gb(n: int | None) -> str:
+  return f"{n / 1e9:.2f} GB ({n} bytes)" if n is not None else "?"
+
+
 class _QuietBackgroundErrors(logging.Filter):
   """Drops orbax's error records of a failed background save (a traceback from each thread involved, and again
   from wait_until_finished): the Checkpointer raises the same error at its next call, as one line
@@ -205,8 +209,7 @@ class _QuietBackgroundErrors(logging.Filter):
     return not any(s in message for s in self._SAVE_FAILURES)
 
 
-_QUIET = _QuietBackgroundErrors()
-logging.getLogger("absl").addFilter(_QUIET)  # orbax logs through absl's logger
+logging.getLogger("absl").addFilter(_QuietBackgroundErrors())  # orbax logs through absl's logger
 
 
 def _is_primary() -> bool:
@@ -440,10 +443,9 @@ class Checkpointer:
         need = int(need * 1.05)
     self._need = need
     if not _broadcast(int(free is None or free >= need)):
-      gb = lambda n: f"{n / 1e9:.2f} GB ({n} bytes)" if n is not None else "?"  # pylint: disable=unnecessary-lambda-assignment
       raise CheckpointError(
-          f"Not enough disk space to save checkpoint {step} in {self.directory}: {gb(free)} free, the step needs "
-          f"about {gb(need)} (from {basis or 'process 0'}, plus 5%). Nothing was written for step {step}; the "
+          f"Not enough disk space to save checkpoint {step} in {self.directory}: {_gb(free)} free, the step needs "
+          f"about {_gb(need)} (from {basis or 'process 0'}, plus 5%). Nothing was written for step {step}; the "
           f"newest complete checkpoint is step {self.latest_step()}. Free space (or lower "
           "train.keep_checkpoints) and relaunch: the run resumes from it.")
 

@@ -236,7 +236,7 @@ def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
       Program("eval step", lambda: eval_step.lower(state.params, batch), mesh, ("train state/params",),
               per_token / 3 * b * t, "eval (whole batch, no micro-batches)"),
   ]
-  prompts = len(cfg.sample.prompts) if hasattr(cfg.sample, "prompts") else cfg.sample.num_prompts
+  prompts = memory.eval_sample_rows(cfg.sample)
   new = cfg.sample.max_new_tokens
   if prompts and new and new < t:
     rows = rows_for(prompts, sharding.data_parallel_size(mesh))
@@ -459,16 +459,17 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> 
   if isinstance(cost, list):  # older jax: one dict per computation
     cost = cost[0] if cost else {}
   profile = hlo.profile(compiled.as_text())
-  beside = sum(r.bytes for r in plan.residents if r.mesh is program.mesh and not any(
-      t == r.name or t.startswith(r.name + "/") for t in program.takes))
-  # A program that takes part of a resident tree (e.g. the params of the train state) has the rest beside it.
-  for r in plan.residents:
-    for t in program.takes:
-      if t.startswith(r.name + "/") and r.mesh is program.mesh:
-        part = r.tree
-        for key in t[len(r.name) + 1:].split("/"):
-          part = part[key] if isinstance(part, dict) else getattr(part, key)
-        beside += r.bytes - tree_bytes(part)
+  # The resident state on the program's devices, less what it takes as arguments: a resident by name, or a part
+  # of one by path (e.g. "train state/params": the optimizer state stays beside it).
+  here = {r.name: r for r in plan.residents if r.mesh is program.mesh}
+  taken = 0.0
+  for path in program.takes:
+    name, *keys = path.split("/")
+    part = here[name].tree
+    for key in keys:
+      part = part[key] if isinstance(part, dict) else getattr(part, key)
+    taken += tree_bytes(part)
+  beside = sum(r.bytes for r in here.values()) - taken
   estimate = None
   if plan.estimate is not None and program.phase in plan.estimate.phases:
     estimate = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(program.phase)
@@ -477,7 +478,7 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> 
     projected = max(profile.matmul_flops / (chip.bf16_tflops * 1e12), profile.bytes_accessed / (chip.hbm_gbps * 1e9),
                     profile.collective_bytes / (chip.link_gbps * 1e9))
   optimal = cost.get("optimal_seconds")
-  result = Result(
+  return Result(
       name=program.name, compile_s=compile_s, arguments=float(mem.argument_size_in_bytes),
       outputs=float(mem.output_size_in_bytes), aliased=float(mem.alias_size_in_bytes),
       temporaries=float(mem.temp_size_in_bytes), code=float(mem.generated_code_size_in_bytes), beside=float(beside),
@@ -488,7 +489,6 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> 
       projected_seconds=projected,
       collectives={k: {"count": c.count, "bytes": c.bytes} for k, c in profile.collectives.items() if c.count},
       unknown_loops=profile.unknown_loops, peak_flops=chip.bf16_tflops * 1e12 if chip is not None else None)
-  return result
 
 
 def _gib(x: float | None) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 import numpy as np
@@ -57,6 +58,7 @@ class Instruction:
   operands: list[str]  # operand instruction names
   inline_operands: list[list[Array]]  # operand types when the text spells them out (CPU/GPU HLO)
   attrs: str
+  literal: int | None = None  # the value of an integer scalar constant
 
 
 @dataclasses.dataclass
@@ -65,7 +67,9 @@ class Computation:
   entry: bool
   instructions: list[Instruction]
 
-  def by_name(self) -> dict[str, Instruction]:
+  @functools.cached_property
+  def defs(self) -> dict[str, Instruction]:
+    """Its instructions by name (built once: the computations are complete when parsed)."""
     return {i.name: i for i in self.instructions}
 
 
@@ -131,7 +135,11 @@ def _parse_instruction(line: str) -> Instruction | None:
     if names:
       operands.append(names[-1])
       inline.append(arrays(part[:part.rfind("%")]))
-  return Instruction(name, op.group(1), arrays(type_text), operands, inline, attrs)
+  result = arrays(type_text)
+  literal = None
+  if op.group(1) == "constant" and len(result) == 1 and not result[0].dims and result[0].dtype[0] in "su":
+    literal = int(operand_text) if re.fullmatch(r"-?\d+", operand_text.strip()) else None
+  return Instruction(name, op.group(1), result, operands, inline, attrs, literal)
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -154,8 +162,7 @@ def parse(text: str) -> dict[str, Computation]:
   return computations
 
 
-def _trip_count(while_inst: Instruction, caller: Computation, computations: dict[str, Computation],
-                literals: dict[tuple[str, str], int]) -> int | None:
+def _trip_count(while_inst: Instruction, caller: Computation, computations: dict[str, Computation]) -> int | None:
   """How many times a while loop runs: XLA's `known_trip_count` when the backend records it, else from the
   condition `i < K` (or `<=`) on a tuple element whose initial value is a constant in the caller."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_inst.attrs)
@@ -165,34 +172,33 @@ def _trip_count(while_inst: Instruction, caller: Computation, computations: dict
   cond = computations.get(cond_name.group(1)) if cond_name else None
   if cond is None or not cond.instructions:
     return None
-  defs = cond.by_name()
   root = cond.instructions[-1]
   if root.opcode != "compare" or len(root.operands) != 2:
     return None
   direction = re.search(r"direction=(\w+)", root.attrs)
   direction = direction.group(1) if direction else ""
-  a, b = (defs.get(n) for n in root.operands)
-  limit_side = 1 if b is not None and (cond.name, b.name) in literals else 0
+  a, b = (cond.defs.get(n) for n in root.operands)
+  limit_side = 1 if b is not None and b.literal is not None else 0
   counter, limit = (a, b) if limit_side == 1 else (b, a)
-  if limit is None or (cond.name, limit.name) not in literals or counter is None:
+  if limit is None or limit.literal is None or counter is None:
     return None
-  bound = literals[(cond.name, limit.name)]
+  bound = limit.literal
   if direction in ("GT", "GE"):  # `K > i`: the limit on the left
     direction = {"GT": "LT", "GE": "LE"}[direction] if limit_side == 0 else direction
   start, step = 0, 1
   index = re.search(r"index=(\d+)", counter.attrs) if counter.opcode == "get-tuple-element" else None
   if index and while_inst.operands:
     i = int(index.group(1))
-    init = caller.by_name().get(while_inst.operands[0])
+    init = caller.defs.get(while_inst.operands[0])
     if init is not None and init.opcode == "tuple" and i < len(init.operands):
-      start = _resolve_constant(caller, init.operands[i], literals) or 0
+      start = _resolve_constant(caller, init.operands[i]) or 0
     body_name = re.search(r"\bbody=%?([\w.\-]+)", while_inst.attrs)
     body = computations.get(body_name.group(1)) if body_name else None
     if body is not None and body.instructions and body.instructions[-1].opcode == "tuple":
       root = body.instructions[-1]
-      update = body.by_name().get(root.operands[i]) if i < len(root.operands) else None
+      update = body.defs.get(root.operands[i]) if i < len(root.operands) else None
       if update is not None and update.opcode == "add":
-        steps = [_resolve_constant(body, o, literals) for o in update.operands]
+        steps = [_resolve_constant(body, o) for o in update.operands]
         step = next((k for k in steps if k), 1)
   if step <= 0:
     return None
@@ -203,38 +209,21 @@ def _trip_count(while_inst: Instruction, caller: Computation, computations: dict
   return None
 
 
-def _resolve_constant(comp: Computation, name: str, literals: dict[tuple[str, str], int]) -> int | None:
+def _resolve_constant(comp: Computation, name: str) -> int | None:
   """The integer constant `name` is, through copies, bitcasts and conversions; None if it is not one."""
-  defs = comp.by_name()
   for _ in range(8):
-    if (comp.name, name) in literals:
-      return literals[(comp.name, name)]
-    inst = defs.get(name)
-    if inst is None or inst.opcode not in ("copy", "bitcast", "convert", "reshape") or not inst.operands:
+    inst = comp.defs.get(name)
+    if inst is None:
+      return None
+    if inst.literal is not None:
+      return inst.literal
+    if inst.opcode not in ("copy", "bitcast", "convert", "reshape") or not inst.operands:
       return None
     name = inst.operands[0]
   return None
 
 
-def _literals(text: str) -> dict[tuple[str, str], int]:
-  """(computation, instruction) -> value of every integer scalar constant."""
-  out, current = {}, None
-  for line in text.splitlines():
-    if current is None:
-      m = _HEADER.match(line)
-      if m and not line.startswith(" "):
-        current = m.group(2)
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((-?\d+)\)", line)
-    if m:
-      out[(current, m.group(1))] = int(m.group(2))
-  return out
-
-
-def execution_counts(computations: dict[str, Computation], literals: dict[tuple[str, str], int],
+def execution_counts(computations: dict[str, Computation],
                      loops: bool = True) -> tuple[dict[str, float], list[str]]:
   """(times each computation runs per call of the entry computation, loops whose trip count is unknown: taken
   as 1). With `loops=False` every loop counts once, as XLA's cost analysis does."""
@@ -244,7 +233,7 @@ def execution_counts(computations: dict[str, Computation], literals: dict[tuple[
     for inst in comp.instructions:
       factor = 1.0
       if inst.opcode == "while" and loops:
-        trips = _trip_count(inst, comp, computations, literals)
+        trips = _trip_count(inst, comp, computations)
         if trips is None:
           unknown.append(f"{comp.name}/{inst.name}")
         factor = float(trips if trips is not None else 1)
@@ -373,7 +362,7 @@ def _kind(opcode: str) -> str | None:
 def profile(text: str, loops: bool = True) -> Profile:
   """Matmul flops, top-level bytes and collectives of one call of the HLO module `text`."""
   computations = parse(text)
-  counts, unknown = execution_counts(computations, _literals(text), loops=loops)
+  counts, unknown = execution_counts(computations, loops=loops)
   fused = {m.group(2) for comp in computations.values() for inst in comp.instructions if inst.opcode == "fusion"
            for m in _CALLEES.finditer(inst.attrs) if m.group(1) == "calls"}
   flops, traffic = 0.0, 0.0
@@ -382,7 +371,7 @@ def profile(text: str, loops: bool = True) -> Profile:
     n = counts.get(comp.name, 0.0)
     if not n:
       continue
-    defs = comp.by_name()
+    defs = comp.defs
     for inst in comp.instructions:
       if inst.opcode == "dot":
         flops += n * dot_flops(inst, defs)
@@ -419,7 +408,7 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
     callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.attrs)
     body = computations.get(callee.group(1)) if callee else None
     if body is not None and body.instructions:
-      inner = body.by_name()
+      inner = body.defs
       root = body.instructions[-1]
       outputs = [inner.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
       for out in outputs:

@@ -341,6 +341,11 @@ def _micro_rows(global_rows: int, accum: int, shard: _Shard) -> int:
   return shard.rows(max(global_rows // accum, 1))
 
 
+def eval_sample_rows(sample: Any) -> int:
+  """Prompts sampled at each eval of pretraining (its configured prompts) or SFT (held-out prompts)."""
+  return len(sample.prompts) if hasattr(sample, "prompts") else sample.num_prompts
+
+
 def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
   """Pretraining and SFT: next-token loss over data.batch_size rows of model.max_len tokens."""
   resident, step, params = _trained("lm", model_cfg, cfg.optim, mesh_shape)
@@ -353,7 +358,7 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),
                                                       "logits, log-softmax (float32)": shard.logits(b_eval, t, 2)}}
-  sample_rows = len(cfg.sample.prompts) if hasattr(cfg.sample, "prompts") else cfg.sample.num_prompts
+  sample_rows = eval_sample_rows(cfg.sample)
   if sample_rows and cfg.sample.max_new_tokens:
     phases["eval sampling"] = _sampling(shard, sample_rows, cfg.sample.max_new_tokens)
   title = _title(cfg.stage, mesh_shape, "model: " + _shape_title(model_cfg, param_count(params)))

@@ -60,12 +60,18 @@ def chip_for_device_kind(device_kind: str) -> Chip | None:
   return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
-def accelerator_type(chip: str, num_chips: int) -> str:
-  """The Cloud TPU accelerator type of a slice of `num_chips` chips, e.g. ("v5p", 64) -> "v5p-128"."""
+def _tpu(chip: str) -> Chip:
+  """The Chip of a Cloud TPU chip name; ValueError naming the TPU chips for any other."""
   spec = CHIPS[chip]
   if spec.platform != "tpu":
     tpus = [c for c, s in CHIPS.items() if s.platform == "tpu"]
     raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {tpus}")
+  return spec
+
+
+def accelerator_type(chip: str, num_chips: int) -> str:
+  """The Cloud TPU accelerator type of a slice of `num_chips` chips, e.g. ("v5p", 64) -> "v5p-128"."""
+  spec = _tpu(chip)
   return f"{spec.accelerator_prefix}-{num_chips * spec.cores_per_chip}"
 
 
@@ -78,10 +84,7 @@ _TOPOLOGIES = {2: {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x
 def topology_name(chip: str, num_chips: int) -> str:
   """The topology name of a slice of `num_chips` chips, as `jax.experimental.topologies.get_topology_desc` takes
   it, e.g. ("v5p", 64) -> "v5p:4x4x4", ("v5e", 32) -> "v5e:4x8"."""
-  spec = CHIPS[chip]
-  if spec.platform != "tpu":
-    tpus = [c for c, s in CHIPS.items() if s.platform == "tpu"]
-    raise ValueError(f"{chip!r} is not a Cloud TPU chip; TPU chips: {tpus}")
+  spec = _tpu(chip)
   shapes = _TOPOLOGIES[spec.topology_dims]
   if num_chips not in shapes:
     raise ValueError(f"no {chip} slice of {num_chips} chips; slices of {sorted(shapes)} chips exist "

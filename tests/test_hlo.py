@@ -88,7 +88,7 @@ def test_trip_counts_flops_and_collectives_of_a_hand_written_module():
   assert set(computations) == {"fused_dot", "inner_cond", "inner_body", "outer_cond", "outer_body", "add_comp",
                                "main"}
   assert computations["main"].entry
-  counts, unknown = hlo.execution_counts(computations, hlo._literals(MODULE))  # pylint: disable=protected-access
+  counts, unknown = hlo.execution_counts(computations)
   assert not unknown
   assert counts["outer_body"] == 4  # i = 1, 3, 5, 7
   assert counts["fused_dot"] == 4
