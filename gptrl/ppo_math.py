@@ -228,6 +228,32 @@ def gae(rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, gamm
   return advantages_BxT, returns_BxT
 
 
+def clipped_surrogate(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: jax.Array, mask_BxT: jax.Array,
+                      clip_eps: float, clip_eps_high: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO's clipped surrogate per token, before any averaging (see `policy_loss`, `aggregate`).
+
+    ratio    = exp(logp - old_logp)
+    loss_t   = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A)
+
+  `clip_eps_high` None (or 0) is `clip_eps`; a larger one is DAPO's "clip-higher" (Yu et al. 2025: 0.28 against
+  0.2), which lets unlikely tokens with positive advantages grow faster and keeps entropy from collapsing.
+  Returns (loss_BxT, 0 at masked positions; per-token float stats "clipped" (1 where the clipped term is the
+  active one) and "ratio"), without gradients through the stats.
+  """
+  chex.assert_equal_shape((logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT))
+  high = clip_eps_high if clip_eps_high else clip_eps
+  valid_BxT = _valid(mask_BxT, logp_BxT.shape)
+  log_ratio_BxT = jnp.where(valid_BxT, _f32(logp_BxT) - _f32(old_logp_BxT), 0.0)
+  advantages_BxT = jnp.where(valid_BxT, _f32(advantages_BxT), 0.0)
+  ratio_BxT = jnp.exp(log_ratio_BxT)
+  unclipped_BxT = -advantages_BxT * ratio_BxT
+  clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + high)
+  loss_BxT = jnp.where(valid_BxT, jnp.maximum(unclipped_BxT, clipped_BxT), 0.0)
+  stats = {"clipped": (clipped_BxT > unclipped_BxT).astype(jnp.float32), "ratio": ratio_BxT,
+           "log_ratio": log_ratio_BxT}
+  return loss_BxT, jax.lax.stop_gradient(stats)
+
+
 def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: jax.Array, mask_BxT: jax.Array,
                 clip_eps: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO's clipped surrogate, averaged over all real tokens of the batch (trl / OpenRLHF token mean).
@@ -246,18 +272,100 @@ def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: ja
     "approx_kl" (0.5 * mean (logp - old_logp)^2, trl's k2 estimate of KL(old || new); a diagnostic), and
     "ratio_mean".
   """
-  chex.assert_equal_shape((logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT))
+  loss_BxT, per_token = clipped_surrogate(logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT, clip_eps)
   valid_BxT = _valid(mask_BxT, logp_BxT.shape)
-  log_ratio_BxT = jnp.where(valid_BxT, _f32(logp_BxT) - _f32(old_logp_BxT), 0.0)
-  advantages_BxT = jnp.where(valid_BxT, _f32(advantages_BxT), 0.0)
-  ratio_BxT = jnp.exp(log_ratio_BxT)
-  unclipped_BxT = -advantages_BxT * ratio_BxT
-  clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped_BxT, clipped_BxT), valid_BxT)
-  stats = {"clip_frac": masked_mean(clipped_BxT > unclipped_BxT, valid_BxT),
-           "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio_BxT), valid_BxT),
-           "ratio_mean": masked_mean(ratio_BxT, valid_BxT)}
-  return loss, jax.lax.stop_gradient(stats)
+  stats = {"clip_frac": masked_mean(per_token["clipped"], valid_BxT),
+           "approx_kl": 0.5 * masked_mean(jnp.square(per_token["log_ratio"]), valid_BxT),
+           "ratio_mean": masked_mean(per_token["ratio"], valid_BxT)}
+  return masked_mean(loss_BxT, valid_BxT), stats
+
+
+def aggregate(x_BxT: jax.Array, mask_BxT: jax.Array, mode: str = "token_mean") -> tuple[jax.Array, jax.Array]:
+  """(total, weight) of per-token values, whose ratio is the loss `mode` asks for; the totals and weights of
+  micro-batches add up to the whole batch's, so gradient accumulation does not change the result.
+
+    token_mean     total = sum of x over real tokens, weight = their count (PPO, DAPO: every token counts equally,
+                   so long replies weigh more)
+    sequence_mean  total = sum over replies of each reply's token mean, weight = replies with a real token (GRPO:
+                   every reply counts equally, so a long reply's tokens weigh less)
+    sequence_sum   total = sum over replies of each reply's token sum / T (T = x's length, the constant
+                   max_new_tokens), weight = replies (Dr. GRPO: no length normalisation, so no length bias)
+  """
+  valid_BxT = _valid(mask_BxT, jnp.shape(x_BxT))
+  x_BxT = jnp.where(valid_BxT, _f32(x_BxT), 0.0)
+  if mode == "token_mean":
+    return jnp.sum(x_BxT), jnp.sum(valid_BxT, dtype=jnp.float32)
+  length_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.float32)
+  if mode == "sequence_mean":
+    return jnp.sum(jnp.sum(x_BxT, axis=1) / jnp.maximum(length_B, 1.0)), jnp.sum(length_B > 0, dtype=jnp.float32)
+  if mode == "sequence_sum":
+    return jnp.sum(x_BxT) / x_BxT.shape[1], jnp.float32(x_BxT.shape[0])
+  raise ValueError(f"aggregate: mode={mode!r} is not one of token_mean, sequence_mean, sequence_sum")
+
+
+def _same_group(group_B: jax.Array) -> jax.Array:
+  group_B = jnp.asarray(group_B)
+  return (group_B[:, None] == group_B[None, :]).astype(jnp.float32)
+
+
+def group_advantages(score_B: jax.Array, group_B: jax.Array, *, std_norm: bool = True,
+                     eps: float = 1e-4) -> jax.Array:
+  """GRPO's outcome advantage of each reply (Shao et al. 2024): (score - its group's mean) / (the group's std +
+  eps), the std unbiased (n - 1), as trl's GRPOTrainer; `std_norm` False leaves the difference unscaled (Dr. GRPO,
+  Liu et al. 2025: the std division over-weights groups that nearly agree).
+
+  Args:
+    score_B: each reply's reward.
+    group_B: int id of the prompt each reply answers; replies with the same id form a group (any order).
+  Returns:
+    float32 [B]; a group of one, or one whose scores are all equal, gets 0.
+  """
+  score_B = _f32(score_B)
+  same_BxB = _same_group(group_B)
+  count_B = jnp.sum(same_BxB, axis=1)
+  mean_B = same_BxB @ score_B / count_B
+  centred_B = score_B - mean_B
+  if not std_norm:
+    return centred_B
+  var_B = (same_BxB @ jnp.square(centred_B)) / jnp.maximum(count_B - 1.0, 1.0)
+  positive_B = var_B > 0  # sqrt's gradient at 0 is infinite: a group that agrees must not make NaN gradients
+  std_B = jnp.where(positive_B, jnp.sqrt(jnp.where(positive_B, var_B, 1.0)), 0.0)
+  return jnp.where(count_B > 1, centred_B / (std_B + eps), 0.0)
+
+
+def leave_one_out_advantages(return_B: jax.Array, group_B: jax.Array) -> jax.Array:
+  """RLOO's advantage of each reply (Kool et al. 2019; Ahmadian et al. 2024): its return minus the mean return of
+  the other replies in its group, R_i - (sum_g R - R_i) / (k - 1) = k / (k - 1) * (R_i - mean_g R).
+
+  Args:
+    return_B: each reply's (KL-shaped) return.
+    group_B: int id of the prompt each reply answers.
+  Returns:
+    float32 [B]; 0 for a group of one (no baseline).
+  """
+  return_B = _f32(return_B)
+  same_BxB = _same_group(group_B)
+  count_B = jnp.sum(same_BxB, axis=1)
+  others_B = (same_BxB @ return_B - return_B) / jnp.maximum(count_B - 1.0, 1.0)
+  return jnp.where(count_B > 1, return_B - others_B, 0.0)
+
+
+def clipped_value_error(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array,
+                        mask_BxT: jax.Array, clip_eps_value: float) -> tuple[jax.Array, jax.Array]:
+  """(0.5 * max((v - R)^2, (v_clipped - R)^2) per token, 1.0 where the clipped error is the larger), 0 at
+  masked positions; `clip_eps_value` <= 0: the plain 0.5 * (v - R)^2 (see `value_loss`)."""
+  chex.assert_equal_shape((values_BxT, old_values_BxT, returns_BxT, mask_BxT))
+  valid_BxT = _valid(mask_BxT, values_BxT.shape)
+  values_BxT = jnp.where(valid_BxT, _f32(values_BxT), 0.0)
+  old_values_BxT = jnp.where(valid_BxT, _f32(old_values_BxT), 0.0)
+  returns_BxT = jnp.where(valid_BxT, _f32(returns_BxT), 0.0)
+  unclipped_BxT = jnp.square(values_BxT - returns_BxT)
+  if clip_eps_value <= 0:
+    return 0.5 * unclipped_BxT, jnp.zeros_like(unclipped_BxT)
+  clipped_values_BxT = jnp.clip(values_BxT, old_values_BxT - clip_eps_value, old_values_BxT + clip_eps_value)
+  clipped_BxT = jnp.square(clipped_values_BxT - returns_BxT)
+  return 0.5 * jnp.maximum(unclipped_BxT, clipped_BxT), jax.lax.stop_gradient(
+      (clipped_BxT > unclipped_BxT).astype(jnp.float32))
 
 
 def value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array, mask_BxT: jax.Array,
@@ -276,19 +384,9 @@ def value_loss(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: ja
   Returns:
     (loss, stats) with stats "clip_frac": fraction of tokens where the clipped error is the larger.
   """
-  chex.assert_equal_shape((values_BxT, old_values_BxT, returns_BxT, mask_BxT))
-  valid_BxT = _valid(mask_BxT, values_BxT.shape)
-  values_BxT = jnp.where(valid_BxT, _f32(values_BxT), 0.0)
-  old_values_BxT = jnp.where(valid_BxT, _f32(old_values_BxT), 0.0)
-  returns_BxT = jnp.where(valid_BxT, _f32(returns_BxT), 0.0)
-  unclipped_BxT = jnp.square(values_BxT - returns_BxT)
-  if clip_eps_value <= 0:
-    return 0.5 * masked_mean(unclipped_BxT, valid_BxT), {"clip_frac": jnp.float32(0.0)}
-  clipped_values_BxT = jnp.clip(values_BxT, old_values_BxT - clip_eps_value, old_values_BxT + clip_eps_value)
-  clipped_BxT = jnp.square(clipped_values_BxT - returns_BxT)
-  loss = 0.5 * masked_mean(jnp.maximum(unclipped_BxT, clipped_BxT), valid_BxT)
-  stats = {"clip_frac": masked_mean(clipped_BxT > unclipped_BxT, valid_BxT)}
-  return loss, jax.lax.stop_gradient(stats)
+  error_BxT, clipped_BxT = clipped_value_error(values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_eps_value)
+  valid_BxT = _valid(mask_BxT, error_BxT.shape)
+  return masked_mean(error_BxT, valid_BxT), {"clip_frac": masked_mean(clipped_BxT, valid_BxT)}
 
 
 def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
@@ -297,15 +395,19 @@ def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   Returns:
     float32 scalar, -mean_t sum_v p(v) log p(v); tokens with p(v) = 0 contribute 0.
   """
+  return masked_mean(token_entropy(logits_BxTxV, mask_BxT), mask_BxT)
+
+
+def token_entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+  """The policy's next-token entropy at every position (float32 [B, T], 0 at masked ones); `entropy` is its mean.
+  Garbage logits at padding would make nan gradients through the softmax: they are replaced first."""
   chex.assert_rank(logits_BxTxV, 3)
   chex.assert_equal_shape_prefix((logits_BxTxV, mask_BxT), 2)
   valid_BxT = _valid(mask_BxT, logits_BxTxV.shape[:2])
-  # Garbage logits at padding would make nan gradients through the softmax; replace them first.
   logits_BxTxV = jnp.where(valid_BxT[..., None], _f32(logits_BxTxV), 0.0)
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   p_BxTxV = jnp.exp(logp_BxTxV)
-  entropy_BxT = -jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * logp_BxTxV, 0.0), axis=-1)
-  return masked_mean(entropy_BxT, valid_BxT)
+  return jnp.where(valid_BxT, -jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * logp_BxTxV, 0.0), axis=-1), 0.0)
 
 
 def update_kl_coef(beta: float | jax.Array, current_kl: float | jax.Array, *, target: float | None,

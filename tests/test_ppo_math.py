@@ -325,3 +325,128 @@ def test_adaptive_kl_accepts_jax_scalars_and_agrees_with_floats():
 @pytest.mark.parametrize("target", [None, 0.0])
 def test_kl_coef_is_fixed_without_a_target(target):
   assert ppo_math.update_kl_coef(0.05, 100.0, target=target, horizon=10_000, n_steps=512) == 0.05
+
+
+# --- critic-free estimators (GRPO, RLOO) and loss aggregation --------------------------------------------------
+
+
+def _np_group_advantages(score, group, std_norm=True, eps=1e-4):
+  score, out = np.asarray(score, np.float64), np.zeros(len(score))
+  for g in np.unique(group):
+    idx = np.nonzero(group == g)[0]
+    if len(idx) < 2:
+      continue
+    centred = score[idx] - score[idx].mean()
+    out[idx] = centred / (score[idx].std(ddof=1) + eps) if std_norm else centred
+  return out
+
+
+def _np_leave_one_out(returns, group):
+  returns, out = np.asarray(returns, np.float64), np.zeros(len(returns))
+  for i, g in enumerate(group):
+    others = [returns[j] for j in range(len(returns)) if group[j] == g and j != i]
+    out[i] = returns[i] - np.mean(others) if others else 0.0
+  return out
+
+
+# Groups in any order and of unequal sizes, one of them a single reply, one whose scores all agree.
+GROUPS = np.array([3, 0, 3, 1, 0, 3, 2, 1, 1, 4, 4])
+SCORES = np.array([0.3, -1.2, 2.0, 0.5, 0.7, -0.4, 1.1, 0.5, 0.5, 0.9, 0.9], np.float32)
+
+
+@pytest.mark.parametrize("std_norm", [True, False])
+def test_group_advantages_match_numpy(std_norm):
+  got = np.asarray(ppo_math.group_advantages(SCORES, GROUPS, std_norm=std_norm))
+  expected = _np_group_advantages(SCORES, GROUPS, std_norm)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert got[6] == 0.0 and np.all(got[9:] == 0.0)  # a group of one; a group that agrees
+  assert np.all(got[[3, 7, 8]] == 0.0)  # group 1: 0.5, 0.5, 0.5
+
+
+def test_leave_one_out_advantages_match_numpy_and_the_k_over_k_minus_1_identity():
+  got = np.asarray(ppo_math.leave_one_out_advantages(SCORES, GROUPS))
+  np.testing.assert_allclose(got, _np_leave_one_out(SCORES, GROUPS), rtol=1e-5, atol=1e-6)
+  idx = GROUPS == 3  # k = 3: R_i - mean of the others = 3/2 (R_i - group mean)
+  np.testing.assert_allclose(got[idx], 1.5 * (SCORES[idx] - SCORES[idx].mean()), rtol=1e-5)
+  assert got[6] == 0.0
+
+
+def _np_aggregate(x, mode):
+  x = np.where(VALID, np.asarray(x, np.float64), 0.0)
+  lengths = VALID.sum(1)
+  if mode == "token_mean":
+    return x.sum() / VALID.sum()
+  if mode == "sequence_mean":
+    rows = lengths > 0
+    return np.mean(x.sum(1)[rows] / lengths[rows])
+  return np.mean(x.sum(1) / T)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sequence_sum"])
+def test_aggregate_matches_numpy_and_adds_up_over_micro_batches(mode):
+  x = _ragged(40)
+  total, weight = ppo_math.aggregate(x, MASK, mode)
+  np.testing.assert_allclose(float(total) / float(weight), _np_aggregate(x, mode), rtol=1e-5)
+  halves = [ppo_math.aggregate(x[rows], MASK[rows], mode) for rows in (slice(0, 2), slice(2, 4))]
+  np.testing.assert_allclose(sum(float(t) for t, _ in halves) / sum(float(w) for _, w in halves),
+                             float(total) / float(weight), rtol=1e-6)
+
+
+def test_unknown_aggregation_is_rejected():
+  with pytest.raises(ValueError, match="mode='tokens'"):
+    ppo_math.aggregate(_ragged(41), MASK, "tokens")
+
+
+def _np_surrogate(logp, old_logp, advantages, low, high):
+  ratio = np.exp(np.asarray(logp, np.float64) - old_logp)
+  a = np.asarray(advantages, np.float64)
+  return np.where(VALID, np.maximum(-a * ratio, -a * np.clip(ratio, 1 - low, 1 + high)), 0.0)
+
+
+def test_clip_higher_widens_only_the_upper_clip():
+  # ratio 1.25 with A > 0: clipped at 1.2 by the symmetric range, not by clip_eps_high = 0.28; ratio 0.75 with
+  # A < 0 is clipped at 0.8 by both.
+  old_logp = np.full((1, 2), -2.0, np.float32)
+  logp = (old_logp + np.log([[1.25, 0.75]])).astype(np.float32)
+  advantages, mask = np.array([[1.0, -1.0]], np.float32), np.ones((1, 2))
+  symmetric, _ = ppo_math.clipped_surrogate(logp, old_logp, advantages, mask, 0.2)
+  higher, stats = ppo_math.clipped_surrogate(logp, old_logp, advantages, mask, 0.2, 0.28)
+  np.testing.assert_allclose(symmetric, [[-1.2, 0.8]], rtol=1e-5)
+  np.testing.assert_allclose(higher, [[-1.25, 0.8]], rtol=1e-5)
+  np.testing.assert_array_equal(stats["clipped"], [[0.0, 1.0]])
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sequence_sum"])
+def test_aggregated_surrogate_gradient_matches_central_differences(mode):
+  logp, old_logp, advantages = _ragged(42) * 0.1 - 1.0, _ragged(43) * 0.1 - 1.0, _ragged(44)
+
+  def loss(lp):
+    per_token, _ = ppo_math.clipped_surrogate(lp, old_logp, advantages, MASK, 0.2, 0.28)
+    total, weight = ppo_math.aggregate(per_token, MASK, mode)
+    return total / weight
+
+  grad = np.asarray(jax.grad(loss)(logp))
+  assert np.all(grad[~VALID] == 0.0)
+  step = 1e-6
+  for b, t in zip(*np.nonzero(VALID)):
+    plus, minus = logp.astype(np.float64), logp.astype(np.float64)
+    plus[b, t] += step
+    minus[b, t] -= step
+    numeric = (_np_aggregate(_np_surrogate(plus, old_logp, advantages, 0.2, 0.28), mode)
+               - _np_aggregate(_np_surrogate(minus, old_logp, advantages, 0.2, 0.28), mode)) / (2 * step)
+    np.testing.assert_allclose(grad[b, t], numeric, rtol=1e-3, atol=1e-5, err_msg=f"token {b, t}")
+
+
+def test_group_advantage_gradient_of_a_grpo_objective_matches_central_differences():
+  # d/d score of sum_i w_i * A_i(score): the std normalisation's gradient through the whole group.
+  weights = np.random.default_rng(45).normal(size=len(SCORES))
+  scores = SCORES + np.random.default_rng(46).normal(size=len(SCORES)).astype(np.float32) * 0.1
+  grad = np.asarray(jax.grad(lambda s: jnp.sum(weights * ppo_math.group_advantages(s, GROUPS)))(scores))
+  step = 1e-5
+  for i in range(len(scores)):
+    plus, minus = scores.astype(np.float64), scores.astype(np.float64)
+    plus[i] += step
+    minus[i] -= step
+    numeric = (np.sum(weights * _np_group_advantages(plus, GROUPS))
+               - np.sum(weights * _np_group_advantages(minus, GROUPS))) / (2 * step)
+    np.testing.assert_allclose(grad[i], numeric, rtol=2e-3, atol=1e-3, err_msg=f"score {i}")
