@@ -67,7 +67,7 @@ def row(stage: str, size: str, chip: str, report: dict | None) -> str:
     return f"| {stage} | {size} | {chip} | - | refused: {report['error'][:160]} | | | | | |"
   programs = {p["name"]: p for p in report["programs"]}
   peak = max(report["programs"], key=lambda p: p["total"])
-  train = programs.get("train step") or programs.get("PPO update")
+  train = programs.get("train step") or next((v for k, v in programs.items() if k.endswith(" update")), None)
   headroom = 1 - peak["total"] / (spec.hbm_gib * GIB)
   est = f"{train['estimate'] / train['total']:.2f}" if train and train.get("estimate") else "-"
   mfu = (f"{100 * train['projected_mfu']:.0f}-{100 * train['model_flops'] / train['matmul_flops']:.0f}%"

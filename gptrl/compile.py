@@ -46,6 +46,7 @@ from gptrl import hlo
 from gptrl import memory
 from gptrl import presets
 from gptrl import sharding
+from gptrl import stages
 
 GIB = 1024 ** 3
 
@@ -203,7 +204,7 @@ def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelCo
   when they exist, else from config.hardware.model_size (the plan's preset shape, the presets' vocabulary)."""
   try:
     model_cfg, rm_cfg = memory.model_configs(cfg)
-    return model_cfg, rm_cfg, (reward_model_meta(cfg) if cfg.stage == "ppo" else {})
+    return model_cfg, rm_cfg, (reward_model_meta(cfg) if cfg.stage in stages.POLICY_RL else {})
   except Exception as e:  # pylint: disable=broad-except  # the checkpoints do not exist yet (before booking)
     size = cfg.hardware.model_size
     if not size:
@@ -214,7 +215,7 @@ def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelCo
     model_cfg = cfg.model.apply(shape)
     logging.info("No init checkpoint to read the model from (%s); compiling the %s shape of config.hardware."
                  "model_size.", type(e).__name__, size)
-    return model_cfg, (model_cfg if cfg.stage == "ppo" else None), {}
+    return model_cfg, (model_cfg if cfg.stage in stages.POLICY_RL else None), {}
 
 
 def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
@@ -303,7 +304,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
   from gptrl.stages import ppo  # pylint: disable=import-outside-toplevel
-  p = cfg.ppo
+  p = cfg.algo
   placement = ppo.make_placement(cfg.mesh, p, list(devices))
   learner, sampler, scorer = placement.learner, placement.sampler, placement.scorer
   models = ppo.make_models(model_cfg, rm_cfg, p, ensemble=int(rm_meta.get("ensemble", 1)),
@@ -330,6 +331,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
                                                     sharding.data_parallel_size(scorer))))
   host = ppo.build_rollout_batch([[1]] * rows, [[1]] * rows, prompt_len=models.prompt_len,
                                  new_tokens=models.new_tokens, pad_id=0, stop_id=1)
+  host["group"] = np.arange(rows, dtype=np.int32) // p.group_size
   shapes = {k: (v.shape, v.dtype) for k, v in host.items()}
   scorer_fn = ppo.make_score_fn(models, cfg, 0.0)
   scorer_batch, learner_batch = abstract_batch(shapes, scorer), abstract_batch(shapes, learner)
@@ -349,7 +351,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   policy_token = model_lib.flops_per_token(model_cfg, t)
   scalar_token = model_lib.flops_per_token(model_cfg, t, lm_head=False)
   rm_token = model_lib.flops_per_token(rm_cfg, t, lm_head=False)
-  critic_token = 0.0 if models.shared else scalar_token
+  critic_token = 0.0 if models.shared or models.critic is None else scalar_token
   sampler_rows = rows_for(p.rollout_batch_size, sharding.data_parallel_size(sampler))
   update_flops = (policy_token + critic_token) * p.minibatch_size * t
   if p.ptx_coef > 0:
@@ -367,10 +369,11 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
       Program("scoring: shaping", lambda: lower_in(learner, scorer_fn.shaping, state.params, frozen_on_learner,
                                                    learner_batch, beta), learner,
               ("train state/params",), (policy_token + critic_token) / 3 * rows * t, scoring),
-      Program("PPO update", lambda: update.lower(state, minibatch), learner, ("train state",), update_flops,
+      Program(f"{cfg.stage.upper()} update", lambda: update.lower(state, minibatch), learner, ("train state",),
+              update_flops,
               "train step"),
   ]
-  title = (f"ppo: policy {_shape(model_cfg)}; critic {p.critic}; reward model {_shape(rm_cfg)}"
+  title = (f"{cfg.stage}: policy {_shape(model_cfg)}; critic {p.critic}; reward model {_shape(rm_cfg)}"
            + (f"; split placement: learner {learner.size}, sampler {sampler.size}, scorer {scorer.size} devices"
               if p.placement == "split" else ""))
   return Plan(title, programs, residents, transfers=transfers,
@@ -384,12 +387,13 @@ def _shape(cfg: config_lib.ModelConfig) -> str:
 
 def build_plan(cfg: Any, devices: tuple[Any, ...]) -> Plan:
   """The programs `cfg` runs over `devices` (a topology's, or real ones), with their abstract arguments."""
-  if cfg.stage not in ("pretrain", "sft", "reward", "ppo"):
-    raise CompileCheckError(f"config.stage {cfg.stage!r}: the compile check covers pretrain, sft, reward and ppo")
+  if cfg.stage not in ("pretrain", "sft", "reward") + stages.POLICY_RL:
+    raise CompileCheckError(f"config.stage {cfg.stage!r}: the compile check covers pretrain, sft, reward, "
+                            f"{', '.join(stages.POLICY_RL)}")
   model_cfg, rm_cfg, rm_meta = _model_configs(cfg)
-  if cfg.stage == "ppo":
+  if cfg.stage in stages.POLICY_RL:
     plan = _ppo_plan(cfg, model_cfg, rm_cfg or model_cfg, rm_meta, devices)
-    colocated = cfg.ppo.placement == "colocated"
+    colocated = cfg.algo.placement == "colocated"
   else:
     mesh = sharding.make_mesh(cfg.mesh, list(devices), whole=True)
     plan = _lm_plan(cfg, model_cfg, mesh) if cfg.stage in ("pretrain", "sft") else _reward_plan(cfg, model_cfg, mesh)

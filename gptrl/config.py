@@ -61,7 +61,14 @@ KL_ESTIMATORS = ("k1", "k2", "k3")  # the per-token estimators of gptrl/ppo_math
 # ppo.kl_estimator: k1 or k3 of KL_ESTIMATORS per sampled token, or "full", the exact KL over the vocabulary
 # (gptrl/ppo_math.py exact_kl).
 PPO_KL_ESTIMATORS = ("k1", "k3", "full")
-CRITICS = ("separate", "shared")
+CRITICS = ("separate", "shared", "none")  # "none": critic-free (group or leave-one-out advantages)
+# ppo.advantage: "gae" (a critic's values, PPO), "group" (each reply's score against its group's mean over std:
+# GRPO; Dr. GRPO without the std), "leave_one_out" (against the mean of the other replies to its prompt: RLOO).
+ADVANTAGES = ("gae", "group", "leave_one_out")
+# ppo.loss_aggregation: how per-token losses become one: the mean over every token of the batch (PPO, DAPO),
+# each reply's token mean averaged over replies (GRPO), or each reply's token sum over max_new_tokens averaged over
+# replies (Dr. GRPO: no length normalisation).
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum")
 CRITIC_INITS = ("reward", "sft")
 PLACEMENTS = ("colocated", "split")
 PIPELINE_STAGES = stages_lib.PIPELINE_ORDER  # the order the pipeline runs them in (gptrl/stages/__init__.py)
@@ -672,7 +679,13 @@ class PPOAlgoConfig:
   gamma: float = 1.0
   lam: float = 0.95
   whiten_advantages: bool = True
+  # Critic-free estimators (GRPO, RLOO): `group_size` replies to each prompt (rollout_batch_size counts replies).
+  advantage: str = "gae"  # "gae" | "group" | "leave_one_out" (see ADVANTAGES)
+  group_size: int = 1  # replies sampled per prompt; >= 2 for "group" and "leave_one_out"
+  group_std_norm: bool = True  # "group": divide by the group's std (GRPO); False: Dr. GRPO
+  loss_aggregation: str = "token_mean"  # "token_mean" | "sequence_mean" | "sequence_sum" (see LOSS_AGGREGATIONS)
   clip_eps: float = 0.2
+  clip_eps_high: float = 0.0  # > 0: the ratio's upper clip 1 + clip_eps_high (DAPO's clip-higher); 0: clip_eps
   clip_eps_value: float = 0.2  # <= 0: no value clipping
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
@@ -681,7 +694,8 @@ class PPOAlgoConfig:
   ptx_coef: float = 0.0
   ptx_sources: tuple[str, ...] = ("shakespeare",)  # as data.sources of pretraining; its training split is used
   # Models.
-  critic: str = "separate"  # "separate" (its own transformer) | "shared" (a value head on the policy's trunk)
+  # "separate" (its own transformer) | "shared" (a value head on the policy's trunk) | "none" (critic-free)
+  critic: str = "separate"
   critic_init: str = "reward"  # "reward" (the reward model's weights) | "sft" (the SFT transformer, fresh head)
   value_head_init_std: float = 1e-3  # for a fresh value head
   # Placement. "colocated": every model on config.mesh's devices. "split": disjoint sub-meshes of the devices, in
@@ -700,49 +714,107 @@ class PPOAlgoConfig:
   # replies at every eval, logged as eval/judge_<name> next to eval/reward (the RM's); "textblob" | "vader" | "length".
   watch_judges: tuple[str, ...] = ()
 
+  group = "ppo"  # the config group it sits in (config.<group>.*), for messages and metric names
+
   def __post_init__(self):
+    g = self.group
     for name in ("rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
-      _check(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
-    _check(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
-           f"must divide ppo.rollout_batch_size={self.rollout_batch_size}, got {self.minibatch_size}")
-    _check_choice(self.kl_estimator, PPO_KL_ESTIMATORS, "ppo.kl_estimator")
-    _check_choice(self.critic, CRITICS, "ppo.critic")
-    _check_choice(self.placement, PLACEMENTS, "ppo.placement")
+      _check(getattr(self, name) >= 1, f"{g}.{name}", f"must be >= 1, got {getattr(self, name)}")
+    _check(self.rollout_batch_size % self.minibatch_size == 0, f"{g}.minibatch_size",
+           f"must divide {g}.rollout_batch_size={self.rollout_batch_size}, got {self.minibatch_size}")
+    _check_choice(self.kl_estimator, PPO_KL_ESTIMATORS, f"{g}.kl_estimator")
+    _check_choice(self.critic, CRITICS, f"{g}.critic")
+    _check_choice(self.placement, PLACEMENTS, f"{g}.placement")
     if self.placement == "split":
-      _check(self.sampler_devices >= 1, "ppo.sampler_devices",
-             f"must be >= 1 with ppo.placement='split', got {self.sampler_devices}")
+      _check(self.sampler_devices >= 1, f"{g}.sampler_devices",
+             f"must be >= 1 with {g}.placement='split', got {self.sampler_devices}")
     else:
-      _check(self.sampler_devices == 0 and self.scorer_devices == 0, "ppo.placement",
-             "is 'colocated': set it to 'split' to use ppo.sampler_devices / ppo.scorer_devices")
-    _check(self.scorer_devices >= 0, "ppo.scorer_devices", f"must be >= 0, got {self.scorer_devices}")
-    _check(self.split_tensor >= 1, "ppo.split_tensor", f"must be >= 1, got {self.split_tensor}")
-    _check_choice(self.critic_init, CRITIC_INITS, "ppo.critic_init")
-    _check(not (self.critic == "shared" and self.critic_init == "reward"), "ppo.critic_init",
+      _check(self.sampler_devices == 0 and self.scorer_devices == 0, f"{g}.placement",
+             f"is 'colocated': set it to 'split' to use {g}.sampler_devices / {g}.scorer_devices")
+    _check(self.scorer_devices >= 0, f"{g}.scorer_devices", f"must be >= 0, got {self.scorer_devices}")
+    _check(self.split_tensor >= 1, f"{g}.split_tensor", f"must be >= 1, got {self.split_tensor}")
+    _check_choice(self.critic_init, CRITIC_INITS, f"{g}.critic_init")
+    _check(not (self.critic == "shared" and self.critic_init == "reward"), f"{g}.critic_init",
            "a shared critic lives on the policy's trunk (SFT weights); use critic_init='sft' or critic='separate'")
     for name in ("init_beta", "target_kl", "vf_coef", "entropy_coef", "max_approx_kl", "truncation_penalty"):
-      _check(getattr(self, name) >= 0, f"ppo.{name}", f"must be >= 0, got {getattr(self, name)}")
+      _check(getattr(self, name) >= 0, f"{g}.{name}", f"must be >= 0, got {getattr(self, name)}")
     for name in ("gamma", "lam"):
-      _check(0.0 <= getattr(self, name) <= 1.0, f"ppo.{name}", f"must be in [0, 1], got {getattr(self, name)}")
-    _check(self.top_k >= 0, "ppo.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
-    _check(0.0 < self.top_p <= 1.0, "ppo.top_p", f"must be in (0, 1], got {self.top_p}")
-    _check(self.value_head_init_std > 0, "ppo.value_head_init_std", f"must be > 0, got {self.value_head_init_std}")
+      _check(0.0 <= getattr(self, name) <= 1.0, f"{g}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+    _check(self.top_k >= 0, f"{g}.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+    _check(0.0 < self.top_p <= 1.0, f"{g}.top_p", f"must be in (0, 1], got {self.top_p}")
+    _check(self.value_head_init_std > 0, f"{g}.value_head_init_std", f"must be > 0, got {self.value_head_init_std}")
     if self.ptx_coef > 0:
-      _check_sources(self.ptx_sources, "ppo.ptx_sources")
-    _check(self.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {self.clip_eps}")
-    _check(self.temperature > 0, "ppo.temperature",
+      _check_sources(self.ptx_sources, f"{g}.ptx_sources")
+    _check(self.clip_eps > 0, f"{g}.clip_eps", f"must be > 0, got {self.clip_eps}")
+    _check(self.clip_eps_high >= 0, f"{g}.clip_eps_high", f"must be >= 0 (0: {g}.clip_eps), got {self.clip_eps_high}")
+    _check_choice(self.advantage, ADVANTAGES, f"{g}.advantage")
+    _check_choice(self.loss_aggregation, LOSS_AGGREGATIONS, f"{g}.loss_aggregation")
+    _check(self.group_size >= 1, f"{g}.group_size", f"must be >= 1, got {self.group_size}")
+    if self.advantage == "gae":
+      _check(self.critic != "none", f"{g}.critic", f"is 'none', but {g}.advantage='gae' needs a critic's values; "
+             "use advantage='group' (GRPO) or 'leave_one_out' (RLOO) without one")
+    else:
+      _check(self.group_size >= 2, f"{g}.group_size", f"must be >= 2 with {g}.advantage={self.advantage!r} (a "
+             f"reply's baseline is the other replies to its prompt), got {self.group_size}")
+      _check(self.critic == "none", f"{g}.critic", f"must be 'none' with {g}.advantage={self.advantage!r} (its "
+             f"baseline replaces the critic), got {self.critic!r}")
+    _check(self.rollout_batch_size % self.group_size == 0, f"{g}.rollout_batch_size",
+           f"must be a multiple of {g}.group_size={self.group_size} (it counts replies), got {self.rollout_batch_size}")
+    _check(self.temperature > 0, f"{g}.temperature",
            f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
-    _check(self.num_eval_prompts >= 0, "ppo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
-    _check(self.ptx_coef >= 0, "ppo.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
-    _check_judges(self.watch_judges, "ppo.watch_judges")
-    _check(len(set(self.watch_judges)) == len(self.watch_judges), "ppo.watch_judges",
+    _check(self.num_eval_prompts >= 0, f"{g}.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
+    _check(self.ptx_coef >= 0, f"{g}.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
+    _check_judges(self.watch_judges, f"{g}.watch_judges")
+    _check(len(set(self.watch_judges)) == len(self.watch_judges), f"{g}.watch_judges",
            f"names a judge twice: {list(self.watch_judges)}")
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-  """Stage 4: RLHF with PPO against a frozen reward model, KL-anchored to the frozen SFT policy."""
-  stage: str = "ppo"
-  workdir: str = "runs/ppo"  # a local folder or a gs://bucket/... URL
+class GRPOAlgoConfig(PPOAlgoConfig):
+  """GRPO (Shao et al. 2024, DeepSeekMath): `group_size` replies per prompt, each reply's advantage its score
+  against its group's mean over the group's std, no critic, the clipped ratio, and the KL to the reference as a
+  loss term (k3, fixed beta). Dr. GRPO (Liu et al. 2025): group_std_norm=False, loss_aggregation="sequence_sum".
+  DAPO (Yu et al. 2025): clip_eps_high=0.28, loss_aggregation="token_mean", init_beta=0."""
+  rollout_batch_size: int = 64  # replies per iteration: rollout_batch_size / group_size prompts
+  minibatch_size: int = 32
+  epochs: int = 1
+  group_size: int = 8
+  advantage: str = "group"
+  critic: str = "none"
+  critic_init: str = "sft"
+  kl_in_reward: bool = False
+  kl_estimator: str = "k3"
+  init_beta: float = 0.04
+  target_kl: float = 0.0
+  whiten_advantages: bool = False
+  loss_aggregation: str = "sequence_mean"
+  vf_coef: float = 0.0
+  group = "grpo"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOAlgoConfig(PPOAlgoConfig):
+  """RLOO (Ahmadian et al. 2024): `group_size` replies per prompt; REINFORCE on each reply's KL-shaped return
+  (score - beta * its summed per-token KL) against the mean return of the prompt's other replies; no critic."""
+  rollout_batch_size: int = 64
+  minibatch_size: int = 32
+  epochs: int = 1
+  group_size: int = 4
+  advantage: str = "leave_one_out"
+  critic: str = "none"
+  critic_init: str = "sft"
+  target_kl: float = 0.0
+  whiten_advantages: bool = False
+  vf_coef: float = 0.0
+  group = "rloo"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolicyRLConfig:
+  """What PPO, GRPO and RLOO share: the SFT policy they start from (and its frozen copy, the reference), the
+  frozen reward model, prompts, optimizer and cadence; each adds its algorithm's group (`ALGO`)."""
+  stage: str = ""
+  workdir: str = ""  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
   reward_model: RewardModelConfig = RewardModelConfig()  # the reward-model run and how to read an ensemble
@@ -751,13 +823,47 @@ class PPOConfig:
   mesh: MeshConfig = MeshConfig()
   optim: OptimConfig = OptimConfig()
   data: ChatDataConfig = ChatDataConfig()  # prompts: training split for rollouts, held-out split for eval
-  ppo: PPOAlgoConfig = PPOAlgoConfig()
-  train: TrainConfig = TrainConfig()  # steps = PPO iterations; eval/checkpoint cadence in iterations
+  train: TrainConfig = TrainConfig()  # steps = iterations; eval/checkpoint cadence in iterations
   distributed: DistributedConfig = DistributedConfig()
   hardware: HardwareConfig = HardwareConfig()  # target chip and memory check (gptrl/memory.py)
+  ALGO: typing.ClassVar[str] = ""  # the algorithm group's field name
 
   def __post_init__(self):
     _check_stage(self, init="the SFT run (policy start and reference)", reward_model=True)
+    algo = getattr(self, self.ALGO)
+    _check(algo.group == self.ALGO, self.ALGO, f"must be a config of the {self.ALGO} group, got {type(algo).__name__}")
+
+  @property
+  def algo(self) -> PPOAlgoConfig:
+    """The algorithm's group: config.ppo, config.grpo or config.rloo (one code path, gptrl/stages/ppo.py)."""
+    return getattr(self, self.ALGO)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(_PolicyRLConfig):
+  """Stage 4: RLHF with PPO against a frozen reward model, KL-anchored to the frozen SFT policy."""
+  stage: str = "ppo"
+  workdir: str = "runs/ppo"
+  ppo: PPOAlgoConfig = PPOAlgoConfig()
+  ALGO: typing.ClassVar[str] = "ppo"
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(_PolicyRLConfig):
+  """GRPO (and Dr. GRPO, DAPO's options) against the frozen reward model: PPO's stage without a critic."""
+  stage: str = "grpo"
+  workdir: str = "runs/grpo"
+  grpo: GRPOAlgoConfig = GRPOAlgoConfig()
+  ALGO: typing.ClassVar[str] = "grpo"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig(_PolicyRLConfig):
+  """RLOO against the frozen reward model: PPO's stage with a leave-one-out baseline instead of a critic."""
+  stage: str = "rloo"
+  workdir: str = "runs/rloo"
+  rloo: RLOOAlgoConfig = RLOOAlgoConfig()
+  ALGO: typing.ClassVar[str] = "rloo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -770,7 +876,7 @@ class PipelineConfig:
   """
   stage: str = "pipeline"
   workdir: str = "runs/pipeline"  # a local folder or a gs://bucket/... URL
-  stages: tuple[str, ...] = PIPELINE_STAGES  # which stages to run (in pipeline order)
+  stages: tuple[str, ...] = stages_lib.DEFAULT_PIPELINE  # which stages to run (in pipeline order)
   report: bool = True  # write <workdir>/report.html after the last stage (python -m gptrl.report)
   pretrain: PretrainConfig = PretrainConfig()
   sft: SFTConfig = SFTConfig(init=InitConfig(checkpoint="<pretrain>"))
@@ -780,6 +886,10 @@ class PipelineConfig:
                                      reward_model=RewardModelConfig(checkpoint="<reward>"))
   ppo: PPOConfig = PPOConfig(init=InitConfig(checkpoint="<sft>"),
                              reward_model=RewardModelConfig(checkpoint="<reward>"))
+  grpo: GRPOConfig = GRPOConfig(init=InitConfig(checkpoint="<sft>"),
+                                reward_model=RewardModelConfig(checkpoint="<reward>"))
+  rloo: RLOOConfig = RLOOConfig(init=InitConfig(checkpoint="<sft>"),
+                                reward_model=RewardModelConfig(checkpoint="<reward>"))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 
   def __post_init__(self):
@@ -794,7 +904,8 @@ class PipelineConfig:
            f"must be in pipeline order without repeats ({' -> '.join(PIPELINE_STAGES)}), got {list(self.stages)}")
     inputs = (("sft", "init", "pretrain"), ("label", "init", "sft"), ("reward", "init", "sft"),
               ("bon", "init", "sft"), ("bon", "reward_model", "reward"), ("ppo", "init", "sft"),
-              ("ppo", "reward_model", "reward"))
+              ("ppo", "reward_model", "reward"), ("grpo", "init", "sft"), ("grpo", "reward_model", "reward"),
+              ("rloo", "init", "sft"), ("rloo", "reward_model", "reward"))
     for name, field, producer in inputs:
       path = getattr(getattr(self, name), field).checkpoint
       _check(name not in self.stages or producer in self.stages or not (path.startswith("<") and path.endswith(">")),
@@ -924,6 +1035,28 @@ def as_configdict(config: Any) -> Any:
     return ml_collections.ConfigDict({f.name: to_dict(f.default) if dataclasses.is_dataclass(f.default) else f.default
                                       for f in dataclasses.fields(config)})
   return ml_collections.ConfigDict(to_dict(config))
+
+
+# The keys of PPO's algorithm group that GRPO's and RLOO's config files take from a PPO plan (configs/grpo_*.py):
+# sizes, sampling, reward shaping common to all, evaluation and placement; not the algorithm's own settings.
+SHARED_ALGO_KEYS = ("rollout_batch_size", "minibatch_size", "max_new_tokens", "temperature", "top_k", "top_p",
+                    "reward_gain", "reward_bias", "truncation_penalty", "num_eval_prompts", "watch_judges",
+                    "placement", "sampler_devices", "scorer_devices", "split_tensor", "save_rollouts")
+
+
+def policy_rl_configdict(ppo_config: Any, stage: str) -> Any:
+  """A GRPO or RLOO ConfigDict (`stage`: "grpo" | "rloo") on the plan of a PPO ConfigDict: every group but the
+  algorithm's as PPO's (model runtime, mesh, optimizer, data, train cadence, hardware, inputs), SHARED_ALGO_KEYS of
+  `ppo_config.ppo` in config.<stage>, the rest of it at the algorithm's defaults; the workdir's last "ppo" renamed."""
+  c = as_configdict(STAGE_CONFIGS[stage])
+  for key, value in ppo_config.items():
+    if key not in ("stage", "ppo", "workdir"):
+      c[key] = value
+  for key in SHARED_ALGO_KEYS:
+    c[stage][key] = ppo_config.ppo[key]
+  head, sep, tail = ppo_config.workdir.rpartition("ppo")
+  c.workdir = f"{head}{stage}{tail}" if sep else f"{ppo_config.workdir}_{stage}"
+  return c
 
 
 def to_dict(config: Any) -> dict[str, Any]:

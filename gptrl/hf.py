@@ -48,6 +48,7 @@ import numpy as np
 
 from gptrl import config as config_lib
 from gptrl import fileio
+from gptrl import stages as stages_lib
 from gptrl import tokenizer as tokenizer_lib
 
 SUPPORTED = ("gpt2", "llama")
@@ -701,7 +702,7 @@ def _restore_params(checkpoint: str, step: int) -> tuple[config_lib.ModelConfig,
   tok_path = os.path.join(os.path.dirname(folder), "tokenizer.model")
   sha = tokenizer_lib.load_tokenizer(tok_path).sha256 if fileio.exists(tok_path) else None
   params, _, _ = ckpt_lib.load_params(checkpoint, target, step=step, tokenizer_sha256=sha,
-                                      subtree="policy" if stage == "ppo" else "")
+                                      subtree="policy" if stage in stages_lib.POLICY_RL else "")
   return cfg, jax.device_get(params), meta, where, tok_path
 
 

@@ -156,7 +156,8 @@ def init_fn(kind: str, model_cfg: config_lib.ModelConfig, critic: str = "separat
   """rng -> boxed parameters of a stage's trained model, built as the stage builds them.
 
   kind: "lm" (GPT: pretraining, SFT, labelling), "scalar" (the reward model), "ppo" ({"policy", "value"} with
-  `critic` "separate" (a scalar-head transformer) or "shared" (a value head on the policy's hidden states)).
+  `critic` "separate" (a scalar-head transformer) or "shared" (a value head on the policy's hidden states);
+  {"policy"} alone with "none": GRPO, RLOO).
   """
   from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
   from gptrl import reward_model  # pylint: disable=import-outside-toplevel
@@ -167,7 +168,9 @@ def init_fn(kind: str, model_cfg: config_lib.ModelConfig, critic: str = "separat
     return recipe.init_params(reward_model.make_reward_model(model_cfg, 1), model_cfg.max_len)
   if kind != "ppo":
     raise ValueError(f"memory.init_fn: unknown kind {kind!r}")
-  models = ppo.make_models(model_cfg, model_cfg, config_lib.PPOAlgoConfig(critic=critic))
+  algo = (config_lib.PPOAlgoConfig(critic=critic) if critic != "none" else
+          config_lib.PPOAlgoConfig(critic="none", critic_init="sft", advantage="group", group_size=2))
+  models = ppo.make_models(model_cfg, model_cfg, algo)
   return functools.partial(ppo.init_params, models)
 
 
@@ -405,9 +408,10 @@ def estimate_label(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapp
 
 def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig,
                  mesh_shape: Mapping[str, int]) -> Estimate:
-  """PPO, every model on the one mesh: policy and critic trained; reference and reward model frozen."""
-  p = cfg.ppo
-  shared = p.critic == "shared"
+  """PPO (and GRPO, RLOO), every model on the one mesh: policy and critic (if any) trained; reference and reward
+  model frozen."""
+  p = cfg.algo
+  shared = p.critic in ("shared", "none")
   resident, step, params = _trained("ppo", model_cfg, cfg.optim, mesh_shape, critic=p.critic)
   mesh = abstract_mesh(mesh_shape)
   resident["reference policy (frozen)"] = sharded_bytes(params["policy"], mesh)  # the policy's shape
@@ -435,7 +439,8 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
           "policy and reference logits, response log-softmax (float32)":
               shard.logits(rows, t, 2) + shard.logits(rows, n, 3)},
       "train step": step}
-  title = _title("ppo", mesh_shape, "policy (and reference): " + _shape_title(model_cfg, param_count(params["policy"])),
+  title = _title(cfg.stage, mesh_shape,
+                 "policy (and reference): " + _shape_title(model_cfg, param_count(params["policy"])),
                  f"critic: {p.critic}; reward model: " + _shape_title(rm_cfg, param_count(rm_params)))
   return Estimate(title, resident, phases)
 
@@ -459,7 +464,7 @@ def estimate(cfg: Any, mesh_shape: Mapping[str, int], model_cfg: config_lib.Mode
     return estimate_reward(cfg, model_cfg, mesh_shape)
   if cfg.stage == "label":
     return estimate_label(cfg, model_cfg, mesh_shape)
-  if cfg.stage == "ppo":
+  if cfg.stage in stages.POLICY_RL:
     return estimate_ppo(cfg, model_cfg, rm_cfg or model_cfg, mesh_shape)
   raise ValueError(f"memory.estimate: no estimate for stage {cfg.stage!r}")
 
@@ -497,7 +502,7 @@ def model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelCon
   meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.init.checkpoint, cfg.init.step)
   model_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(meta))
   rm_cfg = None
-  if cfg.stage == "ppo":
+  if cfg.stage in stages.POLICY_RL:
     rm_meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
     rm_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(rm_meta))
   return model_cfg, rm_cfg

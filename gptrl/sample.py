@@ -46,6 +46,7 @@ from gptrl import fileio
 from gptrl import model as model_lib
 from gptrl import reward_model
 from gptrl import sharding
+from gptrl import stages as stages_lib
 from gptrl import tokenizer as tokenizer_lib
 
 _PROG = "gptrl.sample"
@@ -140,7 +141,7 @@ def load(source: Source, mesh: jax.sharding.Mesh) -> Loaded:
     params = ckpt_lib.load_frozen_params(model, np.zeros((1, cfg.max_len), np.int32), mesh,
                                        config_lib.InitConfig(checkpoint=source.folder, step=source.step),
                                        tokenizer_sha256=source.tok.sha256,
-                                       subtree="policy" if source.stage == "ppo" else "")
+                                       subtree="policy" if source.stage in stages_lib.POLICY_RL else "")
   except ckpt_lib.CheckpointError as e:
     raise UsageError(str(e)) from e
   return Loaded(source, model, params, mesh)

@@ -146,9 +146,10 @@ def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict
             "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6}
   if stage == "bon":
     return {"bon.samples": 4, "bon.table_n": 2, "progress_bar": False}
-  if stage == "ppo":
+  if stage in ("ppo", "grpo", "rloo"):
     return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2,
-            "ppo.rollout_batch_size": 8, "ppo.minibatch_size": 4, "ppo.epochs": 2, "ppo.max_new_tokens": 6,
-            "ppo.num_eval_prompts": 4, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2,
-            "train.progress_bar": False}
+            f"{stage}.rollout_batch_size": 8, f"{stage}.minibatch_size": 4, f"{stage}.epochs": 2,
+            f"{stage}.max_new_tokens": 6, f"{stage}.num_eval_prompts": 4, "train.steps": 4,
+            "train.checkpoint_every": 2, "train.eval_every": 2, "train.progress_bar": False,
+            **({} if stage == "ppo" else {f"{stage}.group_size": 2})}
   raise ValueError(stage)

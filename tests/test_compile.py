@@ -18,6 +18,7 @@ from gptrl import compile as compile_lib
 from gptrl import config as config_lib
 from gptrl import memory
 from gptrl import presets
+from gptrl import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -102,7 +103,8 @@ def test_replicated_parameters_are_listed():
 def _tiny_later_stage(monkeypatch, stage_cfg):
   """A stage after pretraining with the tiny shape, as if read from its init checkpoints."""
   monkeypatch.setattr(memory, "model_configs", lambda cfg: (cfg.model.apply(TINY),
-                                                            cfg.model.apply(TINY) if cfg.stage == "ppo" else None))
+                                                            cfg.model.apply(TINY) if cfg.stage in stages.POLICY_RL
+                                                            else None))
   monkeypatch.setattr(compile_lib, "reward_model_meta", lambda cfg: {})
   return stage_cfg
 
@@ -149,6 +151,21 @@ def test_ppo_plan_compiles(v5e, monkeypatch, placement):
     assert plan.estimate is None
   else:
     assert not plan.transfers and plan.estimate is not None
+
+
+@needs_libtpu
+def test_grpo_plan_compiles_without_a_critic(v5e, monkeypatch):
+  cfg = _tiny_later_stage(monkeypatch, config_lib.GRPOConfig(
+      init=config_lib.InitConfig(checkpoint="runs/sft"),
+      reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"),
+      model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      mesh=config_lib.MeshConfig(data=1, fsdp=-1),
+      grpo=config_lib.GRPOAlgoConfig(rollout_batch_size=16, minibatch_size=8, group_size=4, max_new_tokens=32)))
+  plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
+  assert [r.name for r in results][-1] == "GRPO update" and all(r.fits for r in results)
+  assert set(plan.residents[0].tree.params) == {"policy"}  # no critic: the train state is the policy's
+  assert 1.0 <= results[-1].matmul_flops / results[-1].model_flops <= 1.5
+  assert plan.estimate is not None
 
 
 def _write_config(tmp_path, batch: int, vocab: int = 32000, context: int = 2048) -> str:

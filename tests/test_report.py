@@ -18,6 +18,7 @@ import pytest
 from gptrl import fileio
 from gptrl import judges
 from gptrl import report
+from gptrl import stages
 from gptrl.metrics import MetricsWriter, truncate_jsonl_after
 from gptrl.stages import ppo
 from helpers import REPO, env
@@ -226,7 +227,7 @@ def test_a_ppo_run_without_eval_replies_says_so(tmp_path):
 
 
 def test_stage_folders_are_found_in_every_layout(pipeline_dir, tmp_path):
-  assert report.find_stage_dirs(str(pipeline_dir)) == {s: str(pipeline_dir / s) for s in report.STAGES}
+  assert report.find_stage_dirs(str(pipeline_dir)) == {s: str(pipeline_dir / s) for s in stages.DEFAULT_PIPELINE}
   assert report.find_stage_dirs(str(pipeline_dir / "reward")) == {"reward": str(pipeline_dir / "reward")}
   # A folder of runs with any names (like runs/): found by config.json; the newest of two PPO runs wins.
   for name, stage in (("sft_cpu", "sft"), ("ppo_old", "ppo"), ("ppo_new", "ppo")):

@@ -29,11 +29,18 @@ STAGES = (
     Stage("reward", "gptrl.stages.reward", "RewardConfig", init_from="sft", memory_estimate=True),
     Stage("bon", "gptrl.stages.bon", "BestOfNConfig", init_from="sft", reads_reward_model=True),
     Stage("ppo", "gptrl.stages.ppo", "PPOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
+    # PPO's stage without a critic: group-normalised (GRPO) or leave-one-out (RLOO) advantages.
+    Stage("grpo", "gptrl.stages.ppo", "GRPOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
+    Stage("rloo", "gptrl.stages.ppo", "RLOOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
 )
 # The whole pipeline, launched like a stage (config.stage = "pipeline").
 PIPELINE = Stage("pipeline", "gptrl.stages.pipeline", "PipelineConfig")
 
 PIPELINE_ORDER = tuple(s.name for s in STAGES)
+# What a pipeline runs unless `config.stages` says otherwise: InstructGPT's stages and best-of-n, its baseline.
+DEFAULT_PIPELINE = ("pretrain", "sft", "label", "reward", "bon", "ppo")
+# The stages that optimise a policy against the reward model by sampling (gptrl/stages/ppo.py runs them all).
+POLICY_RL = ("ppo", "grpo", "rloo")
 _BY_NAME = {s.name: s for s in STAGES + (PIPELINE,)}
 NAMES = tuple(_BY_NAME)  # every name `config.stage` may hold
 

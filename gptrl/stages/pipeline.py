@@ -1,4 +1,5 @@
-"""The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> best-of-n -> PPO, then the report.
+"""The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> best-of-n -> PPO (and, when
+`config.stages` names them, GRPO and RLOO), then the report.
 
 Each stage runs in its own sub-folder `<workdir>/<stage>/`, exactly as if it had been launched alone with its own
 config, and starts from the previous stage's Orbax checkpoint:
@@ -8,6 +9,7 @@ config, and starts from the previous stage's Orbax checkpoint:
   reward.init           <- <workdir>/sft        reward.data.sources <- <workdir>/label/comparisons.jsonl
   bon.init              <- <workdir>/sft        bon.reward_model    <- <workdir>/reward
   ppo.init              <- <workdir>/sft        ppo.reward_model    <- <workdir>/reward
+  grpo.init, rloo.init  <- <workdir>/sft        their reward_model  <- <workdir>/reward
 
 Best-of-n (the baseline of the report's gold-versus-KL frontier) takes PPO's seed, data, held-out prompt count,
 reply length, temperature and watch judges, so both are measured on the same prompts.
@@ -74,6 +76,13 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
       changes["reward_model"] = dataclasses.replace(
           rm_cfg, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
                                     f"{name}.reward_model.checkpoint"))
+    if name in stages.POLICY_RL and name != "ppo":
+      # GRPO and RLOO are evaluated as PPO is (the frontier's points on one footing): its held-out prompts, reply
+      # length, temperature and judges.
+      p, algo = cfg.ppo.ppo, stage_cfg.algo
+      changes.update(seed=cfg.ppo.seed, data=cfg.ppo.data, **{algo.group: dataclasses.replace(
+          algo, num_eval_prompts=p.num_eval_prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+          watch_judges=p.watch_judges)})
     if name == "bon":
       # Best-of-n is PPO's baseline on one footing: PPO's held-out prompts, reply length, temperature and judges.
       p = cfg.ppo.ppo
@@ -89,7 +98,7 @@ def _warn_on_split_mismatch(cfg: PipelineConfig) -> None:
   """Labelling and PPO prompts must come from the SFT run's training split, or held-out plays leak into them."""
   keys = ("sources", "eval_fraction", "split_seed")
   sft = {k: getattr(cfg.sft.data, k) for k in keys}
-  for name in ("label", "ppo"):
+  for name in ("label",) + stages.POLICY_RL:
     other = {k: getattr(getattr(cfg, name).data, k) for k in keys}
     for k in keys:
       if name in cfg.stages and other[k] != sft[k]:

@@ -11,6 +11,12 @@ One iteration:
      bonus (the shared jitted train step of gptrl/trainer.py: clipping, non-finite skip, grad accumulation);
   4. adapt beta toward `ppo.target_kl` (Ziegler et al. 2019).
 
+The same stage runs the critic-free algorithms (config.stage "grpo" and "rloo", their group config.grpo / config.rloo,
+`cfg.algo` here): each iteration samples `group_size` replies to each of rollout_batch_size / group_size prompts,
+and a reply's advantage, on each of its tokens, is its return against its group's (GRPO: mean and std, Dr. GRPO:
+mean) or against the other replies' mean (RLOO) instead of GAE over a critic's values; the loss is averaged per
+token or per reply as `loss_aggregation` says. Metrics are named by the group ("grpo/reward").
+
 Parameters in the train state: {"policy": GPT params, "value": critic params}; with `ppo.critic="separate"` the
 critic is a scalar-head transformer of its own (initialised from the reward model or SFT), with "shared" a
 value head on the policy's final hidden states. The reference policy and the reward model are frozen params
@@ -83,7 +89,8 @@ EVAL_REPLIES_FILE = "eval_replies.jsonl"
 @dataclasses.dataclass(frozen=True)
 class Models:
   policy: model_lib.GPT
-  critic: nn.Module  # ScalarHeadModel (separate) or ScalarHead (shared, applied to the policy's hidden states)
+  # ScalarHeadModel (separate), ScalarHead (shared, applied to the policy's hidden states), or None (critic-free)
+  critic: nn.Module | None
   reward: reward_model.ScalarHeadModel | reward_model.RewardEnsemble
   shared: bool
   prompt_len: int  # P
@@ -97,7 +104,8 @@ def make_models(model_cfg: Any, rm_cfg: Any, p: Any, *, ensemble: int = 1, pooli
   """PPO's models: the policy (`model_cfg`), its critic as `p` (a PPOAlgoConfig: critic, value_head_init_std,
   max_new_tokens) says, and the reward model (`rm_cfg`; an ensemble of `ensemble` members, pooled by `pooling`)."""
   shared = p.critic == "shared"
-  critic = (reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
+  critic = (None if p.critic == "none" else
+            reward_model.ScalarHead(p.value_head_init_std, name="value_head") if shared else
             reward_model.ScalarHeadModel(model_cfg, head_init_std=p.value_head_init_std, head_name="value_head"))
   return Models(policy=model_lib.GPT(model_cfg), critic=critic,
                 reward=reward_model.make_reward_model(rm_cfg, ensemble, pooling=pooling), shared=shared,
@@ -106,15 +114,17 @@ def make_models(model_cfg: Any, rm_cfg: Any, p: Any, *, ensemble: int = 1, pooli
 
 
 def init_params(models: Models, rng: jax.Array) -> dict[str, Any]:
-  """Fresh (boxed) parameters of the train state: {"policy": GPT params, "value": the critic's}. A run replaces
-  them with the SFT policy and the configured critic init (`init_from_previous_stages`); gptrl/memory.py sizes
-  them."""
+  """Fresh (boxed) parameters of the train state: {"policy": GPT params, "value": the critic's} ({"policy"} alone
+  without a critic). A run replaces them with the SFT policy and the configured critic init
+  (`init_from_previous_stages`); gptrl/memory.py sizes them."""
   cfg = models.policy.config
   example = np.zeros((1, cfg.max_len), np.int32)
   r_policy, r_value = jax.random.split(rng)
-  critic_input = jnp.zeros((1, cfg.max_len, cfg.d_model), jnp.float32) if models.shared else example
-  return {"policy": models.policy.init(r_policy, example)["params"],
-          "value": models.critic.init(r_value, critic_input)["params"]}
+  params = {"policy": models.policy.init(r_policy, example)["params"]}
+  if models.critic is not None:
+    critic_input = jnp.zeros((1, cfg.max_len, cfg.d_model), jnp.float32) if models.shared else example
+    params["value"] = models.critic.init(r_value, critic_input)["params"]
+  return params
 
 
 def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
@@ -123,14 +133,17 @@ def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
 
 
 def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Log-probs (fp32) and values of the response tokens under `params`, and the policy's logits there: the one
-  function both the rollout (old) and the learner (new) use, so that on unchanged parameters the ratio is exactly 1."""
+  """Log-probs (fp32) and values of the response tokens under `params` (values 0 without a critic), and the
+  policy's logits there: the one function both the rollout (old) and the learner (new) use, so that on unchanged
+  parameters the ratio is exactly 1."""
   logits, hidden = models.policy.apply({"params": params["policy"]}, batch["tokens"],
                                        positions_BxT=batch["positions"], attention_mask_BxT=batch["attention"],
                                        return_hidden=True)
   logits_BxNxV = _response_slice(logits, models)
   logp_BxN = losses.token_log_probs(logits_BxNxV, batch["tokens"][:, models.prompt_len:])
-  if models.shared:
+  if models.critic is None:
+    values_BxL = jnp.zeros(batch["tokens"].shape, jnp.float32)
+  elif models.shared:
     values_BxL = models.critic.apply({"params": params["value"]}, hidden)
   else:
     values_BxL = models.critic.apply({"params": params["value"]}, batch["tokens"], positions_BxT=batch["positions"],
@@ -190,7 +203,7 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
                   raw_score_fn=None) -> Scorer:
   """The rollout's Scorer. `readout` turns raw scores into the reward (a float: a single RM's offset).
   raw_score_fn(rm_params, batch) -> [B] or [B, M] replaces the reward model (tests use synthetic rewards)."""
-  p = cfg.ppo
+  p = cfg.algo
   if not isinstance(readout, reward_model.Readout):
     readout = reward_model.Readout(offsets=(float(readout),))
   raw_score_fn = raw_score_fn or (lambda rm_params, batch: reward_model_score(models, rm_params, batch))
@@ -226,7 +239,16 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
     rewards = pm.per_token_rewards(score_B, kl, mask, beta if p.kl_in_reward else 0.0, truncated_B=truncated_B,
                                    truncation_penalty=p.truncation_penalty)
     values = jnp.where(mask > 0, out["values"], 0.0)
-    advantages, returns = pm.gae(rewards, values, mask, p.gamma, p.lam)
+    if p.advantage == "gae":
+      advantages, returns = pm.gae(rewards, values, mask, p.gamma, p.lam)
+    else:
+      # Critic-free: one advantage per reply, on each of its tokens; the return of a reply is the sum of its
+      # per-token rewards (its score, minus beta * its KL when the KL is in the reward).
+      return_B = jnp.sum(rewards, axis=1)
+      advantage_B = (pm.group_advantages(return_B, batch["group"], std_norm=p.group_std_norm)
+                     if p.advantage == "group" else pm.leave_one_out_advantages(return_B, batch["group"]))
+      advantages = jnp.where(mask > 0, advantage_B[:, None], 0.0)
+      returns = jnp.where(mask > 0, return_B[:, None], 0.0)
     if p.whiten_advantages:
       advantages = pm.masked_whiten(advantages, mask)
     stats = {"score": score_B, "raw_score": jnp.mean(raw_BxM, axis=1), "kl_sum": jnp.sum(kl, axis=1),
@@ -270,13 +292,13 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
   n_learner = len(devices) - p.sampler_devices - p.scorer_devices
   if n_learner < 1:
     raise config_lib.ConfigError(
-        f"config.ppo.sampler_devices: {p.sampler_devices} sampler + {p.scorer_devices} scorer devices leave "
+        f"config.{p.group}.sampler_devices: {p.sampler_devices} sampler + {p.scorer_devices} scorer devices leave "
         f"{n_learner} of the {len(devices)} devices for the learner; it needs at least 1.")
   sub = config_lib.MeshConfig(data=-1, fsdp=1, tensor=p.split_tensor)
   for name, n in (("sampler_devices", p.sampler_devices), ("scorer_devices", p.scorer_devices)):
     if n and n % p.split_tensor:
-      raise config_lib.ConfigError(f"config.ppo.{name}: {n} devices cannot hold tensor-parallel groups "
-                                          f"of ppo.split_tensor={p.split_tensor}.")
+      raise config_lib.ConfigError(f"config.{p.group}.{name}: {n} devices cannot hold tensor-parallel groups "
+                                   f"of {p.group}.split_tensor={p.split_tensor}.")
   learner = sharding.make_mesh(mesh_cfg, devices[:n_learner])
   sampler = sharding.make_mesh(sub, devices[n_learner:n_learner + p.sampler_devices])
   scorer = sharding.make_mesh(sub, devices[n_learner + p.sampler_devices:]) if p.scorer_devices else learner
@@ -285,36 +307,53 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
   return Placement(learner, sampler, scorer)
 
 
-def make_ppo_loss(models: Models, cfg: PPOConfig):
-  """loss_fn(params, minibatch, rng) -> (loss_sum, sums) for trainer.make_train_step: token sums, weight =
-  the minibatch's response tokens, so micro-batching does not change the result."""
-  p = cfg.ppo
+def make_ppo_loss(models: Models, cfg: Any):
+  """loss_fn(params, minibatch, rng) -> (loss_sum, sums) for trainer.make_train_step. Every per-token term (the
+  clipped surrogate, the clipped value error, the entropy bonus, the KL loss term) is summed and averaged as
+  `loss_aggregation` says (`ppo_math.aggregate`: weight = the minibatch's tokens or replies), so micro-batching does
+  not change the result."""
+  p = cfg.algo
 
   def loss_fn(params, batch, rng):
     del rng
     mask = batch["response_mask"].astype(jnp.float32)
     out = evaluate_actions(models, params, batch)
-    pg_loss, pg_stats = pm.policy_loss(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps)
-    vf_loss, vf_stats = pm.value_loss(out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
-    ent = pm.entropy(out["logits"], mask)
-    loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * ent
-    kl_loss = jnp.zeros(())
+    pg_BxN, pg_stats = pm.clipped_surrogate(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps,
+                                            p.clip_eps_high)
+    terms = {"policy_loss": pg_BxN}
+    if models.critic is not None:
+      terms["value_loss"], terms["value_clip_frac"] = pm.clipped_value_error(
+          out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
+    if p.entropy_coef > 0:
+      terms["entropy"] = pm.token_entropy(out["logits"], mask)
+    else:  # a diagnostic only: no gradient through it
+      terms["entropy"] = jax.lax.stop_gradient(pm.token_entropy(out["logits"], mask))
     if not p.kl_in_reward:
-      kl_loss = pm.masked_mean(pm.kl_estimate(out["logp"], batch["ref_logp"], "k3"), mask)
-      loss = loss + batch["beta"][0, 0] * kl_loss
-    n = jnp.sum(mask)
-    ratio_max = jnp.max(jnp.where(mask > 0, jnp.exp(out["logp"] - batch["logp"]), 0.0))
+      terms["kl_loss"] = pm.kl_estimate(out["logp"], batch["ref_logp"], "k3", mask)
+    per_token = pg_BxN - p.entropy_coef * terms["entropy"]
+    if "value_loss" in terms:
+      per_token = per_token + p.vf_coef * terms["value_loss"]
+    if "kl_loss" in terms:
+      per_token = per_token + batch["beta"][:, :1] * terms["kl_loss"]
+    loss_sum, weight = pm.aggregate(per_token, mask, p.loss_aggregation)
+    sums = {k: pm.aggregate(v, mask, p.loss_aggregation)[0] for k, v in terms.items()}
+    # Diagnostics are means over the same weight: per token, or per reply (whose token sum over T is no mean).
+    diagnostics = {"clip_frac": pg_stats["clipped"], "ratio_mean": pg_stats["ratio"],
+                   "approx_kl": 0.5 * jnp.square(pg_stats["log_ratio"]),
+                   **({"entropy": terms["entropy"]} if p.loss_aggregation == "sequence_sum" else {})}
+    mode = "sequence_mean" if p.loss_aggregation == "sequence_sum" else p.loss_aggregation
+    sums.update({k: pm.aggregate(v, mask, mode)[0] for k, v in diagnostics.items()})
+    for k in ("value_loss", "value_clip_frac", "kl_loss"):
+      sums.setdefault(k, jnp.zeros(()))
+    ratio_max = jnp.max(jnp.where(mask > 0, pg_stats["ratio"], 0.0))
     ptx = jnp.zeros(())
     if p.ptx_coef > 0:
       ptx_logits = models.policy.apply({"params": params["policy"]}, batch["ptx_inputs"])
       ptx_sum, ptx_weight = losses.weighted_cross_entropy(ptx_logits, batch["ptx_targets"], batch["ptx_weights"])
       ptx = ptx_sum / jnp.maximum(ptx_weight, 1.0)
-      loss = loss + p.ptx_coef * ptx
-    sums = {"weight": n, "ptx_loss": ptx * n, "policy_loss": pg_loss * n, "value_loss": vf_loss * n, "entropy": ent * n,
-            "clip_frac": pg_stats["clip_frac"] * n, "value_clip_frac": vf_stats["clip_frac"] * n,
-            "approx_kl": pg_stats["approx_kl"] * n, "ratio_mean": pg_stats["ratio_mean"] * n,
-            "ratio_max": ratio_max * n, "kl_loss": kl_loss * n}
-    return loss * n, sums
+      loss_sum = loss_sum + p.ptx_coef * ptx * weight
+    sums.update(weight=weight, ptx_loss=ptx * weight, ratio_max=ratio_max * weight)
+    return loss_sum, sums
   return loss_fn
 
 
@@ -323,7 +362,8 @@ class Prompts:
 
   def __init__(self, prompts: list[list[int]], *, seed: int, batch: int):
     if len(prompts) < batch:
-      raise data_lib.DataError(f"{len(prompts)} training prompts, fewer than ppo.rollout_batch_size={batch}.")
+      raise data_lib.DataError(f"{len(prompts)} training prompts, fewer than the {batch} an iteration needs "
+                               "(rollout_batch_size / group_size).")
     self._prompts = prompts
     ds = data_lib.index_batches(len(prompts), seed=seed, batch_size=batch, drop_remainder=False)
     self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
@@ -422,7 +462,7 @@ class Evaluation:
 
 def num_updates(cfg: PPOConfig) -> int:
   """Optimizer steps of the whole run (the learning-rate schedule's length)."""
-  p = cfg.ppo
+  p = cfg.algo
   return cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
 
 
@@ -439,7 +479,7 @@ def make_update_step(cfg: PPOConfig, models: Models, optimizer: Any, state_shard
 def minibatch_shapes(cfg: PPOConfig, models: Models, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """name -> (global shape, dtype) of one PPO minibatch as `Learner.learn` feeds the update (the rollout's
   arrays, beta, and with PPO-ptx the pretraining batch), for compiling the update without a rollout."""
-  p, n = cfg.ppo, models.new_tokens
+  p, n = cfg.algo, models.new_tokens
   rows, length = p.minibatch_size, models.prompt_len + n
   shapes = {"tokens": ((rows, length), np.dtype(np.int32)), "positions": ((rows, length), np.dtype(np.int32)),
             "attention": ((rows, length), np.dtype(np.int32)), "response_mask": ((rows, n), np.dtype(np.int32)),
@@ -486,10 +526,11 @@ class Learner:
     copy = jax.block_until_ready(jax.device_put(params["policy"], self.sampler_shardings))
     return copy, time.perf_counter() - t0
 
-  def rollout(self, sampler_params: Any, prompts: list[list[int]], rng: jax.Array):
+  def rollout(self, sampler_params: Any, prompts: list[list[int]], rng: jax.Array, group_size: int = 1):
     """(responses, the sampler's log-probs, host arrays of the rollout buffer), sampled with the policy's
-    `sampler_params` (on the sampler's mesh: `sampler_params`)."""
-    p = self.cfg.ppo
+    `sampler_params` (on the sampler's mesh: `sampler_params`). `prompts` come in runs of `group_size` copies of
+    one prompt: the buffer's "group" says which run each reply belongs to."""
+    p = self.cfg.algo
     with sharding.activate(self.placement.sampler):
       responses, sampler_logp = decoding.generate(
           self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
@@ -497,6 +538,7 @@ class Learner:
           batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
     host = build_rollout_batch(prompts, responses, prompt_len=self.models.prompt_len,
                                new_tokens=self.models.new_tokens, pad_id=self.pad_id, stop_id=self.stop_id)
+    host["group"] = np.arange(len(prompts), dtype=np.int32) // group_size
     return responses, sampler_logp, host
 
   def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
@@ -507,6 +549,8 @@ class Learner:
     pad = -rows % multiple
     if pad:
       host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
+      # The copies are groups of their own: they must not enter a real group's baseline.
+      host["group"][rows:] = host["group"][:rows].max() + 1 + np.arange(pad)
     scorer, learner = self.placement.scorer, self.mesh
     with sharding.activate(scorer):
       frozen = self.score_fn.frozen(self.ref_params, self.rm_params, sharding.host_to_global(host, scorer))
@@ -523,7 +567,7 @@ class Learner:
     """`ppo.epochs` passes over minibatches of the rollout, in an order drawn from `rng`; stops early, after any
     update, once that minibatch's approximate KL (measured before its update) exceeds `ppo.max_approx_kl`.
     Returns (state, per-update metrics, stopped)."""
-    p = self.cfg.ppo
+    p = self.cfg.algo
     perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).astype(np.uint32))
     learn_metrics = []
     for _ in range(p.epochs):
@@ -542,11 +586,12 @@ class Learner:
 
   def iteration(self, state: trainer.TrainState, prompts: list[list[int]], it: int, beta: float) -> Iteration:
     """One PPO iteration: rollout, scoring, learning, the invariants' check and the KL controller's update."""
-    p = self.cfg.ppo
+    p = self.cfg.algo
     t0 = time.perf_counter()
     rng = jax.random.fold_in(jax.random.key(self.cfg.seed), it)
     sampler_params, sync_s = self.sampler_params(state.params)
-    responses, sampler_logp, host = self.rollout(sampler_params, prompts, jax.random.fold_in(rng, 0))
+    prompts = [prompt for prompt in prompts for _ in range(p.group_size)]  # group_size replies to each
+    responses, sampler_logp, host = self.rollout(sampler_params, prompts, jax.random.fold_in(rng, 0), p.group_size)
     arrays, stats = self.score(state.params, host, beta)
     t_rollout = time.perf_counter() - t0
     roll = {**host, **arrays}
@@ -565,20 +610,24 @@ class Learner:
     kl_mean = float(np.mean(stats["kl_sum"]))
     new_beta = float(pm.update_kl_coef(beta, kl_mean, target=p.target_kl, horizon=p.kl_horizon,
                                        n_steps=p.rollout_batch_size)) if p.target_kl > 0 else beta
-    row = {"ppo/reward": float(np.mean(stats["score"])), "ppo/reward_std": float(np.std(stats["score"])),
-           "ppo/raw_score": float(np.mean(stats["raw_score"])), "ppo/kl": kl_mean, "ppo/beta": beta,
-           **({"ppo/ensemble_std": float(np.mean(stats["ensemble_std"]))}
+    row = {"reward": float(np.mean(stats["score"])), "reward_std": float(np.std(stats["score"])),
+           "raw_score": float(np.mean(stats["raw_score"])), "kl": kl_mean, "beta": beta,
+           **({"ensemble_std": float(np.mean(stats["ensemble_std"]))}
               if reward_model.num_members(self.models.reward) > 1 else {}),
-           "ppo/length": float(np.mean(stats["length"])), "ppo/truncated": float(np.mean(host["truncated"])),
-           "ppo/entropy": float(np.mean(stats["entropy"])), "ppo/first_ratio": ratio0, "ppo/first_approx_kl": kl0,
-           "ppo/sampler_logp_gap": sampler_gap, "ppo/updates": len(learn_metrics), "ppo/early_stopped": float(stopped),
-           "time/rollout_s": t_rollout, "time/learn_s": t_learn, "time/weight_sync_s": sync_s,
-           "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)}
+           "length": float(np.mean(stats["length"])), "truncated": float(np.mean(host["truncated"])),
+           "first_ratio": ratio0, "first_approx_kl": kl0,
+           "sampler_logp_gap": sampler_gap, "updates": len(learn_metrics), "early_stopped": float(stopped)}
+    if p.group_size > 1:  # how much the replies to one prompt differ; a group that all agree teaches nothing
+      group_std = np.std(stats["score"].reshape(-1, p.group_size), axis=1)
+      row.update(group_reward_std=float(group_std.mean()), zero_std_groups=float(np.mean(group_std < 1e-6)))
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
               "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
-      row[f"ppo/{k}"] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
+      row[k] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
     for k in ("skipped_total", "spikes_total", "rollbacks"):  # the run's numerics-guard counts (gptrl/trainer.py)
-      row[f"ppo/{k}"] = float(learn_metrics[-1][f"train/{k}"])
+      row[k] = float(learn_metrics[-1][f"train/{k}"])
+    row = {f"{p.group}/{k}": v for k, v in row.items()}
+    row.update({"time/rollout_s": t_rollout, "time/learn_s": t_learn, "time/weight_sync_s": sync_s,
+                "time/rollout_share": t_rollout / max(t_rollout + t_learn, 1e-9)})
     return Iteration(state=state, row=row, beta=new_beta, prompts=prompts, responses=responses, stats=stats,
                      rollout={**roll, "score": stats["score"]})
 
@@ -592,7 +641,7 @@ class Learner:
     """
     if not prompts:
       return Evaluation({}, [], [])
-    p = self.cfg.ppo
+    p = self.cfg.algo
     eval_rng = jax.random.key(seeds.stream(self.cfg.seed, seeds.PPO_EVAL))
     scores, kls, lengths, texts, replies, ensemble_stds, proxy_means = [], [], [], [], [], [], []
     sampler_params, _ = self.sampler_params(params)
@@ -666,7 +715,7 @@ class PPOTask(loop_lib.Task):
     result = self.learner.iteration(state, self.prompts.next(), index, self.beta)
     self.checkpointer.poll()  # a failed background save stops the run now, not at the next save
     self.beta = result.beta
-    if self.cfg.ppo.save_rollouts and self.is_main:
+    if self.cfg.algo.save_rollouts and self.is_main:
       save_rollout(os.path.join(self.workdir, "rollouts"), index, result.rollout)
     texts = [json.dumps({"prompt": _last_turn(result.prompts[i], self.tok),
                          "response": chat.decode_reply(result.responses[i], self.tok),
@@ -680,7 +729,7 @@ class PPOTask(loop_lib.Task):
     streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
     if not streak >= cfg.train.max_bad_steps > 0:
       return state, outcome.metrics, False
-    per_iteration = cfg.ppo.epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+    per_iteration = cfg.algo.epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     first_bad = index + 1 - -(-streak // per_iteration)  # the iteration the bad updates began in
     state, _, saved = trainer.rollback(self.checkpointer, state, done=index + 1, streak=streak, first_bad=first_bad,
                                        train_cfg=cfg.train, unit="iteration")
@@ -706,7 +755,8 @@ class PPOTask(loop_lib.Task):
     return result.metrics, result.texts
 
   def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-    return {"reward": f"{metrics['ppo/reward']:+.3f}", "kl": f"{metrics['ppo/kl']:.2f}"}
+    g = self.cfg.algo.group
+    return {"reward": f"{metrics[f'{g}/reward']:+.3f}", "kl": f"{metrics[f'{g}/kl']:.2f}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,13 +788,13 @@ def read_reward_model(cfg: PPOConfig, tok: Any) -> RewardModelRun:
 
 def check_shapes(cfg: PPOConfig, placement: Placement, model_cfg: Any, rm: RewardModelRun) -> None:
   """Refuses batch sizes the learner's mesh cannot split, and a reply length that leaves no room for a prompt."""
-  p = cfg.ppo
+  p = cfg.algo
   dp = sharding.data_parallel_size(placement.learner)
   if p.minibatch_size % dp or p.rollout_batch_size % dp:
     raise config_lib.ConfigError(
-        f"config.ppo.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
+        f"config.{p.group}.minibatch_size: {p.minibatch_size} and rollout_batch_size {p.rollout_batch_size} must be "
         f"divisible by the data-parallel size {dp}.")
-  check_reply_room("ppo", p.max_new_tokens, model_cfg, rm)
+  check_reply_room(p.group, p.max_new_tokens, model_cfg, rm)
 
 
 def check_reply_room(group: str, max_new_tokens: int, model_cfg: Any, rm: RewardModelRun) -> None:
@@ -766,16 +816,17 @@ def load_prompts(cfg: PPOConfig, tok: Any, prompt_len: int, cache_dir: str) -> t
   train_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
                    for m in chat_data.training_prompts(train_convs, 0, cfg.seed)]
   eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=prompt_len)
-                  for m in chat_data.held_out_prompts(eval_convs, cfg.ppo.num_eval_prompts, cfg.seed)]
+                  for m in chat_data.held_out_prompts(eval_convs, cfg.algo.num_eval_prompts, cfg.seed)]
   logging.info("PPO prompts: %d training, %d held-out for eval.", len(train_prompts), len(eval_prompts))
-  return Prompts(train_prompts, seed=cfg.seed, batch=cfg.ppo.rollout_batch_size), eval_prompts, len(train_prompts)
+  prompts = Prompts(train_prompts, seed=cfg.seed, batch=cfg.algo.rollout_batch_size // cfg.algo.group_size)
+  return prompts, eval_prompts, len(train_prompts)
 
 
 def data_fingerprint_parts(cfg: PPOConfig, tok: Any, num_prompts: int, prompt_len: int) -> dict[str, Any]:
   """What must match for a checkpoint's prompt (and ptx) iterator positions to apply on resume."""
-  p = cfg.ppo
+  p = cfg.algo
   return dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed, eval_fraction=cfg.data.eval_fraction,
-              seed=cfg.seed, rollout_batch=p.rollout_batch_size, process_count=jax.process_count(),
+              seed=cfg.seed, rollout_batch=p.rollout_batch_size // p.group_size, process_count=jax.process_count(),
               tokenizer_sha256=tok.sha256, num_prompts=num_prompts, prompt_len=prompt_len,
               ptx=list(p.ptx_sources) if p.ptx_coef > 0 else None)
 
@@ -790,8 +841,10 @@ def init_from_previous_stages(cfg: PPOConfig, models: Models, params: Any, shard
   """A fresh run's trainable parameters: the policy equal to the frozen SFT reference; the critic from the reward
   model (`ppo.critic_init="reward"`: an ensemble's first member), from the SFT transformer under a fresh value
   head ("sft"), or, shared, a fresh value head on the policy's trunk."""
-  p = cfg.ppo
+  p = cfg.algo
   params = {**params, "policy": _copy_to(ref_params, shardings["policy"])}
+  if models.critic is None:
+    return params
   abstract_value = ckpt_lib.abstract_like(params["value"], shardings["value"])
   if p.critic_init == "reward" and reward_model.num_members(models.reward) > 1:
     # An ensemble's first member (the model a single RM run with this seed would train) starts the critic.
@@ -813,7 +866,7 @@ def init_from_previous_stages(cfg: PPOConfig, models: Models, params: Any, shard
 def ptx_stream(cfg: PPOConfig, tok: Any, seq_len: int, cache_dir: str, saved_position: Any) -> Any:
   """PPO-ptx's pretraining batches (minibatch_size rows of the policy's context), at `saved_position` when
   resuming; None without ptx."""
-  p = cfg.ppo
+  p = cfg.algo
   if p.ptx_coef <= 0:
     return None
   docs = data_lib.load_documents(p.ptx_sources, cache_dir=cache_dir)
@@ -830,7 +883,7 @@ def ptx_stream(cfg: PPOConfig, tok: Any, seq_len: int, cache_dir: str, saved_pos
 
 def run(cfg: PPOConfig) -> trainer.TrainState:
   """Runs (or resumes) PPO for `cfg.train.steps` iterations."""
-  p = cfg.ppo
+  p = cfg.algo
   workdir = recipe_lib.prepare_workdir(cfg)
   cache_dir = cfg.data.cache_dir or str(default_cache_dir())
   placement = make_placement(cfg.mesh, p)
@@ -857,7 +910,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   checkpointer = ckpt_lib.open_workdir_checkpointer(workdir, cfg.train)
   try:
     fingerprint_parts = data_fingerprint_parts(cfg, tok, num_prompts, models.prompt_len)
-    fingerprint = data_lib.pipeline_fingerprint(stage="ppo", **fingerprint_parts)
+    fingerprint = data_lib.pipeline_fingerprint(stage=cfg.stage, **fingerprint_parts)
     start, beta, ptx_position = 0, p.init_beta, None
     resumed = trainer.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256,
                              fingerprint=fingerprint, fingerprint_parts=fingerprint_parts, train_iter=prompts,
@@ -870,7 +923,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
       state = state.replace(params=init_from_previous_stages(cfg, models, state.params, state_shardings.params,
                                                              ref_params, rm_params, tok))
       logging.info("Policy from %s, critic from %s, reward model %s (%s).", init_meta["init_checkpoint"],
-                   "a fresh head on the policy" if models.shared else p.critic_init, rm.where, rm.readout)
+                   "none" if models.critic is None else "a fresh head on the policy" if models.shared else
+                   p.critic_init, rm.where, rm.readout)
 
     gold_judge = judges_lib.make_judge(rm.meta["gold_judge"]) if rm.meta.get("gold_judge") else None
     logging.info("Gold judge: %s.", f"{rm.meta['gold_judge']} (the reward model's labeller)" if gold_judge else
@@ -883,7 +937,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     if jax.process_index() == 0:
       # On resume, the eval-reply lines an interrupted run wrote after the checkpoint go, as metrics rows do.
       truncate_jsonl_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)
-    meta = {"stage": "ppo", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(model_cfg),
+    meta = {"stage": cfg.stage, "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(model_cfg),
             "num_params": model_lib.count_params(state.params["policy"]),
             "init_checkpoint": init_meta["init_checkpoint"], "reward_model": rm.where,
             "reward_offset": float(rm.meta.get("reward_offset", 0.0)), "critic": p.critic,
@@ -892,6 +946,6 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                    checkpointer=checkpointer, meta=meta, fingerprint=fingerprint,
                    fingerprint_parts=fingerprint_parts, workdir=workdir)
     return loop_lib.run(task, state, start=start, cadence=loop_lib.Cadence.of(cfg.train, log_every=1),
-                        workdir=workdir, desc="ppo")
+                        workdir=workdir, desc=cfg.stage)
   finally:
     checkpointer.close()

@@ -49,9 +49,10 @@ def _reward_argv(workdir, init, comparisons, cache, steps=10):
                                           **tiny_stage_flags("reward", cache=cache), "train.steps": steps})
 
 
-def _ppo_argv(workdir, sft, reward, chats, cache):
-  return _launch("ppo_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": sft, "reward_model.checkpoint": reward,
-                                       **tiny_stage_flags("ppo", chats=chats, cache=cache)})
+def _ppo_argv(workdir, sft, reward, chats, cache, stage="ppo"):
+  return _launch(f"{stage}_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": sft,
+                                            "reward_model.checkpoint": reward,
+                                            **tiny_stage_flags(stage, chats=chats, cache=cache)})
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,8 @@ def pipeline(tmp_path_factory):
   check_ok(run(_reward_argv(paths["reward"], paths["sft"], paths["label"] / "comparisons.jsonl", cache)))
   paths["ppo"] = root / "ppo"
   check_ok(run(_ppo_argv(paths["ppo"], paths["sft"], paths["reward"], chats, cache)))
+  paths["grpo"] = root / "grpo"
+  check_ok(run(_ppo_argv(paths["grpo"], paths["sft"], paths["reward"], chats, cache, stage="grpo")))
   paths["reward_ensemble"] = root / "reward_ensemble"
   check_ok(run(_reward_ensemble_argv(paths["reward_ensemble"], paths["sft"], paths["label"] / "comparisons.jsonl",
                                      cache)))
@@ -128,7 +131,7 @@ def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path,
   kill_when(argv, workdir / "checkpoints" / str(step), log)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo", "grpo"])
 def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   workdir = tmp_path / stage
   first = 4
@@ -139,7 +142,7 @@ def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
     argv, steps = argv_of(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl", pipeline["cache"]), 10
   else:
     argv, steps, first = _ppo_argv(workdir, pipeline["sft"], pipeline["reward"], pipeline["chats"],
-                                   pipeline["cache"]), 4, 2
+                                   pipeline["cache"], stage=stage), 4, 2
   _kill_after_first_checkpoint(argv, workdir, tmp_path / "killed.log", first)
   assert max(complete_steps(workdir)) < steps
   check_ok(run(argv))
@@ -147,10 +150,10 @@ def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   assert a.keys() == b.keys()
   for name in a:
     assert np.array_equal(a[name], b[name]), f"{name} differs after kill + resume"
-  if stage == "ppo":
-    keys = ("step", "ppo/reward", "ppo/kl", "ppo/beta", "ppo/policy_loss", "ppo/value_loss")
-    resumed, straight = ([{k: r[k] for k in keys} for r in _rows(w) if "ppo/reward" in r]
-                         for w in (workdir, pipeline["ppo"]))
+  if stage in ("ppo", "grpo"):
+    keys = ("step",) + tuple(f"{stage}/{k}" for k in ("reward", "kl", "beta", "policy_loss", "value_loss"))
+    resumed, straight = ([{k: r[k] for k in keys} for r in _rows(w) if f"{stage}/reward" in r]
+                         for w in (workdir, pipeline[stage]))
     assert resumed == straight and len(resumed) == 4
   else:
     assert train_steps(workdir) == train_steps(pipeline[stage])
@@ -206,6 +209,20 @@ def test_ppo_outputs(pipeline):
   assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
   meta = ckpt_lib.read_step_meta(str(pipeline["ppo"] / "checkpoints"), 4)
   assert meta["stage"] == "ppo" and meta["reward_model"].endswith("reward/checkpoints/10")
+
+
+def test_grpo_outputs(pipeline):
+  rows = _rows(pipeline["grpo"])
+  iters = [r for r in rows if "grpo/reward" in r]
+  assert [r["step"] for r in iters] == [1, 2, 3, 4]
+  for r in iters:
+    assert abs(r["grpo/first_ratio"] - 1) < 1e-5 and r["grpo/first_approx_kl"] < 1e-8
+    assert np.isfinite(r["grpo/policy_loss"]) and np.isfinite(r["grpo/kl_loss"]) and r["grpo/value_loss"] == 0.0
+  assert any("eval/kl" in r for r in rows)
+  meta = ckpt_lib.read_step_meta(str(pipeline["grpo"] / "checkpoints"), 4)
+  assert meta["stage"] == "grpo" and meta["critic"] == "none"
+  # The train state holds the policy alone: PPO's policy parameters, no critic.
+  assert set(params(pipeline["grpo"], 4)) == {k for k in params(pipeline["ppo"], 4) if k.startswith("['policy']")}
 
 
 def test_label_resumes_after_a_cut_chunk(pipeline, tmp_path):

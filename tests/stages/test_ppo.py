@@ -48,9 +48,9 @@ def good_token_share(rm_params, batch):
 def _learner(cfg: PPOConfig, mesh, placement=None, ptx_iter=None):
   model_cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=2, d_model=32, max_len=16)
   prompt_len = model_cfg.max_len - NEW
-  models = ppo.Models(policy=model_lib.GPT(model_cfg), critic=reward_model.ScalarHead(0.01, name="value_head"),
-                      reward=reward_model.ScalarHeadModel(model_cfg), shared=True, prompt_len=prompt_len,
-                      new_tokens=NEW)
+  critic = None if cfg.algo.critic == "none" else reward_model.ScalarHead(0.01, name="value_head")
+  models = ppo.Models(policy=model_lib.GPT(model_cfg), critic=critic, reward=reward_model.ScalarHeadModel(model_cfg),
+                      shared=critic is not None, prompt_len=prompt_len, new_tokens=NEW)
   optimizer = optim.make_optimizer(cfg.optim, 100)
   state, shardings = trainer.create_train_state(lambda rng: ppo.init_params(models, rng), optimizer, 0, mesh)
   ref = jax.tree.map(lambda x: jnp.array(x, copy=True), state.params["policy"])

@@ -23,6 +23,8 @@ def test_every_stage_has_a_module_with_run_and_its_config_class(name):
 
 def test_every_reader_uses_the_registry_order():
   assert config_lib.PIPELINE_STAGES == stages.PIPELINE_ORDER == report.STAGES
-  assert config_lib.PipelineConfig().stages == stages.PIPELINE_ORDER
+  assert config_lib.PipelineConfig().stages == stages.DEFAULT_PIPELINE
+  assert list(stages.DEFAULT_PIPELINE) == [s for s in stages.PIPELINE_ORDER if s in stages.DEFAULT_PIPELINE]
+  assert set(stages.POLICY_RL) <= set(stages.PIPELINE_ORDER)
   with pytest.raises(KeyError, match="unknown stage 'labell'"):
     stages.get("labell")

@@ -1,0 +1,147 @@
+"""GRPO (with Dr. GRPO's and DAPO's options) and RLOO: PPO's learner without a critic, on the synthetic task of
+tests/stages/test_ppo.py (a reward for one token), on one device and on a mesh; and their configs' refusals."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from gptrl import config as config_lib
+from gptrl import sharding
+from gptrl.config import (GRPOAlgoConfig, GRPOConfig, InitConfig, MeshConfig, OptimConfig, RLOOAlgoConfig,
+                          RLOOConfig, TrainConfig)
+
+import numeric
+from test_ppo import NEW, PPO_TOL, _learner, _prompts
+
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
+
+
+def _cfg(stage: str, **overrides):
+  # Four passes over each rollout (as the PPO test): the clipped ratio keeps the later ones near the sampler.
+  algo = dict(rollout_batch_size=32, minibatch_size=16, epochs=4, max_new_tokens=NEW, num_eval_prompts=0,
+              group_size=4, init_beta=0.01)
+  algo.update(overrides)
+  if stage == "grpo":
+    return GRPOConfig(init=InitConfig("unused"), reward_model=InitConfig("unused"), grpo=GRPOAlgoConfig(**algo),
+                      optim=OPTIM, train=TrainConfig(steps=12))
+  return RLOOConfig(init=InitConfig("unused"), reward_model=InitConfig("unused"), rloo=RLOOAlgoConfig(**algo),
+                    optim=OPTIM, train=TrainConfig(steps=12))
+
+
+def _train(cfg, iterations, shape=None):
+  if shape is None:
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  else:
+    mesh = sharding.make_mesh(MeshConfig(*shape))
+  learner, state = _learner(cfg, mesh)
+  rows, beta = [], cfg.algo.init_beta
+  prompts_per_iteration = cfg.algo.rollout_batch_size // cfg.algo.group_size
+  for it in range(iterations):
+    result = learner.iteration(state, _prompts(prompts_per_iteration, seed=it), it, beta)
+    state, beta = result.state, result.beta
+    rows.append(result.row)
+  return rows, state, learner
+
+
+VARIANTS = {
+    # (GRPO's KL term slows this 10-iteration task down most; it is exercised in the tests below.)
+    "grpo": ("grpo", dict(init_beta=0.0)),
+    # Without the std division the advantages are in reward units (here shares of one token, ~0.05 apart): the
+    # reward's gain sets the step size, as it does for Dr. GRPO on any reward.
+    "dr_grpo": ("grpo", dict(group_std_norm=False, loss_aggregation="sequence_sum", reward_gain=10.0)),
+    "dapo": ("grpo", dict(clip_eps_high=0.28, loss_aggregation="token_mean", init_beta=0.0)),
+    "rloo": ("rloo", {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def run(request):
+  stage, overrides = VARIANTS[request.param]
+  cfg = _cfg(stage, **overrides)
+  rows, state, learner = _train(cfg, 10)
+  return request.param, cfg, rows, state, learner
+
+
+def test_learns_the_preferred_token_without_a_critic(run):
+  name, cfg, rows, state, _ = run
+  g = cfg.algo.group
+  scores = [round(r[f"{g}/raw_score"], 3) for r in rows]
+  assert rows[0][f"{g}/raw_score"] < 0.1, scores  # ~1/32 at random init
+  assert max(r[f"{g}/raw_score"] for r in rows[-3:]) > 0.25, (name, scores)
+  assert set(state.params) == {"policy"}  # no critic in the train state
+  for r in rows:
+    assert abs(r[f"{g}/first_ratio"] - 1.0) < 1e-5 and r[f"{g}/first_approx_kl"] < 1e-9
+    assert r[f"{g}/sampler_logp_gap"] < 1e-4 and r[f"{g}/value_loss"] == 0.0
+    assert r[f"{g}/updates"] == cfg.algo.epochs * 2 and 0.0 <= r[f"{g}/zero_std_groups"] <= 1.0
+
+
+def test_one_group_per_prompt_and_advantages_that_sum_to_zero_in_each(run):
+  _, cfg, _, state, learner = run
+  p = cfg.algo
+  prompts = _prompts(p.rollout_batch_size // p.group_size, seed=99)
+  repeated = [q for q in prompts for _ in range(p.group_size)]
+  sampler_params, _ = learner.sampler_params(state.params)
+  _, _, host = learner.rollout(sampler_params, repeated, jax.random.key(3), p.group_size)
+  np.testing.assert_array_equal(host["group"], np.repeat(np.arange(len(prompts)), p.group_size))
+  arrays, stats = learner.score(state.params, host, cfg.algo.init_beta)
+  advantage = arrays["advantages"][:, 0].reshape(-1, p.group_size)  # one value per reply, on every token
+  length = host["response_mask"].sum(1)
+  np.testing.assert_allclose(arrays["advantages"][host["response_mask"] > 0],
+                             np.repeat(arrays["advantages"][:, 0], length), rtol=0, atol=0)
+  np.testing.assert_allclose(advantage.sum(1), 0.0, atol=1e-4)  # a baseline per group
+  score = stats["score"].reshape(-1, p.group_size)
+  if p.advantage == "group" and p.group_std_norm:
+    expected = (score - score.mean(1, keepdims=True)) / (score.std(1, ddof=1, keepdims=True) + 1e-4)
+  elif p.advantage == "group":
+    expected = score - score.mean(1, keepdims=True)
+  else:  # RLOO: the return is the score minus beta * the reply's summed KL
+    ret = score - cfg.algo.init_beta * stats["kl_sum"].reshape(score.shape)
+    expected = p.group_size / (p.group_size - 1) * (ret - ret.mean(1, keepdims=True))
+  np.testing.assert_allclose(advantage, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_sharded_iterations_match_single_device(stage):
+  cfg = _cfg(stage)
+  single, _, _ = _train(cfg, 2)
+  sharded, _, _ = _train(cfg, 2, shape=(2, 2, 2))
+  for a, b in zip(single, sharded):
+    for k in ("raw_score", "kl", "policy_loss", "approx_kl", "kl_loss", "group_reward_std"):
+      numeric.assert_close(b[f"{stage}/{k}"], a[f"{stage}/{k}"], tol=PPO_TOL, atol=1e-5, err_msg=k)
+
+
+def test_micro_batching_does_not_change_a_sequence_mean_update():
+  rows = []
+  for accum in (1, 2):
+    cfg = _cfg("grpo")
+    cfg = GRPOConfig(**{**cfg.__dict__, "optim": OptimConfig(**{**OPTIM.__dict__, "grad_accum_steps": accum})})
+    r, _, _ = _train(cfg, 2)
+    rows.append(r)
+  for a, b in zip(*rows):
+    for k in ("grpo/raw_score", "grpo/policy_loss", "grpo/kl_loss", "grpo/grad_norm"):
+      numeric.assert_close(b[k], a[k], tol=PPO_TOL, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"group_size": 1}, r"config.grpo.group_size: must be >= 2 with grpo.advantage='group'"),
+    ({"critic": "separate"}, r"config.grpo.critic: must be 'none' with grpo.advantage='group'"),
+    ({"rollout_batch_size": 60, "minibatch_size": 30},
+     r"config.grpo.rollout_batch_size: must be a multiple of grpo.group_size=8"),
+    ({"loss_aggregation": "tokens"}, r"config.grpo.loss_aggregation"),
+])
+def test_bad_grpo_settings_are_refused_naming_the_key(overrides, match):
+  raw = config_lib.as_configdict(GRPOConfig)
+  raw.init.checkpoint, raw.reward_model.checkpoint = "sft", "reward"
+  for k, v in overrides.items():
+    raw.grpo[k] = v
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.stage_config(raw)
+
+
+def test_gae_without_a_critic_is_refused_in_ppo():
+  raw = config_lib.as_configdict(config_lib.PPOConfig)
+  raw.init.checkpoint, raw.reward_model.checkpoint = "sft", "reward"
+  raw.ppo.critic = "none"
+  with pytest.raises(config_lib.ConfigError, match=r"config.ppo.critic: is 'none', but ppo.advantage='gae'"):
+    config_lib.stage_config(raw)
