@@ -12,6 +12,12 @@ here; override any of them as `--config.<stage>.<key>=value`, e.g.
   python -m gptrl.launch --config configs/pipeline_cpu.py --config.stages="('sft','label','reward','ppo')" \\
       --config.sft.init.checkpoint=runs/pretrain_cpu
 
+The other policy optimisers run on the same SFT model, reward model and eval prompts when named in `stages`
+(each about as long as PPO), and the report puts them all on one gold-versus-KL figure:
+
+  python -m gptrl.launch --config configs/pipeline_cpu.py \
+      --config.stages="('pretrain','sft','label','reward','bon','ppo','grpo','rloo','dpo')"
+
 Variants after the colon: `tiny` (every stage's toy variant; seconds per stage, for smoke tests).
 """
 import os
@@ -39,10 +45,13 @@ def get_config(variant: str = ""):
   # sub-folders. A stage whose input stage is left out of `stages` reads the path set here instead, which must
   # then be given: "<stage>" stands for "the pipeline's own", and is refused if that stage does not run.
   c.sft.init.checkpoint = "<pretrain>"
-  c.label.init.checkpoint = c.reward.init.checkpoint = c.bon.init.checkpoint = c.ppo.init.checkpoint = "<sft>"
-  c.bon.reward_model.checkpoint = c.ppo.reward_model.checkpoint = "<reward>"
-  # (Best-of-n takes PPO's held-out prompts, reply length, temperature and judges: gptrl/stages/pipeline.py.)
-  c.reward.data.sources = ("<label>/comparisons.jsonl",)
+  for name in ("label", "reward", "bon", "ppo", "grpo", "rloo", "dpo"):
+    c[name].init.checkpoint = "<sft>"
+  for name in ("bon", "ppo", "grpo", "rloo", "dpo"):  # (DPO's only scores its evals)
+    c[name].reward_model.checkpoint = "<reward>"
+  # (Best-of-n, GRPO, RLOO and DPO take PPO's held-out prompts, reply length, temperature and judges:
+  # gptrl/stages/pipeline.py.)
+  c.reward.data.sources = c.dpo.data.sources = ("<label>/comparisons.jsonl",)
 
   if not variant:
     # Pretraining and SFT shorter than their stand-alone configs, so that the pipeline takes about 25 minutes on

@@ -329,6 +329,7 @@ class EncodedComparisons:
   margins: np.ndarray  # float32[N, K, K]
   truncated: int = 0  # sequences whose prompt or response was cut to fit max_len
   first: np.ndarray | None = None  # int32[N, K]: where each response starts (for reward_model.pool_scores)
+  ref_logp: np.ndarray | None = None  # float32[N, K]: DPO's reference log-probs of the responses, once computed
 
   def __post_init__(self):
     if self.first is None:
@@ -391,7 +392,8 @@ class _RowsToRewardBatch:
     ids = np.asarray(ids, np.int64).reshape(-1)[self._lo:self._hi]
     rows = self._hi - self._lo
     out = {}
-    for name in ("tokens", "last", "first", "pairs", "margins"):
+    for name in ("tokens", "last", "first", "pairs", "margins") + (("ref_logp",) if self._enc.ref_logp is not None
+                                                                    else ()):
       src = getattr(self._enc, name)
       arr = np.zeros((rows,) + src.shape[1:], src.dtype)
       arr[:ids.size] = src[ids]

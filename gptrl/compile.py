@@ -327,8 +327,8 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
                               tree_bytes(state.params["policy"]), tree_bytes(policy_on_sampler)))
 
   # The rollout: R prompts (padded to the data-parallel sizes) of P tokens, N new ones.
-  rows = rows_for(p.rollout_batch_size, int(np.lcm(sharding.data_parallel_size(learner),
-                                                    sharding.data_parallel_size(scorer))))
+  sampled = max(p.rollout_batch_size, p.eval_batch_size)  # replies sampled (and scored) together
+  rows = rows_for(sampled, int(np.lcm(sharding.data_parallel_size(learner), sharding.data_parallel_size(scorer))))
   host = ppo.build_rollout_batch([[1]] * rows, [[1]] * rows, prompt_len=models.prompt_len,
                                  new_tokens=models.new_tokens, pad_id=0, stop_id=1)
   host["group"] = np.arange(rows, dtype=np.int32) // p.group_size
@@ -352,7 +352,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   scalar_token = model_lib.flops_per_token(model_cfg, t, lm_head=False)
   rm_token = model_lib.flops_per_token(rm_cfg, t, lm_head=False)
   critic_token = 0.0 if models.shared or models.critic is None else scalar_token
-  sampler_rows = rows_for(p.rollout_batch_size, sharding.data_parallel_size(sampler))
+  sampler_rows = rows_for(sampled, sharding.data_parallel_size(sampler))
   update_flops = (policy_token + critic_token) * p.minibatch_size * t
   if p.ptx_coef > 0:
     update_flops += policy_token * p.minibatch_size * t

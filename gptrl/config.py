@@ -22,6 +22,7 @@ from gptrl import fileio
 from gptrl import hostmem
 from gptrl import judges
 from gptrl import presets
+from gptrl import rewards as rewards_lib
 from gptrl import stages as stages_lib
 
 
@@ -69,6 +70,10 @@ ADVANTAGES = ("gae", "group", "leave_one_out")
 # each reply's token mean averaged over replies (GRPO), or each reply's token sum over max_new_tokens averaged over
 # replies (Dr. GRPO: no length normalisation).
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum")
+# ppo.is_correction: importance weights pi(token) / sampler(token) on the policy loss, for what the sampler draws
+# from a distribution the learner does not use (top-k / top-p truncation; a sampler in other precision): truncated
+# (min(w, C), TIS) or masked (w outside [1/C, C] -> 0), per token or per reply (the product over its tokens).
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 CRITIC_INITS = ("reward", "sft")
 PLACEMENTS = ("colocated", "split")
 PIPELINE_STAGES = stages_lib.PIPELINE_ORDER  # the order the pipeline runs them in (gptrl/stages/__init__.py)
@@ -655,6 +660,61 @@ class RewardConfig:
     _check_stage(self, init="the SFT run to start from", trains=True)
 
 
+PREFERENCE_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type: gptrl/losses.py dpo_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOAlgoConfig:
+  """Direct preference optimisation on the reward model's comparison files (gptrl/losses.py dpo_loss)."""
+  beta: float = 0.1  # the implicit reward's scale, beta * (log pi - log ref): larger stays closer to the reference
+  loss_type: str = "sigmoid"  # "sigmoid" (DPO) | "ipo" (IPO)
+  label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped (sigmoid only)
+  # The policy's held-out replies at each eval, scored as PPO's are (needs reward_model.checkpoint): the frontier's
+  # points. Settings as ppo.*; the pipeline sets them to PPO's.
+  num_eval_prompts: int = 32
+  eval_batch_size: int = 32
+  max_new_tokens: int = 40
+  temperature: float = 1.0
+  watch_judges: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    _check(self.beta > 0, "dpo.beta", f"must be > 0, got {self.beta}")
+    _check_choice(self.loss_type, PREFERENCE_LOSSES, "dpo.loss_type")
+    _check(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+    _check(self.label_smoothing == 0.0 or self.loss_type == "sigmoid", "dpo.label_smoothing",
+           f"applies to loss_type='sigmoid' (conservative DPO), not {self.loss_type!r}")
+    _check(self.num_eval_prompts >= 0, "dpo.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
+    for name in ("eval_batch_size", "max_new_tokens"):
+      _check(getattr(self, name) >= 1, f"dpo.{name}", f"must be >= 1, got {getattr(self, name)}")
+    _check(self.temperature > 0, "dpo.temperature", f"must be > 0, got {self.temperature}")
+    _check_judges(self.watch_judges, "dpo.watch_judges")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """DPO (IPO, conservative DPO) from the SFT policy on comparisons, with the SFT policy as the frozen reference."""
+  stage: str = "dpo"
+  workdir: str = "runs/dpo"
+  seed: int = 0
+  init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
+  # Optional: a reward model to score the held-out replies with at each eval (eval/reward, eval/gold, eval/kl as
+  # PPO's); "" skips that eval. DPO itself never reads it.
+  reward_model: RewardModelConfig = RewardModelConfig()
+  tokenizer_path: str = ""
+  model: ModelRuntimeConfig = ModelRuntimeConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: PreferenceDataConfig = PreferenceDataConfig()  # the comparisons (as the reward model's)
+  prompts: ChatDataConfig = ChatDataConfig()  # the held-out prompts of the generation eval (as PPO's data)
+  dpo: DPOAlgoConfig = DPOAlgoConfig()
+  train: TrainConfig = TrainConfig()
+  distributed: DistributedConfig = DistributedConfig()
+  hardware: HardwareConfig = HardwareConfig()
+
+  def __post_init__(self):
+    _check_stage(self, init="the SFT run (policy start and reference)", trains=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOAlgoConfig:
   """PPO for RLHF (Ziegler et al. 2019; InstructGPT): rollout, rewards, and the learning update."""
@@ -662,9 +722,14 @@ class PPOAlgoConfig:
   minibatch_size: int = 16  # responses per optimizer step
   epochs: int = 4  # passes over each rollout
   max_new_tokens: int = 40
+  # The sampler's distribution. The temperature is applied to the policy's and the reference's logits wherever
+  # they are scored (ratio, KL), so it changes the policy optimised, not only the sampling; top-k / top-p
+  # truncation cannot be (the learner needs the whole support), so it needs an importance-sampling correction.
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  is_correction: str = "none"  # see IS_CORRECTIONS
+  is_threshold: float = 2.0  # C: weights truncated at C, or masked outside [1/C, C]
   # Rewards.
   kl_estimator: str = "k1"  # "k1" (log ratio) | "k3" (Schulman, always >= 0) | "full" (exact, all of the vocabulary)
   kl_in_reward: bool = True  # True: -beta * KL per token in the reward; False: beta * KL as a loss term
@@ -675,6 +740,10 @@ class PPOAlgoConfig:
   reward_bias: float = 0.0
   whiten_rewards: bool = False  # whiten RM scores over each rollout
   truncation_penalty: float = 0.0  # subtracted from the score of responses that hit max_new_tokens unfinished
+  # Rewards as code (gptrl/rewards.py): `package.module:function` callables, function(prompts, replies) -> one
+  # number per reply, added to the score with their weights (empty: 1 each); reward_gain = 0 leaves them alone.
+  reward_fns: tuple[str, ...] = ()
+  reward_fn_weights: tuple[float, ...] = ()
   # Learning.
   gamma: float = 1.0
   lam: float = 0.95
@@ -710,6 +779,9 @@ class PPOAlgoConfig:
   # Debugging.
   save_rollouts: bool = False  # write each iteration's rollout to <workdir>/rollouts/ (grain-readable)
   num_eval_prompts: int = 32  # held-out prompts scored at each eval (fixed set, greedy-free sampling, same key)
+  # Prompts sampled together at an eval (0: rollout_batch_size). The replies depend on it (one key per chunk):
+  # runs compared on one footing (PPO, GRPO, RLOO, best-of-n's table) use the same.
+  eval_batch_size: int = 0
   # Over-optimisation (Goodhart) watch: judges of gptrl/judges.py that were NOT used for labelling score the eval
   # replies at every eval, logged as eval/judge_<name> next to eval/reward (the RM's); "textblob" | "vader" | "length".
   watch_judges: tuple[str, ...] = ()
@@ -746,6 +818,19 @@ class PPOAlgoConfig:
     if self.ptx_coef > 0:
       _check_sources(self.ptx_sources, f"{g}.ptx_sources")
     _check(self.clip_eps > 0, f"{g}.clip_eps", f"must be > 0, got {self.clip_eps}")
+    for i, spec in enumerate(self.reward_fns):
+      _check(bool(rewards_lib.SPEC.match(spec)), f"{g}.reward_fns[{i}]",
+             f"must name a function as 'package.module:function', got {spec!r}")
+    _check(not self.reward_fn_weights or len(self.reward_fn_weights) == len(self.reward_fns),
+           f"{g}.reward_fn_weights", f"must give one weight per reward function ({len(self.reward_fns)}) or none, "
+           f"got {len(self.reward_fn_weights)}")
+    _check_choice(self.is_correction, IS_CORRECTIONS, f"{g}.is_correction")
+    _check(self.is_threshold > 1.0, f"{g}.is_threshold", f"must be > 1, got {self.is_threshold}")
+    truncated = self.top_k > 0 or self.top_p < 1.0
+    _check(not truncated or self.is_correction != "none", f"{g}.is_correction",
+           f"is 'none', but {g}.top_k={self.top_k} / top_p={self.top_p} sample from a truncated distribution the "
+           "learner's ratio and KL cannot use (they need the whole vocabulary); set is_correction (e.g. "
+           "'token_truncate') to weight the updates by pi/sampler, or sample without truncation (top_k=0, top_p=1)")
     _check(self.clip_eps_high >= 0, f"{g}.clip_eps_high", f"must be >= 0 (0: {g}.clip_eps), got {self.clip_eps_high}")
     _check_choice(self.advantage, ADVANTAGES, f"{g}.advantage")
     _check_choice(self.loss_aggregation, LOSS_AGGREGATIONS, f"{g}.loss_aggregation")
@@ -763,6 +848,8 @@ class PPOAlgoConfig:
     _check(self.temperature > 0, f"{g}.temperature",
            f"must be > 0 (PPO needs a sampling policy), got {self.temperature}")
     _check(self.num_eval_prompts >= 0, f"{g}.num_eval_prompts", f"must be >= 0, got {self.num_eval_prompts}")
+    _check(self.eval_batch_size >= 0, f"{g}.eval_batch_size", f"must be >= 0 (0: rollout_batch_size), got "
+           f"{self.eval_batch_size}")
     _check(self.ptx_coef >= 0, f"{g}.ptx_coef", f"must be >= 0 (0: off), got {self.ptx_coef}")
     _check_judges(self.watch_judges, f"{g}.watch_judges")
     _check(len(set(self.watch_judges)) == len(self.watch_judges), f"{g}.watch_judges",
@@ -890,6 +977,8 @@ class PipelineConfig:
                                 reward_model=RewardModelConfig(checkpoint="<reward>"))
   rloo: RLOOConfig = RLOOConfig(init=InitConfig(checkpoint="<sft>"),
                                 reward_model=RewardModelConfig(checkpoint="<reward>"))
+  dpo: DPOConfig = DPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=RewardModelConfig(checkpoint="<reward>"),
+                             data=PreferenceDataConfig(sources=("<label>/comparisons.jsonl",)))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 
   def __post_init__(self):
@@ -905,17 +994,18 @@ class PipelineConfig:
     inputs = (("sft", "init", "pretrain"), ("label", "init", "sft"), ("reward", "init", "sft"),
               ("bon", "init", "sft"), ("bon", "reward_model", "reward"), ("ppo", "init", "sft"),
               ("ppo", "reward_model", "reward"), ("grpo", "init", "sft"), ("grpo", "reward_model", "reward"),
-              ("rloo", "init", "sft"), ("rloo", "reward_model", "reward"))
+              ("rloo", "init", "sft"), ("rloo", "reward_model", "reward"), ("dpo", "init", "sft"))
     for name, field, producer in inputs:
       path = getattr(getattr(self, name), field).checkpoint
       _check(name not in self.stages or producer in self.stages or not (path.startswith("<") and path.endswith(">")),
              f"{name}.{field}.checkpoint",
              f"{producer!r} is not in config.stages {list(self.stages)}, so {name} needs the path of an existing "
              f"{producer} run (its workdir or a checkpoint folder); got {path!r}")
-    _check("reward" not in self.stages or "label" in self.stages
-           or not any(s.startswith("<label>") for s in self.reward.data.sources), "reward.data.sources",
-           f"'label' is not in config.stages {list(self.stages)}, so the reward model needs comparison files of "
-           f"its own; got {list(self.reward.data.sources)}")
+    for name in ("reward", "dpo"):
+      sources = getattr(self, name).data.sources
+      _check(name not in self.stages or "label" in self.stages or not any(s.startswith("<label>") for s in sources),
+             f"{name}.data.sources", f"'label' is not in config.stages {list(self.stages)}, so {name} needs "
+             f"comparison files of its own; got {list(sources)}")
 
 
 # config.stage -> its config class, as the stage registry names them.
@@ -1054,6 +1144,8 @@ def policy_rl_configdict(ppo_config: Any, stage: str) -> Any:
       c[key] = value
   for key in SHARED_ALGO_KEYS:
     c[stage][key] = ppo_config.ppo[key]
+  # Its evals sample the held-out prompts in PPO's chunks, so that both draw the same replies from one policy.
+  c[stage].eval_batch_size = ppo_config.ppo.eval_batch_size or ppo_config.ppo.rollout_batch_size
   head, sep, tail = ppo_config.workdir.rpartition("ppo")
   c.workdir = f"{head}{stage}{tail}" if sep else f"{ppo_config.workdir}_{stage}"
   return c

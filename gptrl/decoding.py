@@ -58,26 +58,39 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
   return logits_BxV
 
 
+def sampling_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """The logits of the distribution the sampler draws from: float32, divided by the temperature, filtered by
+  top-k / top-p (over the last axis; any leading shape)."""
+  shape = logits.shape
+  tempered = logits.astype(jnp.float32) / temperature
+  if top_k == 0 and top_p >= 1.0:
+    return tempered
+  return filter_logits(tempered.reshape(-1, shape[-1]), top_k=top_k, top_p=top_p).reshape(shape)
+
+
 def sample_token(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0,
                  top_p: float = 1.0) -> jax.Array:
   """One token per row: argmax when temperature == 0, else a draw from the filtered, tempered softmax."""
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+  logits_BxV = sampling_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
 def _next_token(logits_BxV: jax.Array, i: jax.Array | int, done_B: jax.Array, *, rng: jax.Array,
-                temperature: float, top_k: int, top_p: float, stop_id: int,
-                pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                temperature: float, top_k: int, top_p: float, stop_id: int, pad_id: int,
+                sampling_logprobs: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """New token i of every row (pad_id where the row had stopped), its log-prob, and the rows stopped after it.
 
-  The log-prob is under the raw model distribution (log_softmax of the unfiltered, untempered logits), 0 for
-  rows that had stopped. Step i draws from `fold_in(rng, i)` in both decoding loops, so they sample alike.
+  The log-prob is under the raw model distribution (log_softmax of the unfiltered, untempered logits), or with
+  `sampling_logprobs` under the distribution the token was drawn from (tempered and filtered); 0 for rows that
+  had stopped. Step i draws from `fold_in(rng, i)` in both decoding loops, so they sample alike.
   """
   token_B = sample_token(logits_BxV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
                          top_p=top_p)
   token_B = jnp.where(done_B, pad_id, token_B)
+  if sampling_logprobs and temperature > 0:
+    logits_BxV = sampling_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   logprob_B = jnp.where(done_B, 0.0, losses.token_log_probs(logits_BxV[:, None, :], token_B[:, None])[:, 0])
   return token_B, logprob_B, done_B | (token_B == stop_id)
 
@@ -145,16 +158,17 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "stop_id", "pad_id", "use_cache"))
+                                             "top_p", "stop_id", "pad_id", "use_cache", "sampling_logprobs"))
 def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array,
               rng: jax.Array, *, prompt_len: int, max_new_tokens: int, temperature: float, top_k: int,
-              top_p: float, stop_id: int, pad_id: int, use_cache: bool) -> tuple[jax.Array, jax.Array]:
+              top_p: float, stop_id: int, pad_id: int, use_cache: bool,
+              sampling_logprobs: bool = False) -> tuple[jax.Array, jax.Array]:
   """New tokens [B, N] (int32, pad_id after a row's stop) and their float32 log-probs [B, N]."""
   if max_new_tokens == 0:
     batch = buffer_BxL.shape[0]
     return jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32)
   next_token = functools.partial(_next_token, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 stop_id=stop_id, pad_id=pad_id)
+                                 stop_id=stop_id, pad_id=pad_id, sampling_logprobs=sampling_logprobs)
   loop = _cached_loop if use_cache else _recompute_loop
   return loop(model, params, buffer_BxL, mask_BxL, positions_BxL, next_token, prompt_len=prompt_len,
               max_new_tokens=max_new_tokens)
@@ -202,7 +216,7 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1, use_cache: bool = True,
-             return_logprobs: bool = False, min_prompt_len: int = 0
+             return_logprobs: bool = False, min_prompt_len: int = 0, sampling_logprobs: bool = False
              ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
   """Samples continuations of token-id prompts.
 
@@ -224,7 +238,8 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
       random numbers, so they return the same tokens up to float rounding of near-tied logits.
     return_logprobs: also return, per prompt, the float32 log-probability of each returned token under the
       model's raw distribution (log_softmax of the logits, before temperature and top-k/top-p filtering), as
-      needed for PPO's old-policy log-probs.
+      needed for PPO's old-policy log-probs; with `sampling_logprobs`, under the distribution each token was
+      drawn from (tempered and top-k/top-p filtered: `sampling_logits`), what importance weights divide by.
   Returns:
     The new tokens of each prompt, up to and including `stop_id` if it was emitted; with `return_logprobs`,
     `(tokens, logprobs)` where `logprobs[i]` is a float32 array as long as `tokens[i]`.
@@ -240,7 +255,7 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   out, logprobs = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
                             prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id),
-                            use_cache=bool(use_cache))
+                            use_cache=bool(use_cache), sampling_logprobs=bool(sampling_logprobs))
   out, logprobs = jax.device_get((out, logprobs))
   tokens, token_logprobs = [], []
   for row, row_logprobs in zip(np.asarray(out)[:len(prompts)], np.asarray(logprobs)[:len(prompts)]):

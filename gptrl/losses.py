@@ -81,3 +81,67 @@ def bradley_terry(rewards_BxK: jax.Array, pairs_BxKxK: jax.Array, margins_BxKxK:
           "reward_margin": jnp.sum(w_BxKxK * diff_BxKxK),
           "pairs": jnp.sum(pairs)}
   return loss_sum, sums
+
+
+def sequence_log_probs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, first_B: jax.Array,
+                       last_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of log p(token) over tokens first..last of each row, their count), from the logits of the same rows
+  (position t predicts token t + 1), in float32. A row with last < first (padding) gives (0, 0)."""
+  chex.assert_rank((logits_BxTxV, tokens_BxT, first_B, last_B), (3, 2, 1, 1))
+  logp_BxT1 = token_log_probs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])  # [:, j]: log p(token j + 1)
+  index_T1 = jnp.arange(tokens_BxT.shape[1] - 1)[None, :] + 1
+  inside_BxT1 = (index_T1 >= first_B[:, None]) & (index_T1 <= last_B[:, None])
+  return (jnp.sum(jnp.where(inside_BxT1, logp_BxT1, 0.0), axis=1),
+          jnp.sum(inside_BxT1, axis=1).astype(jnp.float32))
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type
+
+
+def dpo_loss(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, length_BxK: jax.Array, pairs_BxKxK: jax.Array, *,
+             beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Direct preference optimisation over the compared replies of each prompt (every pair i > j of a ranking).
+
+  With the log-ratio of a reply to the reference, rho = log pi(y|x) - log ref(y|x) (summed over its tokens), and
+  h_ij = rho_i - rho_j for a pair where i was preferred over j:
+    sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h_ij)
+      with label_smoothing e (conservative DPO, Mitchell 2023):  -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    ipo (IPO, Azar et al. 2023):  (h_ij - 1 / (2 beta))^2, rho averaged over the reply's tokens (as trl does)
+  Each pair weighs its count in `pairs` (trl's convention: every pair counts; the reward model's
+  `bradley_terry` weighs each prompt 1 instead).
+
+  Args:
+    logp_BxK: the policy's summed log-prob of each reply (differentiated).
+    ref_logp_BxK: the reference's, computed once per example.
+    length_BxK: the replies' token counts (for IPO's mean).
+    pairs_BxKxK: pairs[b, i, j] > 0 where reply i was preferred over reply j (a count); 0 on padding.
+  Returns:
+    (loss_sum, sums): sums["weight"] = the number of pairs; and the sums over pairs of the implicit reward
+    r = beta * rho's accuracy (r_i > r_j), margin r_i - r_j, chosen r_i and rejected r_j, to divide by it.
+  """
+  chex.assert_equal_shape((logp_BxK, ref_logp_BxK, length_BxK))
+  chex.assert_rank(pairs_BxKxK, 3)
+  w_BxKxK = pairs_BxKxK.astype(jnp.float32)
+  # Padding replies (in no pair) may hold any value, even NaN: replaced before any arithmetic, so that neither the
+  # loss nor its gradient sees them (0 * NaN is NaN).
+  compared_BxK = (jnp.sum(w_BxKxK, axis=2) + jnp.sum(w_BxKxK, axis=1)) > 0
+  rho_BxK = jnp.where(compared_BxK, logp_BxK.astype(jnp.float32) - ref_logp_BxK.astype(jnp.float32), 0.0)
+  if loss_type == "sigmoid":
+    h_BxKxK = rho_BxK[:, :, None] - rho_BxK[:, None, :]
+    loss_BxKxK = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_BxKxK)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h_BxKxK))
+  elif loss_type == "ipo":
+    mean_BxK = rho_BxK / jnp.maximum(jnp.where(compared_BxK, length_BxK.astype(jnp.float32), 1.0), 1.0)
+    h_BxKxK = mean_BxK[:, :, None] - mean_BxK[:, None, :]
+    loss_BxKxK = jnp.square(h_BxKxK - 1.0 / (2.0 * beta))
+  else:
+    raise ValueError(f"dpo_loss: loss_type={loss_type!r} is not one of {PREFERENCE_LOSSES}")
+  loss_BxKxK = jnp.where(w_BxKxK > 0, loss_BxKxK, 0.0)
+  r_BxK = beta * rho_BxK
+  margin_BxKxK = jnp.where(w_BxKxK > 0, r_BxK[:, :, None] - r_BxK[:, None, :], 0.0)
+  sums = {"weight": jnp.sum(w_BxKxK), "accuracy": jnp.sum(w_BxKxK * (margin_BxKxK > 0)),
+          "reward_margin": jnp.sum(w_BxKxK * margin_BxKxK),
+          "chosen_reward": jnp.sum(w_BxKxK * jnp.where(w_BxKxK > 0, r_BxK[:, :, None], 0.0)),
+          "rejected_reward": jnp.sum(w_BxKxK * jnp.where(w_BxKxK > 0, r_BxK[:, None, :], 0.0))}
+  return jnp.sum(w_BxKxK * loss_BxKxK), jax.lax.stop_gradient(sums)

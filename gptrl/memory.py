@@ -431,9 +431,10 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
     step["critic activations"] = shard.training(b, t)
   if p.ptx_coef > 0:
     step["PPO-ptx: pretraining batch activations + logits"] = shard.training(b, t) + shard.logits(b, t, 3)
-  rows = shard.rows(p.rollout_batch_size)
+  sampled = max(p.rollout_batch_size, p.eval_batch_size)  # replies sampled (and scored) together
+  rows = shard.rows(sampled)
   phases = {
-      "rollout sampling": _sampling(shard, p.rollout_batch_size, n),
+      "rollout sampling": _sampling(shard, sampled, n),
       "scoring (policy, reference, critic, reward model over the rollout)": {
           "forward: one layer + scores": max(shard.forward(rows, t), rm_shard.forward(rows, t)),
           "policy and reference logits, response log-softmax (float32)":

@@ -280,6 +280,38 @@ def policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: ja
   return masked_mean(loss_BxT, valid_BxT), stats
 
 
+def importance_weights(logp_BxT: jax.Array, sampler_logp_BxT: jax.Array, mask_BxT: jax.Array, mode: str,
+                       threshold: float) -> tuple[jax.Array, jax.Array]:
+  """Importance weights w = pi(token) / sampler(token) for the policy loss when the sampler drew from another
+  distribution than the learner's pi (top-k / top-p truncation, a sampler in lower precision), as verl, trl and
+  OpenRLHF correct for it; without gradient (they re-weight the samples).
+
+    token_truncate     w_t = min(pi_t / mu_t, C)                         (truncated IS, TIS)
+    token_mask         w_t = pi_t / mu_t if 1/C <= it <= C, else 0         (masked IS: outlier tokens dropped)
+    sequence_truncate  every token of a reply: min(prod_t pi_t / mu_t, C)
+    sequence_mask      every token of a reply: prod_t pi_t / mu_t if within [1/C, C], else 0
+
+  Returns (weights_BxT, 1.0 where a weight was truncated or masked), both 0 at masked positions.
+  """
+  chex.assert_equal_shape((logp_BxT, sampler_logp_BxT, mask_BxT))
+  valid_BxT = _valid(mask_BxT, logp_BxT.shape)
+  log_w_BxT = jnp.where(valid_BxT, _f32(logp_BxT) - _f32(sampler_logp_BxT), 0.0)
+  if mode.startswith("sequence_"):
+    log_w_BxT = jnp.broadcast_to(jnp.sum(log_w_BxT, axis=1, keepdims=True), log_w_BxT.shape)
+  log_c = jnp.log(jnp.float32(threshold))
+  if mode.endswith("_truncate"):
+    corrected_BxT = log_w_BxT > log_c
+    weight_BxT = jnp.exp(jnp.minimum(log_w_BxT, log_c))
+  elif mode.endswith("_mask"):
+    corrected_BxT = jnp.abs(log_w_BxT) > log_c
+    weight_BxT = jnp.where(corrected_BxT, 0.0, jnp.exp(jnp.clip(log_w_BxT, -log_c, log_c)))
+  else:
+    raise ValueError(f"importance_weights: mode={mode!r} is not one of token_truncate, token_mask, "
+                     "sequence_truncate, sequence_mask")
+  return (jax.lax.stop_gradient(jnp.where(valid_BxT, weight_BxT, 0.0)),
+          jnp.where(valid_BxT & corrected_BxT, 1.0, 0.0))
+
+
 def aggregate(x_BxT: jax.Array, mask_BxT: jax.Array, mode: str = "token_mean") -> tuple[jax.Array, jax.Array]:
   """(total, weight) of per-token values, whose ratio is the loss `mode` asks for; the totals and weights of
   micro-batches add up to the whole batch's, so gradient accumulation does not change the result.

@@ -338,16 +338,46 @@ class FrontierPoints:
   ppo_steps: np.ndarray
   ppo_d: np.ndarray
   ppo: dict[str, np.ndarray]
+  # The other policy optimisers' evals on the same prompts: method name -> (steps, d, scores).
+  others: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
+
+  def methods(self) -> list[tuple[str, str, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """(method, fitted form, steps, d, scores) of every method with points: best-of-n, PPO, then the others."""
+    out = [("best-of-n", "bon", np.zeros(0), self.bon_d, self.bon), ("PPO", "rl", self.ppo_steps, self.ppo_d, self.ppo)]
+    out += [(name, "rl", steps, d, scores) for name, (steps, d, scores) in self.others.items()]
+    return [m for m in out if m[4]]
 
   def fits(self) -> dict[tuple[str, str], "frontier.Fit"]:
     """(method, score) -> the fitted gain curve (Gao et al.: bon d(a - b d), rl d(a - b log d)) of score minus
     the method's own start; a method or score with fewer than two points away from d = 0 has none."""
     out = {}
-    for method, form, d, scores in (("best-of-n", "bon", self.bon_d, self.bon), ("PPO", "rl", self.ppo_d, self.ppo)):
+    for method, form, _, d, scores in self.methods():
       for score, values in scores.items():
         if len(values) and int(np.sum(d > 0)) >= 2:
           out[(method, score)] = frontier.fit(form, d, values - values[0])
     return out
+
+
+# The policy optimisers placed on the frontier next to PPO (stage -> the name shown).
+OTHER_POLICY_METHODS = {"grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+
+
+def policy_evals(run: Run, stage: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+  """(steps, d = sqrt(eval/kl), {"proxy", "gold"}) of a policy stage's held-out evals, at the steps where all were
+  logged; empty without eval/kl."""
+  steps, d, scores = np.zeros(0), np.zeros(0), {}
+  if stage not in run.dirs:
+    return steps, d, scores
+  kl_steps, kl = run.series(stage, "eval/kl")
+  logged = run.keys(stage)
+  keys = {"proxy": "eval/proxy" if "eval/proxy" in logged else "eval/reward", "gold": "eval/gold"}
+  series = {name: run.series(stage, key) for name, key in keys.items() if key in logged}
+  common_steps = [s for s in kl_steps if all(s in set(steps_of.tolist()) for steps_of, _ in series.values())]
+  if common_steps:
+    steps = np.array(common_steps, np.float64)
+    d = np.sqrt(np.maximum([_eval_value(kl_steps, kl, s) for s in common_steps], 0.0))
+    scores = {name: np.array([_eval_value(*xy, s) for s in common_steps], np.float64) for name, xy in series.items()}
+  return steps, d, scores
 
 
 def frontier_points(run: Run) -> FrontierPoints | None:
@@ -359,36 +389,30 @@ def frontier_points(run: Run) -> FrontierPoints | None:
     rows = table["rows"]
     bon_d = np.sqrt(np.array([r["kl"] for r in rows], np.float64))
     bon = {k: np.array([r[k] for r in rows], np.float64) for k in ("gold", "proxy") if all(k in r for r in rows)}
-  steps, d, ppo = np.zeros(0), np.zeros(0), {}
-  if "ppo" in run.dirs:
-    kl_steps, kl = run.series("ppo", "eval/kl")
-    logged = run.keys("ppo")
-    keys = {"proxy": "eval/proxy" if "eval/proxy" in logged else "eval/reward", "gold": "eval/gold"}
-    series = {name: run.series("ppo", key) for name, key in keys.items() if key in logged}
-    common_steps = [s for s in kl_steps if all(s in set(steps_of.tolist()) for steps_of, _ in series.values())]
-    if common_steps:
-      steps = np.array(common_steps, np.float64)
-      d = np.sqrt(np.maximum([_eval_value(kl_steps, kl, s) for s in common_steps], 0.0))
-      ppo = {name: np.array([_eval_value(*xy, s) for s in common_steps], np.float64) for name, xy in series.items()}
-  if not bon and not ppo:
+  steps, d, ppo = policy_evals(run, "ppo")
+  others = {name: policy_evals(run, stage) for stage, name in OTHER_POLICY_METHODS.items()}
+  others = {name: evals for name, evals in others.items() if evals[2]}
+  if not bon and not ppo and not others:
     return None
-  return FrontierPoints(gold_judge, bon_d, bon, steps, d, ppo)
+  return FrontierPoints(gold_judge, bon_d, bon, steps, d, ppo, others)
 
 
 def plot_frontier(points: FrontierPoints, fits: dict[tuple[str, str], frontier.Fit]) -> bytes:
   """Gold (left) and proxy (right) against sqrt(KL): best-of-n and PPO's evals, their fitted curves (`fits`, from
   `points.fits()`), the fitted gold peak of the PPO curve marked."""
-  scores = [s for s in ("gold", "proxy") if s in points.bon or s in points.ppo]
+  methods = points.methods()
+  scores = [s for s in ("gold", "proxy") if any(s in m[4] for m in methods)]
+  colors = {"best-of-n": "tab:green", "PPO": "tab:blue", "GRPO": "tab:orange", "RLOO": "tab:purple",
+            "DPO": "tab:red"}
   fig, axes = _figure(len(scores), height=4.2, width=6.5 * len(scores))
   for ax, score in zip(axes, scores):
-    for method, d, values, color in (("best-of-n", points.bon_d, points.bon.get(score), "tab:green"),
-                                     ("PPO", points.ppo_d, points.ppo.get(score), "tab:blue")):
+    for method, _, steps, d, method_scores in methods:
+      values, color = method_scores.get(score), colors.get(method, "tab:brown")
       if values is None or not len(values):
         continue
       ax.plot(d, values, "o", color=color, label=f"{method}", markersize=5)
-      if method == "PPO":
-        for s, x, y in zip(points.ppo_steps, d, values):
-          ax.annotate(f"{int(s)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+      for s, x, y in zip(steps, d, values):  # the policy optimisers' evals, by step
+        ax.annotate(f"{int(s)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
       fit = fits.get((method, score))
       if fit is not None:
         grid = np.linspace(0.0, max(float(d.max()) * 1.15, 1e-3), 100)
@@ -689,14 +713,40 @@ table.replies td:nth-child(4), table.replies td:nth-child(6) { white-space: nowr
 .system { color: #777; font-size: 0.85em; } code { font-size: 0.9em; }
 """
 
+def method_table(points: FrontierPoints) -> str:
+  """Each method's final point (best-of-n: its largest n; the others: their last eval): KL, gold and proxy gains
+  over their start, and the gold gain per nat of KL; and which method gains the most gold per nat."""
+  rows, per_nat = [], {}
+  for method, _, steps, d, scores in points.methods():
+    if len(d) < 2 or d[-1] <= 0:
+      continue
+    kl = float(d[-1]) ** 2
+    gain = {s: float(v[-1] - v[0]) for s, v in scores.items()}
+    if "gold" in gain:
+      per_nat[method] = gain["gold"] / kl
+    where = "largest n" if method == "best-of-n" else f"step {int(steps[-1])}"
+    rows.append([_esc(method), where, _fmt(kl), _fmt(gain.get("gold", "-")), _fmt(gain.get("proxy", "-")),
+                 _fmt(per_nat.get(method, "-"), 4)])
+  if len(rows) < 2:
+    return ""
+  out = _table(["method", "point", "KL (nats)", "gold gain", "proxy gain", "gold gain per nat"], rows, cls="narrow")
+  if per_nat:
+    best = max(per_nat, key=per_nat.get)
+    out += _note(f"Most gold per nat of KL at its final point: {best} ({per_nat[best]:+.4f} per nat). Points at "
+                 "different KL are not on one footing (the frontier bends): compare the curves above at equal KL.")
+  return out
+
+
 def section_frontier(run: Run) -> str:
   points = frontier_points(run)
   if points is None:
-    return _note("No best-of-n table (bon/bon.json) and no PPO evals with eval/kl: nothing to place on the frontier.")
+    return _note("No best-of-n table (bon/bon.json) and no policy evals with eval/kl (PPO, GRPO, RLOO, DPO): "
+                 "nothing to place on the frontier.")
   out = _note("Gao et al. (2022): the labeller's (gold) and the reward model's (proxy) scores of the same held-out "
               "prompts' replies against d = sqrt(KL to the SFT policy). Best-of-n picks the RM's favourite of n SFT "
-              "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points are its evals, labelled by "
-              "iteration. Curves: the published forms fitted to each method's gain over its own start.")
+              "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points (and GRPO's, RLOO's, DPO's when "
+              "they ran) are its evals, labelled by iteration or step. Curves: the published forms fitted to each "
+              "method's gain over its own start.")
   if "gold" not in points.bon and "gold" not in points.ppo:
     out += _note("No gold judge: the comparisons were labelled by people (or by several judges), so there is no "
                  "labeller to score replies with; only the proxy is shown (and the watch judges in the next section).")
@@ -711,6 +761,7 @@ def section_frontier(run: Run) -> str:
   if rows:
     out += _table(["method", "score", "alpha", "beta", "rmse", "points", "peak KL (nats)", "gain at peak"], rows,
                   cls="narrow")
+  out += method_table(points)
   rl_gold = fits.get(("PPO", "gold"))
   if rl_gold is not None:
     out += f"<p>{_esc(frontier.peak_verdict(rl_gold, float(points.ppo_d[-1])))}</p>"
@@ -777,7 +828,7 @@ def section_reward_vs_kl(run: Run) -> str:
 SECTIONS = (("summary", "Run summary", section_summary), ("losses", "Loss curves", section_losses),
             ("reward-model", "Reward model accuracy", section_reward_model),
             ("ppo", "PPO per iteration", section_ppo), ("reward-vs-kl", "Reward against KL", section_reward_vs_kl),
-            ("frontier", "Gold and proxy against KL: PPO next to best-of-n", section_frontier),
+            ("frontier", "Gold and proxy against KL: the policy optimisers next to best-of-n", section_frontier),
             ("goodhart", "Over-optimisation watch (Goodhart)", section_goodhart),
             ("replies", "Held-out prompts: SFT vs PPO", section_replies), ("labels", "Labelling", section_label))
 

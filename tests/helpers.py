@@ -144,6 +144,11 @@ def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict
     return {"data.cache_dir": cache, "data.batch_size": 4, "data.eval_fraction": 0.25, "train.steps": 10,
             "train.checkpoint_every": 4, "train.eval_every": 5, "train.log_every": 2, "train.progress_bar": False,
             "reward.normalize_samples": 6, "reward.normalize_max_new_tokens": 6}
+  if stage == "dpo":
+    return {"data.cache_dir": cache, "data.batch_size": 4, "data.eval_fraction": 0.25, "data.max_len": 32,
+            "prompts.sources": f"('{chats}',)", "prompts.cache_dir": cache, "prompts.eval_fraction": 0.2,
+            "dpo.num_eval_prompts": 4, "dpo.eval_batch_size": 4, "dpo.max_new_tokens": 6, "train.steps": 8,
+            "train.checkpoint_every": 4, "train.eval_every": 4, "train.log_every": 2, "train.progress_bar": False}
   if stage == "bon":
     return {"bon.samples": 4, "bon.table_n": 2, "progress_bar": False}
   if stage in ("ppo", "grpo", "rloo"):

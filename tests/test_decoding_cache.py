@@ -199,6 +199,33 @@ def test_returned_logprobs_are_raw_model_logprobs_of_the_sampled_tokens(use_cach
     numeric.assert_close(lp, ref, err_msg=f"row {i}")
 
 
+@pytest.mark.parametrize("sampled", [SAMPLED, dict(temperature=0.8, top_p=0.6), dict(temperature=1.3)])
+def test_sampling_logprobs_are_those_of_the_tempered_filtered_distribution(sampled):
+  model, params = _model()
+  tokens, logprobs = _generate(return_logprobs=True, sampling_logprobs=True, **sampled)
+  raw_tokens = _generate(**sampled)
+  assert tokens == raw_tokens  # the same draws: only the log-probs' distribution differs
+  sequences = [prompt + new for prompt, new in zip(PROMPTS, tokens)]
+  batch = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
+  for row, seq in zip(batch, sequences):
+    row[:len(seq)] = seq
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, batch), np.float64) / sampled["temperature"]
+  for i, (prompt, new, lp) in enumerate(zip(PROMPTS, tokens, logprobs)):
+    at = logits[i, np.arange(len(new)) + len(prompt) - 1]  # [N, V]
+    keep = np.ones_like(at, bool)
+    if sampled.get("top_k"):
+      keep &= at >= np.sort(at, axis=-1)[:, -sampled["top_k"]][:, None]
+    if sampled.get("top_p", 1.0) < 1.0:
+      p = np.exp(_np_log_softmax(at))
+      order = np.argsort(-at, axis=-1)
+      mass_before = np.cumsum(np.take_along_axis(p, order, -1), -1) - np.take_along_axis(p, order, -1)
+      inside = np.zeros_like(keep)
+      np.put_along_axis(inside, order, mass_before < sampled["top_p"], -1)
+      keep &= inside
+    ref = _np_log_softmax(np.where(keep, at, -np.inf))[np.arange(len(new)), new]
+    numeric.assert_close(lp, ref, tol=1e-4, err_msg=f"row {i}")
+
+
 def test_generate_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens():
   model, params = _model()
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))

@@ -450,3 +450,35 @@ def test_group_advantage_gradient_of_a_grpo_objective_matches_central_difference
     numeric = (np.sum(weights * _np_group_advantages(plus, GROUPS))
                - np.sum(weights * _np_group_advantages(minus, GROUPS))) / (2 * step)
     np.testing.assert_allclose(grad[i], numeric, rtol=2e-3, atol=1e-3, err_msg=f"score {i}")
+
+
+def _np_weights(logp, sampler_logp, mode, c):
+  log_w = np.where(VALID, np.asarray(logp, np.float64) - sampler_logp, 0.0)
+  if mode.startswith("sequence_"):
+    log_w = np.broadcast_to(log_w.sum(1, keepdims=True), log_w.shape)
+  w = np.exp(log_w)
+  if mode.endswith("_truncate"):
+    out = np.minimum(w, c)
+  else:
+    out = np.where((w >= 1 / c) & (w <= c), w, 0.0)
+  return np.where(VALID, out, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_importance_weights_match_numpy(mode):
+  logp, sampler_logp = _ragged(50) * 0.6 - 1.0, _ragged(51) * 0.6 - 1.0
+  weights, corrected = ppo_math.importance_weights(logp, sampler_logp, MASK, mode, 1.5)
+  expected = _np_weights(logp, sampler_logp, mode, 1.5)
+  np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-7)
+  if mode.startswith("token"):  # the tokens whose weight was truncated or masked
+    w = np.exp(logp.astype(np.float64) - sampler_logp)
+    changed = w > 1.5 if mode == "token_truncate" else (w > 1.5) | (w < 1 / 1.5)
+    np.testing.assert_array_equal(np.asarray(corrected) > 0, changed & VALID)
+  assert np.all(np.asarray(weights)[~VALID] == 0.0) and np.all(np.asarray(corrected)[~VALID] == 0.0)
+
+
+def test_importance_weights_carry_no_gradient():
+  logp, sampler_logp = _ragged(52) - 1.0, _ragged(53) - 1.0
+  grad = jax.grad(lambda lp: jnp.sum(ppo_math.importance_weights(lp, sampler_logp, MASK, "token_truncate", 2.0)[0]))(
+      logp)
+  assert np.all(np.asarray(grad) == 0.0)

@@ -32,6 +32,8 @@ STAGES = (
     # PPO's stage without a critic: group-normalised (GRPO) or leave-one-out (RLOO) advantages.
     Stage("grpo", "gptrl.stages.ppo", "GRPOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
     Stage("rloo", "gptrl.stages.ppo", "RLOOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
+    # Learns from the comparisons directly; the reward model (optional) only scores its evals.
+    Stage("dpo", "gptrl.stages.dpo", "DPOConfig", init_from="sft", reads_reward_model=True),
 )
 # The whole pipeline, launched like a stage (config.stage = "pipeline").
 PIPELINE = Stage("pipeline", "gptrl.stages.pipeline", "PipelineConfig")

@@ -10,6 +10,8 @@ config, and starts from the previous stage's Orbax checkpoint:
   bon.init              <- <workdir>/sft        bon.reward_model    <- <workdir>/reward
   ppo.init              <- <workdir>/sft        ppo.reward_model    <- <workdir>/reward
   grpo.init, rloo.init  <- <workdir>/sft        their reward_model  <- <workdir>/reward
+  dpo.init              <- <workdir>/sft        dpo.data.sources    <- <workdir>/label/comparisons.jsonl
+                                                dpo.reward_model    <- <workdir>/reward (scores its evals only)
 
 Best-of-n (the baseline of the report's gold-versus-KL frontier) takes PPO's seed, data, held-out prompt count,
 reply length, temperature and watch judges, so both are measured on the same prompts.
@@ -67,10 +69,15 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
       changes["init"] = dataclasses.replace(
           stage_cfg.init, checkpoint=_input(cfg, workdir, produced_by, stage_cfg.init.checkpoint,
                                             f"{name}.init.checkpoint"))
-    if name == "reward" and "label" in cfg.stages:
+    if name in ("reward", "dpo") and "label" in cfg.stages:
       changes["data"] = dataclasses.replace(
           stage_cfg.data, sources=(os.path.join(workdir, "label", "comparisons.jsonl"),))
-    if stage.reads_reward_model:
+    # DPO only scores its evals with a reward model: without one in the pipeline or configured, it skips them.
+    no_rm = (name == "dpo" and "reward" not in cfg.stages
+             and stage_cfg.reward_model.checkpoint in ("", "<reward>"))
+    if no_rm:
+      changes["reward_model"] = dataclasses.replace(stage_cfg.reward_model, checkpoint="")
+    elif stage.reads_reward_model:
       # (Best-of-n reads an ensemble as PPO does; its table also has every other reduction.)
       rm_cfg = cfg.ppo.reward_model if name == "bon" else stage_cfg.reward_model
       changes["reward_model"] = dataclasses.replace(
@@ -82,7 +89,14 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
       p, algo = cfg.ppo.ppo, stage_cfg.algo
       changes.update(seed=cfg.ppo.seed, data=cfg.ppo.data, **{algo.group: dataclasses.replace(
           algo, num_eval_prompts=p.num_eval_prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-          watch_judges=p.watch_judges)})
+          watch_judges=p.watch_judges, eval_batch_size=p.eval_batch_size or p.rollout_batch_size)})
+    if name == "dpo":
+      # DPO's generation eval on PPO's footing: its held-out prompts, chunks, reply length, temperature and judges.
+      p = cfg.ppo.ppo
+      changes.update(seed=cfg.ppo.seed, prompts=cfg.ppo.data, dpo=dataclasses.replace(
+          stage_cfg.dpo, num_eval_prompts=p.num_eval_prompts, max_new_tokens=p.max_new_tokens,
+          temperature=p.temperature, watch_judges=p.watch_judges,
+          eval_batch_size=p.eval_batch_size or p.rollout_batch_size))
     if name == "bon":
       # Best-of-n is PPO's baseline on one footing: PPO's held-out prompts, reply length, temperature and judges.
       p = cfg.ppo.ppo

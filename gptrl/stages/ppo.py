@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import grain
@@ -71,6 +71,7 @@ from gptrl import model as model_lib
 from gptrl import optim
 from gptrl import ppo_math as pm
 from gptrl import reward_model
+from gptrl import rewards as rewards_lib
 from gptrl import seeds
 from gptrl import sharding
 from gptrl import trainer
@@ -81,7 +82,7 @@ from gptrl.stages import recipe as recipe_lib
 
 # Rollout arrays: B responses, L = P + N token buffer (P prompt slots, left-padded; N response slots).
 ROLLOUT_KEYS = ("tokens", "positions", "attention", "response_mask", "logp", "ref_logp", "values", "advantages",
-                "returns", "kl")
+                "returns", "kl", "sampler_logp")
 # Every held-out eval reply with its RM reward and watch-judge scores, one line per eval: the report's SFT-vs-PPO table.
 EVAL_REPLIES_FILE = "eval_replies.jsonl"
 
@@ -97,6 +98,7 @@ class Models:
   new_tokens: int  # N
   reward_context: int = 0  # the reward model's training context (its meta's "context"); 0: the whole sequence
   end_id: int = -1  # <|end|>: an unfinished reply is scored with it appended, as the RM's training replies end
+  temperature: float = 1.0  # the sampler's: the policy's and reference's logits are divided by it when scored
 
 
 def make_models(model_cfg: Any, rm_cfg: Any, p: Any, *, ensemble: int = 1, pooling: str = "last",
@@ -110,7 +112,7 @@ def make_models(model_cfg: Any, rm_cfg: Any, p: Any, *, ensemble: int = 1, pooli
   return Models(policy=model_lib.GPT(model_cfg), critic=critic,
                 reward=reward_model.make_reward_model(rm_cfg, ensemble, pooling=pooling), shared=shared,
                 prompt_len=model_cfg.max_len - p.max_new_tokens, new_tokens=p.max_new_tokens,
-                reward_context=reward_context, end_id=end_id)
+                reward_context=reward_context, end_id=end_id, temperature=p.temperature)
 
 
 def init_params(models: Models, rng: jax.Array) -> dict[str, Any]:
@@ -139,7 +141,8 @@ def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -
   logits, hidden = models.policy.apply({"params": params["policy"]}, batch["tokens"],
                                        positions_BxT=batch["positions"], attention_mask_BxT=batch["attention"],
                                        return_hidden=True)
-  logits_BxNxV = _response_slice(logits, models)
+  # The distribution the sampler drew from, before truncation: pi_T = softmax(logits / T).
+  logits_BxNxV = _response_slice(logits, models).astype(jnp.float32) / models.temperature
   logp_BxN = losses.token_log_probs(logits_BxNxV, batch["tokens"][:, models.prompt_len:])
   if models.critic is None:
     values_BxL = jnp.zeros(batch["tokens"].shape, jnp.float32)
@@ -152,9 +155,11 @@ def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -
 
 
 def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """The reference's logits at the response positions, divided by the sampler's temperature as the policy's are
+  (so that the KL at the start, policy = reference, is 0 at any temperature)."""
   logits = models.policy.apply({"params": ref_params}, batch["tokens"], positions_BxT=batch["positions"],
                                attention_mask_BxT=batch["attention"])
-  return _response_slice(logits, models)
+  return _response_slice(logits, models).astype(jnp.float32) / models.temperature
 
 
 def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -233,6 +238,8 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
     raw_BxM = frozen_out["raw_score"]
     centred_BxM = readout.centred(raw_BxM)
     score_B = p.reward_gain * readout(raw_BxM) + p.reward_bias
+    if "code_reward" in batch:  # rewards as code (gptrl/rewards.py), computed on the host from the decoded texts
+      score_B = score_B + batch["code_reward"]
     if p.whiten_rewards:
       score_B = pm.masked_whiten(score_B, jnp.ones_like(score_B), shift_mean=False)
     truncated_B = batch["truncated"].astype(jnp.bool_)
@@ -320,7 +327,13 @@ def make_ppo_loss(models: Models, cfg: Any):
     out = evaluate_actions(models, params, batch)
     pg_BxN, pg_stats = pm.clipped_surrogate(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps,
                                             p.clip_eps_high)
-    terms = {"policy_loss": pg_BxN}
+    terms = {}
+    if p.is_correction != "none":  # the sampler's distribution is not the learner's: weight by pi / sampler
+      weight_BxN, corrected_BxN = pm.importance_weights(batch["logp"], batch["sampler_logp"], mask, p.is_correction,
+                                                        p.is_threshold)
+      pg_BxN = pg_BxN * weight_BxN
+      terms.update(is_weight=weight_BxN, is_corrected=corrected_BxN)
+    terms["policy_loss"] = pg_BxN
     if models.critic is not None:
       terms["value_loss"], terms["value_clip_frac"] = pm.clipped_value_error(
           out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
@@ -343,7 +356,7 @@ def make_ppo_loss(models: Models, cfg: Any):
                    **({"entropy": terms["entropy"]} if p.loss_aggregation == "sequence_sum" else {})}
     mode = "sequence_mean" if p.loss_aggregation == "sequence_sum" else p.loss_aggregation
     sums.update({k: pm.aggregate(v, mask, mode)[0] for k, v in diagnostics.items()})
-    for k in ("value_loss", "value_clip_frac", "kl_loss"):
+    for k in ("value_loss", "value_clip_frac", "kl_loss", "is_weight", "is_corrected"):
       sums.setdefault(k, jnp.zeros(()))
     ratio_max = jnp.max(jnp.where(mask > 0, pg_stats["ratio"], 0.0))
     ptx = jnp.zeros(())
@@ -484,7 +497,7 @@ def minibatch_shapes(cfg: PPOConfig, models: Models, seq_len: int) -> dict[str, 
   shapes = {"tokens": ((rows, length), np.dtype(np.int32)), "positions": ((rows, length), np.dtype(np.int32)),
             "attention": ((rows, length), np.dtype(np.int32)), "response_mask": ((rows, n), np.dtype(np.int32)),
             **{k: ((rows, n), np.dtype(np.float32))
-               for k in ("logp", "ref_logp", "values", "advantages", "returns", "kl")},
+               for k in ("logp", "ref_logp", "values", "advantages", "returns", "kl", "sampler_logp")},
             "beta": ((rows, 1), np.dtype(np.float32))}
   if p.ptx_coef > 0:
     shapes.update({f"ptx_{k}": v for k, v in data_lib.lm_batch_shapes(rows, seq_len).items()})
@@ -497,10 +510,12 @@ class Learner:
   def __init__(self, cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh, optimizer: Any, state_shardings: Any,
                ref_params: Any, rm_params: Any, score_fn: Scorer, *, pad_id: int, stop_id: int,
                placement: Placement | None = None, ptx_iter: Any = None,
-               watch_judges: dict[str, judges_lib.Judge] | None = None, gold_judge: judges_lib.Judge | None = None):
+               watch_judges: dict[str, judges_lib.Judge] | None = None, gold_judge: judges_lib.Judge | None = None,
+               code_rewards: rewards_lib.CodeRewards | None = None, texts: Texts | None = None):
     """`mesh` is the learner's; `placement` (default: colocated on `mesh`) says where sampling and the frozen
     models run, and `ref_params` / `rm_params` must already live on its scorer mesh. `ptx_iter`: PPO-ptx's
-    pretraining batches of minibatch_size rows; `watch_judges` and `gold_judge` score the eval replies."""
+    pretraining batches of minibatch_size rows; `watch_judges` and `gold_judge` score the eval replies;
+    `code_rewards` add to every reply's score, called on `texts(prompts, responses)` (`conversation_texts`)."""
     self.cfg, self.models, self.mesh = cfg, models, mesh
     self.placement = placement or Placement.colocated(mesh)
     if self.placement.learner is not mesh:
@@ -508,6 +523,9 @@ class Learner:
     self.ref_params, self.rm_params, self.score_fn = ref_params, rm_params, score_fn
     self.pad_id, self.stop_id = pad_id, stop_id
     self.ptx_iter, self.watch_judges, self.gold_judge = ptx_iter, watch_judges or {}, gold_judge
+    self.code_rewards, self.texts = code_rewards, texts
+    if code_rewards is not None and texts is None:
+      raise ValueError("Learner: code_rewards need `texts` to decode the prompts and replies they score.")
     self.dp = sharding.data_parallel_size(mesh)
     self.sampler_dp = sharding.data_parallel_size(self.placement.sampler)
     self.scorer_dp = sharding.data_parallel_size(self.placement.scorer)
@@ -515,7 +533,12 @@ class Learner:
     if self.placement.split_sampler:  # the policy's layout on the sampler's mesh, by the same sharding rules
       example = np.zeros((1, models.policy.config.max_len), np.int32)
       _, self.sampler_shardings = ckpt_lib.param_shardings(models.policy, example, self.placement.sampler)
-    self.train_step = make_update_step(cfg, models, optimizer, state_shardings, mesh)
+    self._optimizer, self._state_shardings = optimizer, state_shardings
+
+  @functools.cached_property
+  def train_step(self) -> trainer.JittedStep:
+    """The jitted update (made on first use: a Learner that only evaluates, as DPO's, never needs one)."""
+    return make_update_step(self.cfg, self.models, self._optimizer, self._state_shardings, self.mesh)
 
   def sampler_params(self, params: Any) -> tuple[Any, float]:
     """(the policy's parameters where the sampler runs, seconds the copy took): colocated, `params["policy"]`
@@ -535,11 +558,24 @@ class Learner:
       responses, sampler_logp = decoding.generate(
           self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_id=self.stop_id, pad_id=self.pad_id,
-          batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len)
+          batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len,
+          sampling_logprobs=True)
     host = build_rollout_batch(prompts, responses, prompt_len=self.models.prompt_len,
                                new_tokens=self.models.new_tokens, pad_id=self.pad_id, stop_id=self.stop_id)
+    host["sampler_logp"] = np.zeros(host["response_mask"].shape, np.float32)  # log sampler(token)
+    for i, row_logp in enumerate(sampler_logp):
+      host["sampler_logp"][i, :len(row_logp)] = row_logp
     host["group"] = np.arange(len(prompts), dtype=np.int32) // group_size
     return responses, sampler_logp, host
+
+  def add_code_rewards(self, host: dict[str, np.ndarray], prompts: list[list[int]],
+                       responses: list[list[int]]) -> dict[str, np.ndarray]:
+    """Puts the reward functions' weighted sum per reply in `host["code_reward"]` (scoring adds it); returns each
+    function's scores by name ({} without reward functions)."""
+    if self.code_rewards is None:
+      return {}
+    host["code_reward"], each = self.code_rewards(*self.texts(prompts, responses))
+    return each
 
   def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
     """(rollout arrays, per-response stats) of a rollout buffer: the frozen models' part on the scorer's mesh,
@@ -592,11 +628,17 @@ class Learner:
     sampler_params, sync_s = self.sampler_params(state.params)
     prompts = [prompt for prompt in prompts for _ in range(p.group_size)]  # group_size replies to each
     responses, sampler_logp, host = self.rollout(sampler_params, prompts, jax.random.fold_in(rng, 0), p.group_size)
+    code_scores = self.add_code_rewards(host, prompts, responses)
     arrays, stats = self.score(state.params, host, beta)
     t_rollout = time.perf_counter() - t0
     roll = {**host, **arrays}
-    sampler_gap = max((float(np.max(np.abs(np.asarray(sl) - roll["logp"][i, :len(sl)]))) for i, sl in
-                       enumerate(sampler_logp) if len(sl)), default=0.0)
+    # The sampler's log-probs against the learner's (pi_T at the rollout's parameters): equal up to rounding
+    # without truncation; with it, their gap is the mismatch the importance weights correct (mismatch_kl: the
+    # k1 estimate of KL(sampler || pi_T) per token).
+    real = host["response_mask"] > 0
+    gap = np.where(real, host["sampler_logp"] - roll["logp"], 0.0)
+    sampler_gap = float(np.max(np.abs(gap))) if real.any() else 0.0
+    mismatch_kl = float(gap.sum() / max(real.sum(), 1))
     state, learn_metrics, stopped = self.learn(state, roll, beta, jax.random.fold_in(rng, 1))
     t_learn = time.perf_counter() - t0 - t_rollout
 
@@ -604,7 +646,8 @@ class Learner:
     # sampler's log-probs are the scorer's.
     first = learn_metrics[0]
     ratio0, kl0 = float(first["train/ratio_mean"]), float(first["train/approx_kl"])
-    if abs(ratio0 - 1.0) > 1e-4 or kl0 > 1e-6 or sampler_gap > 2e-2:
+    truncated = p.top_k > 0 or p.top_p < 1.0
+    if abs(ratio0 - 1.0) > 1e-4 or kl0 > 1e-6 or (sampler_gap > 2e-2 and not truncated):
       logging.warning("PPO invariant breached at iteration %d: first-minibatch ratio %.6f (want 1), approx KL "
                       "%.3g (want 0), sampler vs scorer log-prob gap %.3g.", it, ratio0, kl0, sampler_gap)
     kl_mean = float(np.mean(stats["kl_sum"]))
@@ -616,12 +659,15 @@ class Learner:
               if reward_model.num_members(self.models.reward) > 1 else {}),
            "length": float(np.mean(stats["length"])), "truncated": float(np.mean(host["truncated"])),
            "first_ratio": ratio0, "first_approx_kl": kl0,
-           "sampler_logp_gap": sampler_gap, "updates": len(learn_metrics), "early_stopped": float(stopped)}
+           "sampler_logp_gap": sampler_gap, "mismatch_kl": mismatch_kl, "updates": len(learn_metrics),
+           "early_stopped": float(stopped)}
+    row.update({f"reward_fn/{name}": float(np.mean(v)) for name, v in code_scores.items()})
     if p.group_size > 1:  # how much the replies to one prompt differ; a group that all agree teaches nothing
       group_std = np.std(stats["score"].reshape(-1, p.group_size), axis=1)
       row.update(group_reward_std=float(group_std.mean()), zero_std_groups=float(np.mean(group_std < 1e-6)))
     for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
-              "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped"):
+              "ratio_max", "kl_loss", "ptx_loss", "grad_norm", "skipped") + (
+                  ("is_weight", "is_corrected") if p.is_correction != "none" else ()):
       row[k] = float(np.mean([float(m[f"train/{k}"]) for m in learn_metrics]))
     for k in ("skipped_total", "spikes_total", "rollbacks"):  # the run's numerics-guard counts (gptrl/trainer.py)
       row[k] = float(learn_metrics[-1][f"train/{k}"])
@@ -644,10 +690,14 @@ class Learner:
     p = self.cfg.algo
     eval_rng = jax.random.key(seeds.stream(self.cfg.seed, seeds.PPO_EVAL))
     scores, kls, lengths, texts, replies, ensemble_stds, proxy_means = [], [], [], [], [], [], []
+    code_scores: dict[str, list[np.ndarray]] = {}
     sampler_params, _ = self.sampler_params(params)
-    for lo in range(0, len(prompts), p.rollout_batch_size):
-      chunk = prompts[lo:lo + p.rollout_batch_size]
+    chunk_size = p.eval_batch_size or p.rollout_batch_size
+    for lo in range(0, len(prompts), chunk_size):
+      chunk = prompts[lo:lo + chunk_size]
       responses, _, host = self.rollout(sampler_params, chunk, jax.random.fold_in(eval_rng, lo))
+      for name, v in self.add_code_rewards(host, chunk, responses).items():
+        code_scores.setdefault(name, []).append(v)
       _, stats = self.score(params, host, beta)
       scores.append(stats["score"])
       kls.append(stats["kl_sum"])
@@ -669,8 +719,21 @@ class Learner:
     if ensemble_stds:  # the members' disagreement, and their plain mean (the proxy without a penalty)
       metrics.update({"eval/ensemble_std": float(np.concatenate(ensemble_stds).mean()),
                       "eval/proxy_mean": float(np.concatenate(proxy_means).mean())})
+    metrics.update({f"eval/reward_fn/{name}": float(np.concatenate(v).mean()) for name, v in code_scores.items()})
     metrics.update(judge_replies(replies, self.gold_judge, self.watch_judges))
     return Evaluation(metrics, texts, replies)
+
+
+Texts = Callable[[list[list[int]], list[list[int]]], tuple[list[rewards_lib.Messages], list[str]]]
+
+
+def conversation_texts(tok: Any) -> Texts:
+  """(prompts, responses) token lists -> (each prompt's turns as {"role", "content"} dicts, the decoded replies):
+  what reward functions are called on."""
+  def texts(prompts, responses):
+    return ([[{"role": m.role, "content": m.content} for m in chat.parse(p, tok) if m.content] for p in prompts],
+            [chat.decode_reply(r, tok) for r in responses])
+  return texts
 
 
 def judge_replies(replies: list[dict[str, Any]], gold_judge: judges_lib.Judge | None,
@@ -892,6 +955,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                                                      expect_stage=("sft",))
   rm = read_reward_model(cfg, tok)
   check_shapes(cfg, placement, model_cfg, rm)
+  code_rewards = rewards_lib.CodeRewards.from_config(p.reward_fns, p.reward_fn_weights, p.group)  # fails early
   models = make_models(model_cfg, rm.model_config, p, ensemble=int(rm.meta.get("ensemble", 1)),
                        pooling=rm.meta.get("pooling", "last"), reward_context=int(rm.meta.get("context", 0)),
                        end_id=tok.end_of_turn_id)
@@ -933,7 +997,8 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
                       make_score_fn(models, cfg, rm.readout), pad_id=tok.pad_id, stop_id=tok.end_of_turn_id,
                       placement=placement, ptx_iter=ptx_stream(cfg, tok, model_cfg.max_len, cache_dir, ptx_position),
                       watch_judges={name: judges_lib.make_judge(name) for name in p.watch_judges},
-                      gold_judge=gold_judge)
+                      gold_judge=gold_judge,
+                      code_rewards=code_rewards, texts=conversation_texts(tok))
     if jax.process_index() == 0:
       # On resume, the eval-reply lines an interrupted run wrote after the checkpoint go, as metrics rows do.
       truncate_jsonl_after(os.path.join(workdir, EVAL_REPLIES_FILE), start if start else -1)

@@ -49,6 +49,12 @@ def _reward_argv(workdir, init, comparisons, cache, steps=10):
                                           **tiny_stage_flags("reward", cache=cache), "train.steps": steps})
 
 
+def _dpo_argv(workdir, sft, comparisons, reward, chats, cache):
+  return _launch("dpo_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": sft, "reward_model.checkpoint": reward,
+                                       "data.sources": f"('{comparisons}',)",
+                                       **tiny_stage_flags("dpo", chats=chats, cache=cache)})
+
+
 def _ppo_argv(workdir, sft, reward, chats, cache, stage="ppo"):
   return _launch(f"{stage}_cpu.py:tiny", **{"workdir": workdir, "init.checkpoint": sft,
                                             "reward_model.checkpoint": reward,
@@ -70,6 +76,9 @@ def pipeline(tmp_path_factory):
   check_ok(run(_reward_argv(paths["reward"], paths["sft"], paths["label"] / "comparisons.jsonl", cache)))
   paths["ppo"] = root / "ppo"
   check_ok(run(_ppo_argv(paths["ppo"], paths["sft"], paths["reward"], chats, cache)))
+  paths["dpo"] = root / "dpo"
+  check_ok(run(_dpo_argv(paths["dpo"], paths["sft"], paths["label"] / "comparisons.jsonl", paths["reward"], chats,
+                         cache)))
   paths["grpo"] = root / "grpo"
   check_ok(run(_ppo_argv(paths["grpo"], paths["sft"], paths["reward"], chats, cache, stage="grpo")))
   paths["reward_ensemble"] = root / "reward_ensemble"
@@ -131,12 +140,15 @@ def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path,
   kill_when(argv, workdir / "checkpoints" / str(step), log)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo", "grpo", "dpo"])
 def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   workdir = tmp_path / stage
   first = 4
   if stage == "sft":
     argv, steps = _sft_argv(workdir, pipeline["pretrain"], pipeline["chats"], pipeline["cache"]), 12
+  elif stage == "dpo":
+    argv, steps = _dpo_argv(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl", pipeline["reward"],
+                            pipeline["chats"], pipeline["cache"]), 8
   elif stage in ("reward", "reward_ensemble"):
     argv_of = _reward_argv if stage == "reward" else _reward_ensemble_argv
     argv, steps = argv_of(workdir, pipeline["sft"], pipeline["label"] / "comparisons.jsonl", pipeline["cache"]), 10
@@ -157,6 +169,8 @@ def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
     assert resumed == straight and len(resumed) == 4
   else:
     assert train_steps(workdir) == train_steps(pipeline[stage])
+  if stage == "dpo":  # the held-out replies written after the last checkpoint were dropped, then written again
+    assert ((workdir / "eval_replies.jsonl").read_text() == (pipeline["dpo"] / "eval_replies.jsonl").read_text())
 
 
 def test_reward_ensemble_and_its_consumers(pipeline, tmp_path):
@@ -223,6 +237,20 @@ def test_grpo_outputs(pipeline):
   assert meta["stage"] == "grpo" and meta["critic"] == "none"
   # The train state holds the policy alone: PPO's policy parameters, no critic.
   assert set(params(pipeline["grpo"], 4)) == {k for k in params(pipeline["ppo"], 4) if k.startswith("['policy']")}
+
+
+def test_dpo_outputs(pipeline):
+  rows = _rows(pipeline["dpo"])
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in evals] == [0, 4, 8]
+  assert evals[0]["eval/accuracy"] == 0.0 and evals[0]["eval/pairs"] > 0  # the policy is the reference at step 0
+  assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+  # The generation eval, as PPO's: the RM's reward and the KL to the reference of replies to held-out prompts.
+  assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and "eval/reward" in evals[-1]
+  replies = [json.loads(line) for line in (pipeline["dpo"] / "eval_replies.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in replies] == [0, 4, 8] and len(replies[0]["replies"]) == 4
+  meta = ckpt_lib.read_step_meta(str(pipeline["dpo"] / "checkpoints"), 8)
+  assert meta["stage"] == "dpo" and meta["beta"] == 0.1 and meta["init_checkpoint"].endswith("sft/checkpoints/12")
 
 
 def test_label_resumes_after_a_cut_chunk(pipeline, tmp_path):

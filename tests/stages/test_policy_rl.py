@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gptrl import config as config_lib
+from gptrl import rewards
 from gptrl import sharding
 from gptrl.config import (GRPOAlgoConfig, GRPOConfig, InitConfig, MeshConfig, OptimConfig, RLOOAlgoConfig,
                           RLOOConfig, TrainConfig)
@@ -29,12 +30,19 @@ def _cfg(stage: str, **overrides):
                     optim=OPTIM, train=TrainConfig(steps=12))
 
 
+def _token_texts(prompts, responses):
+  """Token ids as words: what the reward functions of tests/sample_rewards.py read in this synthetic task."""
+  return ([[{"role": "user", "content": " ".join(map(str, p))}] for p in prompts],
+          [" ".join(map(str, r)) for r in responses])
+
+
 def _train(cfg, iterations, shape=None):
   if shape is None:
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
   else:
     mesh = sharding.make_mesh(MeshConfig(*shape))
-  learner, state = _learner(cfg, mesh)
+  code = rewards.CodeRewards.from_config(cfg.algo.reward_fns, cfg.algo.reward_fn_weights, cfg.algo.group)
+  learner, state = _learner(cfg, mesh, code_rewards=code, texts=_token_texts)
   rows, beta = [], cfg.algo.init_beta
   prompts_per_iteration = cfg.algo.rollout_batch_size // cfg.algo.group_size
   for it in range(iterations):
@@ -99,6 +107,20 @@ def test_one_group_per_prompt_and_advantages_that_sum_to_zero_in_each(run):
     ret = score - cfg.algo.init_beta * stats["kl_sum"].reshape(score.shape)
     expected = p.group_size / (p.group_size - 1) * (ret - ret.mean(1, keepdims=True))
   np.testing.assert_allclose(advantage, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reward_function_alone_teaches_the_preferred_token():
+  # reward_gain 0: the synthetic "reward model" (the share of GOOD tokens) is only logged; the reward is the code's.
+  cfg = _cfg("grpo", init_beta=0.0, reward_gain=0.0, reward_fns=("sample_rewards:good_share",),
+             reward_fn_weights=(2.0,))
+  rows, _, learner = _train(cfg, 10)
+  code = [round(r["grpo/reward_fn/good_share"], 3) for r in rows]
+  assert max(code[-3:]) > 0.25 and code[0] < 0.1, code
+  for r in rows:  # the score is the function's, weighted
+    np.testing.assert_allclose(r["grpo/reward"], 2.0 * r["grpo/reward_fn/good_share"], rtol=1e-5, atol=1e-6)
+  assert max(r["grpo/raw_score"] for r in rows[-3:]) > 0.2  # the proxy rises with it
+  metrics = learner.evaluate(_train(cfg, 1)[1].params, _prompts(6, seed=5), 0.0).metrics
+  assert 0.0 <= metrics["eval/reward_fn/good_share"] <= 1.0
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

@@ -45,12 +45,13 @@ def good_token_share(rm_params, batch):
   return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def _learner(cfg: PPOConfig, mesh, placement=None, ptx_iter=None):
+def _learner(cfg: PPOConfig, mesh, placement=None, ptx_iter=None, code_rewards=None, texts=None):
   model_cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=2, d_model=32, max_len=16)
   prompt_len = model_cfg.max_len - NEW
   critic = None if cfg.algo.critic == "none" else reward_model.ScalarHead(0.01, name="value_head")
   models = ppo.Models(policy=model_lib.GPT(model_cfg), critic=critic, reward=reward_model.ScalarHeadModel(model_cfg),
-                      shared=critic is not None, prompt_len=prompt_len, new_tokens=NEW)
+                      shared=critic is not None, prompt_len=prompt_len, new_tokens=NEW,
+                      temperature=cfg.algo.temperature)
   optimizer = optim.make_optimizer(cfg.optim, 100)
   state, shardings = trainer.create_train_state(lambda rng: ppo.init_params(models, rng), optimizer, 0, mesh)
   ref = jax.tree.map(lambda x: jnp.array(x, copy=True), state.params["policy"])
@@ -59,7 +60,7 @@ def _learner(cfg: PPOConfig, mesh, placement=None, ptx_iter=None):
     ref = jax.device_put(ref, scorer_shardings)
   learner = ppo.Learner(cfg, models, mesh, optimizer, shardings, ref, None,
                         ppo.make_score_fn(models, cfg, 0.0, raw_score_fn=good_token_share), pad_id=PAD, stop_id=STOP,
-                        placement=placement, ptx_iter=ptx_iter)
+                        placement=placement, ptx_iter=ptx_iter, code_rewards=code_rewards, texts=texts)
   return learner, state
 
 
@@ -154,6 +155,42 @@ def test_rollout_layout_matches_the_sampler():
   assert batch["positions"][0, 1:7].tolist() == list(range(6)) and batch["positions"][1, 3:].tolist() == list(range(7))
   assert batch["response_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
   assert batch["truncated"].tolist() == [0, 1]
+
+
+def test_a_tempered_sampler_is_scored_at_its_temperature():
+  # At temperature 0.6 the sampler's log-probs are the scorer's (no gap) and the KL starts at 0: the ratio, KL
+  # and sampler all use softmax(logits / T) for the policy and the reference.
+  cfg = _cfg(temperature=0.6)
+  learner, state = _learner(cfg, sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+  row = learner.iteration(state, _prompts(), 0, cfg.ppo.init_beta).row
+  assert row["ppo/sampler_logp_gap"] < 1e-4 and abs(row["ppo/mismatch_kl"]) < 1e-5
+  assert abs(row["ppo/kl"]) < 1e-4 and abs(row["ppo/first_ratio"] - 1.0) < 1e-5
+
+
+# A reply's weight is the product of its tokens' (each about the nucleus's mass, 0.7 here): masking it needs a
+# threshold that 6 tokens' product stays within.
+@pytest.mark.parametrize("mode,threshold", [("token_truncate", 1.5), ("sequence_mask", 20.0)])
+def test_a_truncated_sampler_is_corrected_by_importance_weights(mode, threshold):
+  cfg = _cfg(top_p=0.7, is_correction=mode, is_threshold=threshold)
+  learner, state = _learner(cfg, sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+  rows = []
+  for it in range(2):
+    result = learner.iteration(state, _prompts(seed=it), it, cfg.ppo.init_beta)
+    state = result.state
+    rows.append(result.row)
+  for row in rows:
+    # The sampler draws from the nucleus: each token is likelier under it than under the whole softmax.
+    assert row["ppo/mismatch_kl"] > 0.01 and row["ppo/sampler_logp_gap"] > 0.01
+    assert 0.0 < row["ppo/is_weight"] <= threshold and 0.0 <= row["ppo/is_corrected"] <= 1.0
+    assert np.isfinite(row["ppo/policy_loss"]) and row["ppo/skipped"] == 0
+
+
+def test_truncated_sampling_without_a_correction_is_refused():
+  raw = config_lib.as_configdict(PPOConfig)
+  raw.init.checkpoint, raw.reward_model.checkpoint = "sft", "reward"
+  raw.ppo.top_k = 40
+  with pytest.raises(config_lib.ConfigError, match=r"config.ppo.is_correction: is 'none', but ppo.top_k=40"):
+    config_lib.stage_config(raw)
 
 
 def test_kl_in_loss_and_full_kl_options_run():
