@@ -16,7 +16,7 @@ The other policy optimisers run on the same SFT model, reward model and eval pro
 (each about as long as PPO), and the report puts them all on one gold-versus-KL figure:
 
   python -m gptrl.launch --config configs/pipeline_cpu.py \
-      --config.stages="('pretrain','sft','label','reward','bon','ppo','grpo','rloo','dpo')"
+      --config.stages="('pretrain','sft','label','reward','bon','ppo','grpo','rloo','rsft','dpo')"
 
 Variants after the colon: `tiny` (every stage's toy variant; seconds per stage, for smoke tests).
 """
@@ -45,11 +45,11 @@ def get_config(variant: str = ""):
   # sub-folders. A stage whose input stage is left out of `stages` reads the path set here instead, which must
   # then be given: "<stage>" stands for "the pipeline's own", and is refused if that stage does not run.
   c.sft.init.checkpoint = "<pretrain>"
-  for name in ("label", "reward", "bon", "ppo", "grpo", "rloo", "dpo"):
+  for name in ("label", "reward", "bon", "ppo", "grpo", "rloo", "rsft", "dpo"):
     c[name].init.checkpoint = "<sft>"
-  for name in ("bon", "ppo", "grpo", "rloo", "dpo"):  # (DPO's only scores its evals)
+  for name in ("bon", "ppo", "grpo", "rloo", "rsft", "dpo"):  # (DPO's only scores its evals)
     c[name].reward_model.checkpoint = "<reward>"
-  # (Best-of-n, GRPO, RLOO and DPO take PPO's held-out prompts, reply length, temperature and judges:
+  # (Best-of-n, GRPO, RLOO, RS-FT and DPO take PPO's held-out prompts, reply length, temperature and judges:
   # gptrl/stages/pipeline.py.)
   c.reward.data.sources = c.dpo.data.sources = ("<label>/comparisons.jsonl",)
 

@@ -199,6 +199,11 @@ def reward_model_meta(cfg: Any) -> dict[str, Any]:
   return ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)[0]
 
 
+def _scores_with_rm(cfg: Any) -> bool:
+  """The stage loads a reward model: the policy optimisers, and DPO when one scores its evals."""
+  return cfg.stage in stages.POLICY_RL or (cfg.stage == "dpo" and bool(cfg.reward_model.checkpoint))
+
+
 def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelConfig | None, dict[str, Any]]:
   """(model, reward model or None, the reward model's meta) as the run builds them: from the init checkpoints
   when they exist, else from config.hardware.model_size (the plan's preset shape, the presets' vocabulary)."""
@@ -215,7 +220,7 @@ def _model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelCo
     model_cfg = cfg.model.apply(shape)
     logging.info("No init checkpoint to read the model from (%s); compiling the %s shape of config.hardware."
                  "model_size.", type(e).__name__, size)
-    return model_cfg, (model_cfg if cfg.stage in stages.POLICY_RL else None), {}
+    return model_cfg, (model_cfg if _scores_with_rm(cfg) else None), {}
 
 
 def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
@@ -296,6 +301,48 @@ def _reward_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan
         "reward normalisation (SFT model samples)"))
   return Plan(f"reward: {_shape(model_cfg)}" + (f", ensemble of {members}" if members > 1 else ""), programs,
               residents, replicated=replicated_parameters(memory.abstract_params(init), mesh))
+
+
+def _dpo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig | None, mesh: Any) -> Plan:
+  """DPO: its train and eval steps over comparison batches (with the cached reference log-probs); with a reward
+  model, the generation eval's sampler beside the frozen reference and reward model it loads."""
+  from gptrl import chat_data, optim, reward_model, trainer  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import dpo  # pylint: disable=import-outside-toplevel
+  from gptrl.stages import recipe as recipe_lib  # pylint: disable=import-outside-toplevel
+  k, b = cfg.data.max_responses, cfg.data.batch_size
+  seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
+  model = model_lib.GPT(model_cfg)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  init = recipe_lib.init_params(model, seq_len)
+  state, shardings = trainer.abstract_train_state(init, optimizer, mesh)
+  loss_fn = dpo.dpo_loss_fn(model, cfg.dpo)
+  step = recipe_lib.make_train_step(cfg, loss_fn, optimizer, shardings, mesh)
+  shapes = {**chat_data.reward_batch_shapes(b, k, seq_len), "ref_logp": ((b, k), np.dtype(np.float32))}
+  batch = abstract_batch(shapes, mesh)
+  eval_step = trainer.JittedStep(jax.jit(lambda params, batch: loss_fn(params, batch, None)), mesh)
+  per_token = model_lib.flops_per_token(model_cfg, seq_len)
+  programs = [
+      Program("train step", lambda: step.lower(state, batch), mesh, ("train state",), per_token * b * k * seq_len,
+              "train step"),
+      Program("eval step", lambda: eval_step.lower(state.params, batch), mesh, ("train state/params",),
+              per_token / 3 * b * k * seq_len, "eval (whole batch)")]
+  residents = [Resident("train state", state, mesh)]
+  if rm_cfg is not None and cfg.dpo.num_eval_prompts:  # the generation eval: reference and RM stay loaded
+    example = np.zeros((1, model_cfg.max_len), np.int32)
+    residents.append(Resident("reference policy", on_mesh(*ckpt_lib.param_shardings(model, example, mesh)), mesh))
+    residents.append(Resident("reward model", on_mesh(*ckpt_lib.param_shardings(
+        reward_model.make_reward_model(rm_cfg, 1), example, mesh)), mesh))
+    new, t = cfg.dpo.max_new_tokens, model_cfg.max_len
+    rows = rows_for(min(cfg.dpo.eval_batch_size, cfg.dpo.num_eval_prompts), sharding.data_parallel_size(mesh))
+    programs.append(Program(
+        "sampler (generation eval)",
+        functools.partial(_lower_sampler, mesh, model, state.params, rows, t - new, new,
+                          config_lib.ChatSampleConfig(temperature=cfg.dpo.temperature, top_k=0)),
+        mesh, ("train state/params",), model_lib.flops_per_token(model_cfg, t) / 3 * rows * t, "generation eval"))
+  return Plan(f"dpo: {_shape(model_cfg)}", programs, residents,
+              replicated=replicated_parameters(memory.abstract_params(init), mesh))
 
 
 def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig, rm_meta: dict[str, Any],
@@ -387,18 +434,23 @@ def _shape(cfg: config_lib.ModelConfig) -> str:
 
 def build_plan(cfg: Any, devices: tuple[Any, ...]) -> Plan:
   """The programs `cfg` runs over `devices` (a topology's, or real ones), with their abstract arguments."""
-  if cfg.stage not in ("pretrain", "sft", "reward") + stages.POLICY_RL:
-    raise CompileCheckError(f"config.stage {cfg.stage!r}: the compile check covers pretrain, sft, reward, "
+  if cfg.stage not in ("pretrain", "sft", "reward", "dpo") + stages.POLICY_RL:
+    raise CompileCheckError(f"config.stage {cfg.stage!r}: the compile check covers pretrain, sft, reward, dpo, "
                             f"{', '.join(stages.POLICY_RL)}")
   model_cfg, rm_cfg, rm_meta = _model_configs(cfg)
   if cfg.stage in stages.POLICY_RL:
     plan = _ppo_plan(cfg, model_cfg, rm_cfg or model_cfg, rm_meta, devices)
-    colocated = cfg.algo.placement == "colocated"
+    estimated = cfg.algo.placement == "colocated"  # the estimate is of every model on one mesh
   else:
     mesh = sharding.make_mesh(cfg.mesh, list(devices), whole=True)
-    plan = _lm_plan(cfg, model_cfg, mesh) if cfg.stage in ("pretrain", "sft") else _reward_plan(cfg, model_cfg, mesh)
-    colocated = True
-  if colocated:  # the estimate is of every model on one mesh
+    if cfg.stage == "dpo":
+      plan = _dpo_plan(cfg, model_cfg, rm_cfg, mesh)
+    elif cfg.stage in ("pretrain", "sft"):
+      plan = _lm_plan(cfg, model_cfg, mesh)
+    else:
+      plan = _reward_plan(cfg, model_cfg, mesh)
+    estimated = stages.get(cfg.stage).memory_estimate  # (DPO has no estimate of its own yet)
+  if estimated:
     mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, len(devices))))
     plan.estimate = memory.estimate(cfg, mesh_shape, model_cfg, rm_cfg)
   return plan

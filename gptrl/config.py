@@ -65,7 +65,12 @@ PPO_KL_ESTIMATORS = ("k1", "k3", "full")
 CRITICS = ("separate", "shared", "none")  # "none": critic-free (group or leave-one-out advantages)
 # ppo.advantage: "gae" (a critic's values, PPO), "group" (each reply's score against its group's mean over std:
 # GRPO; Dr. GRPO without the std), "leave_one_out" (against the mean of the other replies to its prompt: RLOO).
-ADVANTAGES = ("gae", "group", "leave_one_out")
+# "best_of_n" (1 for the reply the reward picks among its prompt's group_size, 0 for the rest; rejection-sampling
+# fine-tuning, whose updates then see the winners only).
+ADVANTAGES = ("gae", "group", "leave_one_out", "best_of_n")
+# ppo.policy_loss: "clipped" (PPO's surrogate on the ratio) | "nll" (-A * log pi: supervised learning on the
+# replies weighted by their advantage; rejection-sampling fine-tuning).
+POLICY_LOSSES = ("clipped", "nll")
 # ppo.loss_aggregation: how per-token losses become one: the mean over every token of the batch (PPO, DAPO),
 # each reply's token mean averaged over replies (GRPO), or each reply's token sum over max_new_tokens averaged over
 # replies (Dr. GRPO: no length normalisation).
@@ -753,6 +758,7 @@ class PPOAlgoConfig:
   group_size: int = 1  # replies sampled per prompt; >= 2 for "group" and "leave_one_out"
   group_std_norm: bool = True  # "group": divide by the group's std (GRPO); False: Dr. GRPO
   loss_aggregation: str = "token_mean"  # "token_mean" | "sequence_mean" | "sequence_sum" (see LOSS_AGGREGATIONS)
+  policy_loss: str = "clipped"  # "clipped" | "nll" (see POLICY_LOSSES)
   clip_eps: float = 0.2
   clip_eps_high: float = 0.0  # > 0: the ratio's upper clip 1 + clip_eps_high (DAPO's clip-higher); 0: clip_eps
   clip_eps_value: float = 0.2  # <= 0: no value clipping
@@ -824,6 +830,11 @@ class PPOAlgoConfig:
     _check(not self.reward_fn_weights or len(self.reward_fn_weights) == len(self.reward_fns),
            f"{g}.reward_fn_weights", f"must give one weight per reward function ({len(self.reward_fns)}) or none, "
            f"got {len(self.reward_fn_weights)}")
+    _check_choice(self.policy_loss, POLICY_LOSSES, f"{g}.policy_loss")
+    if self.advantage == "best_of_n":
+      prompts = self.rollout_batch_size // max(self.group_size, 1)
+      _check(prompts % self.minibatch_size == 0, f"{g}.minibatch_size", f"must divide the {prompts} winners of an "
+             f"iteration ({g}.rollout_batch_size / group_size) that best_of_n learns from, got {self.minibatch_size}")
     _check_choice(self.is_correction, IS_CORRECTIONS, f"{g}.is_correction")
     _check(self.is_threshold > 1.0, f"{g}.is_threshold", f"must be > 1, got {self.is_threshold}")
     truncated = self.top_k > 0 or self.top_p < 1.0
@@ -927,6 +938,27 @@ class _PolicyRLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RSFTAlgoConfig(PPOAlgoConfig):
+  """Rejection-sampling fine-tuning (expert iteration; the "best-of-n then SFT" of Llama 2 and RAFT): every
+  iteration the policy samples `group_size` replies to each of rollout_batch_size / group_size prompts, the
+  reward picks the best of each group, and `epochs` passes of supervised updates (next-token loss on the reply)
+  learn from the winners only; the next iteration samples from the improved policy."""
+  rollout_batch_size: int = 64
+  minibatch_size: int = 8
+  epochs: int = 1
+  group_size: int = 8
+  advantage: str = "best_of_n"
+  policy_loss: str = "nll"
+  critic: str = "none"
+  critic_init: str = "sft"
+  init_beta: float = 0.0  # the pick is by the reward alone; the KL is measured, not penalised
+  target_kl: float = 0.0
+  whiten_advantages: bool = False
+  vf_coef: float = 0.0
+  group = "rsft"
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOConfig(_PolicyRLConfig):
   """Stage 4: RLHF with PPO against a frozen reward model, KL-anchored to the frozen SFT policy."""
   stage: str = "ppo"
@@ -954,6 +986,15 @@ class RLOOConfig(_PolicyRLConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class RSFTConfig(_PolicyRLConfig):
+  """Rejection-sampling fine-tuning against the frozen reward model (best-of-n, then SFT on the winners; iterated)."""
+  stage: str = "rsft"
+  workdir: str = "runs/rsft"
+  rsft: RSFTAlgoConfig = RSFTAlgoConfig()
+  ALGO: typing.ClassVar[str] = "rsft"
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The whole pipeline in one run: every stage's config, each in its own sub-folder `<workdir>/<stage>`.
 
@@ -977,6 +1018,8 @@ class PipelineConfig:
                                 reward_model=RewardModelConfig(checkpoint="<reward>"))
   rloo: RLOOConfig = RLOOConfig(init=InitConfig(checkpoint="<sft>"),
                                 reward_model=RewardModelConfig(checkpoint="<reward>"))
+  rsft: RSFTConfig = RSFTConfig(init=InitConfig(checkpoint="<sft>"),
+                                reward_model=RewardModelConfig(checkpoint="<reward>"))
   dpo: DPOConfig = DPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=RewardModelConfig(checkpoint="<reward>"),
                              data=PreferenceDataConfig(sources=("<label>/comparisons.jsonl",)))
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
@@ -994,7 +1037,8 @@ class PipelineConfig:
     inputs = (("sft", "init", "pretrain"), ("label", "init", "sft"), ("reward", "init", "sft"),
               ("bon", "init", "sft"), ("bon", "reward_model", "reward"), ("ppo", "init", "sft"),
               ("ppo", "reward_model", "reward"), ("grpo", "init", "sft"), ("grpo", "reward_model", "reward"),
-              ("rloo", "init", "sft"), ("rloo", "reward_model", "reward"), ("dpo", "init", "sft"))
+              ("rloo", "init", "sft"), ("rloo", "reward_model", "reward"), ("rsft", "init", "sft"),
+              ("rsft", "reward_model", "reward"), ("dpo", "init", "sft"))
     for name, field, producer in inputs:
       path = getattr(getattr(self, name), field).checkpoint
       _check(name not in self.stages or producer in self.stages or not (path.startswith("<") and path.endswith(">")),

@@ -126,6 +126,19 @@ class Task:
     return {}
 
 
+_STAGE_START = [time.monotonic()]
+
+
+def start_stage_clock() -> None:
+  """Marks the start of a stage (gptrl/stages/recipe.py prepare_workdir, which every stage calls first)."""
+  _STAGE_START[0] = time.monotonic()
+
+
+def stage_seconds() -> float:
+  """Seconds since the current stage's launch began (`time/stage_s` in every eval row)."""
+  return time.monotonic() - _STAGE_START[0]
+
+
 def run(task: Task, state: Any, *, start: int, cadence: Cadence, workdir: str, desc: str) -> Any:
   """Runs `task` from unit `start` to `cadence.total`; returns the final state.
 
@@ -164,6 +177,8 @@ def run(task: Task, state: Any, *, start: int, cadence: Cadence, workdir: str, d
     nonlocal last_log
     metrics, texts = task.evaluate(state, done)
     if metrics:
+      # Seconds since this launch of the stage began (its set-up included): methods compared at equal wall-clock.
+      metrics["time/stage_s"] = stage_seconds()
       writer.write(done, metrics)
       logging.info("%s %d eval: %s", task.unit, done, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if texts is not None:

@@ -503,7 +503,7 @@ def model_configs(cfg: Any) -> tuple[config_lib.ModelConfig, config_lib.ModelCon
   meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.init.checkpoint, cfg.init.step)
   model_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(meta))
   rm_cfg = None
-  if cfg.stage in stages.POLICY_RL:
+  if cfg.stage in stages.POLICY_RL or (cfg.stage == "dpo" and cfg.reward_model.checkpoint):
     rm_meta, _, _ = ckpt_lib.read_checkpoint_meta(cfg.reward_model.checkpoint, cfg.reward_model.step)
     rm_cfg = cfg.model.apply(ckpt_lib.model_config_from_meta(rm_meta))
   return model_cfg, rm_cfg

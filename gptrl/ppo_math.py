@@ -382,6 +382,19 @@ def leave_one_out_advantages(return_B: jax.Array, group_B: jax.Array) -> jax.Arr
   return jnp.where(count_B > 1, return_B - others_B, 0.0)
 
 
+def best_of_n_advantages(score_B: jax.Array, group_B: jax.Array) -> jax.Array:
+  """Rejection sampling's choice as an advantage: 1.0 for the highest-scoring reply of each group (the first of
+  a tie), 0.0 for the others (float32 [B])."""
+  score_B = _f32(score_B)
+  group_B = jnp.asarray(group_B)
+  same_BxB = group_B[:, None] == group_B[None, :]
+  index_B = jnp.arange(score_B.shape[0])
+  # j beats i if it scores higher, or as high and comes first.
+  beaten_BxB = same_BxB & ((score_B[None, :] > score_B[:, None])
+                           | ((score_B[None, :] == score_B[:, None]) & (index_B[None, :] < index_B[:, None])))
+  return jnp.where(jnp.any(beaten_BxB, axis=1), 0.0, 1.0)
+
+
 def clipped_value_error(values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array,
                         mask_BxT: jax.Array, clip_eps_value: float) -> tuple[jax.Array, jax.Array]:
   """(0.5 * max((v - R)^2, (v_clipped - R)^2) per token, 1.0 where the clipped error is the larger), 0 at

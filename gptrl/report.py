@@ -359,7 +359,7 @@ class FrontierPoints:
 
 
 # The policy optimisers placed on the frontier next to PPO (stage -> the name shown).
-OTHER_POLICY_METHODS = {"grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+OTHER_POLICY_METHODS = {"grpo": "GRPO", "rloo": "RLOO", "rsft": "RS-FT", "dpo": "DPO"}
 
 
 def policy_evals(run: Run, stage: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -403,7 +403,7 @@ def plot_frontier(points: FrontierPoints, fits: dict[tuple[str, str], frontier.F
   methods = points.methods()
   scores = [s for s in ("gold", "proxy") if any(s in m[4] for m in methods)]
   colors = {"best-of-n": "tab:green", "PPO": "tab:blue", "GRPO": "tab:orange", "RLOO": "tab:purple",
-            "DPO": "tab:red"}
+            "DPO": "tab:red", "RS-FT": "tab:olive"}
   fig, axes = _figure(len(scores), height=4.2, width=6.5 * len(scores))
   for ax, score in zip(axes, scores):
     for method, _, steps, d, method_scores in methods:
@@ -744,9 +744,9 @@ def section_frontier(run: Run) -> str:
                  "nothing to place on the frontier.")
   out = _note("Gao et al. (2022): the labeller's (gold) and the reward model's (proxy) scores of the same held-out "
               "prompts' replies against d = sqrt(KL to the SFT policy). Best-of-n picks the RM's favourite of n SFT "
-              "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points (and GRPO's, RLOO's, DPO's when "
-              "they ran) are its evals, labelled by iteration or step. Curves: the published forms fitted to each "
-              "method's gain over its own start.")
+              "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points (and GRPO's, RLOO's, RS-FT's, "
+              "DPO's when they ran) are its evals, labelled by iteration or step. Curves: the published forms fitted "
+              "to each method's gain over its own start.")
   if "gold" not in points.bon and "gold" not in points.ppo:
     out += _note("No gold judge: the comparisons were labelled by people (or by several judges), so there is no "
                  "labeller to score replies with; only the proxy is shown (and the watch judges in the next section).")

@@ -151,7 +151,7 @@ def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict
             "train.checkpoint_every": 4, "train.eval_every": 4, "train.log_every": 2, "train.progress_bar": False}
   if stage == "bon":
     return {"bon.samples": 4, "bon.table_n": 2, "progress_bar": False}
-  if stage in ("ppo", "grpo", "rloo"):
+  if stage in ("ppo", "grpo", "rloo", "rsft"):
     return {"data.sources": f"('{chats}',)", "data.cache_dir": cache, "data.eval_fraction": 0.2,
             f"{stage}.rollout_batch_size": 8, f"{stage}.minibatch_size": 4, f"{stage}.epochs": 2,
             f"{stage}.max_new_tokens": 6, f"{stage}.num_eval_prompts": 4, "train.steps": 4,

@@ -168,6 +168,23 @@ def test_grpo_plan_compiles_without_a_critic(v5e, monkeypatch):
   assert plan.estimate is not None
 
 
+@needs_libtpu
+def test_dpo_plan_compiles_with_its_generation_eval(v5e, monkeypatch):
+  monkeypatch.setattr(memory, "model_configs", lambda cfg: (cfg.model.apply(TINY), cfg.model.apply(TINY)))
+  cfg = config_lib.DPOConfig(
+      init=config_lib.InitConfig(checkpoint="runs/sft"),
+      reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"),
+      model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
+      mesh=config_lib.MeshConfig(data=1, fsdp=-1), data=config_lib.PreferenceDataConfig(batch_size=8, max_responses=2),
+      dpo=config_lib.DPOAlgoConfig(num_eval_prompts=8, eval_batch_size=8, max_new_tokens=32))
+  plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
+  assert [r.name for r in results] == ["train step", "eval step", "sampler (generation eval)"]
+  assert all(r.fits for r in results)
+  assert [r.name for r in plan.residents] == ["train state", "reference policy", "reward model"]
+  # The LM head's logits over every compared reply: the model's flops, as the formula counts them.
+  assert 1.0 <= results[0].matmul_flops / results[0].model_flops <= 1.5
+
+
 def _write_config(tmp_path, batch: int, vocab: int = 32000, context: int = 2048) -> str:
   path = tmp_path / "tiny.py"
   path.write_text(f'''from gptrl import config as config_lib

@@ -594,7 +594,9 @@ _OUT_OF_RANGE: dict[tuple[str, str], list[typing.Any]] = {
 _STAGE_FIELDS_OUT_OF_RANGE = {"seed": [-1], "workdir": [""]}
 _REQUIRED = {"sft": {"init": {"checkpoint": "runs/pretrain"}}, "label": {"init": {"checkpoint": "runs/sft"}},
              "reward": {"init": {"checkpoint": "runs/sft"}},
-             "ppo": {"init": {"checkpoint": "runs/sft"}, "reward_model": {"checkpoint": "runs/reward"}}}
+             "dpo": {"init": {"checkpoint": "runs/sft"}},
+             **{stage: {"init": {"checkpoint": "runs/sft"}, "reward_model": {"checkpoint": "runs/reward"}}
+                for stage in ("ppo", "grpo", "rloo", "rsft")}}
 
 
 def _defaults(cls: type) -> dict[str, typing.Any]:

@@ -482,3 +482,11 @@ def test_importance_weights_carry_no_gradient():
   grad = jax.grad(lambda lp: jnp.sum(ppo_math.importance_weights(lp, sampler_logp, MASK, "token_truncate", 2.0)[0]))(
       logp)
   assert np.all(np.asarray(grad) == 0.0)
+
+
+def test_best_of_n_picks_each_groups_best_reply_and_the_first_of_a_tie():
+  got = np.asarray(ppo_math.best_of_n_advantages(SCORES, GROUPS))
+  # Groups: 3 -> [0.3, 2.0, -0.4] (index 2); 0 -> [-1.2, 0.7] (4); 1 -> three 0.5s (the first, 3); 2 -> alone (6);
+  # 4 -> a tie of two (the first, 9).
+  np.testing.assert_array_equal(np.nonzero(got)[0], [2, 3, 4, 6, 9])
+  assert got.sum() == len(np.unique(GROUPS))

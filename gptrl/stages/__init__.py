@@ -32,6 +32,8 @@ STAGES = (
     # PPO's stage without a critic: group-normalised (GRPO) or leave-one-out (RLOO) advantages.
     Stage("grpo", "gptrl.stages.ppo", "GRPOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
     Stage("rloo", "gptrl.stages.ppo", "RLOOConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
+    # Best-of-n by the reward model, then supervised updates on the winners, iterated (PPO's code path too).
+    Stage("rsft", "gptrl.stages.ppo", "RSFTConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
     # Learns from the comparisons directly; the reward model (optional) only scores its evals.
     Stage("dpo", "gptrl.stages.dpo", "DPOConfig", init_from="sft", reads_reward_model=True),
 )
@@ -42,7 +44,7 @@ PIPELINE_ORDER = tuple(s.name for s in STAGES)
 # What a pipeline runs unless `config.stages` says otherwise: InstructGPT's stages and best-of-n, its baseline.
 DEFAULT_PIPELINE = ("pretrain", "sft", "label", "reward", "bon", "ppo")
 # The stages that optimise a policy against the reward model by sampling (gptrl/stages/ppo.py runs them all).
-POLICY_RL = ("ppo", "grpo", "rloo")
+POLICY_RL = ("ppo", "grpo", "rloo", "rsft")
 _BY_NAME = {s.name: s for s in STAGES + (PIPELINE,)}
 NAMES = tuple(_BY_NAME)  # every name `config.stage` may hold
 

@@ -9,7 +9,7 @@ config, and starts from the previous stage's Orbax checkpoint:
   reward.init           <- <workdir>/sft        reward.data.sources <- <workdir>/label/comparisons.jsonl
   bon.init              <- <workdir>/sft        bon.reward_model    <- <workdir>/reward
   ppo.init              <- <workdir>/sft        ppo.reward_model    <- <workdir>/reward
-  grpo.init, rloo.init  <- <workdir>/sft        their reward_model  <- <workdir>/reward
+  grpo/rloo/rsft.init   <- <workdir>/sft        their reward_model  <- <workdir>/reward
   dpo.init              <- <workdir>/sft        dpo.data.sources    <- <workdir>/label/comparisons.jsonl
                                                 dpo.reward_model    <- <workdir>/reward (scores its evals only)
 
@@ -84,7 +84,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
           rm_cfg, checkpoint=_input(cfg, workdir, "reward", stage_cfg.reward_model.checkpoint,
                                     f"{name}.reward_model.checkpoint"))
     if name in stages.POLICY_RL and name != "ppo":
-      # GRPO and RLOO are evaluated as PPO is (the frontier's points on one footing): its held-out prompts, reply
+      # GRPO, RLOO and RS-FT are evaluated as PPO is (the frontier's points on one footing): its held-out prompts, reply
       # length, temperature and judges.
       p, algo = cfg.ppo.ppo, stage_cfg.algo
       changes.update(seed=cfg.ppo.seed, data=cfg.ppo.data, **{algo.group: dataclasses.replace(

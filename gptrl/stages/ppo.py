@@ -252,8 +252,12 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
       # Critic-free: one advantage per reply, on each of its tokens; the return of a reply is the sum of its
       # per-token rewards (its score, minus beta * its KL when the KL is in the reward).
       return_B = jnp.sum(rewards, axis=1)
-      advantage_B = (pm.group_advantages(return_B, batch["group"], std_norm=p.group_std_norm)
-                     if p.advantage == "group" else pm.leave_one_out_advantages(return_B, batch["group"]))
+      if p.advantage == "group":
+        advantage_B = pm.group_advantages(return_B, batch["group"], std_norm=p.group_std_norm)
+      elif p.advantage == "leave_one_out":
+        advantage_B = pm.leave_one_out_advantages(return_B, batch["group"])
+      else:  # best_of_n: the reply the reward picks in each group
+        advantage_B = pm.best_of_n_advantages(return_B, batch["group"])
       advantages = jnp.where(mask > 0, advantage_B[:, None], 0.0)
       returns = jnp.where(mask > 0, return_B[:, None], 0.0)
     if p.whiten_advantages:
@@ -327,6 +331,8 @@ def make_ppo_loss(models: Models, cfg: Any):
     out = evaluate_actions(models, params, batch)
     pg_BxN, pg_stats = pm.clipped_surrogate(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps,
                                             p.clip_eps_high)
+    if p.policy_loss == "nll":  # supervised: -A * log pi (the ratio's stats stay as diagnostics)
+      pg_BxN = jnp.where(mask > 0, -batch["advantages"] * out["logp"], 0.0)
     terms = {}
     if p.is_correction != "none":  # the sampler's distribution is not the learner's: weight by pi / sampler
       weight_BxN, corrected_BxN = pm.importance_weights(batch["logp"], batch["sampler_logp"], mask, p.is_correction,
@@ -473,10 +479,18 @@ class Evaluation:
   replies: list[dict[str, Any]]  # one record per prompt (with `tok`): turns, reply, reward, KL, length, judges
 
 
+def learned_rows(p: Any) -> int:
+  """Replies an iteration's updates learn from: the whole rollout, or with best_of_n each group's winner."""
+  return p.rollout_batch_size // p.group_size if p.advantage == "best_of_n" else p.rollout_batch_size
+
+
+def updates_per_iteration(p: Any) -> int:
+  return p.epochs * (learned_rows(p) // p.minibatch_size)
+
+
 def num_updates(cfg: PPOConfig) -> int:
   """Optimizer steps of the whole run (the learning-rate schedule's length)."""
-  p = cfg.algo
-  return cfg.train.steps * p.epochs * (p.rollout_batch_size // p.minibatch_size)
+  return cfg.train.steps * updates_per_iteration(cfg.algo)
 
 
 def make_update_step(cfg: PPOConfig, models: Models, optimizer: Any, state_shardings: Any,
@@ -606,9 +620,10 @@ class Learner:
     p = self.cfg.algo
     perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).astype(np.uint32))
     learn_metrics = []
+    rows = roll["tokens"].shape[0]
     for _ in range(p.epochs):
-      order = perm_rng.permutation(p.rollout_batch_size)
-      for m in range(p.rollout_batch_size // p.minibatch_size):
+      order = perm_rng.permutation(rows)
+      for m in range(rows // p.minibatch_size):
         idx = order[m * p.minibatch_size:(m + 1) * p.minibatch_size]
         mb = {k: roll[k][idx] for k in ROLLOUT_KEYS}
         mb["beta"] = np.full((p.minibatch_size, 1), beta, np.float32)  # rank 2: sharded like the batch
@@ -639,7 +654,12 @@ class Learner:
     gap = np.where(real, host["sampler_logp"] - roll["logp"], 0.0)
     sampler_gap = float(np.max(np.abs(gap))) if real.any() else 0.0
     mismatch_kl = float(gap.sum() / max(real.sum(), 1))
-    state, learn_metrics, stopped = self.learn(state, roll, beta, jax.random.fold_in(rng, 1))
+    learned, extra = roll, {}
+    if p.advantage == "best_of_n":  # rejection sampling: the updates see each group's winner only
+      winners = roll["advantages"][:, 0] > 0
+      learned = {k: v[winners] for k, v in roll.items()}
+      extra["winner_reward"] = float(np.mean(stats["score"][winners]))
+    state, learn_metrics, stopped = self.learn(state, learned, beta, jax.random.fold_in(rng, 1))
     t_learn = time.perf_counter() - t0 - t_rollout
 
     # The invariants: the first minibatch sees ratio 1 and approximate KL 0 (same code, same params), and the
@@ -661,6 +681,7 @@ class Learner:
            "first_ratio": ratio0, "first_approx_kl": kl0,
            "sampler_logp_gap": sampler_gap, "mismatch_kl": mismatch_kl, "updates": len(learn_metrics),
            "early_stopped": float(stopped)}
+    row.update(extra)
     row.update({f"reward_fn/{name}": float(np.mean(v)) for name, v in code_scores.items()})
     if p.group_size > 1:  # how much the replies to one prompt differ; a group that all agree teaches nothing
       group_std = np.std(stats["score"].reshape(-1, p.group_size), axis=1)
@@ -792,7 +813,7 @@ class PPOTask(loop_lib.Task):
     streak = int(jax.device_get(state.numerics.bad_streak)) if cfg.train.max_bad_steps else 0
     if not streak >= cfg.train.max_bad_steps > 0:
       return state, outcome.metrics, False
-    per_iteration = cfg.algo.epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
+    per_iteration = updates_per_iteration(cfg.algo)
     first_bad = index + 1 - -(-streak // per_iteration)  # the iteration the bad updates began in
     state, _, saved = trainer.rollback(self.checkpointer, state, done=index + 1, streak=streak, first_bad=first_bad,
                                        train_cfg=cfg.train, unit="iteration")

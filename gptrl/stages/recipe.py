@@ -32,6 +32,7 @@ def prepare_workdir(cfg: Any) -> str:
   A config that differs from the one an earlier run left there is logged key by key (resuming with, say,
   more steps is fine; the data fingerprint and tokenizer checks refuse the changes that are not).
   """
+  loop_lib.start_stage_clock()
   workdir = fileio.abspath(cfg.workdir)
   fileio.makedirs(workdir)
   resolved = config_lib.to_dict(cfg)

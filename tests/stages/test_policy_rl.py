@@ -9,8 +9,9 @@ import pytest
 from gptrl import config as config_lib
 from gptrl import rewards
 from gptrl import sharding
+from gptrl.stages import ppo
 from gptrl.config import (GRPOAlgoConfig, GRPOConfig, InitConfig, MeshConfig, OptimConfig, RLOOAlgoConfig,
-                          RLOOConfig, TrainConfig)
+                          RLOOConfig, RSFTAlgoConfig, RSFTConfig, TrainConfig)
 
 import numeric
 from test_ppo import NEW, PPO_TOL, _learner, _prompts
@@ -23,6 +24,10 @@ def _cfg(stage: str, **overrides):
   algo = dict(rollout_batch_size=32, minibatch_size=16, epochs=4, max_new_tokens=NEW, num_eval_prompts=0,
               group_size=4, init_beta=0.01)
   algo.update(overrides)
+  if stage == "rsft":  # the 8 winners of 32 replies, in minibatches of 4
+    algo.update(minibatch_size=4, init_beta=0.0, **overrides)
+    return RSFTConfig(init=InitConfig("unused"), reward_model=InitConfig("unused"), rsft=RSFTAlgoConfig(**algo),
+                      optim=OPTIM, train=TrainConfig(steps=12))
   if stage == "grpo":
     return GRPOConfig(init=InitConfig("unused"), reward_model=InitConfig("unused"), grpo=GRPOAlgoConfig(**algo),
                       optim=OPTIM, train=TrainConfig(steps=12))
@@ -60,6 +65,7 @@ VARIANTS = {
     "dr_grpo": ("grpo", dict(group_std_norm=False, loss_aggregation="sequence_sum", reward_gain=10.0)),
     "dapo": ("grpo", dict(clip_eps_high=0.28, loss_aggregation="token_mean", init_beta=0.0)),
     "rloo": ("rloo", {}),
+    "rsft": ("rsft", {}),
 }
 
 
@@ -81,7 +87,7 @@ def test_learns_the_preferred_token_without_a_critic(run):
   for r in rows:
     assert abs(r[f"{g}/first_ratio"] - 1.0) < 1e-5 and r[f"{g}/first_approx_kl"] < 1e-9
     assert r[f"{g}/sampler_logp_gap"] < 1e-4 and r[f"{g}/value_loss"] == 0.0
-    assert r[f"{g}/updates"] == cfg.algo.epochs * 2 and 0.0 <= r[f"{g}/zero_std_groups"] <= 1.0
+    assert r[f"{g}/updates"] == ppo.updates_per_iteration(cfg.algo) and 0.0 <= r[f"{g}/zero_std_groups"] <= 1.0
 
 
 def test_one_group_per_prompt_and_advantages_that_sum_to_zero_in_each(run):
@@ -97,8 +103,12 @@ def test_one_group_per_prompt_and_advantages_that_sum_to_zero_in_each(run):
   length = host["response_mask"].sum(1)
   np.testing.assert_allclose(arrays["advantages"][host["response_mask"] > 0],
                              np.repeat(arrays["advantages"][:, 0], length), rtol=0, atol=0)
-  np.testing.assert_allclose(advantage.sum(1), 0.0, atol=1e-4)  # a baseline per group
   score = stats["score"].reshape(-1, p.group_size)
+  if p.advantage == "best_of_n":  # one winner per group: its best reply
+    np.testing.assert_array_equal(advantage.sum(1), 1.0)
+    np.testing.assert_array_equal(np.argmax(advantage, 1), np.argmax(score, 1))
+    return
+  np.testing.assert_allclose(advantage.sum(1), 0.0, atol=1e-4)  # a baseline per group
   if p.advantage == "group" and p.group_std_norm:
     expected = (score - score.mean(1, keepdims=True)) / (score.std(1, ddof=1, keepdims=True) + 1e-4)
   elif p.advantage == "group":
@@ -123,7 +133,7 @@ def test_a_reward_function_alone_teaches_the_preferred_token():
   assert 0.0 <= metrics["eval/reward_fn/good_share"] <= 1.0
 
 
-@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "rsft"])
 def test_sharded_iterations_match_single_device(stage):
   cfg = _cfg(stage)
   single, _, _ = _train(cfg, 2)
@@ -158,6 +168,14 @@ def test_bad_grpo_settings_are_refused_naming_the_key(overrides, match):
   for k, v in overrides.items():
     raw.grpo[k] = v
   with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.stage_config(raw)
+
+
+def test_rsft_minibatches_must_divide_the_winners():
+  raw = config_lib.as_configdict(RSFTConfig)
+  raw.init.checkpoint, raw.reward_model.checkpoint = "sft", "reward"
+  raw.rsft.rollout_batch_size, raw.rsft.group_size, raw.rsft.minibatch_size = 64, 8, 16
+  with pytest.raises(config_lib.ConfigError, match=r"config.rsft.minibatch_size: must divide the 8 winners"):
     config_lib.stage_config(raw)
 
 
