@@ -18,7 +18,8 @@ boundaries are its optimizer steps (on_step_end), one generation per two steps.
 
 DPO: `--pairs` comparisons per step, prompt `--prompt_len` + reply `--new_tokens` tokens (no padding), the sigmoid
 loss at beta 0.1, the reference's log-probs computed once before training on both sides (gptrl always;
-trl `precompute_ref_log_probs=True`) and excluded from the timing. tokens/s = 2 * pairs * (prompt + reply) per
+trl `precompute_ref_log_probs=True`) and excluded from the timing. trl ends every reply with <eos> (its model has
+3 more vocabulary rows for the tokenizer's special ids), so its replies are new_tokens - 1 words and <eos>. tokens/s = 2 * pairs * (prompt + reply) per
 second over the timed steps (the chosen and the rejected sequence of every pair).
 """
 from __future__ import annotations
@@ -168,11 +169,12 @@ def gptrl_dpo(b: Bench) -> dict[str, Any]:
           "final": {"loss": float(metrics["train/loss"])}, "versions": {"jax": jax.__version__}}
 
 
-def _trl_models(b: Bench, workdir: str):
-  """The policy saved to `workdir` (trl builds its reference from the same path) and a random reward model."""
+def _trl_models(b: Bench, workdir: str, extra_vocab: int = 0):
+  """The policy saved to `workdir` (trl builds its reference from the same path) and a random reward model;
+  `extra_vocab` rows embed the tokenizer's special ids (DPO's trl appends <eos> to every reply)."""
   import transformers  # pylint: disable=import-outside-toplevel
   hf_cfg = transformers.GPT2Config(
-      vocab_size=b.vocab_size, n_positions=b.prompt_len + b.new_tokens, n_embd=b.d_model, n_layer=b.num_layers,
+      vocab_size=b.vocab_size + extra_vocab, n_positions=b.prompt_len + b.new_tokens, n_embd=b.d_model, n_layer=b.num_layers,
       n_head=b.num_heads, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
       layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
       num_labels=1)
@@ -195,8 +197,10 @@ class _StepTimer:
     self.callback = Callback()
 
 
-def _words(rows: np.ndarray) -> list[str]:
-  return [" ".join(f"t{int(t)}" for t in row) for row in rows]
+def _words(rows: np.ndarray, trailing: str = "") -> list[str]:
+  """Token ids as the word-level tokenizer's words; `trailing` " " keeps a prompt's last word apart from the reply
+  trl appends to it as text (for the reward model)."""
+  return [" ".join(f"t{int(t)}" for t in row) + trailing for row in rows]
 
 
 def trl_grpo(b: Bench) -> dict[str, Any]:
@@ -219,7 +223,7 @@ def trl_grpo(b: Bench) -> dict[str, Any]:
       shuffle_dataset=False, save_strategy="no", eval_strategy="no", disable_tqdm=True, logging_steps=1,
       dataloader_num_workers=0, log_completions=False)
   trainer = trl.GRPOTrainer(model=workdir, reward_funcs=reward, args=args,
-                            train_dataset=datasets.Dataset.from_dict({"prompt": _words(prompts)}),
+                            train_dataset=datasets.Dataset.from_dict({"prompt": _words(prompts, " ")}),
                             processing_class=tokenizer, reward_processing_classes=tokenizer)
   timer = _StepTimer()
   trainer.add_callback(timer.callback)
@@ -242,11 +246,13 @@ def trl_dpo(b: Bench) -> dict[str, Any]:
   torch.set_num_threads(common.resolved_threads(b))
   torch.manual_seed(b.seed)
   workdir = tempfile.mkdtemp(prefix="dpo_vs_trl_")
-  _trl_models(b, workdir)
+  _trl_models(b, workdir, extra_vocab=3)
   tokenizer = common.make_hf_tokenizer(b.vocab_size)
   n = b.units * b.pairs
-  data = {"prompt": _words(_tokens(b, n, b.prompt_len, 0)), "chosen": _words(_tokens(b, n, b.new_tokens, 1)),
-          "rejected": _words(_tokens(b, n, b.new_tokens, 2))}
+  # trl ends every reply with <eos>: new_tokens - 1 random words and it, as long as gptrl's replies.
+  data = {"prompt": _words(_tokens(b, n, b.prompt_len, 0)),
+          "chosen": _words(_tokens(b, n, b.new_tokens - 1, 1), " <eos>"),
+          "rejected": _words(_tokens(b, n, b.new_tokens - 1, 2), " <eos>")}
   args = trl.DPOConfig(
       output_dir=workdir, report_to="none", use_cpu=True, bf16=False, fp16=False, seed=b.seed, learning_rate=b.lr,
       weight_decay=0.0, adam_beta2=0.999, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,

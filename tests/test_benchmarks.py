@@ -85,3 +85,12 @@ def test_decode_speed_runs_with_the_transformers_peer(tmp_path):
   row = report["results"][0]
   assert {"gptrl", "gptrl no cache", "transformers"} <= set(row)
   assert row["bytes_per_step"] > 4 * 4_000_000  # at least the ~4.3M fp32 parameters
+
+
+@pytest.mark.parametrize("algo,key", [("grpo", "episodes_per_s"), ("dpo", "tokens_per_s")])
+def test_grpo_and_dpo_benchmarks_run_their_gptrl_side(tmp_path, algo, key):
+  # The trl side needs the bench extra (trl, torch); the gptrl side is the library's learner / train step.
+  report = _run("grpo_dpo_vs_trl", "--algo", algo, "--side", "gptrl", "--num_layers", "1", "--d_model", "32",
+                "--vocab_size", "64", "--prompt_len", "8", "--new_tokens", "4", "--prompts", "2", "--group", "4",
+                "--pairs", "4", "--iterations", "1", tmp_path=tmp_path)
+  assert report["results"]["gptrl"][key] > 0 and "ratio_gptrl_over_trl" not in report
