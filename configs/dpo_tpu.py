@@ -6,9 +6,10 @@ reply length, chunks), scored by the reward model.
   python launch/tpu_vm.py run --config configs/dpo_tpu.py:size=1b --name gptrl-dpo-1b --zone us-east5-a
   python -m gptrl.launch --config configs/dpo_tpu.py:size=1b --config.dpo.loss_type=ipo
 
-Variants as configs/reward_tpu.py: `size=125m|350m|1b|3b|7b` (default 1b), `chip=v5p|v4|v6e|v5e`, `chips=N`. The
-compile check (gptrl/compile.py) does not cover DPO yet; the plan's micro-batches are the reward model's, whose
-activations it shares, plus the LM head's logits.
+Variants as configs/reward_tpu.py: `size=125m|350m|1b|3b|7b` (default 1b), `chip=v5p|v4|v6e|v5e`, `chips=N`.
+The plan's micro-batches are the reward model's (the same activations, plus the LM head's logits); `python -m
+gptrl.compile --config configs/dpo_tpu.py:size=1b` compiles its train and eval steps and the generation eval's
+sampler for the slice (the launcher does so before booking it).
 """
 import os
 import runpy

@@ -253,12 +253,13 @@ def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
               replicated=replicated_parameters(memory.abstract_params(init), mesh))
 
 
-def _lower_sampler(mesh: Any, model: Any, params: Any, rows: int, prompt_len: int, new: int, sample: Any) -> Any:
+def _lower_sampler(mesh: Any, model: Any, params: Any, rows: int, prompt_len: int, new: int, sample: Any,
+                   sampling_logprobs: bool = False) -> Any:
   from gptrl import decoding  # pylint: disable=import-outside-toplevel
   with sharding.activate(mesh):
     return decoding.lower_generate(model, params, rows=rows, prompt_len=prompt_len, max_new_tokens=new,
                                    temperature=sample.temperature, top_k=sample.top_k,
-                                   top_p=getattr(sample, "top_p", 1.0))
+                                   top_p=getattr(sample, "top_p", 1.0), sampling_logprobs=sampling_logprobs)
 
 
 def _reward_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
@@ -339,7 +340,7 @@ def _dpo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
     programs.append(Program(
         "sampler (generation eval)",
         functools.partial(_lower_sampler, mesh, model, state.params, rows, t - new, new,
-                          config_lib.ChatSampleConfig(temperature=cfg.dpo.temperature, top_k=0)),
+                          config_lib.ChatSampleConfig(temperature=cfg.dpo.temperature, top_k=0), True),
         mesh, ("train state/params",), model_lib.flops_per_token(model_cfg, t) / 3 * rows * t, "generation eval"))
   return Plan(f"dpo: {_shape(model_cfg)}", programs, residents,
               replicated=replicated_parameters(memory.abstract_params(init), mesh))
@@ -379,6 +380,9 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   host = ppo.build_rollout_batch([[1]] * rows, [[1]] * rows, prompt_len=models.prompt_len,
                                  new_tokens=models.new_tokens, pad_id=0, stop_id=1)
   host["group"] = np.arange(rows, dtype=np.int32) // p.group_size
+  host["sampler_logp"] = np.zeros(host["response_mask"].shape, np.float32)  # as Learner.rollout adds them
+  if p.reward_fns:
+    host["code_reward"] = np.zeros((rows,), np.float32)
   shapes = {k: (v.shape, v.dtype) for k, v in host.items()}
   scorer_fn = ppo.make_score_fn(models, cfg, 0.0)
   scorer_batch, learner_batch = abstract_batch(shapes, scorer), abstract_batch(shapes, learner)
@@ -408,7 +412,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
       Program("rollout sampler", functools.partial(_lower_sampler, sampler, models.policy, policy_on_sampler,
                                                    sampler_rows, models.prompt_len, models.new_tokens,
                                                    config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k,
-                                                                               top_p=p.top_p)),
+                                                                               top_p=p.top_p), True),
               sampler, ("policy copy",) if placement.split_sampler else ("train state/params/policy",),
               policy_token / 3 * sampler_rows * t, "rollout sampling"),
       Program("scoring: frozen models", lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch), scorer,

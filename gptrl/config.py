@@ -929,11 +929,13 @@ class _PolicyRLConfig:
   def __post_init__(self):
     _check_stage(self, init="the SFT run (policy start and reference)", reward_model=True)
     algo = getattr(self, self.ALGO)
+    _check(algo.minibatch_size % self.optim.grad_accum_steps == 0, f"{self.ALGO}.minibatch_size",
+           f"must be divisible by optim.grad_accum_steps={self.optim.grad_accum_steps}, got {algo.minibatch_size}")
     _check(algo.group == self.ALGO, self.ALGO, f"must be a config of the {self.ALGO} group, got {type(algo).__name__}")
 
   @property
   def algo(self) -> PPOAlgoConfig:
-    """The algorithm's group: config.ppo, config.grpo or config.rloo (one code path, gptrl/stages/ppo.py)."""
+    """The algorithm's group: config.ppo, .grpo, .rloo or .rsft (one code path, gptrl/stages/ppo.py)."""
     return getattr(self, self.ALGO)
 
 
@@ -1174,12 +1176,12 @@ def as_configdict(config: Any) -> Any:
 # The keys of PPO's algorithm group that GRPO's and RLOO's config files take from a PPO plan (configs/grpo_*.py):
 # sizes, sampling, reward shaping common to all, evaluation and placement; not the algorithm's own settings.
 SHARED_ALGO_KEYS = ("rollout_batch_size", "minibatch_size", "max_new_tokens", "temperature", "top_k", "top_p",
-                    "reward_gain", "reward_bias", "truncation_penalty", "num_eval_prompts", "watch_judges",
+                    "is_correction", "is_threshold", "reward_gain", "reward_bias", "truncation_penalty", "num_eval_prompts", "watch_judges",
                     "placement", "sampler_devices", "scorer_devices", "split_tensor", "save_rollouts")
 
 
 def policy_rl_configdict(ppo_config: Any, stage: str) -> Any:
-  """A GRPO or RLOO ConfigDict (`stage`: "grpo" | "rloo") on the plan of a PPO ConfigDict: every group but the
+  """A GRPO, RLOO or RS-FT ConfigDict (`stage`: "grpo" | "rloo" | "rsft") on the plan of a PPO ConfigDict: every group but the
   algorithm's as PPO's (model runtime, mesh, optimizer, data, train cadence, hardware, inputs), SHARED_ALGO_KEYS of
   `ppo_config.ppo` in config.<stage>, the rest of it at the algorithm's defaults; the workdir's last "ppo" renamed."""
   c = as_configdict(STAGE_CONFIGS[stage])

@@ -176,7 +176,7 @@ def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: ja
 
 def lower_generate(model: nn.Module, params: Any, *, rows: int, prompt_len: int, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_id: int = -1, pad_id: int = 0,
-                   use_cache: bool = True) -> Any:
+                   use_cache: bool = True, sampling_logprobs: bool = False) -> Any:
   """The sampler program `generate` runs for `rows` prompts padded to `prompt_len` tokens, lowered (not run) for
   `params` (arrays or ShapeDtypeStructs with their shardings): gptrl/compile.py compiles it for a TPU slice. The
   prompt buffers are host arrays in `generate`, hence unsharded here too."""
@@ -184,7 +184,8 @@ def lower_generate(model: nn.Module, params: Any, *, rows: int, prompt_len: int,
   rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: nothing may run on a compile-only mesh
   return _generate.lower(model, params, buffer, buffer, buffer, rng, prompt_len=prompt_len,
                          max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                         top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id), use_cache=bool(use_cache))
+                         top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id), use_cache=bool(use_cache),
+                         sampling_logprobs=bool(sampling_logprobs))
 
 
 def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,

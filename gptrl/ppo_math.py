@@ -340,6 +340,12 @@ def _same_group(group_B: jax.Array) -> jax.Array:
   return (group_B[:, None] == group_B[None, :]).astype(jnp.float32)
 
 
+def _group_sum(same_BxB: jax.Array, x_B: jax.Array) -> jax.Array:
+  """Each row's sum of x over its group, in full float32 (a default-precision matmul rounds its inputs to bfloat16
+  on TPU and TF32 on recent GPUs: a group that agrees would get advantages of noise)."""
+  return jnp.dot(same_BxB, x_B, precision=jax.lax.Precision.HIGHEST)
+
+
 def group_advantages(score_B: jax.Array, group_B: jax.Array, *, std_norm: bool = True,
                      eps: float = 1e-4) -> jax.Array:
   """GRPO's outcome advantage of each reply (Shao et al. 2024): (score - its group's mean) / (the group's std +
@@ -355,11 +361,11 @@ def group_advantages(score_B: jax.Array, group_B: jax.Array, *, std_norm: bool =
   score_B = _f32(score_B)
   same_BxB = _same_group(group_B)
   count_B = jnp.sum(same_BxB, axis=1)
-  mean_B = same_BxB @ score_B / count_B
+  mean_B = _group_sum(same_BxB, score_B) / count_B
   centred_B = score_B - mean_B
   if not std_norm:
     return centred_B
-  var_B = (same_BxB @ jnp.square(centred_B)) / jnp.maximum(count_B - 1.0, 1.0)
+  var_B = _group_sum(same_BxB, jnp.square(centred_B)) / jnp.maximum(count_B - 1.0, 1.0)
   positive_B = var_B > 0  # sqrt's gradient at 0 is infinite: a group that agrees must not make NaN gradients
   std_B = jnp.where(positive_B, jnp.sqrt(jnp.where(positive_B, var_B, 1.0)), 0.0)
   return jnp.where(count_B > 1, centred_B / (std_B + eps), 0.0)
@@ -378,7 +384,7 @@ def leave_one_out_advantages(return_B: jax.Array, group_B: jax.Array) -> jax.Arr
   return_B = _f32(return_B)
   same_BxB = _same_group(group_B)
   count_B = jnp.sum(same_BxB, axis=1)
-  others_B = (same_BxB @ return_B - return_B) / jnp.maximum(count_B - 1.0, 1.0)
+  others_B = (_group_sum(same_BxB, return_B) - return_B) / jnp.maximum(count_B - 1.0, 1.0)
   return jnp.where(count_B > 1, return_B - others_B, 0.0)
 
 

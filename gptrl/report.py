@@ -747,7 +747,7 @@ def section_frontier(run: Run) -> str:
               "samples (unbiased over subsets, KL(n) = log n - (n-1)/n); PPO's points (and GRPO's, RLOO's, RS-FT's, "
               "DPO's when they ran) are its evals, labelled by iteration or step. Curves: the published forms fitted "
               "to each method's gain over its own start.")
-  if "gold" not in points.bon and "gold" not in points.ppo:
+  if not any("gold" in scores for *_, scores in points.methods()):
     out += _note("No gold judge: the comparisons were labelled by people (or by several judges), so there is no "
                  "labeller to score replies with; only the proxy is shown (and the watch judges in the next section).")
   fits = points.fits()

@@ -170,6 +170,9 @@ def recipe(cfg: DPOConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
                "context of %d tokens.", len(train_groups), n_train_pairs, len(eval_groups), n_eval_pairs,
                train_enc.truncated + eval_enc.truncated, seq_len)
 
+  # The generation eval's set-up first (its reward model and reply length checked before the reference pass).
+  generation = generation_eval(cfg, model_cfg, ctx.mesh, tok, ctx.workdir, ctx.cache_dir)
+
   # The reference's log-probs of every compared reply, once: training never runs the reference.
   model = model_lib.GPT(model_cfg)
   t0 = time.perf_counter()
@@ -197,7 +200,6 @@ def recipe(cfg: DPOConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
     logging.info("Initialised the policy from %s (also the reference).", where)
     return params
 
-  generation = generation_eval(cfg, model_cfg, ctx.mesh, tok, ctx.workdir, ctx.cache_dir)
   tokens_per_step = cfg.data.batch_size * k * seq_len
   return recipe_lib.Recipe(
       stage="dpo", tokenizer=tok, model_config=model_cfg, model=model, seq_len=seq_len,

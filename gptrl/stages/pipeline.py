@@ -1,5 +1,5 @@
 """The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> best-of-n -> PPO (and, when
-`config.stages` names them, GRPO and RLOO), then the report.
+`config.stages` names them, GRPO, RLOO, RS-FT and DPO), then the report.
 
 Each stage runs in its own sub-folder `<workdir>/<stage>/`, exactly as if it had been launched alone with its own
 config, and starts from the previous stage's Orbax checkpoint:
@@ -89,6 +89,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
       p, algo = cfg.ppo.ppo, stage_cfg.algo
       changes.update(seed=cfg.ppo.seed, data=cfg.ppo.data, **{algo.group: dataclasses.replace(
           algo, num_eval_prompts=p.num_eval_prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+          top_k=p.top_k, top_p=p.top_p, is_correction=p.is_correction, is_threshold=p.is_threshold,
           watch_judges=p.watch_judges, eval_batch_size=p.eval_batch_size or p.rollout_batch_size)})
     if name == "dpo":
       # DPO's generation eval on PPO's footing: its held-out prompts, chunks, reply length, temperature and judges.

@@ -262,7 +262,11 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
       returns = jnp.where(mask > 0, return_B[:, None], 0.0)
     if p.whiten_advantages:
       advantages = pm.masked_whiten(advantages, mask)
-    stats = {"score": score_B, "raw_score": jnp.mean(raw_BxM, axis=1), "kl_sum": jnp.sum(kl, axis=1),
+    # The KL each reply is reported (and the adaptive beta steered) by: the exact one with "full", else the k1
+    # estimate, log pi - log ref summed over the reply, whatever estimator the penalty uses (k3 is GRPO's): every
+    # method's eval/kl is then the same estimate of the same quantity.
+    kl_report = kl if p.kl_estimator == "full" else jnp.where(mask > 0, out["logp"] - ref_logp, 0.0)
+    stats = {"score": score_B, "raw_score": jnp.mean(raw_BxM, axis=1), "kl_sum": jnp.sum(kl_report, axis=1),
              "length": length_B, "entropy": pm.entropy(out["logits"], mask),
              # How much an ensemble's members disagree about each reply (0 for one model).
              "ensemble_std": jnp.std(centred_BxM, axis=1), "proxy_mean": jnp.mean(centred_BxM, axis=1)}
@@ -333,15 +337,15 @@ def make_ppo_loss(models: Models, cfg: Any):
                                             p.clip_eps_high)
     if p.policy_loss == "nll":  # supervised: -A * log pi (the ratio's stats stay as diagnostics)
       pg_BxN = jnp.where(mask > 0, -batch["advantages"] * out["logp"], 0.0)
-    terms = {}
+    terms, diagnostics = {}, {}
     if p.is_correction != "none":  # the sampler's distribution is not the learner's: weight by pi / sampler
       weight_BxN, corrected_BxN = pm.importance_weights(batch["logp"], batch["sampler_logp"], mask, p.is_correction,
                                                         p.is_threshold)
       pg_BxN = pg_BxN * weight_BxN
-      terms.update(is_weight=weight_BxN, is_corrected=corrected_BxN)
+      diagnostics.update(is_weight=weight_BxN, is_corrected=corrected_BxN)
     terms["policy_loss"] = pg_BxN
     if models.critic is not None:
-      terms["value_loss"], terms["value_clip_frac"] = pm.clipped_value_error(
+      terms["value_loss"], diagnostics["value_clip_frac"] = pm.clipped_value_error(
           out["values"], batch["values"], batch["returns"], mask, p.clip_eps_value)
     if p.entropy_coef > 0:
       terms["entropy"] = pm.token_entropy(out["logits"], mask)
@@ -357,9 +361,10 @@ def make_ppo_loss(models: Models, cfg: Any):
     loss_sum, weight = pm.aggregate(per_token, mask, p.loss_aggregation)
     sums = {k: pm.aggregate(v, mask, p.loss_aggregation)[0] for k, v in terms.items()}
     # Diagnostics are means over the same weight: per token, or per reply (whose token sum over T is no mean).
-    diagnostics = {"clip_frac": pg_stats["clipped"], "ratio_mean": pg_stats["ratio"],
-                   "approx_kl": 0.5 * jnp.square(pg_stats["log_ratio"]),
-                   **({"entropy": terms["entropy"]} if p.loss_aggregation == "sequence_sum" else {})}
+    diagnostics.update({"clip_frac": pg_stats["clipped"], "ratio_mean": pg_stats["ratio"],
+                        "approx_kl": 0.5 * jnp.square(pg_stats["log_ratio"])})
+    if p.loss_aggregation == "sequence_sum":
+      diagnostics["entropy"] = terms["entropy"]
     mode = "sequence_mean" if p.loss_aggregation == "sequence_sum" else p.loss_aggregation
     sums.update({k: pm.aggregate(v, mask, mode)[0] for k, v in diagnostics.items()})
     for k in ("value_loss", "value_clip_frac", "kl_loss", "is_weight", "is_corrected"):
