@@ -384,6 +384,24 @@ def encode_comparisons(groups: Sequence[PromptComparisons], tok: tokenizer_lib.T
   return EncodedComparisons(tokens, last, pairs, margins, truncated, first)
 
 
+def split_comparisons(groups: Sequence[PromptComparisons], data: Any, tok: tokenizer_lib.Tokenizer, *,
+                      seq_len: int, what: str) -> tuple[list[PromptComparisons], list[PromptComparisons],
+                                                        EncodedComparisons, EncodedComparisons]:
+  """(training groups, held-out groups, their encodings) of comparisons split by prompt as `data` (a
+  PreferenceDataConfig) says, each reply cut to `seq_len`; logged as `what`'s data. DataError when there are
+  fewer training prompts than data.batch_size."""
+  train_groups, eval_groups = split_by_group(groups, eval_fraction=data.eval_fraction, seed=data.split_seed)
+  if len(train_groups) < data.batch_size:
+    raise DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
+                    f"data.batch_size={data.batch_size}; add comparisons or lower the batch size.")
+  train_enc = encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=data.max_responses)
+  eval_enc = encode_comparisons(eval_groups, tok, max_len=seq_len, max_responses=data.max_responses)
+  logging.info("%s data: %d training prompts (%d pairs), %d held-out prompts (%d pairs); %d sequences cut to the "
+               "context of %d tokens.", what, len(train_groups), int(train_enc.pairs.sum()), len(eval_groups),
+               int(eval_enc.pairs.sum()), train_enc.truncated + eval_enc.truncated, seq_len)
+  return train_groups, eval_groups, train_enc, eval_enc
+
+
 class _RowsToRewardBatch:
   def __init__(self, enc: EncodedComparisons, lo: int, hi: int):
     self._enc, self._lo, self._hi = enc, lo, hi

@@ -108,10 +108,11 @@ def make_eval_fn(model: model_lib.GPT, mesh: jax.sharding.Mesh, batches: list[di
 
 
 def generation_eval(cfg: DPOConfig, model_cfg: config_lib.ModelConfig, mesh: jax.sharding.Mesh, tok: Any,
-                    workdir: str, cache_dir: str) -> Callable[[trainer.TrainState], dict[str, float]] | None:
+                    workdir: str, cache_dir: str,
+                    ref_params: Any) -> Callable[[trainer.TrainState], dict[str, float]] | None:
   """The policy's replies to held-out prompts, scored by `cfg.reward_model` as PPO scores its evals (the same
-  prompts, key, chunks and KL estimate when the settings are PPO's), each eval's replies appended to
-  eval_replies.jsonl; None without a reward model or eval prompts."""
+  prompts, key, chunks and KL estimate when the settings are PPO's) against the frozen reference `ref_params`,
+  each eval's replies appended to eval_replies.jsonl; None without a reward model or eval prompts."""
   p = cfg.dpo
   if not cfg.reward_model.checkpoint or p.num_eval_prompts == 0:
     return None
@@ -130,7 +131,6 @@ def generation_eval(cfg: DPOConfig, model_cfg: config_lib.ModelConfig, mesh: jax
   eval_prompts = [chat.prompt_tokens(m, tok, max_tokens=models.prompt_len) for m in
                   chat_data.load_held_out_prompts(cfg.prompts, p.num_eval_prompts, cfg.seed, cache_dir=cache_dir)]
   example = np.zeros((1, model_cfg.max_len), np.int32)
-  ref_params = ckpt_lib.load_frozen_params(models.policy, example, mesh, cfg.init, tokenizer_sha256=tok.sha256)
   rm_params = ckpt_lib.load_frozen_params(models.reward, example, mesh, cfg.reward_model, tokenizer_sha256=tok.sha256)
   gold = judges_lib.make_judge(rm.meta["gold_judge"]) if rm.meta.get("gold_judge") else None
   learner = ppo.Learner(eval_cfg, models, mesh, None, None, ref_params, rm_params,
@@ -158,26 +158,19 @@ def recipe(cfg: DPOConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, ctx.workdir, cfg.model,
                                                      expect_stage=("sft",))
   seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
-  train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
-                                                       seed=cfg.data.split_seed)
-  if len(train_groups) < cfg.data.batch_size:
-    raise data_lib.DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
-                             f"data.batch_size={cfg.data.batch_size}; add comparisons or lower the batch size.")
-  train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
-  eval_enc = chat_data.encode_comparisons(eval_groups, tok, max_len=seq_len, max_responses=k)
+  train_groups, eval_groups, train_enc, eval_enc = chat_data.split_comparisons(groups, cfg.data, tok, seq_len=seq_len,
+                                                                              what="DPO")
   n_train_pairs, n_eval_pairs = int(train_enc.pairs.sum()), int(eval_enc.pairs.sum())
-  logging.info("DPO data: %d training prompts (%d pairs), %d held-out prompts (%d pairs); %d sequences cut to the "
-               "context of %d tokens.", len(train_groups), n_train_pairs, len(eval_groups), n_eval_pairs,
-               train_enc.truncated + eval_enc.truncated, seq_len)
 
-  # The generation eval's set-up first (its reward model and reply length checked before the reference pass).
-  generation = generation_eval(cfg, model_cfg, ctx.mesh, tok, ctx.workdir, ctx.cache_dir)
+  # The frozen reference, loaded once: the generation eval keeps it (its reward model and reply length are
+  # checked before the reference pass), and the pass scores every compared reply with it.
+  model = model_lib.GPT(model_cfg)
+  reference = ckpt_lib.load_frozen_params(model, np.zeros((1, model_cfg.max_len), np.int32), ctx.mesh, cfg.init,
+                                          tokenizer_sha256=tok.sha256)
+  generation = generation_eval(cfg, model_cfg, ctx.mesh, tok, ctx.workdir, ctx.cache_dir, reference)
 
   # The reference's log-probs of every compared reply, once: training never runs the reference.
-  model = model_lib.GPT(model_cfg)
   t0 = time.perf_counter()
-  reference = ckpt_lib.load_frozen_params(model, np.zeros((1, seq_len), np.int32), ctx.mesh, cfg.init,
-                                          tokenizer_sha256=tok.sha256)
   train_enc.ref_logp = reference_log_probs(model, reference, train_enc, ctx.mesh, cfg.data.batch_size)
   eval_enc.ref_logp = reference_log_probs(model, reference, eval_enc, ctx.mesh, cfg.data.batch_size)
   del reference

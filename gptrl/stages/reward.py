@@ -204,17 +204,9 @@ def recipe(cfg: RewardConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
     raise config_lib.ConfigError(
         f"config.reward.normalize_max_new_tokens: {cfg.reward.normalize_max_new_tokens} leaves no room for a "
         f"prompt in the reward model's context of {seq_len} tokens (data.max_len or the model's); lower it.")
-  train_groups, eval_groups = chat_data.split_by_group(groups, eval_fraction=cfg.data.eval_fraction,
-                                                       seed=cfg.data.split_seed)
-  train_enc = chat_data.encode_comparisons(train_groups, tok, max_len=seq_len, max_responses=k)
-  eval_enc = chat_data.encode_comparisons(eval_groups, tok, max_len=seq_len, max_responses=k)
+  train_groups, eval_groups, train_enc, eval_enc = chat_data.split_comparisons(groups, cfg.data, tok, seq_len=seq_len,
+                                                                              what="Reward")
   n_train_pairs, n_eval_pairs = int(train_enc.pairs.sum()), int(eval_enc.pairs.sum())
-  logging.info("Reward data: %d training prompts (%d pairs), %d held-out prompts (%d pairs); %d sequences cut to "
-               "the context of %d tokens.", len(train_groups), n_train_pairs, len(eval_groups), n_eval_pairs,
-               train_enc.truncated + eval_enc.truncated, seq_len)
-  if len(train_groups) < cfg.data.batch_size:
-    raise data_lib.DataError(f"only {len(train_groups)} training prompts with comparisons, fewer than "
-                             f"data.batch_size={cfg.data.batch_size}; add comparisons or lower the batch size.")
   members = cfg.reward.ensemble
   if members == 1:
     train_iter = iter(chat_data.reward_dataset(train_enc, seed=cfg.seed, global_batch_size=cfg.data.batch_size,
