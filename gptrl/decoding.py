@@ -77,6 +77,36 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float, t
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def filter_rows(logits_BxV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """`filter_logits` with a top_k and a top_p per row ([B] arrays; 0 and 1.0 disable them for that row)."""
+  v = logits_BxV.shape[-1]
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  k_B = jnp.where((top_k_B <= 0) | (top_k_B > v), v, top_k_B)
+  keys_BxV = _order_keys(logits_BxV)
+  kth_Bx1 = _largest_threshold(keys_BxV, lambda keep: jnp.sum(keep, axis=-1, dtype=jnp.int32) >= k_B)
+  logits_BxV = jnp.where(keys_BxV < kth_Bx1, neg_inf, logits_BxV)
+  keys_BxV = _order_keys(logits_BxV)
+  probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  threshold_Bx1 = _largest_threshold(keys_BxV, lambda keep: jnp.sum(jnp.where(keep, probs_BxV, 0.0), axis=-1)
+                                     >= top_p_B)
+  threshold_Bx1 = jnp.where(top_p_B[:, None] >= 1.0, jnp.uint32(0), threshold_Bx1)
+  return jnp.where(keys_BxV < threshold_Bx1, neg_inf, logits_BxV)
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, counts_B: jax.Array, temperature_B: jax.Array,
+                top_k_B: jax.Array, top_p_B: jax.Array, *, filtered: bool) -> jax.Array:
+  """One token per row, each row with its own key and settings ([B] arrays): row b draws from
+  fold_in(keys[b], counts[b]), as `sample_token` would for that row alone; temperature 0 is greedy. `filtered`:
+  apply the rows' top-k / top-p (False skips the filtering, for batches where no row uses it)."""
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  tempered_BxV = logits_BxV.astype(jnp.float32) / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+  if filtered:
+    tempered_BxV = filter_rows(tempered_BxV, top_k_B, top_p_B)
+  draws_B = jax.vmap(lambda key, count, row_V: jax.random.categorical(jax.random.fold_in(key, count), row_V[None])[0]
+                     )(keys_B, counts_B, tempered_BxV).astype(jnp.int32)
+  return jnp.where(temperature_B > 0, draws_B, greedy_B)
+
+
 def _next_token(logits_BxV: jax.Array, i: jax.Array | int, done_B: jax.Array, *, rng: jax.Array,
                 temperature: float, top_k: int, top_p: float, stop_id: int, pad_id: int,
                 sampling_logprobs: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:

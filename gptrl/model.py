@@ -185,7 +185,8 @@ class Attention(nn.Module):
     cached_key, cached_value: [B, G, S, K] in the compute dtype (keys already rotated when rope is used; heads
       before slots, the layout attention reads, so a decoding step never transposes the cache);
     cached_valid: [B, S] bool, which slots hold real tokens that queries may attend to;
-    index: int32 scalar, the next slot to write.
+    index: int32 scalar, the next slot to write; or [B], one per row (`init_cache(per_row=True)`: rows that
+      started at different times, as a server's batch slots do).
   A call with T tokens writes them at slots [index, index + T), lets the query at slot index + t attend to the
   valid slots s <= index + t, and advances index by T, so one code path serves prefill and per-token steps.
   S (the cache length) is the length of the tokens `init` saw; during init the cache is only created.
@@ -305,11 +306,18 @@ class Attention(nn.Module):
     if valid_BxT is None:
       valid_BxT = jnp.ones((b, t), jnp.bool_)
     start = index.value
-    key_BxGxSxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxGxTxK.astype(cached_key.value.dtype),
-                                               (0, 0, start, 0))
-    value_BxGxSxK = jax.lax.dynamic_update_slice(cached_value.value,
-                                                 v_BxGxTxK.astype(cached_value.value.dtype), (0, 0, start, 0))
-    valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxT.astype(jnp.bool_), (0, start))
+    if start.ndim == 1:  # one index per row (init_cache(per_row=True)): each row writes at its own
+      kv_write = jax.vmap(lambda c_GxSxK, n_GxTxK, i: jax.lax.dynamic_update_slice(c_GxSxK, n_GxTxK, (0, i, 0)))
+      key_BxGxSxK = kv_write(cached_key.value, k_BxGxTxK.astype(cached_key.value.dtype), start)
+      value_BxGxSxK = kv_write(cached_value.value, v_BxGxTxK.astype(cached_value.value.dtype), start)
+      valid_BxS = jax.vmap(lambda c_S, n_T, i: jax.lax.dynamic_update_slice(c_S, n_T, (i,)))(
+          cached_valid.value, valid_BxT.astype(jnp.bool_), start)
+    else:
+      key_BxGxSxK = jax.lax.dynamic_update_slice(cached_key.value, k_BxGxTxK.astype(cached_key.value.dtype),
+                                                 (0, 0, start, 0))
+      value_BxGxSxK = jax.lax.dynamic_update_slice(cached_value.value,
+                                                   v_BxGxTxK.astype(cached_value.value.dtype), (0, 0, start, 0))
+      valid_BxS = jax.lax.dynamic_update_slice(cached_valid.value, valid_BxT.astype(jnp.bool_), (0, start))
     key_BxGxSxK = _constrain(key_BxGxSxK, "batch", "act_heads", "length", "act_kv")
     value_BxGxSxK = _constrain(value_BxGxSxK, "batch", "act_heads", "length", "act_kv")
     valid_BxS = _constrain(valid_BxS, "batch", "length")
@@ -317,9 +325,9 @@ class Attention(nn.Module):
     index.value = start + t
 
     s = key_BxGxSxK.shape[2]
-    query_slot_T = start + jnp.arange(t, dtype=jnp.int32)
-    causal_TxS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
-    mask_Bx1xTxS = causal_TxS[None, None] & valid_BxS[:, None, None, :]
+    query_slot_BxT = jnp.reshape(start, (-1, 1)) + jnp.arange(t, dtype=jnp.int32)[None, :]  # [1 or B, T]
+    causal_BxTxS = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= query_slot_BxT[:, :, None]
+    mask_Bx1xTxS = causal_BxTxS[:, None] & valid_BxS[:, None, None, :]
     return key_BxGxSxK, value_BxGxSxK, mask_Bx1xTxS
 
 
@@ -462,17 +470,19 @@ class GPT(nn.Module):
     return logits_BxTxV
 
 
-def init_cache(model: GPT, batch_size: int, length: int) -> Any:
+def init_cache(model: GPT, batch_size: int, length: int, *, per_row: bool = False) -> Any:
   """An empty decode cache for `batch_size` sequences of up to `length` tokens, without running the model.
 
   The pytree (one entry per attention layer: cached_key/cached_value [B, H, S, K] in the compute dtype,
   cached_valid [B, S] bool, index int32) is what `GPT.apply(..., decode=True)` expects as
-  `variables["cache"]`. Shapes come from `jax.eval_shape` of `init`, so no parameters are computed.
+  `variables["cache"]`. Shapes come from `jax.eval_shape` of `init`, so no parameters are computed. With
+  `per_row`, index is [B]: each row writes at its own slot (see `Attention`).
   """
   tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
   shapes = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, decode=True, compute_logits=False)["cache"], tokens)
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  shape_of = lambda path, a: (batch_size,) if per_row and path[-1].key == "index" else a.shape
+  return jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros(shape_of(path, a), a.dtype), shapes)
 
 
 def count_params(params: Any) -> int:
