@@ -35,3 +35,26 @@ def main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
     print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   return 0
+
+
+def http_server(host: str, port: int, app: Any, *, on_error: Callable[[], None] = lambda: None) -> Any:
+  """werkzeug's threaded HTTP server for the WSGI `app` on host:port (port 0: any free one); UsageError, after
+  `on_error()` (release what was opened), when it cannot listen there."""
+  from werkzeug import serving  # pylint: disable=import-outside-toplevel
+  try:
+    return serving.make_server(host, port, app, threaded=True)
+  except OSError as e:
+    on_error()
+    raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port.") from None
+
+
+def serve_until_interrupted(http: Any, *cleanups: Callable[[], None]) -> None:
+  """Serves until Ctrl-C, then closes the server and runs `cleanups` in order."""
+  try:
+    http.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    http.server_close()
+    for cleanup in cleanups:
+      cleanup()

@@ -23,14 +23,17 @@ What object stores change, and how this module deals with it:
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import glob as glob_lib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import time
 import uuid
 from typing import IO, Any, Iterator
@@ -520,3 +523,49 @@ def read_jsonl_lenient(path: str) -> list[dict[str, Any]]:
       if isinstance(row, dict):
         rows.append(row)
   return rows
+
+
+def repair_torn_tail(path: str) -> bool:
+  """Cuts off a last line without its newline (a write cut short by a kill); False when `path` does not exist."""
+  if not os.path.exists(path):
+    return False
+  with builtins.open(path, "r+b") as f:
+    size = f.seek(0, os.SEEK_END)
+    tail = b""
+    while size > len(tail) and b"\n" not in tail:  # read backwards to the last newline
+      step = min(size, len(tail) + 4096)
+      f.seek(size - step)
+      tail = f.read(step)
+    keep = size - len(tail) + tail.rfind(b"\n") + 1  # rfind -1 (no newline at all): keep nothing
+    if keep < size:
+      f.truncate(keep)
+      f.flush()
+      os.fsync(f.fileno())
+      logging.warning("%s: dropped a partial last line (%d bytes: a write cut short when its writer was "
+                      "stopped; it was never reported saved).", path, size - keep)
+  return True
+
+
+class DurableLines:
+  """Appends JSON lines to open local files, each written, flushed and fsynced before `append` returns.
+
+  Test hook: with the environment variable `crash_env` set to N, the N-th line appended (1-based, over every file
+  of this writer) is written only in part, then the process kills itself with SIGKILL, as a power cut or kill -9
+  in the middle of a write would.
+  """
+
+  def __init__(self, crash_env: str):
+    self._appended = 0
+    self._crash_at = int(os.environ.get(crash_env, "0") or 0)
+
+  def append(self, f: IO[bytes], record: Any) -> None:
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    self._appended += 1
+    if self._appended == self._crash_at:
+      f.write(line[:len(line) // 2])
+      f.flush()
+      os.fsync(f.fileno())
+      os.kill(os.getpid(), signal.SIGKILL)
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())

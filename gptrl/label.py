@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -107,12 +106,11 @@ class LabelStore:
     self.folder = folder
     os.makedirs(folder, exist_ok=True)
     self._cond = threading.Condition()
-    self._appended = 0
-    self._crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    self._writer = fileio.DurableLines(CRASH_ENV)
     paths = {name: os.path.join(folder, name) for name in (self.LOG, self.COMPARISONS, self.DEMONSTRATIONS)}
     expected = "a record written by gptrl.label"
     existing = {name: list(fileio.iter_jsonl(path, expected=expected, error=UsageError))
-                if _repair_torn_tail(path) else [] for name, path in paths.items()}
+                if fileio.repair_torn_tail(path) else [] for name, path in paths.items()}
     self._actions: dict[str, str] = {}
     for where, entry in existing[self.LOG]:
       if not isinstance(entry.get("prompt_id"), str) or entry.get("action") not in ("submitted", "skipped"):
@@ -138,17 +136,7 @@ class LabelStore:
       logging.info("%s: %d prompt(s) already labelled or skipped.", folder, len(self._actions))
 
   def _append(self, name: str, record: dict[str, Any]) -> None:
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    f = self._files[name]
-    self._appended += 1
-    if self._appended == self._crash_at:
-      f.write(line[:len(line) // 2])
-      f.flush()
-      os.fsync(f.fileno())
-      os.kill(os.getpid(), signal.SIGKILL)
-    f.write(line)
-    f.flush()
-    os.fsync(f.fileno())
+    self._writer.append(self._files[name], record)
 
   def action(self, pid: str) -> str | None:
     """"submitted", "skipped", or None when `pid` has no decision yet."""
@@ -198,27 +186,6 @@ class LabelStore:
     with self._cond:
       for f in self._files.values():
         f.close()
-
-
-def _repair_torn_tail(path: str) -> bool:
-  """Cuts off a last line without its newline (a write cut short by a kill); False when `path` does not exist."""
-  if not os.path.exists(path):
-    return False
-  with open(path, "r+b") as f:
-    size = f.seek(0, os.SEEK_END)
-    tail = b""
-    while size > len(tail) and b"\n" not in tail:  # read backwards to the last newline
-      step = min(size, len(tail) + 4096)
-      f.seek(size - step)
-      tail = f.read(step)
-    keep = size - len(tail) + tail.rfind(b"\n") + 1  # rfind -1 (no newline at all): keep nothing
-    if keep < size:
-      f.truncate(keep)
-      f.flush()
-      os.fsync(f.fileno())
-      logging.warning("%s: dropped a partial last line (%d bytes: a write cut short when the server was "
-                      "stopped; it was never reported saved).", path, size - keep)
-  return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,12 +543,7 @@ def run(args: argparse.Namespace) -> None:
   store = LabelStore(args.out)
   labeller = WebLabeller()
   app = create_app(store, labeller, progress, prompt_ids)
-  from werkzeug import serving  # pylint: disable=import-outside-toplevel
-  try:
-    server = serving.make_server(args.host, args.port, app, threaded=True)
-  except OSError as e:
-    store.close()
-    raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another --port.") from None
+  server = cli.http_server(args.host, args.port, app, on_error=store.close)
   threading.Thread(target=labelling_loop, args=(questions_in(store), labeller, store, progress), name="label-loop",
                    daemon=True).start()
   if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -590,13 +552,7 @@ def run(args: argparse.Namespace) -> None:
   logging.info("%d prompts, %d done before; writing to %s.", len(set(prompt_ids)), sum(counts.values()), args.out)
   print(f"Labelling page: http://{args.host}:{server.server_port}/  (Ctrl-C stops; nothing saved is lost)",
         file=sys.stderr, flush=True)
-  try:
-    server.serve_forever()
-  except KeyboardInterrupt:
-    pass
-  finally:
-    server.server_close()
-    store.close()
+  cli.serve_until_interrupted(server, store.close)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

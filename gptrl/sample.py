@@ -353,11 +353,11 @@ def _chat_loop(args: argparse.Namespace, loaded: Loaded, raw: bool, sample: Call
     turn += 1
 
 
-def _open_reward_model(args: argparse.Namespace, source: Source) -> Source:
-  """The `--reward_model` checkpoint for `--best_of`, checked against the policy `source` before anything loads."""
+def open_reward_model(path: str, source: Source, *, tokenizer_path: str = "", dtype: str = "") -> Source:
+  """The `--reward_model` checkpoint for best-of-n, checked against the policy `source` before anything loads."""
   if source.stage == PRETRAIN_STAGE:
     raise UsageError(f"{source.where} is a pretraining checkpoint: best-of-n picks among chat replies.")
-  rm_source = open_checkpoint(args.reward_model, tokenizer_path=args.tokenizer, dtype=args.dtype)
+  rm_source = open_checkpoint(path, tokenizer_path=tokenizer_path, dtype=dtype)
   if rm_source.stage != REWARD_STAGE:
     raise UsageError(f"--reward_model {rm_source.where} is a checkpoint of stage {rm_source.stage!r}, not a reward "
                      "model ('reward').")
@@ -440,7 +440,8 @@ def run(args: argparse.Namespace, lines: Iterable[str] | None = None) -> None:
   if args.max_new_tokens >= max_len:
     raise UsageError(f"--max_new_tokens={args.max_new_tokens} must be less than the context length {max_len} of "
                      f"{source.where}.")
-  rm_source = _open_reward_model(args, source) if args.best_of > 1 else None
+  rm_source = (open_reward_model(args.reward_model, source, tokenizer_path=args.tokenizer, dtype=args.dtype)
+               if args.best_of > 1 else None)
   if args.num_samples > 1 and args.temperature == 0:
     logging.warning("--temperature 0 is greedy: the %d samples per prompt will be identical.", args.num_samples)
   devices = jax.devices()[:1] if args.single_device else None

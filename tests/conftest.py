@@ -13,3 +13,31 @@ os.environ["XLA_FLAGS"] = (
     os.environ["GPTRL_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after the XLA flags above, which must be set before anything imports jax)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+  """Headless Debian chromium driven by selenium through /usr/bin/chromedriver (never a downloaded driver)."""
+  if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip(f"no {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
+  webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras")
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1300",
+               "--disable-extensions", "--no-first-run"):
+    options.add_argument(flag)
+  try:
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+  except Exception as e:  # pylint: disable=broad-except  # selenium's WebDriverException
+    # On a loaded 2-core runner chromedriver has once taken longer than selenium's ~30 s to answer; one more try.
+    print(f"chromedriver did not come up ({type(e).__name__}: {e}); trying once more")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+  driver.implicitly_wait(0)
+  yield driver
+  driver.quit()

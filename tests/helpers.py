@@ -5,9 +5,13 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 
@@ -158,3 +162,75 @@ def tiny_stage_flags(stage: str, *, corpus=None, chats=None, cache=None) -> dict
             "train.checkpoint_every": 2, "train.eval_every": 2, "train.progress_bar": False,
             **({} if stage == "ppo" else {f"{stage}.group_size": 2})}
   raise ValueError(stage)
+
+
+def make_tiny_checkpoint(workdir: pathlib.Path, texts: list[str], *, stage: str = "sft", max_len: int = 64,
+                         num_layers: int = 1, seed: int = 0, tokenizer: pathlib.Path | None = None) -> pathlib.Path:
+  """A `stage` workdir holding a small GPT (a scalar-head reward model for stage "reward") with random normal
+  weights and a 320-piece tokenizer trained on `texts` (or a copy of `tokenizer`): made in about a second, as
+  initialising the model itself takes seconds on a busy CPU."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import reward_model  # pylint: disable=import-outside-toplevel
+  from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  workdir.mkdir(parents=True, exist_ok=True)
+  if tokenizer is None:
+    tok = tokenizer_lib.train_tokenizer(texts, workdir / "tokenizer.model", vocab_size=320)
+  else:
+    shutil.copy(tokenizer, workdir / "tokenizer.model")
+    tok = tokenizer_lib.load_tokenizer(str(workdir / "tokenizer.model"))
+  cfg = config_lib.ModelConfig(vocab_size=tok.vocab_size, num_layers=num_layers, num_heads=2, d_model=32,
+                               max_len=max_len)
+  module = reward_model.make_reward_model(cfg) if stage == "reward" else model_lib.GPT(cfg)
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), np.zeros((1, max_len), np.int32)))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes["params"])
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  meta = {"stage": stage, "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(cfg)}
+  if stage == "reward":
+    meta["reward_offset"] = 0.0
+  checkpointer.save(1, {"params": params, "step": np.int32(1)}, data={}, meta=meta)
+  checkpointer.close()
+  return workdir
+
+
+class ServerProcess:
+  """`python -m <module> --port 0 ARGS` in a subprocess, its output in `log`; waits until the log matches `ready`
+  (a regex whose group 1 is the server's base URL)."""
+
+  def __init__(self, module: str, args: list, log: pathlib.Path, ready: str,
+               extra_env: dict[str, str] | None = None, timeout: float = 120):
+    self.log = log
+    with open(log, "w", encoding="utf-8") as f:
+      self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", "0", *map(str, args)], cwd=REPO,
+                                   env={**env(), **(extra_env or {})}, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not (match := re.search(ready, log.read_text())):
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
+      time.sleep(0.05)
+    self.url = match.group(1)
+
+  def request(self, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """GET `path` (POST `body` as JSON when given): (status, the JSON answer)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(req, timeout=timeout) as response:
+        return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGINT)
+      try:
+        self.proc.wait(10)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()

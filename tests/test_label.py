@@ -12,10 +12,7 @@ import http.client
 import json
 import os
 import pathlib
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,9 +23,8 @@ import pytest
 from gptrl import chat
 from gptrl import label
 from gptrl import labellers
-from helpers import REPO, env
+from helpers import ServerProcess, make_tiny_checkpoint
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 USER = [chat.Message("user", "Where does the fox walk?")]
 
 # Readable replies for the page (a labelling run's replies.jsonl has the same fields).
@@ -198,31 +194,12 @@ def test_skipped_and_submitted_prompts_are_not_asked_again_after_a_restart(web, 
 # A real server, killed.
 
 
-class Server:
+class Server(ServerProcess):
   """`python -m gptrl.label --port 0 ...` in a subprocess; waits until it listens."""
 
   def __init__(self, args: list[str], log: pathlib.Path, extra_env: dict[str, str] | None = None,
                timeout: float = 60):
-    self.log = log
-    with open(log, "w", encoding="utf-8") as f:
-      self.proc = subprocess.Popen([sys.executable, "-m", "gptrl.label", "--port", "0", *map(str, args)], cwd=REPO,
-                                   env={**env(), **(extra_env or {})}, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while not (match := re.search(r"Labelling page: (http://\S+)/", log.read_text())):
-      if self.proc.poll() is not None or time.monotonic() > deadline:
-        self.stop()
-        raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
-      time.sleep(0.05)
-    self.url = match.group(1)
-
-  def request(self, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-      with urllib.request.urlopen(req, timeout=timeout) as response:
-        return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-      return e.code, json.loads(e.read())
+    super().__init__("gptrl.label", args, log, r"Labelling page: (http://\S+)/", extra_env, timeout)
 
   def question(self, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
@@ -230,15 +207,6 @@ class Server:
       time.sleep(0.05)
     assert state["status"] == "ready", state
     return state["question"]
-
-  def stop(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGINT)
-      try:
-        self.proc.wait(10)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def _ranking_for(pid: str) -> list[int]:
@@ -348,26 +316,8 @@ def test_kill_during_a_burst_of_submissions_loses_and_duplicates_nothing(tmp_pat
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
   """An SFT-stage workdir holding a 1-layer GPT with random weights and a 320-piece tokenizer (made in ~1 s)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
-  from gptrl import model as model_lib  # pylint: disable=import-outside-toplevel
-  from gptrl import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  workdir = tmp_path_factory.mktemp("tiny") / "sft"
   texts = [prompt + " " + " ".join(replies) for prompt, replies in _REPLIES] * 20
-  tok = tokenizer_lib.train_tokenizer(texts, workdir / "tokenizer.model", vocab_size=320)
-  cfg = config_lib.ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=32, max_len=64)
-  # Random normal weights of the model's shapes: initialising the model itself takes seconds on a busy CPU.
-  shapes = nn.meta.unbox(jax.eval_shape(model_lib.GPT(cfg).init, jax.random.key(0), np.zeros((1, 64), np.int32)))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes["params"])
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
-  checkpointer.save(1, {"params": params, "step": np.int32(1)}, data={},
-                    meta={"stage": "sft", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(cfg)})
-  checkpointer.close()
-  return workdir
+  return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "sft", texts)
 
 
 def _prompts_file(path: pathlib.Path) -> pathlib.Path:
@@ -398,29 +348,6 @@ def test_sampled_replies_depend_only_on_the_prompt_and_the_seed(tiny_sft, tmp_pa
 
 # ----------------------------------------------------------------------------------------------
 # The page in a real browser.
-
-
-@pytest.fixture(scope="module")
-def browser():
-  """Headless Debian chromium driven by selenium through /usr/bin/chromedriver (never a downloaded driver)."""
-  if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip(f"no {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
-  webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras")
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
-  options = webdriver.ChromeOptions()
-  options.binary_location = CHROMIUM
-  for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1300",
-               "--disable-extensions", "--no-first-run"):
-    options.add_argument(flag)
-  try:
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-  except Exception as e:  # pylint: disable=broad-except  # selenium's WebDriverException
-    # On a loaded 2-core runner chromedriver has once taken longer than selenium's ~30 s to answer; one more try.
-    print(f"chromedriver did not come up ({type(e).__name__}: {e}); trying once more")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-  driver.implicitly_wait(0)
-  yield driver
-  driver.quit()
 
 
 def _wait(predicate, timeout: float = 30, what: str = "the page"):
