@@ -1,26 +1,31 @@
 """Continuous batching for serving: requests share a fixed set of batch slots of one key/value cache, join it
-between decoding steps and leave it the step they finish.
+between decoding calls and leave it the call they finish.
 
-A background thread runs the loop: admit queued requests into free slots (each prompt prefilled on its own into
-its slot: `_admit`), then one decoding step for every occupied slot (`_step`), and repeat. A request that arrives
-while others are being decoded joins at the next step, without waiting for them to finish; one that finishes
-(its stop token, its token budget, a cancel: a client that went away) frees its slot for the next in the queue.
+A background thread runs the loop: admit queued requests into free slots (their prompts prefilled together, in
+one call: `_admit`), then `decode_steps` decoding steps for every occupied slot in one jitted loop (`_step`), and
+repeat. A request that arrives while others are being decoded joins at the next call, without waiting for them to
+finish; one that finishes (its stop token, its token budget, a cancel: a client that went away) frees its slot for
+the next in the queue. Several steps per call share the host's work per call (and the waking of the clients'
+threads) among that many tokens.
 
 The cache has one write index per row (`model.init_cache(per_row=True)`), so rows at different lengths decode
-in one step. Prompts are right-padded to a power of two for the prefill (one compiled prefill per length
-bucket), and the row's index is then set to the prompt's true length, so the padding costs no cache room. A
-decoding step runs over the lowest slots only, a power of two of them covering every occupied one (slots are
-filled lowest first), so a lone request costs a batch of one, not of all slots.
+in one step. Prompts are right-padded to a power of two for the prefill, and the row's index is then set to the
+prompt's true length, so the padding costs no cache room. A decoding call runs over the lowest slots only, a power
+of two of them covering every occupied one (slots are filled lowest first), so a lone request costs a batch of
+one, not of all slots; and over the first cache positions only, a power of two of them (at least 64) covering
+every occupied row, so attention reads no more of the cache than is live. Each (batch, length) shape compiles
+once; `warmup` compiles them all before the first request.
 
-Token i of a request is drawn with `fold_in(key(seed), i)` from its own row: what a request gets does not depend
-on which others share the batch, and equals `decoding.generate` on that prompt alone with `rng = key(seed)` (up
-to float rounding of near-tied logits: the two run different shapes).
+Token i of a request is drawn with `fold_in(request_key(seed), i)` from its own row: what a request gets does
+not depend on which others share the batch, and equals `decoding.generate` on that prompt alone with
+`rng = request_key(seed)` (up to float rounding of near-tied logits: the two run different shapes).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -37,6 +42,7 @@ from gptrl import model as model_lib
 from gptrl import sharding
 
 _MIN_PREFILL = 16
+_MIN_WINDOW = 64  # the smallest cache window a decoding step attends over
 
 
 class QueueFull(RuntimeError):
@@ -104,12 +110,13 @@ class Request:
   def cancelled(self) -> bool:
     return self._cancelled.is_set()
 
-  def tokens(self, timeout: float | None = None) -> Iterator[int]:
-    """The new tokens as they are decoded (the stop token included), until the request finishes.
+  def chunks(self, timeout: float | None = None) -> Iterator[list[int]]:
+    """The new tokens as they are decoded, in the engine's chunks (one per decoding call: up to its
+    `decode_steps` tokens; the stop token included), until the request finishes.
 
     Raises:
       EngineClosed: the engine stopped before this request finished.
-      TimeoutError: no token for `timeout` seconds.
+      TimeoutError: nothing new for `timeout` seconds.
     """
     while True:
       try:
@@ -122,18 +129,23 @@ class Request:
         return
       yield item
 
+  def tokens(self, timeout: float | None = None) -> Iterator[int]:
+    """The new tokens one by one (see `chunks`)."""
+    for chunk in self.chunks(timeout):
+      yield from chunk
+
   def result(self, timeout: float | None = None) -> list[int]:
     """Every new token, once the request is done."""
-    for _ in self.tokens(timeout):
+    for _ in self.chunks(timeout):
       pass
     return list(self.generated)
 
   # Called by the engine's thread only.
-  def _emit(self, token: int) -> None:
+  def _emit(self, tokens: list[int]) -> None:
     if self.first_token_at is None:
       self.first_token_at = time.monotonic()
-    self.generated.append(token)
-    self._events.put(token)
+    self.generated.extend(tokens)
+    self._events.put(tokens)
 
   def _finish(self, reason: str, error: str = "") -> None:
     self.finish_reason, self.error = reason, error
@@ -148,45 +160,84 @@ def _bucket(n: int, smallest: int, largest: int) -> int:
   return min(size, largest)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "filtered"), donate_argnames=("cache",))
-def _admit(model: Any, params: Any, cache: Any, slot: jax.Array, tokens_1xP: jax.Array, length: jax.Array,
-           key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-           filtered: bool) -> tuple[Any, jax.Array]:
-  """Prefills one right-padded prompt (its first `length` tokens are real) into row `slot` of `cache`; returns
-  the cache and the request's first new token (drawn with fold_in(key, 0))."""
-  p = tokens_1xP.shape[1]
-  cache_len = jax.tree.leaves(cache)[0].shape[2]  # cached_key [B, G, S, K]
-  positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
-  logits_1xPxV, variables = model.apply(
-      {"params": params, "cache": model_lib.init_cache(model, 1, cache_len, per_row=True)}, tokens_1xP,
-      positions_BxT=positions_1xP, attention_mask_BxT=positions_1xP < length, decode=True, mutable=["cache"])
-  logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xPxV, length - 1, axis=1, keepdims=False)
-  token_1 = decoding.sample_rows(logits_1xV, key[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None],
-                                 top_p[None], filtered=filtered)
+def request_key(seed: Any) -> jax.Array:
+  """The PRNG key of a request's seed (0 <= seed < 2**63, or its two uint32 halves [..., 2] as (low, high)):
+  key(seed) for seeds below 2**32, else key(low) folded with high (jax.random.key keeps only 32 bits)."""
+  if isinstance(seed, int):
+    seed = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32)
+  if seed.ndim > 1:
+    return jax.vmap(request_key)(seed)
+  key = jax.random.key(seed[0])
+  return jax.lax.select(seed[1] > 0, jax.random.fold_in(key, seed[1]), key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "filtered"), donate_argnames=("cache", "keys_B"))
+def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, slots_A: jax.Array, tokens_AxP: jax.Array,
+           lengths_A: jax.Array, seeds_Ax2: jax.Array, temperature_A: jax.Array, top_k_A: jax.Array,
+           top_p_A: jax.Array, *, filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
+  """Prefills A right-padded prompts (row a's first lengths[a] tokens are real) into rows `slots_A` of `cache`
+  (repeated entries must repeat their data: the batch's padding); sets those rows' keys. Returns the cache, the
+  keys and each request's first new token [A] (drawn with fold_in(key, 0))."""
+  a, p = tokens_AxP.shape
+  positions_AxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (a, p))
+  logits_AxPxV, variables = model.apply(
+      {"params": params, "cache": model_lib.init_cache(model, a, p, per_row=True)}, tokens_AxP,
+      positions_BxT=positions_AxP, attention_mask_BxT=positions_AxP < lengths_A[:, None], decode=True,
+      mutable=["cache"])
+  logits_AxV = jnp.take_along_axis(logits_AxPxV, (lengths_A - 1)[:, None, None], axis=1)[:, 0]
+  keys_A = request_key(seeds_Ax2)
+  token_A = decoding.sample_rows(logits_AxV, keys_A, jnp.zeros((a,), jnp.int32), temperature_A, top_k_A, top_p_A,
+                                 filtered=filtered)
 
   def insert(path, big, small):
-    if path[-1].key == "index":  # the row continues after its real tokens: the padding's slots get overwritten
-      return big.at[slot].set(length)
-    return jax.lax.dynamic_update_index_in_dim(big, small[0], slot, axis=0)
-  return jax.tree_util.tree_map_with_path(insert, cache, variables["cache"]), token_1[0]
+    name = path[-1].key
+    if name == "index":  # each row continues after its real tokens: its padding's slots get overwritten
+      return big.at[slots_A].set(lengths_A)
+    if name == "cached_valid":  # nothing of the slot's previous request stays attendable
+      return big.at[slots_A].set(jnp.zeros((a, big.shape[1]), jnp.bool_).at[:, :p].set(small))
+    return big.at[slots_A, :, :p].set(small)
+  cache = jax.tree_util.tree_map_with_path(insert, cache, variables["cache"])
+  return cache, keys_B.at[slots_A].set(keys_A), token_A
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rows", "filtered"), donate_argnames=("cache",))
+def _window(cache: Any, rows: int, length: int) -> Any:
+  """The first `rows` rows and `length` slots of a per-row cache (keys/values [B, G, S, K], valid [B, S])."""
+  def cut(path, c):
+    name = path[-1].key
+    return c[:rows] if name == "index" else c[:rows, :length] if name == "cached_valid" else c[:rows, :, :length]
+  return jax.tree_util.tree_map_with_path(cut, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows", "length", "steps", "filtered"),
+                   donate_argnames=("cache",))
 def _step(model: Any, params: Any, cache: Any, tokens_B: jax.Array, positions_B: jax.Array, active_B: jax.Array,
           keys_B: jax.Array, counts_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-          *, rows: int, filtered: bool) -> tuple[Any, jax.Array]:
-  """One decoding step over the first `rows` slots: feeds each row's last token (written to the cache only where
-  active) and draws its next one with fold_in(key, count). Returns the cache and the new tokens [rows]."""
-  sub = jax.tree.map(lambda c: c[:rows], cache)
-  logits_Bx1xV, variables = model.apply({"params": params, "cache": sub}, tokens_B[:, None],
-                                        positions_BxT=positions_B[:, None], attention_mask_BxT=active_B[:, None],
-                                        decode=True, mutable=["cache"])
-  new_B = decoding.sample_rows(logits_Bx1xV[:, 0], keys_B, counts_B, temperature_B, top_k_B, top_p_B,
-                               filtered=filtered)
-  if rows == jax.tree.leaves(cache)[0].shape[0]:
-    return variables["cache"], new_B
-  return jax.tree.map(lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s, 0, axis=0), cache,
-                      variables["cache"]), new_B
+          *, rows: int, length: int, steps: int, filtered: bool) -> tuple[Any, jax.Array]:
+  """`steps` decoding steps over the first `rows` slots and `length` cache positions (every occupied row's
+  writes fall inside: attention reads no more of the cache than is live): each step feeds every row's last token
+  (written to the cache only where active) and draws its next one with fold_in(key, count). Returns the cache and
+  the new tokens [rows, steps]. Rows keep going after their stop token or budget within the call; the host drops
+  those tokens (the row is freed, and its cache row rewritten when the slot is reused)."""
+  def body(i, carry):
+    sub, last_B, out_BxN = carry
+    logits_Bx1xV, variables = model.apply({"params": params, "cache": sub}, last_B[:, None],
+                                          positions_BxT=(positions_B + i)[:, None],
+                                          attention_mask_BxT=active_B[:, None], decode=True, mutable=["cache"])
+    new_B = decoding.sample_rows(logits_Bx1xV[:, 0], keys_B, counts_B + i, temperature_B, top_k_B, top_p_B,
+                                 filtered=filtered)
+    return variables["cache"], new_B, jax.lax.dynamic_update_index_in_dim(out_BxN, new_B, i, axis=1)
+
+  sub, _, out_BxN = jax.lax.fori_loop(0, steps, body, (_window(cache, rows, length), tokens_B,
+                                                       jnp.zeros((rows, steps), jnp.int32)))
+  return jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), cache, sub), out_BxN
+
+
+def _buckets(smallest: int, largest: int) -> list[int]:
+  """Every value `_bucket` can return for these bounds."""
+  out = [min(smallest, largest)]
+  while out[-1] < largest:
+    out.append(min(2 * out[-1], largest))
+  return out
 
 
 class Engine:
@@ -197,18 +248,25 @@ class Engine:
     slots: requests decoded at once (rounded up to a multiple of the mesh's data-parallel size).
     max_queue: requests waiting for a slot beyond which `submit` raises QueueFull.
     mesh: the device mesh the model runs on (default: the first device).
+    decode_steps: tokens decoded per call into the device (one jitted loop): the host's work per call (and the
+      waking of the clients' threads) is shared by that many tokens. Requests join and leave between calls, and
+      a request that ends inside one costs the rest of the call's steps in its row.
+    warmup: compile, before serving, the prefill of every prompt-length bucket and the step of every row count
+      (without top-k/top-p; those compile on first use), so that no request waits for a compilation.
   """
 
   def __init__(self, model: Any, params: Any, *, slots: int = 16, max_queue: int = 256,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, decode_steps: int = 4, warmup: bool = False):
     self.model, self.params = model, params
+    self.decode_steps = max(1, decode_steps)
     self.mesh = mesh or sharding.make_mesh(config_lib.MeshConfig(), jax.devices()[:1])
     self._dp = sharding.data_parallel_size(self.mesh)
     self.slots = -(-max(1, slots) // self._dp) * self._dp
     self.context = model.config.max_len
     self.max_queue = max_queue
-    with sharding.activate(self.mesh):
-      self._cache = model_lib.init_cache(model, self.slots, self.context, per_row=True)
+    with sharding.activate(self.mesh):  # made by jit, as every later value of them is: no recompile on first use
+      self._cache = jax.jit(lambda: model_lib.init_cache(model, self.slots, self.context, per_row=True))()
+      self._keys = jax.jit(lambda: jax.random.split(jax.random.key(0), self.slots))()
     self._rows: list[Request | None] = [None] * self.slots
     b = self.slots
     self._last = np.zeros(b, np.int32)
@@ -217,13 +275,14 @@ class Engine:
     self._temperature = np.ones(b, np.float32)
     self._top_k = np.zeros(b, np.int32)
     self._top_p = np.ones(b, np.float32)
-    self._seeds = np.zeros(b, np.uint32)
-    self._keys = jax.random.split(jax.random.key(0), b)
     self._queue: collections.deque[Request] = collections.deque()
+    self._admitting: list[tuple[int, Request]] = []  # taken off the queue, not yet in a slot
     self._cond = threading.Condition()
     self._closed = False
     self._error = ""
     self.stats = collections.Counter()
+    if warmup:
+      self._warmup()
     self._thread = threading.Thread(target=self._loop, name="gptrl-engine", daemon=True)
     self._thread.start()
 
@@ -247,6 +306,10 @@ class Engine:
     with self._cond:
       if self._closed:
         raise EngineClosed(self._error or "the engine is closed")
+      if len(self._queue) >= self.max_queue:  # requests cancelled while waiting do not count
+        for r in [r for r in self._queue if r.cancelled]:
+          self._queue.remove(r)
+          r._finish("cancelled")  # pylint: disable=protected-access
       if len(self._queue) >= self.max_queue:
         self.stats["rejected"] += 1
         raise QueueFull(f"{len(self._queue)} requests are waiting already (--max_queue {self.max_queue})")
@@ -254,10 +317,11 @@ class Engine:
       self._cond.notify_all()
     return request
 
-  def load(self) -> dict[str, int]:
-    """Occupied slots, queued requests, and the slots in all."""
+  def load(self) -> dict[str, Any]:
+    """Occupied slots, queued requests, the slots in all, and why the engine stopped ("" while it runs)."""
     with self._cond:
-      return {"active": sum(r is not None for r in self._rows), "queued": len(self._queue), "slots": self.slots}
+      return {"active": sum(r is not None for r in self._rows), "queued": len(self._queue), "slots": self.slots,
+              "error": self._error if self._closed else ""}
 
   def close(self) -> None:
     """Stops the loop; unfinished requests end with EngineClosed."""
@@ -265,6 +329,29 @@ class Engine:
       self._closed = True
       self._cond.notify_all()
     self._thread.join(timeout=60)
+
+  def _warmup(self) -> None:
+    start = time.monotonic()
+    compiled = 0
+    with sharding.activate(self.mesh):
+      for a in _buckets(1, self.slots):
+        for p in _buckets(_MIN_PREFILL, self.context):
+          ones = np.ones(a, np.int32)
+          self._cache, self._keys, _ = _admit(
+              self.model, self.params, self._cache, self._keys, np.zeros(a, np.int32), np.zeros((a, p), np.int32),
+              ones, np.zeros((a, 2), np.uint32), ones.astype(np.float32), 0 * ones, ones.astype(np.float32),
+              filtered=False)
+          compiled += 1
+      for rows in _buckets(self._dp, self.slots):
+        for length in _buckets(_MIN_WINDOW, self.context):
+          # Idle rows: their writes are masked, and overwritten when a request is admitted.
+          self._cache, new = _step(self.model, self.params, self._cache, self._last[:rows], self._position[:rows],
+                                   np.zeros(rows, bool), self._keys[:rows], self._count[:rows],
+                                   self._temperature[:rows], self._top_k[:rows], self._top_p[:rows], rows=rows,
+                                   length=length, steps=self.decode_steps, filtered=False)
+          compiled += 1
+    jax.block_until_ready(new)
+    logging.info("Compiled %d prefill and step programs in %.1f s.", compiled, time.monotonic() - start)
 
   # -- the engine's thread ------------------------------------------------------------------------
 
@@ -275,12 +362,17 @@ class Engine:
           self._cond.wait_for(lambda: self._closed or self._queue or any(r is not None for r in self._rows))
           if self._closed:
             break
-          admitted = []
-          for slot in range(self.slots):
-            if self._rows[slot] is None and self._queue:
-              admitted.append((slot, self._queue.popleft()))
-        for slot, request in admitted:
-          self._admit(slot, request)
+          admitted = self._admitting = []
+          free = (slot for slot in range(self.slots) if self._rows[slot] is None)
+          while self._queue and (slot := next(free, None)) is not None:
+            request = self._queue.popleft()
+            if request.cancelled:  # never started: nothing to free
+              request._finish("cancelled")  # pylint: disable=protected-access
+              free = itertools.chain([slot], free)
+            else:
+              admitted.append((slot, request))
+        self._admit(admitted)
+        self._admitting = []
         if any(r is not None for r in self._rows):
           self._step()
       reason = "the engine was closed"
@@ -289,40 +381,58 @@ class Engine:
       reason = f"the serving engine failed: {type(e).__name__}: {e}"
     with self._cond:
       self._closed, self._error = True, reason
-      pending = [r for r in self._rows if r is not None] + list(self._queue)
+      pending = ([r for r in self._rows if r is not None] + [r for _, r in self._admitting if r not in self._rows]
+                 + list(self._queue))
       self._rows, self._queue = [None] * self.slots, collections.deque()
     for request in pending:
       request._finish("error", reason)  # pylint: disable=protected-access
 
-  def _admit(self, slot: int, request: Request) -> None:
-    if request.cancelled:
-      request._finish("cancelled")  # pylint: disable=protected-access
+  def _admit(self, admitted: list[tuple[int, Request]]) -> None:
+    """Prefills the `admitted` requests into their slots, in one call (padded to a power-of-two batch)."""
+    if not admitted:
       return
-    p = request.params
-    n = len(request.prompt)
-    padded = np.zeros((1, _bucket(n, _MIN_PREFILL, self.context)), np.int32)
-    padded[0, :n] = request.prompt
-    key = jax.random.key(p.seed)
+    a = _bucket(len(admitted), 1, self.slots)
+    rows = admitted + [admitted[0]] * (a - len(admitted))  # padding: the first one again (same slot, same data)
+    p = _bucket(max(len(r.prompt) for _, r in rows), _MIN_PREFILL, self.context)
+    tokens = np.zeros((a, p), np.int32)
+    for i, (_, r) in enumerate(rows):
+      tokens[i, :len(r.prompt)] = r.prompt
+    seeds = np.array([[r.params.seed & 0xFFFFFFFF, r.params.seed >> 32] for _, r in rows], np.uint32)
+    settings = [r.params for _, r in rows]
     with sharding.activate(self.mesh):
-      self._cache, token = _admit(self.model, self.params, self._cache, np.int32(slot), padded, np.int32(n), key,
-                                  np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
-                                  filtered=p.filtered)
-    self._keys = self._keys.at[slot].set(key)
-    self._rows[slot] = request
-    self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
-    self._position[slot], self._count[slot] = n, 1
-    self.stats["admitted"] += 1
-    self._take(slot, int(token))
+      self._cache, self._keys, first = _admit(
+          self.model, self.params, self._cache, self._keys, np.array([slot for slot, _ in rows], np.int32), tokens,
+          np.array([len(r.prompt) for _, r in rows], np.int32), seeds,
+          np.array([q.temperature for q in settings], np.float32), np.array([q.top_k for q in settings], np.int32),
+          np.array([q.top_p for q in settings], np.float32), filtered=any(q.filtered for q in settings))
+    first = np.asarray(jax.device_get(first))
+    for i, (slot, request) in enumerate(admitted):
+      q = request.params
+      self._rows[slot] = request
+      self._temperature[slot], self._top_k[slot], self._top_p[slot] = q.temperature, q.top_k, q.top_p
+      self._position[slot], self._count[slot] = len(request.prompt), 1
+      self.stats["admitted"] += 1
+      self._take(slot, [int(first[i])])
 
-  def _take(self, slot: int, token: int) -> None:
-    """Hands `token` to the request in `slot`; frees the slot when the request is done."""
+  def _take(self, slot: int, tokens: Sequence[int]) -> None:
+    """Hands the new `tokens` of the request in `slot` to it, up to where it ends (its stop token, its budget);
+    frees the slot when it is done."""
     request = self._rows[slot]
-    request._emit(token)  # pylint: disable=protected-access
-    self._last[slot] = token
-    self.stats["tokens"] += 1
-    reason = ("stop" if token in request.params.stop_ids else
-              "length" if len(request.generated) >= request.params.max_tokens else
-              "cancelled" if request.cancelled else None)
+    p = request.params
+    budget = p.max_tokens - len(request.generated)
+    taken, reason = [], None
+    for token in tokens[:budget]:
+      taken.append(int(token))
+      if taken[-1] in p.stop_ids:
+        reason = "stop"
+        break
+    if reason is None and len(taken) == budget:
+      reason = "length"
+    elif reason is None and request.cancelled:
+      reason = "cancelled"
+    request._emit(taken)  # pylint: disable=protected-access
+    self._last[slot] = taken[-1]
+    self.stats["tokens"] += len(taken)
     if reason is not None:
       self._free(slot, reason)
 
@@ -341,17 +451,18 @@ class Engine:
     if not occupied:
       return
     rows = _bucket(occupied[-1] + 1, self._dp, self.slots)
+    length = _bucket(max(self._position[s] for s in occupied) + self.decode_steps, _MIN_WINDOW, self.context)
     active = np.array([r is not None for r in self._rows[:rows]])
     filtered = any(self._rows[s].params.filtered for s in occupied)
     with sharding.activate(self.mesh):
       self._cache, new = _step(self.model, self.params, self._cache, self._last[:rows], self._position[:rows], active,
                                self._keys[:rows], self._count[:rows], self._temperature[:rows], self._top_k[:rows],
-                               self._top_p[:rows], rows=rows, filtered=filtered)
+                               self._top_p[:rows], rows=rows, length=length, steps=self.decode_steps,
+                               filtered=filtered)
     new = np.asarray(jax.device_get(new))
-    self.stats["steps"] += 1
-    self.stats["row_slots"] += rows
+    self.stats["steps"] += self.decode_steps
+    self.stats["row_slots"] += rows * self.decode_steps
     for slot in occupied:
-      self._position[slot] += 1
-      self._count[slot] += 1
-      self._take(slot, int(new[slot]))
-
+      self._position[slot] += self.decode_steps
+      self._count[slot] += self.decode_steps
+      self._take(slot, new[slot])

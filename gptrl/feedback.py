@@ -2,6 +2,7 @@
 
 Feedback (POST /v1/feedback of gptrl.serve, JSON) is one of:
   {"type": "rating", "messages": [conversation before the reply], "reply": str, "rating": 1 | -1, "reason": str}
+  (the reply may be empty: a model that said nothing can be rated, and corrected)
   {"type": "comparison", "messages": [...], "replies": [str, str], "preferred": 0 | 1, "reason": str}
   {"type": "edit", "messages": [...], "reply": str, "edited": str}    what the model should have said
 each with an optional "id" (the client's idempotency key: feedback sent twice is written once), "completion_id"
@@ -93,11 +94,12 @@ def records_of(body: Any, provenance: Mapping[str, Any]) -> tuple[str, str, dict
     extra["reason"] = reason
   messages = labellers.messages_json(prompt)
   stamp = round(time.time(), 3)
-  if kind == "rating":
+  if kind == "rating":  # an empty reply can be rated too (thumbs down, mostly)
     rating = body.get("rating")
     if rating not in (1, -1) or isinstance(rating, bool):
       raise FeedbackError(f"field 'rating' must be 1 (thumbs up) or -1 (thumbs down), got {rating!r:.40}")
-    record = {"messages": messages, "reply": _text(body, "reply"), "rating": rating, **extra, "time": stamp}
+    record = {"messages": messages, "reply": _text(body, "reply", required=False), "rating": rating, **extra,
+              "time": stamp}
     return feedback_id, kind, {RATINGS: [record]}
   if kind == "comparison":
     replies, preferred = body.get("replies"), body.get("preferred")
@@ -112,14 +114,16 @@ def records_of(body: Any, provenance: Mapping[str, Any]) -> tuple[str, str, dict
     record = {"messages": messages, "responses": replies, "ranking": [preferred, 1 - preferred],
               "labeller": labeller, **extra, "time": stamp}
     return feedback_id, kind, {COMPARISONS: [record]}
-  reply, edited = _text(body, "reply"), _text(body, "edited")
+  reply, edited = _text(body, "reply", required=False), _text(body, "edited")
   if edited == reply:
     raise FeedbackError("field 'edited' is the same as 'reply'; an edit must change the reply")
   demonstration = {"messages": messages + [{"role": "assistant", "content": edited}], "labeller": labeller, **extra,
                    "time": stamp}
-  comparison = {"messages": messages, "responses": [edited, reply], "ranking": [0, 1], "labeller": labeller,
-                **extra, "time": stamp}
-  return feedback_id, kind, {DEMONSTRATIONS: [demonstration], COMPARISONS: [comparison]}
+  out = {DEMONSTRATIONS: [demonstration]}
+  if reply:  # the edit ranked above the model's reply (an empty reply cannot be ranked: the demonstration only)
+    out[COMPARISONS] = [{"messages": messages, "responses": [edited, reply], "ranking": [0, 1], "labeller": labeller,
+                         **extra, "time": stamp}]
+  return feedback_id, kind, out
 
 
 class FeedbackStore:
@@ -133,6 +137,7 @@ class FeedbackStore:
     os.makedirs(folder, exist_ok=True)
     self._lock = threading.Lock()
     self._writer = fileio.DurableLines(CRASH_ENV)
+    self._broken = ""
     names = (LOG,) + OUTPUTS + ((CONVERSATIONS,) if log_conversations else ())
     paths = {name: os.path.join(folder, name) for name in names}
     expected = "a record written by gptrl.serve"
@@ -166,11 +171,19 @@ class FeedbackStore:
     with self._lock:
       if feedback_id in self._ids:
         return False
+      if self._broken:
+        raise OSError(f"{self.folder}: an earlier write failed ({self._broken}); restart the server, which "
+                      "repairs the files from the journal")
       self._append(LOG, {"id": feedback_id, "type": kind, "time": round(time.time(), 3), "records": records})
-      for name, items in records.items():
-        for record in items:
-          self._append(name, record)
-      self._ids[feedback_id] = kind
+      self._ids[feedback_id] = kind  # committed: the journal holds it, and a restart repairs the outputs from it
+      try:
+        for name, items in records.items():
+          for record in items:
+            self._append(name, record)
+      except OSError as e:
+        self._broken = f"{type(e).__name__}: {e}"
+        logging.error("%s: feedback %s is in the journal but not in every output file (%s); restart to repair.",
+                      self.folder, feedback_id, self._broken)
     return True
 
   def log_conversation(self, record: dict[str, Any]) -> None:

@@ -547,7 +547,8 @@ def repair_torn_tail(path: str) -> bool:
 
 
 class DurableLines:
-  """Appends JSON lines to open local files, each written, flushed and fsynced before `append` returns.
+  """Appends JSON lines to open local files, each written, flushed and fsynced before `append` returns; a write
+that fails (a full disk) is cut off again before the error goes on, so the file never holds part of a line.
 
   Test hook: with the environment variable `crash_env` set to N, the N-th line appended (1-based, over every file
   of this writer) is written only in part, then the process kills itself with SIGKILL, as a power cut or kill -9
@@ -566,6 +567,11 @@ class DurableLines:
       f.flush()
       os.fsync(f.fileno())
       os.kill(os.getpid(), signal.SIGKILL)
-    f.write(line)
-    f.flush()
-    os.fsync(f.fileno())
+    start = f.tell()
+    try:
+      f.write(line)
+      f.flush()
+      os.fsync(f.fileno())
+    except OSError:  # e.g. a full disk: no part of the line stays for later lines to follow
+      f.truncate(start)
+      raise

@@ -157,9 +157,19 @@ def parse_sampling(body: Mapping[str, Any], fields: set[str], *, context: int) -
     raise ApiError(400, "'top_p' must be in (0, 1], got 0", "top_p")
   top_k = max(0, _number(body, "top_k", 0, -1, 1 << 20, integer=True))  # -1 (vLLM) or 0: off
   return Sampling(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-                  top_p=top_p, top_k=top_k, n=n, best_of=best_of, seed=_number(body, "seed", None, 0, 2 ** 63 - 1, integer=True),
+                  top_p=top_p, top_k=top_k, n=n, best_of=best_of,
+                  seed=_number(body, "seed", None, 0, 2 ** 63 - 1, integer=True),
                   stop=_stops(body), stream=stream, include_usage=bool(options.get("include_usage", False)),
                   user=user)
+
+
+def _check_encodable(text: str, field: str) -> None:
+  """A 400 for text that is not Unicode (a lone surrogate, which JSON's \\ud800 escapes allow)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ApiError(400, f"'{field}' holds an invalid character at position {e.start} (a lone surrogate)",
+                   field) from None
 
 
 def parse_messages(body: Mapping[str, Any]) -> list[chat.Message]:
@@ -188,6 +198,7 @@ def parse_messages(body: Mapping[str, Any]) -> list[chat.Message]:
       content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
       raise ApiError(400, f"'{where}.content' must be a string", f"{where}.content")
+    _check_encodable(content, f"{where}.content")
     out.append(chat.Message(role, content))
   if out[-1].role == "assistant":
     raise ApiError(400, "the last message is the assistant's; end with a user (or system) turn to get a reply",
@@ -219,12 +230,14 @@ class Follower:
     self.request, self.decode, self.stops = request, decode, stops
     self.sent = ""
     self.finish_reason: str | None = None
+    self.tokens_used = 0  # the tokens the reply took (up to a stop string; the engine may have decoded more)
 
   def deltas(self, timeout: float | None = None) -> Iterator[str]:
     """Text pieces as they are decoded; their concatenation is the reply."""
     text = ""
-    for _ in self.request.tokens(timeout):
+    for _ in self.request.chunks(timeout):
       text = self.decode(self.request.generated)
+      self.tokens_used = len(self.request.generated)
       cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
       if cut >= 0:
         text = text[:cut]
@@ -290,8 +303,11 @@ class Server:
   # -- checks -------------------------------------------------------------------------------------
 
   def check_host(self, host: str) -> None:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") or "]:" in host else host
-    name = name.strip("[]").lower()
+    if host.startswith("["):  # [IPv6] or [IPv6]:port
+      name = host[1:host.find("]")] if "]" in host else host
+    else:
+      name = host.split(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower()
     if "*" not in self.allowed_hosts and name not in self.allowed_hosts:
       raise ApiError(403, f"Host header {host!r} is not one this server answers to (a guard against DNS "
                      "rebinding); start it with --allowed_host NAME to add a name")
@@ -334,31 +350,41 @@ class Server:
                      "context_length_exceeded")
     return sampling.max_tokens
 
-  def _submit(self, prompt: list[int], sampling: Sampling, max_tokens: int, count: int, raw: bool) -> list[Any]:
+  def _submit(self, prompts: list[list[int]], budgets: list[int], sampling: Sampling, count: int,
+              raw: bool) -> list[Follower]:
+    """`count` generations of each prompt, all queued or none (a 503 when the queue is full)."""
     from gptrl import engine as engine_lib  # pylint: disable=import-outside-toplevel
+    capacity = self.engine.max_queue + self.engine.slots
+    if len(prompts) * count > capacity:
+      raise ApiError(400, f"the request asks for {len(prompts) * count} generations, more than this server can hold "
+                     f"at once ({capacity}: --slots + --max_queue)", "best_of" if count > sampling.n else "n")
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
     stop_ids = (self.tok.eos_id,) if raw else (self.tok.end_of_turn_id, self.tok.eos_id)
     requests = []
     try:
-      for s in _seeds(seed, count):
-        params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
-                                           top_k=sampling.top_k, top_p=sampling.top_p, seed=s, stop_ids=stop_ids)
-        requests.append(self.engine.submit(prompt, params))
-    except engine_lib.QueueFull as e:
+      for prompt, budget in zip(prompts, budgets):
+        for s in _seeds(seed, count):
+          params = engine_lib.SamplingParams(max_tokens=budget, temperature=sampling.temperature,
+                                             top_k=sampling.top_k, top_p=sampling.top_p, seed=s, stop_ids=stop_ids)
+          requests.append(self.engine.submit(prompt, params))
+    except (engine_lib.QueueFull, engine_lib.EngineClosed) as e:
       for r in requests:
         r.cancel()
-      raise ApiError(503, f"the server is busy: {e}; retry shortly", None, "queue_full") from None
-    except engine_lib.EngineClosed as e:
-      raise ApiError(503, f"the server is stopping: {e}") from None
+      if isinstance(e, engine_lib.QueueFull):
+        raise ApiError(503, f"the server is busy: {e}; retry shortly", None, "queue_full") from None
+      raise ApiError(503, f"the server is not serving: {e}", None, "engine_stopped") from None
     return [Follower(r, self._decode_fn(raw), sampling.stop) for r in requests]
 
-  def _remember(self, completion_id: str, record: dict[str, Any]) -> None:
+  def _remember(self, completion_id: str, sampling: Sampling, conversation: dict[str, Any]) -> None:
+    """Keeps a completion's sampling settings for the provenance of feedback on it (the last 10,000; the text
+    is not kept), and with --log_conversations appends the conversation to conversations.jsonl."""
     with self._lock:
-      self._recent[completion_id] = record
+      self._recent[completion_id] = {"sampling": sampling.as_json()}
       while len(self._recent) > 10000:
         self._recent.popitem(last=False)
     if self.store is not None:
-      self.store.log_conversation({"completion_id": completion_id, **record})
+      self.store.log_conversation({"completion_id": completion_id, "sampling": sampling.as_json(), **conversation,
+                                   "user": sampling.user or None, "time": round(time.time(), 3)})
 
   def provenance(self, completion_id: Any) -> dict[str, Any]:
     with self._lock:
@@ -384,6 +410,8 @@ class Server:
       texts = [prompt] if isinstance(prompt, str) else prompt
       if not isinstance(texts, list) or not texts or len(texts) > MAX_N or not all(isinstance(t, str) for t in texts):
         raise ApiError(400, f"'prompt' must be a string or a list of 1 to {MAX_N} strings", "prompt")
+      for i, t in enumerate(texts):
+        _check_encodable(t, "prompt" if isinstance(prompt, str) else f"prompt[{i}]")
       prompts = [[self.tok.eos_id] + self.tok.encode(t) for t in texts]
       messages, what = None, "prompt"
     budgets = [self._budget(len(p), sampling, what) for p in prompts]
@@ -394,13 +422,18 @@ class Server:
       if sampling.stream or not chat_api:
         raise ApiError(400, "'best_of' works with non-streaming chat completions only", "best_of")
     count = sampling.best_of
-    followers = [f for p, b in zip(prompts, budgets) for f in self._submit(p, sampling, b, count, not chat_api)]
+    followers = self._submit(prompts, budgets, sampling, count, not chat_api)
     completion_id = ("chatcmpl-" if chat_api else "cmpl-") + uuid.uuid4().hex[:24]
     prompt_tokens = sum(len(p) for p in prompts)
     if sampling.stream:
       return self._stream(completion_id, followers, sampling, prompt_tokens, chat_api, messages)
+    from gptrl import engine as engine_lib  # pylint: disable=import-outside-toplevel
     try:
       texts = [f.text(self.request_timeout) for f in followers]
+    except engine_lib.EngineClosed as e:
+      raise ApiError(503, f"the server stopped generating: {e}", None, "engine_stopped") from None
+    except TimeoutError:
+      raise ApiError(504, f"no progress for {self.request_timeout:.0f} s", None, "timeout") from None
     finally:
       for f in followers:
         f.request.cancel()
@@ -412,7 +445,7 @@ class Server:
       rewards = [r for r, _ in scored]
       choices = sorted(range(len(texts)), key=lambda i: -rewards[i])[:sampling.n]
     usage = {"prompt_tokens": prompt_tokens,
-             "completion_tokens": sum(len(f.request.generated) for f in followers)}
+             "completion_tokens": sum(f.tokens_used for f in followers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     out = []
     for index, i in enumerate(choices):
@@ -425,9 +458,9 @@ class Server:
       if rewards[i] is not None:
         choice["reward"] = rewards[i]
       out.append(choice)
-    self._remember(completion_id, {"sampling": sampling.as_json(), "messages": _messages_json(messages),
-                                   "prompt": None if chat_api else body.get("prompt"),
-                                   "replies": [texts[i] for i in choices], "time": round(time.time(), 3)})
+    self._remember(completion_id, sampling, {"messages": _messages_json(messages),
+                                             "prompt": None if chat_api else body.get("prompt"),
+                                             "replies": [texts[i] for i in choices]})
     return {"id": completion_id, "object": "chat.completion" if chat_api else "text_completion",
             "created": int(time.time()), "model": self.model_id, "system_fingerprint": self.fingerprint,
             "choices": out, "usage": usage}
@@ -477,14 +510,13 @@ class Server:
           yield chunk({"index": index, "delta": {"content": delta}, "finish_reason": None, "logprobs": None}
                       if chat_api else {"index": index, "text": delta, "finish_reason": None, "logprobs": None})
         if sampling.include_usage:
-          completion = sum(len(f.request.generated) for f in followers)
+          completion = sum(f.tokens_used for f in followers)
           yield "data: " + json.dumps({"id": completion_id, "object": kind, "created": created,
                                        "model": self.model_id, "choices": [],
                                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                                  "total_tokens": prompt_tokens + completion}}) + "\n\n"
         yield "data: [DONE]\n\n"
-        self._remember(completion_id, {"sampling": sampling.as_json(), "messages": _messages_json(messages),
-                                       "replies": texts, "time": round(time.time(), 3)})
+        self._remember(completion_id, sampling, {"messages": _messages_json(messages), "replies": texts})
       finally:  # also when the client went away mid-stream (the server closes this generator)
         for f in followers:
           f.request.cancel()
@@ -501,7 +533,10 @@ class Server:
       feedback_id, kind, records = feedback_lib.records_of(body, provenance)
     except feedback_lib.FeedbackError as e:
       raise ApiError(400, str(e)) from None
-    stored = self.store.add(feedback_id, kind, records)
+    try:
+      stored = self.store.add(feedback_id, kind, records)
+    except OSError as e:
+      raise ApiError(503, f"feedback not saved: {e}", None, "storage_error") from None
     return {"ok": True, "id": feedback_id, "duplicate": not stored,
             "saved": {name: len(items) for name, items in records.items()}}
 
@@ -586,7 +621,10 @@ def create_app(server: Server) -> Any:
 
   @app.get("/health")
   def health():
-    return flask.jsonify({"status": "ok", **server.engine.load()})
+    load = server.engine.load()
+    response = flask.jsonify({"status": "error" if load["error"] else "ok", **load})
+    response.status_code = 503 if load["error"] else 200
+    return response
 
   @app.get("/")
   def index():
@@ -597,6 +635,11 @@ def create_app(server: Server) -> Any:
   @app.errorhandler(404)
   def not_found(_):
     return error(ApiError(404, f"no endpoint {flask.request.method} {flask.request.path}"))
+
+  @app.errorhandler(500)
+  def internal(e):
+    logging.error("%s %s failed: %s", flask.request.method, flask.request.path, getattr(e, "original_exception", e))
+    return error(ApiError(500, "the server failed on this request; see its log"))
 
   @app.errorhandler(405)
   def not_allowed(_):
@@ -628,11 +671,15 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--allowed_host", action="append", default=[],
                    help="another name clients reach this server by (Host header; repeatable; * allows any)")
   run.add_argument("--slots", type=int, default=16, help="requests decoded at once (default %(default)s)")
+  run.add_argument("--decode_steps", type=int, default=4, help="tokens decoded per call into the device; requests "
+                   "join and leave between calls (default %(default)s)")
   run.add_argument("--max_queue", type=int, default=256, help="requests waiting beyond which new ones get a 503 "
                    "(default %(default)s)")
   run.add_argument("--max_tokens", type=int, default=0, help="default max_tokens of a request (default: what fits "
                    "the context)")
   run.add_argument("--single_device", action="store_true", help="use one device instead of all of them")
+  run.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every prompt-length bucket and batch size before listening (default: on)")
   fb = p.add_argument_group("feedback")
   fb.add_argument("--feedback", default=None, help="local folder for feedback (default: <run workdir>/feedback; "
                   "'' turns feedback off)")
@@ -661,8 +708,8 @@ def build(args: argparse.Namespace) -> Server:
   from gptrl import feedback as feedback_lib  # pylint: disable=import-outside-toplevel
   from gptrl import sample as sample_lib  # pylint: disable=import-outside-toplevel
   from gptrl import sharding  # pylint: disable=import-outside-toplevel
-  if args.slots < 1 or args.max_queue < 0 or args.max_tokens < 0:
-    raise UsageError("--slots must be >= 1, --max_queue and --max_tokens >= 0.")
+  if args.slots < 1 or args.decode_steps < 1 or args.max_queue < 0 or args.max_tokens < 0:
+    raise UsageError("--slots and --decode_steps must be >= 1, --max_queue and --max_tokens >= 0.")
   source = sample_lib.open_checkpoint(args.checkpoint, step=args.step, tokenizer_path=args.tokenizer,
                                       dtype=args.dtype)
   if source.stage == sample_lib.REWARD_STAGE:
@@ -686,7 +733,8 @@ def build(args: argparse.Namespace) -> Server:
   mesh = sharding.make_mesh(config_lib.MeshConfig(), devices)
   loaded = sample_lib.load(source, mesh)
   reward = sample_lib.load(reward_source, mesh) if reward_source else None
-  engine = engine_lib.Engine(loaded.model, loaded.params, slots=args.slots, max_queue=args.max_queue, mesh=mesh)
+  engine = engine_lib.Engine(loaded.model, loaded.params, slots=args.slots, max_queue=args.max_queue, mesh=mesh,
+                             decode_steps=args.decode_steps, warmup=args.warmup)
   token = args.token or os.environ.get("GPTRL_SERVE_TOKEN", "")
   if not token and args.host not in LOOPBACK:
     token = secrets.token_urlsafe(24)

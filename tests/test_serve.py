@@ -48,7 +48,7 @@ def _random_gpt(max_len: int = 64, vocab: int = 64, seed: int = 0):
 
 def _reference(model, params, prompt, p: engine_lib.SamplingParams) -> list[int]:
   """The request alone through the full-recompute sampler (no cache, no slots), stopped at its first stop id."""
-  out = decoding.generate(model, params, [prompt], max_new_tokens=p.max_tokens, rng=jax.random.key(p.seed),
+  out = decoding.generate(model, params, [prompt], max_new_tokens=p.max_tokens, rng=engine_lib.request_key(p.seed),
                           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, use_cache=False)[0]
   for i, t in enumerate(out):
     if t in p.stop_ids:
@@ -66,7 +66,8 @@ def test_requests_joining_a_running_batch_get_what_they_would_get_alone():
   try:
     for i, (temperature, top_k, top_p) in enumerate(settings):
       prompt = [int(t) for t in rng.integers(1, 64, size=int(rng.integers(1, 40)))]
-      params_i = engine_lib.SamplingParams(max_tokens=int(rng.integers(3, 64 - len(prompt) + 1)), temperature=temperature,
+      params_i = engine_lib.SamplingParams(max_tokens=int(rng.integers(3, 64 - len(prompt) + 1)),
+                                           temperature=temperature,
                                            top_k=top_k, top_p=top_p, seed=int(rng.integers(0, 2 ** 62)),
                                            stop_ids=(7, 11))
       jobs.append((prompt, params_i, engine.submit(prompt, params_i)))
@@ -124,6 +125,60 @@ def test_cancel_frees_the_slot_a_full_queue_refuses_and_an_oversized_request_is_
     engine.submit([1], engine_lib.SamplingParams(max_tokens=4))
 
 
+def test_seeds_use_all_their_bits_and_a_failing_engine_ends_every_request():
+  assert not bool(engine_lib.request_key(2 ** 32 + 5) == jax.random.key(5))
+  assert bool(engine_lib.request_key(5) == jax.random.key(5))
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=1)
+  failures = iter([RuntimeError("device lost")])
+
+  def failing_step(*args, **kwargs):
+    raise next(failures)
+  engine._step = failing_step  # pylint: disable=protected-access  # the next decoding call fails
+  running = engine.submit([1, 2], engine_lib.SamplingParams(max_tokens=8, seed=1))
+  waiting = engine.submit([3], engine_lib.SamplingParams(max_tokens=8, seed=2))
+  for request in (running, waiting):
+    with pytest.raises(engine_lib.EngineClosed, match="device lost"):
+      request.result(timeout=60)
+  assert engine.load()["error"].endswith("RuntimeError: device lost")
+  with pytest.raises(engine_lib.EngineClosed):
+    engine.submit([1], engine_lib.SamplingParams(max_tokens=2))
+
+
+def test_a_failed_write_leaves_no_partial_line_and_the_journal_repairs_the_outputs(tmp_path, monkeypatch):
+  store = feedback_lib.FeedbackStore(str(tmp_path))
+  body = {"type": "edit", "messages": _HELLO, "reply": "No.", "edited": "At dawn.", "id": "e1"}
+  _, kind, records = feedback_lib.records_of(body, {})
+  real_append = store._writer.append  # pylint: disable=protected-access
+  calls = []
+
+  class FullDisk:  # writes half of a line, then the disk is full
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, data):
+      self.f.write(data[:len(data) // 2])
+      raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  def append(f, record):
+    calls.append(record)
+    real_append(FullDisk(f) if len(calls) == 3 else f, record)  # journal, demonstration ok; comparison fails
+  monkeypatch.setattr(store._writer, "append", append)  # pylint: disable=protected-access
+  assert store.add("e1", kind, records)
+  assert not store.add("e1", kind, records)  # committed by the journal: a retry is a duplicate
+  with pytest.raises(OSError, match="restart the server"):
+    store.add("e2", kind, records)
+  store.close()
+  assert (tmp_path / "comparisons.jsonl").read_bytes() == b""  # the half line was cut off again
+  feedback_lib.FeedbackStore(str(tmp_path)).close()  # the restart appends what the journal holds
+  assert [json.loads(line)["feedback_id"] for line in (tmp_path / "comparisons.jsonl").read_text().splitlines()] == [
+      "e1"]
+  assert len((tmp_path / "demonstrations.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_sharded_engine_serves_what_one_device_does():
   model, params = _random_gpt()
   from gptrl import sharding  # pylint: disable=import-outside-toplevel
@@ -158,7 +213,7 @@ def tiny_runs(tmp_path_factory):
 def _args(checkpoint, **kw) -> argparse.Namespace:
   defaults = dict(checkpoint=str(checkpoint), step=-1, tokenizer="", reward_model="", served_model_name="tiny",
                   dtype="", host="127.0.0.1", port=0, token="", allowed_host=[], slots=4, max_queue=8, max_tokens=0,
-                  single_device=True, feedback="", log_conversations=False)
+                  single_device=True, feedback="", log_conversations=False, warmup=False, decode_steps=4)
   return argparse.Namespace(**{**defaults, **kw})
 
 
@@ -211,7 +266,8 @@ def test_a_bad_chat_request_gets_an_error_naming_its_field(api, body, status, pa
 def test_malformed_bodies_tokens_and_hosts_are_refused(api):
   _, client, post = api
   assert post("/v1/chat/completions", None, raw="{not json").status_code == 400
-  assert "JSON body" in post("/v1/chat/completions", None, raw="a=1", content_type="text/plain").json["error"]["message"]
+  response = post("/v1/chat/completions", None, raw="a=1", content_type="text/plain")
+  assert "JSON body" in response.json["error"]["message"]
   assert post("/v1/completions", {"prompt": 5}).json["error"]["param"] == "prompt"
   response = post("/v1/chat/completions", {"messages": _HELLO}, token="wrong")
   assert response.status_code == 401 and "access token" in response.json["error"]["message"]
@@ -220,6 +276,26 @@ def test_malformed_bodies_tokens_and_hosts_are_refused(api):
   assert response.status_code == 403 and "DNS rebinding" in response.json["error"]["message"]
   assert client.get("/health", headers={"Host": "localhost:8000"}).json["status"] == "ok"
   assert client.get("/", headers={"Host": "[::1]:8000"}).status_code == 200  # the page itself needs no token
+
+
+def test_capacity_surrogates_hosts_and_lists_of_prompts(api):
+  server, client, post = api
+  response = post("/v1/chat/completions", {"messages": _HELLO, "n": 16})  # 4 slots + 8 queued < 16
+  assert response.status_code == 400 and "more than this server can hold at once (12" in response.json["error"][
+      "message"]
+  response = post("/v1/chat/completions", None, raw='{"messages": [{"role": "user", "content": "a\\ud800b"}]}')
+  assert response.status_code == 400 and response.json["error"]["param"] == "messages[0].content"
+  for host, status in (("[::1]", 200), ("[::1]:80", 200), ("LOCALHOST", 200), ("127.0.0.1.evil.com", 403)):
+    assert client.get("/health", headers={"Host": host}).status_code == status, host
+  body = {"prompt": ["The king", "A sailor"], "n": 2, "max_tokens": 5, "seed": 3}
+  choices = post("/v1/completions", body).json["choices"]
+  assert [c["index"] for c in choices] == [0, 1, 2, 3]
+  alone = post("/v1/completions", {**body, "prompt": "A sailor"}).json["choices"]
+  assert [c["text"] for c in choices[2:]] == [c["text"] for c in alone]  # prompt-major order, seeds per prompt
+  filtered = {"messages": _HELLO, "max_tokens": 10, "seed": 5, "top_k": 3, "top_p": 0.9, "temperature": 0.7}
+  replies = [post("/v1/chat/completions", filtered).json["choices"][0]["message"]["content"] for _ in range(2)]
+  assert replies[0] == replies[1]  # top-k/top-p (the filtered programs) are seeded like the rest
+  assert server.engine.load() == {"active": 0, "queued": 0, "slots": 4, "error": ""}
 
 
 def test_replies_stream_as_events_that_add_up_to_the_reply(api):
@@ -303,7 +379,8 @@ class Server(ServerProcess):
   """`python -m gptrl.serve --port 0 --single_device ...` in a subprocess; waits until it listens."""
 
   def __init__(self, args: list, log: pathlib.Path, extra_env: dict[str, str] | None = None):
-    super().__init__("gptrl.serve", ["--single_device", *args], log, r"Serving on (http://[\d.:]+)/", extra_env)
+    super().__init__("gptrl.serve", ["--single_device", "--no-warmup", *args], log, r"Serving on (http://[\d.:]+)/",
+                     extra_env)
 
   def post(self, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
     return self.request(path, body, timeout)
@@ -316,7 +393,7 @@ def test_the_openai_client_chats_streams_and_completes(tiny_runs, tmp_path):
   openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
   sft, _ = tiny_runs
   server = Server(["--checkpoint", sft, "--feedback", tmp_path / "fb", "--log_conversations",
-                   "--served_model_name", "tiny"], tmp_path / "serve.log")
+                   "--served_model_name", "tiny", "--warmup"], tmp_path / "serve.log")
   try:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny"]

@@ -26,7 +26,8 @@ function setStatus(text, error = false) {
 }
 
 async function errorText(response) {
-  try { return (await response.json()).error.message; } catch (e) { return response.status + " " + response.statusText; }
+  try { return (await response.json()).error.message; }
+  catch (e) { return response.status + " " + response.statusText; }
 }
 
 function el(tag, cls, text) {
@@ -44,9 +45,10 @@ function settings(messages) {
   return body;
 }
 
+// The conversation as sent: the system message, then the turns (an empty reply is left out: a turn needs text).
 function promptMessages(before) {
   const system = $("system").value.trim();
-  return (system ? [{role: "system", content: system}] : []).concat(before);
+  return (system ? [{role: "system", content: system}] : []).concat(before.filter((m) => m.content.trim()));
 }
 
 // Streams one reply to `messages` into `target` (its text grows as tokens come); returns {text, id}.
@@ -86,14 +88,18 @@ async function sendFeedback(body) {
   body.id = (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random());
   if ($("user").value.trim()) body.user = $("user").value.trim();
   for (let attempt = 0; ; attempt++) {
+    let retry = true;
     try {
       const response = await fetch("/v1/feedback", {method: "POST", headers: headers(), body: JSON.stringify(body)});
-      if (!response.ok) throw new Error(await errorText(response));
+      if (!response.ok) {
+        retry = response.status >= 500;  // a 4xx will not change by sending it again
+        throw new Error(await errorText(response));
+      }
       $("saved").textContent = "feedback saved ✓";
       setTimeout(() => { $("saved").textContent = ""; }, 3000);
       return true;
     } catch (e) {
-      if (attempt >= 2) { setStatus("Feedback not saved: " + e.message, true); return false; }
+      if (!retry || attempt >= 2) { setStatus("Feedback not saved: " + e.message, true); return false; }
       await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
     }
   }
@@ -158,7 +164,11 @@ function assistantTurn(before) {
     text.hidden = true; actions.hidden = true;
     let other;
     try { other = await streamReply(promptMessages(state.before), b); }
-    catch (e) { setStatus(e.message, true); pair.remove(); choose.remove(); text.hidden = false; actions.hidden = false; return; }
+    catch (e) {
+      setStatus(e.message, true);
+      pair.remove(); choose.remove(); text.hidden = false; actions.hidden = false;
+      return;
+    }
     choose.hidden = false;
     const pick = async (preferred) => {
       const replies = [state.reply, other.text];
@@ -209,7 +219,7 @@ async function send(event) {
   const content = $("input").value.trim();
   if (!content) return;
   $("input").value = "";
-  $("send").disabled = true;
+  $("send").disabled = $("reset").disabled = true;
   setStatus("");
   const before = history_.concat([{role: "user", content}]);
   userTurn(content);
@@ -226,7 +236,7 @@ async function send(event) {
     $("conversation").lastChild.remove();
     $("input").value = content;
   } finally {
-    $("send").disabled = false;
+    $("send").disabled = $("reset").disabled = false;
     $("input").focus();
   }
 }
@@ -242,5 +252,7 @@ fetch("/v1/models", {headers: headers()}).then(async (r) => {
   const m = (await r.json()).data[0];
   modelId = m.id;
   $("model").textContent = `${m.id} · ${m.stage} step ${m.step}`;
-  if (!m.chat) setStatus("This is a pretraining checkpoint: it continues text but does not chat; use /v1/completions.", true);
+  if (!m.chat) {
+    setStatus("This is a pretraining checkpoint: it continues text but does not chat; use /v1/completions.", true);
+  }
 }).catch((e) => setStatus("Cannot reach the model: " + e.message, true));
