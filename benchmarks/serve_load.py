@@ -52,14 +52,16 @@ from gptrl import model as model_lib
 from gptrl import tokenizer as tokenizer_lib
 
 MODEL = dict(num_layers=4, num_heads=4, d_model=256, max_len=256)
+SMALL = dict(num_layers=1, num_heads=2, d_model=32, max_len=64)  # --small: a smoke run of the whole method
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
   """An SFT-stage run of MODEL's shape with random weights; returns it and prompt lines."""
   docs = corpus.shakespeare_documents()
-  text = "\n".join(d.text for d in docs[:12])
-  tok = tokenizer_lib.train_tokenizer(text.splitlines(), workdir / "tokenizer.model", vocab_size=4096)
+  text = "\n".join(d.text for d in docs[:12 if MODEL["d_model"] > 32 else 1])
+  vocab = 4096 if MODEL["d_model"] > 32 else 512
+  tok = tokenizer_lib.train_tokenizer(text.splitlines(), workdir / "tokenizer.model", vocab_size=vocab)
   cfg = config_lib.ModelConfig(vocab_size=tok.vocab_size, **MODEL)
   module = model_lib.GPT(cfg)
   shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), np.zeros((1, 8), np.int32)))
@@ -69,7 +71,8 @@ def make_checkpoint(workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
   checkpointer.save(1, {"params": params, "step": np.int32(1)}, data={},
                     meta={"stage": "sft", "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(cfg)})
   checkpointer.close()
-  lines = [line.strip() for line in text.splitlines() if 60 <= len(line.strip()) <= 160]
+  longest = 160 if MODEL["max_len"] > 64 else 60
+  lines = [line.strip() for line in text.splitlines() if longest * 3 // 8 <= len(line.strip()) <= longest]
   return workdir, lines
 
 
@@ -219,8 +222,11 @@ def main(argv=None) -> int:
   p.add_argument("--requests_per_client", type=int, default=2, help="(at least 16 requests per run in all)")
   p.add_argument("--slots", type=int, default=16, help="the server's --slots (default %(default)s)")
   p.add_argument("--peer", default="torch", choices=("torch", "none"))
+  p.add_argument("--small", action="store_true", help="a 1-layer d32 model of context 64 (a smoke run)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
+  if args.small:
+    MODEL.update(SMALL)
   clients = args.clients or [1, 4, 16, 64]
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint, lines = make_checkpoint(pathlib.Path(tmp) / "sft")

@@ -94,3 +94,12 @@ def test_grpo_and_dpo_benchmarks_run_their_gptrl_side(tmp_path, algo, key):
                 "--vocab_size", "64", "--prompt_len", "8", "--new_tokens", "4", "--prompts", "2", "--group", "4",
                 "--pairs", "4", "--iterations", "1", tmp_path=tmp_path)
   assert report["results"]["gptrl"][key] > 0 and "ratio_gptrl_over_trl" not in report
+
+
+def test_serve_load_runs_clients_against_a_real_server(tmp_path):
+  report = _run("serve_load", "--small", "--clients", "1", "--clients", "3", "--max_tokens", "6",
+                "--requests_per_client", "1", "--peer", "none", tmp_path=tmp_path)
+  one, three = report["runs"]
+  assert (one["clients"], three["clients"]) == (1, 3) and one["x_one_at_a_time"] == 1.0
+  assert 0 < one["tokens"] <= 16 * 6 and one["ttft_p50_s"] <= one["latency_p50_s"]
+  assert report["offline"]["batch_16_over_1"] > 0 and report["peer"] is None
