@@ -18,6 +18,15 @@ The other policy optimisers run on the same SFT model, reward model and eval pro
   python -m gptrl.launch --config configs/pipeline_cpu.py \
       --config.stages="('pretrain','sft','label','reward','bon','ppo','grpo','rloo','rsft','dpo')"
 
+The loop (InstructGPT's "iterative improvement"): a second round takes feedback on the PPO policy, from users
+simulated by the labelling judge talking to it through gptrl.serve (or, with feedback.sources, from real users'
+feedback folders of `python -m gptrl.serve`), retrains SFT on the demonstrations + the new ones and the reward
+model on the comparisons + the new ones, then continues PPO from round 1's policy; the report compares the rounds
+(about 20 more minutes):
+
+  python -m gptrl.launch --config configs/pipeline_cpu.py --config.rounds=2
+  -> runs/pipeline_cpu/round2/{feedback,sft,reward,ppo}/
+
 Variants after the colon: `tiny` (every stage's toy variant; seconds per stage, for smoke tests).
 """
 import os
@@ -52,6 +61,7 @@ def get_config(variant: str = ""):
   # (Best-of-n, GRPO, RLOO, RS-FT and DPO take PPO's held-out prompts, reply length, temperature and judges:
   # gptrl/stages/pipeline.py.)
   c.reward.data.sources = c.dpo.data.sources = ("<label>/comparisons.jsonl",)
+  c.feedback.init.checkpoint = "<ppo>"  # (later rounds serve the previous round's policy)
 
   if not variant:
     # Pretraining and SFT shorter than their stand-alone configs, so that the pipeline takes about 25 minutes on

@@ -254,13 +254,20 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
   raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {chat.record_keys(record)}.")
 
 
+SIMULATED_USER = "user:simulated:"  # the feedback stage's users played by a judge: user:simulated:<judge>
+
+
 def record_labeller(record: dict[str, Any]) -> str:
   """Who labelled a comparison record: "judge:<name>" for an automatic judge (the labelling stage writes
-  "judge"), the record's "labeller" otherwise (the labelling page writes "human" or a name), or "unknown"."""
+  "judge"; the feedback stage's simulated users, "user:simulated:<name>", are that judge too), the record's
+  "labeller" otherwise (the labelling page writes "human" or a name, gptrl.serve "user[:<name>]"), or "unknown"."""
   if isinstance(record.get("judge"), str) and record["judge"]:
     return f"judge:{record['judge']}"
-  if isinstance(record.get("labeller"), str) and record["labeller"]:
-    return str(record["labeller"])
+  labeller = record.get("labeller")
+  if isinstance(labeller, str) and labeller.startswith(SIMULATED_USER) and len(labeller) > len(SIMULATED_USER):
+    return "judge:" + labeller[len(SIMULATED_USER):]
+  if isinstance(labeller, str) and labeller:
+    return labeller
   return "unknown"
 
 

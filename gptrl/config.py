@@ -915,6 +915,9 @@ class _PolicyRLConfig:
   workdir: str = ""  # a local folder or a gs://bucket/... URL
   seed: int = 0
   init: InitConfig = InitConfig()  # the SFT run: the policy's start and the frozen reference
+  # Another policy run (PPO, GRPO, RLOO, RS-FT) whose policy starts this one instead of the SFT model, which stays
+  # the frozen reference: the next round of the loop continues from the last round's policy (gptrl/stages/pipeline.py).
+  policy_init: InitConfig = InitConfig()
   reward_model: RewardModelConfig = RewardModelConfig()  # the reward-model run and how to read an ensemble
   tokenizer_path: str = ""
   model: ModelRuntimeConfig = ModelRuntimeConfig()
@@ -997,6 +1000,38 @@ class RSFTConfig(_PolicyRLConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class FeedbackConfig:
+  """A round's feedback: what users told `python -m gptrl.serve` (its feedback folders), or, without any, users
+  played by the labelling judge talking to the served policy over HTTP (gptrl/stages/feedback.py)."""
+  stage: str = "feedback"
+  workdir: str = "runs/feedback"
+  seed: int = 0
+  init: InitConfig = InitConfig()  # the policy run to serve (the previous round's)
+  sources: tuple[str, ...] = ()  # feedback folders of gptrl.serve (local); empty: simulated users
+  tokenizer_path: str = ""
+  data: ChatDataConfig = ChatDataConfig()  # the simulated users' prompts: this data's training split
+  conversations: int = 256  # simulated users' conversations, each one prompt
+  replies: int = 2  # replies per conversation (a chat request with n); the judge prefers one (a comparison)
+  edit_every: int = 4  # every k-th conversation also gets a better reply written: the judge's best of edit_candidates
+  edit_candidates: int = 8
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  clients: int = 8  # simulated users talking at once (the server batches them)
+  judge: JudgeConfig = JudgeConfig()  # the users' taste; min_gap: replies closer than this are not compared
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check_stage(self, init="the policy run to serve" if not self.sources else "")
+    _check(self.conversations >= 1, "conversations", f"must be >= 1, got {self.conversations}")
+    _check(self.replies >= 2, "replies", f"must be >= 2 (a comparison needs two), got {self.replies}")
+    _check(self.edit_every >= 0, "edit_every", f"must be >= 0 (0: no edits), got {self.edit_every}")
+    _check(self.edit_candidates >= 2, "edit_candidates", f"must be >= 2, got {self.edit_candidates}")
+    _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+    _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+    _check(self.clients >= 1, "clients", f"must be >= 1, got {self.clients}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The whole pipeline in one run: every stage's config, each in its own sub-folder `<workdir>/<stage>`.
 
@@ -1008,6 +1043,12 @@ class PipelineConfig:
   workdir: str = "runs/pipeline"  # a local folder or a gs://bucket/... URL
   stages: tuple[str, ...] = stages_lib.DEFAULT_PIPELINE  # which stages to run (in pipeline order)
   report: bool = True  # write <workdir>/report.html after the last stage (python -m gptrl.report)
+  # Rounds of the loop (round 1 is `stages`). Each later round r, in <workdir>/round<r>/: feedback on the last
+  # round's policy (`feedback`: users' folders, or simulated users), SFT from the pretrained model on the
+  # demonstrations + the feedback's, the reward model on the comparisons so far + the feedback's, and
+  # `round_policy` from the last round's policy, anchored to the new SFT model.
+  rounds: int = 1
+  round_policy: str = "ppo"
   pretrain: PretrainConfig = PretrainConfig()
   sft: SFTConfig = SFTConfig(init=InitConfig(checkpoint="<pretrain>"))
   label: LabelConfig = LabelConfig(init=InitConfig(checkpoint="<sft>"))
@@ -1024,6 +1065,7 @@ class PipelineConfig:
                                 reward_model=RewardModelConfig(checkpoint="<reward>"))
   dpo: DPOConfig = DPOConfig(init=InitConfig(checkpoint="<sft>"), reward_model=RewardModelConfig(checkpoint="<reward>"),
                              data=PreferenceDataConfig(sources=("<label>/comparisons.jsonl",)))
+  feedback: FeedbackConfig = FeedbackConfig(init=InitConfig(checkpoint="<ppo>"))  # rounds >= 2 only
   distributed: DistributedConfig = DistributedConfig()  # for the whole run; the stages' own are ignored
 
   def __post_init__(self):
@@ -1047,6 +1089,16 @@ class PipelineConfig:
              f"{name}.{field}.checkpoint",
              f"{producer!r} is not in config.stages {list(self.stages)}, so {name} needs the path of an existing "
              f"{producer} run (its workdir or a checkpoint folder); got {path!r}")
+    _check("feedback" not in self.stages, "stages", "'feedback' runs in the rounds after the first (config.rounds), "
+           "not in config.stages")
+    _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+    if self.rounds > 1:
+      _check(self.round_policy in stages_lib.POLICY_RL, "round_policy",
+             f"must be one of {list(stages_lib.POLICY_RL)}, got {self.round_policy!r}")
+      needed = ("pretrain", "sft", "label", "reward", self.round_policy)
+      _check(all(n in self.stages for n in needed), "stages",
+             f"later rounds retrain from round 1's outputs: config.stages must include {list(needed)} when "
+             f"config.rounds={self.rounds}, got {list(self.stages)}")
     for name in ("reward", "dpo"):
       sources = getattr(self, name).data.sources
       _check(name not in self.stages or "label" in self.stages or not any(s.startswith("<label>") for s in sources),

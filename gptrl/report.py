@@ -128,8 +128,10 @@ def _eval_value(steps: np.ndarray, values: np.ndarray, step: float) -> float | N
 class Run:
   """Everything the report reads, loaded once: per stage its folder, metrics rows and config."""
 
-  def __init__(self, stage_dirs: dict[str, str]):
+  def __init__(self, stage_dirs: dict[str, str], rounds: dict[int, dict[str, str]] | None = None):
     self.dirs = {s: d for s, d in stage_dirs.items() if d}
+    # The later rounds of the loop (config.rounds): round number -> a Run of that round's stage folders.
+    self.rounds = {r: Run(dirs) for r, dirs in sorted((rounds or {}).items()) if dirs}
     self.metrics = {s: fileio.read_jsonl_lenient(os.path.join(d, "metrics.jsonl")) for s, d in self.dirs.items()}
     self.configs = {s: _read_json(os.path.join(d, "config.json")) or {} for s, d in self.dirs.items()}
     # A pipeline keeps every stage in a sub-folder of its workdir, next to its record of the stage times.
@@ -825,12 +827,92 @@ def section_reward_vs_kl(run: Run) -> str:
   return _img(png, "reward against KL") if png else _note("No PPO reward and KL to plot.")
 
 
+def round_policy(run: Run) -> str | None:
+  """The policy stage a round trained (the first of the policy optimisers present)."""
+  return next((s for s in stages_lib.POLICY_RL if s in run.dirs), None)
+
+
+def round_rows(run: Run) -> list[dict[str, Any]]:
+  """Per round (1, 2, ...): its policy's first and final held-out eval (gold, proxy, KL to that round's SFT model),
+  the reward model's and SFT's final eval numbers, and the feedback the round learned from."""
+  out = []
+  for r, rr in [(1, run)] + list(run.rounds.items()):
+    policy = round_policy(rr)
+    row: dict[str, Any] = {"round": r, "policy": policy}
+    if policy:
+      steps, d, scores = policy_evals(rr, policy)
+      if len(steps):
+        row.update(first_step=int(steps[0]), last_step=int(steps[-1]), kl=float(d[-1] ** 2),
+                   gold_first=float(scores["gold"][0]) if "gold" in scores else None,
+                   gold=float(scores["gold"][-1]) if "gold" in scores else None,
+                   proxy=float(scores["proxy"][-1]) if "proxy" in scores else None)
+    for stage, key, name in (("sft", "eval/loss", "sft_loss"), ("reward", "eval/accuracy", "rm_accuracy")):
+      steps, values = rr.series(stage, key)
+      row[name] = float(values[-1]) if len(values) else None
+    if "feedback" in rr.dirs:
+      summary = _read_json(os.path.join(rr.dirs["feedback"], "summary.json")) or {}
+      row["feedback"] = summary.get("records") or {}
+      row["served_gold"] = summary.get("mean_judge_score_of_first_replies")
+    out.append(row)
+  return out
+
+
+def plot_rounds(run: Run, rows: list[dict[str, Any]]) -> bytes | None:
+  """Each round's policy: gold per iteration (rounds after the first continue the last one's count), and gold
+  against sqrt(KL to that round's own SFT model)."""
+  fig, axes = _figure(2, height=3.6, width=12.0)
+  offset, drawn = 0, False
+  for row, rr in zip(rows, [run] + list(run.rounds.values())):
+    if not row.get("policy"):
+      continue
+    steps, d, scores = policy_evals(rr, row["policy"])
+    if "gold" not in scores or not len(steps):
+      continue
+    label = f"round {row['round']} ({row['policy']})"
+    axes[0].plot(steps + offset, scores["gold"], marker="o", markersize=3, label=label)
+    axes[1].plot(d, scores["gold"], marker="o", markersize=3, label=label)
+    offset += int(steps[-1])
+    drawn = True
+  if not drawn:
+    return None
+  axes[0].set(title="gold (the labeller's judge) on held-out prompts", xlabel="policy iterations, all rounds")
+  axes[1].set(title="gold against sqrt(KL to the round's SFT model)", xlabel="sqrt(KL) (nats^0.5)")
+  for ax in axes:
+    ax.legend(fontsize=8)
+  return _png(fig)
+
+
+def section_rounds(run: Run) -> str:
+  if not run.rounds:
+    return _note("One round (config.rounds = 1). With config.rounds = 2 the pipeline takes feedback on the policy "
+                 "(users of python -m gptrl.serve, or users simulated by the judge), retrains SFT and the reward "
+                 "model on it and continues the policy; this section then compares the rounds.")
+  rows = round_rows(run)
+  png = plot_rounds(run, rows)
+  out = _img(png, "rounds") if png else _note("No gold scores to compare the rounds by.")
+  table = []
+  cell = lambda row, key, digits=3: "-" if row.get(key) is None else _fmt(row[key], digits)
+  for row in rows:
+    fb = row.get("feedback")
+    table.append([str(row["round"]), _esc(row.get("policy") or "-"),
+                  _esc(", ".join(f"{n} {k.split('.')[0]}" for k, n in fb.items())) if fb else "-",
+                  cell(row, "served_gold"), cell(row, "sft_loss"), cell(row, "rm_accuracy"), cell(row, "gold_first"),
+                  cell(row, "gold"), cell(row, "kl", 2), cell(row, "proxy")])
+  out += _table(["round", "policy", "feedback learned from", "users' judge score of the served replies",
+                 "SFT eval loss", "RM eval accuracy", "gold at the round's start", "gold at its end",
+                 "KL to its SFT", "proxy (its own RM)"], table)
+  return out + _note("Gold is the labelling judge's score of the policy's replies to the same held-out prompts in "
+                     "every round, so rounds compare by it; the proxy is each round's own reward model and the KL is "
+                     "to each round's own SFT model, so those do not compare across rounds.")
+
+
 SECTIONS = (("summary", "Run summary", section_summary), ("losses", "Loss curves", section_losses),
             ("reward-model", "Reward model accuracy", section_reward_model),
             ("ppo", "PPO per iteration", section_ppo), ("reward-vs-kl", "Reward against KL", section_reward_vs_kl),
             ("frontier", "Gold and proxy against KL: the policy optimisers next to best-of-n", section_frontier),
             ("goodhart", "Over-optimisation watch (Goodhart)", section_goodhart),
-            ("replies", "Held-out prompts: SFT vs PPO", section_replies), ("labels", "Labelling", section_label))
+            ("replies", "Held-out prompts: SFT vs PPO", section_replies), ("labels", "Labelling", section_label),
+            ("rounds", "Rounds of the loop: feedback, retraining, the next policy", section_rounds))
 
 
 def render_html(run: Run) -> str:
@@ -852,13 +934,24 @@ def render_html(run: Run) -> str:
           f"{''.join(sections)}</body></html>\n")
 
 
-def write_report(stage_dirs: dict[str, str], out_path: str) -> str:
+def find_rounds(workdir: str) -> dict[int, dict[str, str]]:
+  """The later rounds of a pipeline workdir: <workdir>/round<r>/ -> its stage folders."""
+  out = {}
+  for name in fileio.listdir(workdir) if workdir and fileio.isdir(workdir) else []:
+    if name.startswith("round") and name[5:].isdigit() and fileio.isdir(os.path.join(workdir, name)):
+      folder = os.path.join(workdir, name)
+      out[int(name[5:])] = {s: os.path.join(folder, s) for s in STAGES if fileio.isdir(os.path.join(folder, s))}
+  return dict(sorted(out.items()))
+
+
+def write_report(stage_dirs: dict[str, str], out_path: str, rounds: dict[int, dict[str, str]] | None = None) -> str:
   """Writes the HTML report of the given stage folders and returns its path.
 
   Args:
     stage_dirs: stage name ("pretrain", "sft", "label", "reward", "ppo") -> that stage's workdir; stages left out
       (or whose folder is missing) get a note in the report.
     out_path: the .html file to write (its folder is created); PNGs are embedded, so the file stands alone.
+    rounds: the loop's later rounds, round number -> its stage folders (`find_rounds`).
   Raises:
     ReportError: no folder in `stage_dirs` holds any stage output.
   """
@@ -869,7 +962,7 @@ def write_report(stage_dirs: dict[str, str], out_path: str) -> str:
   if not present:
     raise ReportError(f"nothing to report: none of {sorted(stage_dirs.values())} holds metrics.jsonl, config.json "
                       "or summary.json.")
-  text = render_html(Run(present))
+  text = render_html(Run(present, rounds))
   fileio.makedirs(os.path.dirname(fileio.abspath(out_path)))
   fileio.atomic_write(out_path, text)  # a reader never sees half a report
   return out_path
@@ -891,8 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.out and not args.workdir:
     parser.error("--out FILE is needed when there is no --workdir.")
   try:
-    path = write_report(find_stage_dirs(args.workdir, overrides), args.out or os.path.join(args.workdir,
-                                                                                            "report.html"))
+    path = write_report(find_stage_dirs(args.workdir, overrides),
+                        args.out or os.path.join(args.workdir, "report.html"), rounds=find_rounds(args.workdir))
   except ReportError as e:
     print(f"gptrl.report: {e}", file=sys.stderr)
     return 2

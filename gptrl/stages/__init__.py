@@ -36,6 +36,9 @@ STAGES = (
     Stage("rsft", "gptrl.stages.ppo", "RSFTConfig", init_from="sft", reads_reward_model=True, memory_estimate=True),
     # Learns from the comparisons directly; the reward model (optional) only scores its evals.
     Stage("dpo", "gptrl.stages.dpo", "DPOConfig", init_from="sft", reads_reward_model=True),
+    # Users' feedback on a served policy (or users simulated by the judge): the next round's data. The pipeline
+    # runs it in rounds after the first (config.rounds), on the last round's policy.
+    Stage("feedback", "gptrl.stages.feedback", "FeedbackConfig", init_from="ppo"),
 )
 # The whole pipeline, launched like a stage (config.stage = "pipeline").
 PIPELINE = Stage("pipeline", "gptrl.stages.pipeline", "PipelineConfig")

@@ -1,5 +1,6 @@
 """The whole pipeline in one command: pretrain -> SFT -> label -> reward model -> best-of-n -> PPO (and, when
-`config.stages` names them, GRPO, RLOO, RS-FT and DPO), then the report.
+`config.stages` names them, GRPO, RLOO, RS-FT and DPO), then, with `config.rounds` > 1, later rounds of the loop
+(feedback on the last policy -> SFT -> reward model -> the policy again: `round_configs`), then the report.
 
 Each stage runs in its own sub-folder `<workdir>/<stage>/`, exactly as if it had been launched alone with its own
 config, and starts from the previous stage's Orbax checkpoint:
@@ -109,6 +110,49 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
   return out
 
 
+def round_dir(workdir: str, r: int) -> str:
+  """Round r's folder: the pipeline's workdir for round 1, <workdir>/round<r> after."""
+  return workdir if r == 1 else os.path.join(workdir, f"round{r}")
+
+
+def round_configs(cfg: PipelineConfig, r: int) -> dict[str, Any]:
+  """The stages of round r >= 2 (feedback, sft, reward, the policy), wired as `PipelineConfig.rounds` says:
+
+    feedback.init            <- round r-1's policy          (served to the users, or to the simulated ones)
+    sft.init                 <- <workdir>/pretrain          sft.data.sources    += every round's demonstrations.jsonl
+    reward.init              <- round r's sft               reward.data.sources += every round's comparisons.jsonl
+    <policy>.init            <- round r's sft (the reference)
+    <policy>.policy_init     <- round r-1's policy          <policy>.reward_model <- round r's reward
+  Everything else is round 1's resolved config (the same held-out prompts, so the rounds' gold scores compare).
+  """
+  workdir = fileio.abspath(cfg.workdir)
+  base = stage_configs(cfg)
+  here, previous = round_dir(workdir, r), round_dir(workdir, r - 1)
+  policy = cfg.round_policy
+  feedback_dirs = [os.path.join(round_dir(workdir, k), "feedback") for k in range(2, r + 1)]
+  sub = lambda name: os.path.join(here, name)
+  init = lambda path: config_lib.InitConfig(checkpoint=path)
+  out = {"feedback": dataclasses.replace(
+      cfg.feedback, workdir=sub("feedback"), distributed=cfg.distributed, seed=cfg.feedback.seed + r,
+      init=init(os.path.join(previous, policy)), data=cfg.label.data, judge=cfg.label.judge)}
+  if cfg.feedback.init.checkpoint not in ("", "<ppo>", f"<{policy}>"):
+    logging.warning("config.feedback.init.checkpoint=%r is ignored: each round serves the previous round's policy.",
+                    cfg.feedback.init.checkpoint)
+  sft = base["sft"]
+  demonstrations = tuple(os.path.join(d, "demonstrations.jsonl") for d in feedback_dirs)
+  out["sft"] = dataclasses.replace(sft, workdir=sub("sft"), data=dataclasses.replace(
+      sft.data, sources=tuple(sft.data.sources) + demonstrations))
+  reward = base["reward"]
+  out["reward"] = dataclasses.replace(reward, workdir=sub("reward"), init=init(sub("sft")), data=dataclasses.replace(
+      reward.data, sources=tuple(reward.data.sources) + tuple(os.path.join(d, "comparisons.jsonl")
+                                                                for d in feedback_dirs)))
+  p = base[policy]
+  out[policy] = dataclasses.replace(p, workdir=sub(policy), init=init(sub("sft")),
+                                    policy_init=init(os.path.join(previous, policy)),
+                                    reward_model=dataclasses.replace(p.reward_model, checkpoint=sub("reward")))
+  return out
+
+
 def _warn_on_split_mismatch(cfg: PipelineConfig) -> None:
   """Labelling and PPO prompts must come from the SFT run's training split, or held-out plays leak into them."""
   keys = ("sources", "eval_fraction", "split_seed")
@@ -152,46 +196,56 @@ def _stage_fingerprint(stage_cfg: Any) -> str:
   return json.dumps(resolved, sort_keys=True)
 
 
+def _run_stages(configs: dict[str, Any], state: dict[str, Any], workdir: str, prefix: str = "") -> None:
+  """Runs `configs` in order, skipping those the state records as done (keys `prefix + name`)."""
+  total = len(configs)
+  for index, (name, stage_cfg) in enumerate(configs.items(), start=1):
+    key, label = prefix + name, f"{prefix}{name}"
+    done = state["done"].get(key)
+    if done is not None:
+      if done.get("config") != _stage_fingerprint(stage_cfg):
+        logging.warning("Stage %d/%d %s: finished on %s with a config that differs from the current one; not "
+                        "re-running it (delete %s and its entry in %s to redo it, and the stages after it).",
+                        index, total, label, done.get("finished"), stage_cfg.workdir, STATE_FILE)
+      logging.info("Stage %d/%d %s: finished on %s (%.0f s); skipping.", index, total, label, done.get("finished"),
+                   done.get("seconds", 0.0))
+      continue
+    logging.info("Stage %d/%d %s -> %s", index, total, label, stage_cfg.workdir)
+    start = time.monotonic()
+    stages.module(name).run(stage_cfg)
+    seconds = time.monotonic() - start
+    state["done"][key] = {"finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                          "seconds": round(seconds, 1), "config": _stage_fingerprint(stage_cfg)}
+    _write_state(workdir, state)
+    logging.info("Stage %d/%d %s: done in %.1f min.", index, total, label, seconds / 60)
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-  """Runs the configured stages in order, skipping finished ones; returns the pipeline state."""
+  """Runs the configured stages (and rounds) in order, skipping finished ones; returns the pipeline state."""
   workdir = fileio.abspath(cfg.workdir)
   fileio.makedirs(workdir)
   configs = stage_configs(cfg)
   from gptrl.stages import recipe  # pylint: disable=import-outside-toplevel
   recipe.prepare_workdir(cfg)  # the whole resolved pipeline config, as config.json
   state = read_state(workdir)
-  total = len(cfg.stages)
-  for index, name in enumerate(cfg.stages, start=1):
-    stage_cfg = configs[name]
-    done = state["done"].get(name)
-    if done is not None:
-      if done.get("config") != _stage_fingerprint(stage_cfg):
-        logging.warning("Stage %d/%d %s: finished on %s with a config that differs from the current one; not "
-                        "re-running it (delete %s and its entry in %s to redo it, and the stages after it).",
-                        index, total, name, done.get("finished"), stage_cfg.workdir, STATE_FILE)
-      logging.info("Stage %d/%d %s: finished on %s (%.0f s); skipping.", index, total, name, done.get("finished"),
-                   done.get("seconds", 0.0))
-      continue
-    logging.info("Stage %d/%d %s -> %s", index, total, name, stage_cfg.workdir)
-    start = time.monotonic()
-    stages.module(name).run(stage_cfg)
-    seconds = time.monotonic() - start
-    state["done"][name] = {"finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                           "seconds": round(seconds, 1), "config": _stage_fingerprint(stage_cfg)}
-    _write_state(workdir, state)
-    logging.info("Stage %d/%d %s: done in %.1f min.", index, total, name, seconds / 60)
+  _run_stages(configs, state, workdir)
+  for r in range(2, cfg.rounds + 1):
+    logging.info("Round %d of %d -> %s", r, cfg.rounds, round_dir(workdir, r))
+    _run_stages(round_configs(cfg, r), state, workdir, prefix=f"round{r}/")
   if cfg.report and jax.process_index() == 0:
     _write_report(workdir, cfg)
   spent = sum(d.get("seconds", 0.0) for d in state["done"].values())
   logging.info("Pipeline done: %s (%.1f min of stage time in all).",
-               ", ".join(f"{n} {state['done'][n]['seconds'] / 60:.1f} min" for n in stages.PIPELINE_ORDER
-                         if n in state["done"]), spent / 60)
+               ", ".join(f"{n} {d['seconds'] / 60:.1f} min" for n, d in state["done"].items()), spent / 60)
   return state
 
 
-def _write_report(workdir: str, cfg: PipelineConfig) -> None:  # pylint: disable=unused-argument
-  """The HTML report over every stage sub-folder of this pipeline (gptrl/report.py)."""
+def _write_report(workdir: str, cfg: PipelineConfig) -> None:
+  """The HTML report over every stage sub-folder of this pipeline and its rounds (gptrl/report.py)."""
   from gptrl import report  # pylint: disable=import-outside-toplevel
-  stage_dirs = {n: os.path.join(workdir, n) for n in stages.PIPELINE_ORDER if fileio.isdir(os.path.join(workdir, n))}
-  path = report.write_report(stage_dirs, os.path.join(workdir, "report.html"))
+
+  def dirs(folder):
+    return {n: os.path.join(folder, n) for n in stages.PIPELINE_ORDER if fileio.isdir(os.path.join(folder, n))}
+  rounds = {r: dirs(round_dir(workdir, r)) for r in range(2, cfg.rounds + 1)}
+  path = report.write_report(dirs(workdir), os.path.join(workdir, "report.html"), rounds=rounds)
   logging.info("Report: %s", path)

@@ -74,6 +74,7 @@ from gptrl import reward_model
 from gptrl import rewards as rewards_lib
 from gptrl import seeds
 from gptrl import sharding
+from gptrl import stages as stages_lib
 from gptrl import trainer
 from gptrl.config import PPOConfig
 from gptrl.corpus import default_cache_dir
@@ -925,13 +926,35 @@ def _copy_to(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), tree, shardings)
 
 
+def check_policy_init(cfg: PPOConfig) -> None:
+  """`policy_init`, when set, names a policy run's checkpoint (read before anything loads)."""
+  if not cfg.policy_init.checkpoint:
+    return
+  try:
+    meta, folder, step = ckpt_lib.read_checkpoint_meta(cfg.policy_init.checkpoint, cfg.policy_init.step)
+  except ckpt_lib.CheckpointError as e:
+    raise config_lib.ConfigError(f"config.policy_init.checkpoint: {e}") from None
+  if meta.get("stage") not in stages_lib.POLICY_RL:
+    raise config_lib.ConfigError(
+        f"config.policy_init.checkpoint: {folder}/{step} is a checkpoint of stage {meta.get('stage')!r}; it must be "
+        f"a policy run ({', '.join(stages_lib.POLICY_RL)}). The SFT model goes in init.checkpoint.")
+
+
 def init_from_previous_stages(cfg: PPOConfig, models: Models, params: Any, shardings: Any, ref_params: Any,
                               rm_params: Any, tok: Any) -> Any:
-  """A fresh run's trainable parameters: the policy equal to the frozen SFT reference; the critic from the reward
-  model (`ppo.critic_init="reward"`: an ensemble's first member), from the SFT transformer under a fresh value
-  head ("sft"), or, shared, a fresh value head on the policy's trunk."""
+  """A fresh run's trainable parameters: the policy equal to the frozen SFT reference, or with `policy_init` the
+  policy of that earlier policy run; the critic from the reward model (`ppo.critic_init="reward"`: an ensemble's
+  first member), from the SFT transformer under a fresh value head ("sft"), or, shared, a fresh value head on the
+  policy's trunk."""
   p = cfg.algo
-  params = {**params, "policy": _copy_to(ref_params, shardings["policy"])}
+  if cfg.policy_init.checkpoint:
+    policy, _, where = ckpt_lib.load_params(
+        cfg.policy_init.checkpoint, ckpt_lib.abstract_like(params["policy"], shardings["policy"]),
+        step=cfg.policy_init.step, tokenizer_sha256=tok.sha256, subtree="policy")
+    logging.info("Policy from the earlier policy run %s (the reference stays %s).", where, cfg.init.checkpoint)
+    params = {**params, "policy": policy}
+  else:
+    params = {**params, "policy": _copy_to(ref_params, shardings["policy"])}
   if models.critic is None:
     return params
   abstract_value = ckpt_lib.abstract_like(params["value"], shardings["value"])
@@ -980,6 +1003,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, workdir, cfg.model,
                                                      expect_stage=("sft",))
   rm = read_reward_model(cfg, tok)
+  check_policy_init(cfg)
   check_shapes(cfg, placement, model_cfg, rm)
   code_rewards = rewards_lib.CodeRewards.from_config(p.reward_fns, p.reward_fn_weights, p.group)  # fails early
   models = make_models(model_cfg, rm.model_config, p, ensemble=int(rm.meta.get("ensemble", 1)),
@@ -1031,6 +1055,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
     meta = {"stage": cfg.stage, "tokenizer_sha256": tok.sha256, "model": config_lib.to_dict(model_cfg),
             "num_params": model_lib.count_params(state.params["policy"]),
             "init_checkpoint": init_meta["init_checkpoint"], "reward_model": rm.where,
+            "policy_init": cfg.policy_init.checkpoint or None,
             "reward_offset": float(rm.meta.get("reward_offset", 0.0)), "critic": p.critic,
             "reward_readout": dataclasses.asdict(rm.readout)}
     task = PPOTask(cfg, learner, prompts=prompts, eval_prompts=eval_prompts, beta=beta, tok=tok,

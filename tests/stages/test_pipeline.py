@@ -129,3 +129,39 @@ def test_config_mistakes_are_refused_before_any_work(data, tmp_path, extra, mess
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr and "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_a_second_round_learns_from_feedback_on_the_first_rounds_policy(finished, data, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  workdir, _ = finished
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)  # round 1 as the fixture left it; round 2 is added to the copy
+  result = run(_argv(copy, data, rounds=2), timeout=600)
+  check_ok(result)
+  round2 = copy / "round2"
+  assert {f"round2/{s}" for s in ("feedback", "sft", "reward", "ppo")} <= set(_state(copy)["done"])
+  configs = {s: json.loads((round2 / s / "config.json").read_text()) for s in ("feedback", "sft", "reward", "ppo")}
+  assert configs["feedback"]["init"]["checkpoint"] == str(copy / "ppo")  # users talk to round 1's policy
+  assert configs["sft"]["init"]["checkpoint"] == str(copy / "pretrain")
+  assert configs["sft"]["data"]["sources"][-1] == str(round2 / "feedback" / "demonstrations.jsonl")
+  assert configs["reward"]["init"]["checkpoint"] == str(round2 / "sft")
+  assert configs["reward"]["data"]["sources"] == [str(copy / "label" / "comparisons.jsonl"),
+                                                  str(round2 / "feedback" / "comparisons.jsonl")]
+  assert configs["ppo"]["init"]["checkpoint"] == str(round2 / "sft")  # the new reference
+  assert configs["ppo"]["policy_init"]["checkpoint"] == str(copy / "ppo")
+  assert configs["ppo"]["reward_model"]["checkpoint"] == str(round2 / "reward")
+  summary = json.loads((round2 / "feedback" / "summary.json").read_text())
+  assert summary["sent"]["rating"] == summary["conversations"] > 0 and summary["records"]["comparisons.jsonl"] > 0
+  comparisons = [json.loads(line) for line in (round2 / "feedback" / "comparisons.jsonl").read_text().splitlines()]
+  assert {c["labeller"] for c in comparisons} == {"user:simulated:length"}
+  assert all(c["model"]["manifest_sha256"] for c in comparisons)  # which policy the users talked to
+  # The simulated users are the labelling judge, so round 2's reward model keeps the gold judge.
+  meta, _, _ = ckpt_lib.read_checkpoint_meta(str(round2 / "reward"))
+  assert meta["gold_judge"] == "length"
+  # Round 2 starts from round 1's final policy: its first held-out eval replies are round 1's last ones.
+  evals = [[r for r in _rows(folder) if "eval/gold" in r] for folder in (copy / "ppo", round2 / "ppo")]
+  assert evals[1][0]["eval/gold"] == evals[0][-1]["eval/gold"]
+  report = (copy / "report.html").read_text(encoding="utf-8")
+  rounds = report[report.index('id="rounds"'):]
+  assert "<td>2</td><td>ppo</td>" in rounds and f"{summary['records']['comparisons.jsonl']} comparisons" in rounds
