@@ -594,7 +594,7 @@ _OUT_OF_RANGE: dict[tuple[str, str], list[typing.Any]] = {
 _STAGE_FIELDS_OUT_OF_RANGE = {"seed": [-1], "workdir": [""]}
 _REQUIRED = {"sft": {"init": {"checkpoint": "runs/pretrain"}}, "label": {"init": {"checkpoint": "runs/sft"}},
              "reward": {"init": {"checkpoint": "runs/sft"}},
-             "dpo": {"init": {"checkpoint": "runs/sft"}},
+             "dpo": {"init": {"checkpoint": "runs/sft"}}, "feedback": {"init": {"checkpoint": "runs/ppo"}},
              **{stage: {"init": {"checkpoint": "runs/sft"}, "reward_model": {"checkpoint": "runs/reward"}}
                 for stage in ("ppo", "grpo", "rloo", "rsft")}}
 
