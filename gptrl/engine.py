@@ -318,10 +318,11 @@ class Engine:
     return request
 
   def load(self) -> dict[str, Any]:
-    """Occupied slots, queued requests, the slots in all, and why the engine stopped ("" while it runs)."""
+    """Occupied slots, queued requests, the slots in all, requests cancelled so far (clients gone), and why the
+    engine stopped ("" while it runs)."""
     with self._cond:
       return {"active": sum(r is not None for r in self._rows), "queued": len(self._queue), "slots": self.slots,
-              "error": self._error if self._closed else ""}
+              "cancelled": self.stats["finished_cancelled"], "error": self._error if self._closed else ""}
 
   def close(self) -> None:
     """Stops the loop; unfinished requests end with EngineClosed."""
