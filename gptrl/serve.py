@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from gptrl import chat
 from gptrl import cli
 from gptrl import fileio
+from gptrl import labellers
 
 _PROG = "gptrl.serve"
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static")
@@ -555,7 +556,7 @@ class Server:
 
 
 def _messages_json(messages: Sequence[chat.Message] | None) -> list[dict[str, str]] | None:
-  return None if messages is None else [{"role": m.role, "content": m.content} for m in messages]
+  return None if messages is None else labellers.messages_json(messages)
 
 
 def create_app(server: Server) -> Any:
