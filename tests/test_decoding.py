@@ -101,3 +101,44 @@ def test_filter_logits_matches_a_sorting_numpy_reference(top_k, top_p):
   ref = _np_filter(logits, top_k, top_p)
   np.testing.assert_array_equal(out > np.finfo(np.float32).min, np.isfinite(ref))
   np.testing.assert_array_equal(out[np.isfinite(ref)], logits[np.isfinite(ref)])
+
+
+def _np_inverse_cdf(logits: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float64: each row's first token whose cumulative probability exceeds u, and how far u is from the nearest
+  boundary between tokens (where float32 and float64 may round apart)."""
+  z = logits.astype(np.float64)
+  probs = np.exp(z - z.max(axis=-1, keepdims=True))
+  cdf = np.cumsum(probs / probs.sum(axis=-1, keepdims=True), axis=-1)
+  index = np.array([np.searchsorted(c, x, side="right") for c, x in zip(cdf, u)])
+  margin = np.min(np.abs(cdf - u[:, None]), axis=-1)
+  return index, margin
+
+
+def test_draw_is_the_float64_inverse_cdf_and_never_draws_a_filtered_token():
+  rng = np.random.default_rng(0)
+  logits = (rng.standard_normal((4000, 64)) * 2).astype(np.float32)
+  logits[:, ::3] = np.finfo(np.float32).min  # filtered out (as filter_rows leaves them)
+  logits[7, :] = np.finfo(np.float32).min
+  logits[7, 5] = 0.0  # one token left
+  u = rng.random(4000).astype(np.float32)
+  u[:3] = [0.0, np.nextafter(np.float32(1), np.float32(0)), 0.5]
+  got = np.asarray(decoding.draw(jnp.asarray(logits), jnp.asarray(u)))
+  want, margin = _np_inverse_cdf(logits, u.astype(np.float64))
+  assert np.all(logits[np.arange(4000), got] > np.finfo(np.float32).min) and got[7] == 5
+  agree = (got == want) | (margin < 1e-5)
+  assert agree.all(), np.flatnonzero(~agree)[:10]
+  assert got[0] == 1 and got[1] == 62  # u = 0: the first kept token (0 is filtered); u -> 1: the last kept
+
+
+def test_draw_over_a_50k_vocabulary_keeps_float64_cumulative_probabilities_within_1e6():
+  # (A sequential float32 sum of these 50k probabilities is 5e-6 off at its end.)
+  rng = np.random.default_rng(1)
+  logits = (rng.standard_normal((2, 50_257)) * 2).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+  cdf = np.asarray(jax.jit(lambda p: jnp.cumsum(p, axis=-1))(jnp.asarray(probs)))  # as decoding.draw sums
+  np.testing.assert_allclose(cdf, np.cumsum(probs.astype(np.float64), axis=-1), atol=1e-6, rtol=0)
+  for _ in range(200):
+    u = rng.random(2).astype(np.float32)
+    got = np.asarray(decoding.draw(jnp.asarray(logits), jnp.asarray(u)))
+    want, margin = _np_inverse_cdf(logits, u.astype(np.float64))
+    assert np.all((got == want) | (margin < 1e-5)), (got, want, margin)

