@@ -2,19 +2,21 @@
 between decoding calls and leave it the call they finish.
 
 A background thread runs the loop: admit queued requests into free slots (their prompts prefilled together, in
-one call: `_admit`), then `decode_steps` decoding steps for every occupied slot in one jitted loop (`_step`), and
-repeat. A request that arrives while others are being decoded joins at the next call, without waiting for them to
-finish; one that finishes (its stop token, its token budget, a cancel: a client that went away) frees its slot for
-the next in the queue. Several steps per call share the host's work per call (and the waking of the clients'
-threads) among that many tokens.
+one call: `_admit`), launch `decode_steps` decoding steps for every occupied slot in one jitted loop (`_step`),
+hand the previous call's tokens to their requests while this one runs, and repeat. A request that arrives while
+others are being decoded joins at the next call, without waiting for them to finish; one that finishes (its stop
+token, its token budget, a cancel: a client that went away) frees its slot for the next in the queue. Several
+steps per call share the host's work per call (and the waking of the clients' threads) among that many tokens,
+and that work overlaps the device's: each slot's last token stays on the device, so a call can be launched
+before the host has seen the one before.
 
 The cache has one write index per row (`model.init_cache(per_row=True)`), so rows at different lengths decode
-in one step. Prompts are right-padded to a power of two for the prefill, and the row's index is then set to the
-prompt's true length, so the padding costs no cache room. A decoding call runs over the lowest slots only, a power
-of two of them covering every occupied one (slots are filled lowest first), so a lone request costs a batch of
-one, not of all slots; and over the first cache positions only, a power of two of them (at least 64) covering
-every occupied row, so attention reads no more of the cache than is live. Each (batch, length) shape compiles
-once; `warmup` compiles them all before the first request.
+in one step. Prompts are right-padded for the prefill to one of a few lengths (16, 24, 32, 48, 64, ...: powers of
+two and 1.5x of them), and the row's index is then set to the prompt's true length, so the padding costs no cache
+room. A decoding call runs over the lowest slots only, a power of two of them covering every occupied one (slots
+are filled lowest first), so a lone request costs a batch of one, not of all slots; and over the first cache
+positions only, one of 64, 96, 128, 192, ... covering every occupied row, so attention reads little more of the
+cache than is live. Each (batch, length) shape compiles once; `warmup` compiles them all before the first request.
 
 Token i of a request is drawn with `fold_in(request_key(seed), i)` from its own row: what a request gets does
 not depend on which others share the batch, and equals `decoding.generate` on that prompt alone with
@@ -171,13 +173,14 @@ def request_key(seed: Any) -> jax.Array:
   return jax.lax.select(seed[1] > 0, jax.random.fold_in(key, seed[1]), key)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "filtered"), donate_argnames=("cache", "keys_B"))
-def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, slots_A: jax.Array, tokens_AxP: jax.Array,
-           lengths_A: jax.Array, seeds_Ax2: jax.Array, temperature_A: jax.Array, top_k_A: jax.Array,
-           top_p_A: jax.Array, *, filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("model", "filtered"), donate_argnames=("cache", "keys_B", "last_B"))
+def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, last_B: jax.Array, slots_A: jax.Array,
+           tokens_AxP: jax.Array, lengths_A: jax.Array, seeds_Ax2: jax.Array, temperature_A: jax.Array,
+           top_k_A: jax.Array, top_p_A: jax.Array, *, filtered: bool) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
   """Prefills A right-padded prompts (row a's first lengths[a] tokens are real) into rows `slots_A` of `cache`
   (repeated entries must repeat their data: the batch's padding); sets those rows' keys. Returns the cache, the
-  keys and each request's first new token [A] (drawn with fold_in(key, 0))."""
+  keys, every slot's last token [B] (the admitted rows' set to their first new token, what the next decoding call
+  feeds them) and each request's first new token [A] (drawn with fold_in(key, 0))."""
   a, p = tokens_AxP.shape
   positions_AxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (a, p))
   logits_AxPxV, variables = model.apply(
@@ -195,9 +198,11 @@ def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, slots_A: jax.
       return big.at[slots_A].set(lengths_A)
     if name == "cached_valid":  # nothing of the slot's previous request stays attendable
       return big.at[slots_A].set(jnp.zeros((a, big.shape[1]), jnp.bool_).at[:, :p].set(small))
-    return big.at[slots_A, :, :p].set(small)
+    # The whole row, zeros past the prompt: masked slots still meet the values (weight 0 times a value), so
+    # nothing the slot held before may linger there.
+    return big.at[slots_A].set(jnp.zeros((a,) + big.shape[1:], big.dtype).at[:, :, :p].set(small))
   cache = jax.tree_util.tree_map_with_path(insert, cache, variables["cache"])
-  return cache, keys_B.at[slots_A].set(keys_A), token_A
+  return cache, keys_B.at[slots_A].set(keys_A), last_B.at[slots_A].set(token_A), token_A
 
 
 def _window(cache: Any, rows: int, length: int) -> Any:
@@ -209,27 +214,35 @@ def _window(cache: Any, rows: int, length: int) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rows", "length", "steps", "filtered"),
-                   donate_argnames=("cache",))
-def _step(model: Any, params: Any, cache: Any, tokens_B: jax.Array, positions_B: jax.Array, active_B: jax.Array,
+                   donate_argnames=("cache", "last_B"))
+def _step(model: Any, params: Any, cache: Any, last_B: jax.Array, positions_B: jax.Array, active_B: jax.Array,
           keys_B: jax.Array, counts_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-          *, rows: int, length: int, steps: int, filtered: bool) -> tuple[Any, jax.Array]:
-  """`steps` decoding steps over the first `rows` slots and `length` cache positions (every occupied row's
+          *, rows: int, length: int, steps: int, filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
+  """`steps` decoding steps over the first `rows` slots and `length` cache positions (every active row's
   writes fall inside: attention reads no more of the cache than is live): each step feeds every row's last token
-  (written to the cache only where active) and draws its next one with fold_in(key, count). Returns the cache and
-  the new tokens [rows, steps]. Rows keep going after their stop token or budget within the call; the host drops
-  those tokens (the row is freed, and its cache row rewritten when the slot is reused)."""
+  (written to the cache only where active) and draws its next one with fold_in(key, count). Returns the cache,
+  every slot's last token [B] (what the next call feeds) and the new tokens [rows, steps]. Rows keep going after
+  their stop token within the call; the host drops those tokens (the row is freed, and its cache row rewritten
+  when the slot is reused). `last_B` stays on the device: the next call is launched before the host has seen
+  this one's tokens."""
   def body(i, carry):
     sub, last_B, out_BxN = carry
-    logits_Bx1xV, variables = model.apply({"params": params, "cache": sub}, last_B[:, None],
-                                          positions_BxT=(positions_B + i)[:, None],
-                                          attention_mask_BxT=active_B[:, None], decode=True, mutable=["cache"])
+    # A row past its budget within the call may run past the context: it is masked, and kept at the last
+    # position (a position beyond the embedding's would make NaNs in its row of the cache).
+    position_B = positions_B + i
+    logits_Bx1xV, variables = model.apply(
+        {"params": params, "cache": sub}, last_B[:, None],
+        positions_BxT=jnp.minimum(position_B, model.config.max_len - 1)[:, None],
+        attention_mask_BxT=(active_B & (position_B < model.config.max_len))[:, None], decode=True,
+        mutable=["cache"])
     new_B = decoding.sample_rows(logits_Bx1xV[:, 0], keys_B, counts_B + i, temperature_B, top_k_B, top_p_B,
                                  filtered=filtered)
     return variables["cache"], new_B, jax.lax.dynamic_update_index_in_dim(out_BxN, new_B, i, axis=1)
 
-  sub, _, out_BxN = jax.lax.fori_loop(0, steps, body, (_window(cache, rows, length), tokens_B,
-                                                       jnp.zeros((rows, steps), jnp.int32)))
-  return jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), cache, sub), out_BxN
+  sub, last_b, out_BxN = jax.lax.fori_loop(0, steps, body, (_window(cache, rows, length), last_B[:rows],
+                                                            jnp.zeros((rows, steps), jnp.int32)))
+  cache = jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), cache, sub)
+  return cache, jax.lax.dynamic_update_slice(last_B, last_b, (0,)), out_BxN
 
 
 def _buckets(smallest: int, largest: int) -> list[int]:
@@ -238,6 +251,23 @@ def _buckets(smallest: int, largest: int) -> list[int]:
   while out[-1] < largest:
     out.append(min(2 * out[-1], largest))
   return out
+
+
+def _lengths(smallest: int, largest: int) -> list[int]:
+  """The padded lengths of prompts (smallest 16) and the cache windows of decoding calls (smallest 64): powers of
+  two times `smallest` and the points 1.5x of them (16, 24, 32, 48, 64, ...), capped at `largest`, so a prompt's
+  padding or a window's unused room is at most a third of what is live."""
+  out = []
+  size = smallest
+  while not out or out[-1] < largest:
+    out += [min(size, largest)] + ([size * 3 // 2] if size * 3 // 2 < largest else [])
+    size *= 2
+  return sorted(set(out))
+
+
+def _length_for(n: int, smallest: int, largest: int) -> int:
+  """The smallest of `_lengths(smallest, largest)` >= n (or `largest`)."""
+  return next((w for w in _lengths(smallest, largest) if w >= n), largest)
 
 
 class Engine:
@@ -256,7 +286,7 @@ class Engine:
   """
 
   def __init__(self, model: Any, params: Any, *, slots: int = 16, max_queue: int = 256,
-               mesh: jax.sharding.Mesh | None = None, decode_steps: int = 4, warmup: bool = False):
+               mesh: jax.sharding.Mesh | None = None, decode_steps: int = 8, warmup: bool = False):
     self.model, self.params = model, params
     self.decode_steps = max(1, decode_steps)
     self.mesh = mesh or sharding.make_mesh(config_lib.MeshConfig(), jax.devices()[:1])
@@ -267,9 +297,9 @@ class Engine:
     with sharding.activate(self.mesh):  # made by jit, as every later value of them is: no recompile on first use
       self._cache = jax.jit(lambda: model_lib.init_cache(model, self.slots, self.context, per_row=True))()
       self._keys = jax.jit(lambda: jax.random.split(jax.random.key(0), self.slots))()
+      self._last = jax.jit(lambda: jnp.zeros((self.slots,), jnp.int32))()  # each slot's last token, on the device
     self._rows: list[Request | None] = [None] * self.slots
     b = self.slots
-    self._last = np.zeros(b, np.int32)
     self._position = np.zeros(b, np.int32)
     self._count = np.zeros(b, np.int32)
     self._temperature = np.ones(b, np.float32)
@@ -336,31 +366,39 @@ class Engine:
     compiled = 0
     with sharding.activate(self.mesh):
       for a in _buckets(1, self.slots):
-        for p in _buckets(_MIN_PREFILL, self.context):
+        for p in _lengths(_MIN_PREFILL, self.context):
           ones = np.ones(a, np.int32)
-          self._cache, self._keys, _ = _admit(
-              self.model, self.params, self._cache, self._keys, np.zeros(a, np.int32), np.zeros((a, p), np.int32),
-              ones, np.zeros((a, 2), np.uint32), ones.astype(np.float32), 0 * ones, ones.astype(np.float32),
-              filtered=False)
+          self._cache, self._keys, self._last, _ = _admit(
+              self.model, self.params, self._cache, self._keys, self._last, np.zeros(a, np.int32),
+              np.zeros((a, p), np.int32), ones, np.zeros((a, 2), np.uint32), ones.astype(np.float32), 0 * ones,
+              ones.astype(np.float32), filtered=False)
           compiled += 1
       for rows in _buckets(self._dp, self.slots):
-        for length in _buckets(_MIN_WINDOW, self.context):
+        for length in _lengths(_MIN_WINDOW, self.context):
           # Idle rows: their writes are masked, and overwritten when a request is admitted.
-          self._cache, new = _step(self.model, self.params, self._cache, self._last[:rows], self._position[:rows],
-                                   np.zeros(rows, bool), self._keys[:rows], self._count[:rows],
-                                   self._temperature[:rows], self._top_k[:rows], self._top_p[:rows], rows=rows,
-                                   length=length, steps=self.decode_steps, filtered=False)
+          self._cache, self._last, new = _step(
+              self.model, self.params, self._cache, self._last, self._position[:rows], np.zeros(rows, bool),
+              self._keys[:rows], self._count[:rows], self._temperature[:rows], self._top_k[:rows],
+              self._top_p[:rows], rows=rows, length=length, steps=self.decode_steps, filtered=False)
           compiled += 1
     jax.block_until_ready(new)
     logging.info("Compiled %d prefill and step programs in %.1f s.", compiled, time.monotonic() - start)
 
   # -- the engine's thread ------------------------------------------------------------------------
+  #
+  # The loop launches the next device call before it hands out the last one's tokens: the host's work (the
+  # clients' tokens, their threads woken, the next call's settings) overlaps the device's. The host's view of the
+  # slots is thus one call behind: a request that ended in the call in flight is decoded for one more call (its
+  # tokens dropped: `_collect` hands tokens only to the request that was in the slot when the call was launched),
+  # and its slot is reused a call later.
 
   def _loop(self) -> None:
+    in_flight = None  # the launched decoding call whose tokens the host has not taken yet
     try:
       while True:
         with self._cond:
-          self._cond.wait_for(lambda: self._closed or self._queue or any(r is not None for r in self._rows))
+          self._cond.wait_for(lambda: self._closed or self._queue or in_flight is not None
+                              or any(r is not None for r in self._rows))
           if self._closed:
             break
           admitted = self._admitting = []
@@ -372,10 +410,14 @@ class Engine:
               free = itertools.chain([slot], free)
             else:
               admitted.append((slot, request))
-        self._admit(admitted)
+        first = self._admit(admitted)
         self._admitting = []
-        if any(r is not None for r in self._rows):
-          self._step()
+        launched = self._launch()
+        if in_flight is not None:
+          self._collect(*in_flight)
+        if first is not None:
+          self._collect(first, [(i, slot, request) for i, (slot, request) in enumerate(admitted)])
+        in_flight = launched
       reason = "the engine was closed"
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("the serving engine stopped")
@@ -388,32 +430,73 @@ class Engine:
     for request in pending:
       request._finish("error", reason)  # pylint: disable=protected-access
 
-  def _admit(self, admitted: list[tuple[int, Request]]) -> None:
-    """Prefills the `admitted` requests into their slots, in one call (padded to a power-of-two batch)."""
+  def _admit(self, admitted: list[tuple[int, Request]]) -> jax.Array | None:
+    """Launches the prefill of the `admitted` requests into their slots, in one call (padded to a power-of-two
+    batch); returns their first tokens [A, 1] (on the device), or None when there are none."""
     if not admitted:
-      return
+      return None
     a = _bucket(len(admitted), 1, self.slots)
     rows = admitted + [admitted[0]] * (a - len(admitted))  # padding: the first one again (same slot, same data)
-    p = _bucket(max(len(r.prompt) for _, r in rows), _MIN_PREFILL, self.context)
+    p = _length_for(max(len(r.prompt) for _, r in rows), _MIN_PREFILL, self.context)
     tokens = np.zeros((a, p), np.int32)
     for i, (_, r) in enumerate(rows):
       tokens[i, :len(r.prompt)] = r.prompt
     seeds = np.array([[r.params.seed & 0xFFFFFFFF, r.params.seed >> 32] for _, r in rows], np.uint32)
     settings = [r.params for _, r in rows]
     with sharding.activate(self.mesh):
-      self._cache, self._keys, first = _admit(
-          self.model, self.params, self._cache, self._keys, np.array([slot for slot, _ in rows], np.int32), tokens,
-          np.array([len(r.prompt) for _, r in rows], np.int32), seeds,
+      self._cache, self._keys, self._last, first = _admit(
+          self.model, self.params, self._cache, self._keys, self._last, np.array([slot for slot, _ in rows], np.int32),
+          tokens, np.array([len(r.prompt) for _, r in rows], np.int32), seeds,
           np.array([q.temperature for q in settings], np.float32), np.array([q.top_k for q in settings], np.int32),
           np.array([q.top_p for q in settings], np.float32), filtered=any(q.filtered for q in settings))
-    first = np.asarray(jax.device_get(first))
-    for i, (slot, request) in enumerate(admitted):
+    for slot, request in admitted:
       q = request.params
-      self._rows[slot] = request
+      with self._cond:
+        self._rows[slot] = request
       self._temperature[slot], self._top_k[slot], self._top_p[slot] = q.temperature, q.top_k, q.top_p
       self._position[slot], self._count[slot] = len(request.prompt), 1
       self.stats["admitted"] += 1
-      self._take(slot, [int(first[i])])
+    return first[:, None]
+
+  def _launch(self) -> tuple[jax.Array, list[tuple[int, Request]]] | None:
+    """Launches `decode_steps` steps of every slot that may still need tokens; returns the call's new tokens
+    [rows, steps] (on the device) and the (row, slot, request) it decodes, or None when none needs any."""
+    for slot, request in enumerate(self._rows):
+      if request is not None and request.cancelled:
+        self._free(slot, "cancelled")
+    # Slots whose request has all its tokens in calls launched already are left out (they end when those
+    # are collected); a request that stopped at a stop token in the call in flight is not known to yet.
+    decoding_ = [(slot, r) for slot, r in enumerate(self._rows)
+                 if r is not None and self._count[slot] < r.params.max_tokens]
+    if not decoding_:
+      return None
+    rows = _bucket(decoding_[-1][0] + 1, self._dp, self.slots)
+    length = _length_for(max(self._position[s] for s, _ in decoding_) + self.decode_steps, _MIN_WINDOW,
+                         self.context)
+    active = np.zeros(rows, bool)
+    active[[s for s, _ in decoding_]] = True
+    filtered = any(r.params.filtered for _, r in decoding_)
+    # Copies: the host arrays change before the launched call may have read them (on CPU, jax can use a NumPy
+    # array's memory without copying it).
+    host = [x[:rows].copy() for x in (self._position, self._count, self._temperature, self._top_k, self._top_p)]
+    with sharding.activate(self.mesh):
+      self._cache, self._last, new = _step(
+          self.model, self.params, self._cache, self._last, host[0], active, self._keys[:rows], *host[1:],
+          rows=rows, length=length, steps=self.decode_steps, filtered=filtered)
+    self.stats["steps"] += self.decode_steps
+    self.stats["row_slots"] += rows * self.decode_steps
+    for slot, _ in decoding_:
+      self._position[slot] += self.decode_steps
+      self._count[slot] += self.decode_steps
+    return new, [(slot, slot, r) for slot, r in decoding_]
+
+  def _collect(self, new: jax.Array, decoded: list[tuple[int, int, Request]]) -> None:
+    """Waits for a launched call's tokens [rows, n] and hands row `row`'s to `request` in `slot`, if it still
+    holds the slot (it may have ended, and the slot been reused, since the call was launched)."""
+    new = np.asarray(jax.device_get(new))
+    for row, slot, request in decoded:
+      if self._rows[slot] is request:
+        self._take(slot, new[row])
 
   def _take(self, slot: int, tokens: Sequence[int]) -> None:
     """Hands the new `tokens` of the request in `slot` to it, up to where it ends (its stop token, its budget);
@@ -432,7 +515,6 @@ class Engine:
     elif reason is None and request.cancelled:
       reason = "cancelled"
     request._emit(taken)  # pylint: disable=protected-access
-    self._last[slot] = taken[-1]
     self.stats["tokens"] += len(taken)
     if reason is not None:
       self._free(slot, reason)
@@ -443,27 +525,3 @@ class Engine:
       self._rows[slot] = None
     request._finish(reason)  # pylint: disable=protected-access
     self.stats["finished_" + reason] += 1
-
-  def _step(self) -> None:
-    for slot, request in enumerate(self._rows):
-      if request is not None and request.cancelled:
-        self._free(slot, "cancelled")
-    occupied = [slot for slot, r in enumerate(self._rows) if r is not None]
-    if not occupied:
-      return
-    rows = _bucket(occupied[-1] + 1, self._dp, self.slots)
-    length = _bucket(max(self._position[s] for s in occupied) + self.decode_steps, _MIN_WINDOW, self.context)
-    active = np.array([r is not None for r in self._rows[:rows]])
-    filtered = any(self._rows[s].params.filtered for s in occupied)
-    with sharding.activate(self.mesh):
-      self._cache, new = _step(self.model, self.params, self._cache, self._last[:rows], self._position[:rows], active,
-                               self._keys[:rows], self._count[:rows], self._temperature[:rows], self._top_k[:rows],
-                               self._top_p[:rows], rows=rows, length=length, steps=self.decode_steps,
-                               filtered=filtered)
-    new = np.asarray(jax.device_get(new))
-    self.stats["steps"] += self.decode_steps
-    self.stats["row_slots"] += rows * self.decode_steps
-    for slot in occupied:
-      self._position[slot] += self.decode_steps
-      self._count[slot] += self.decode_steps
-      self._take(slot, new[slot])

@@ -672,7 +672,7 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--allowed_host", action="append", default=[],
                    help="another name clients reach this server by (Host header; repeatable; * allows any)")
   run.add_argument("--slots", type=int, default=16, help="requests decoded at once (default %(default)s)")
-  run.add_argument("--decode_steps", type=int, default=4, help="tokens decoded per call into the device; requests "
+  run.add_argument("--decode_steps", type=int, default=8, help="tokens decoded per call into the device; requests "
                    "join and leave between calls (default %(default)s)")
   run.add_argument("--max_queue", type=int, default=256, help="requests waiting beyond which new ones get a 503 "
                    "(default %(default)s)")

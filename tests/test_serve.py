@@ -83,6 +83,40 @@ def test_requests_joining_a_running_batch_get_what_they_would_get_alone():
     engine.close()
 
 
+def test_a_slot_reused_after_a_request_that_ran_to_the_end_of_the_context_keeps_nothing_of_it():
+  # The first request's last decoding call runs its row past the context (8 steps, 2 of them needed); the next
+  # request in the same slot is short, so its window covers the whole row, stale slots included.
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=1, decode_steps=8)
+  try:
+    long = engine_lib.SamplingParams(max_tokens=27, seed=3)
+    assert len(engine.submit(list(range(1, 35)), long).result(timeout=120)) == 27
+    for prompt, seed in (([31], 7), ([5, 6], 8)):
+      p = engine_lib.SamplingParams(max_tokens=20, seed=seed)
+      assert engine.submit(prompt, p).result(timeout=120) == _reference(model, params, prompt, p)
+  finally:
+    engine.close()
+
+
+def test_the_next_call_is_launched_before_the_last_ones_tokens_are_handed_out_and_ended_requests_lose_nothing():
+  # Requests that end inside a call (a budget of 1..9 tokens at 4 steps per call, stop ids) and new ones that
+  # take their slots while a call for the old ones is still in flight.
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=2, decode_steps=4)
+  rng = np.random.default_rng(5)
+  try:
+    jobs = []
+    for i in range(12):
+      prompt = [int(t) for t in rng.integers(1, 64, size=int(rng.integers(1, 20)))]
+      p = engine_lib.SamplingParams(max_tokens=1 + i % 9, temperature=1.0, seed=100 + i, stop_ids=(7,))
+      jobs.append((prompt, p, engine.submit(prompt, p)))
+    for prompt, p, request in jobs:
+      assert request.result(timeout=120) == _reference(model, params, prompt, p), (prompt, p)
+    assert engine.load()["active"] == 0 and engine.stats["admitted"] == 12
+  finally:
+    engine.close()
+
+
 def test_filter_rows_keeps_each_rows_top_k_and_top_p_as_numpy_does():
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 2, (6, 50)).astype(np.float32)
@@ -134,7 +168,7 @@ def test_seeds_use_all_their_bits_and_a_failing_engine_ends_every_request():
 
   def failing_step(*args, **kwargs):
     raise next(failures)
-  engine._step = failing_step  # pylint: disable=protected-access  # the next decoding call fails
+  engine._launch = failing_step  # pylint: disable=protected-access  # the next decoding call fails
   running = engine.submit([1, 2], engine_lib.SamplingParams(max_tokens=8, seed=1))
   waiting = engine.submit([3], engine_lib.SamplingParams(max_tokens=8, seed=2))
   for request in (running, waiting):
