@@ -787,6 +787,98 @@ def read_checkpoint_meta(path: str, step: int = -1) -> tuple[dict[str, Any], str
   return read_step_meta(folder, step), folder, step
 
 
+# -- Lineage: the checkpoints a run started from, and whether they changed since ------------------------------
+
+PARENT_ROLES = ("init", "reward_model", "policy_init")  # a stage config's groups that name a checkpoint it reads
+
+
+def manifest_sha256(step_dir: str) -> str:
+  """sha256 of checkpoint step `step_dir`'s manifest.json (every file's size and sha256): the identity of its
+  contents. "" for a step written without a manifest."""
+  try:
+    return hashlib.sha256(fileio.read_bytes(os.path.join(step_dir, MANIFEST))).hexdigest()
+  except OSError:
+    return ""
+
+
+def parents_of(cfg: Any) -> dict[str, dict[str, Any]]:
+  """The checkpoints a stage config reads, by role (its `init`, `reward_model`, `policy_init` groups that name
+  one): {role: {"checkpoint": folder/step, "manifest_sha256", "stage"}}, each resolved as the stage resolves it
+  (step -1: the newest valid step now)."""
+  out = {}
+  for role in PARENT_ROLES:
+    group = getattr(cfg, role, None)
+    if group is None or not getattr(group, "checkpoint", ""):
+      continue
+    meta, folder, step = read_checkpoint_meta(group.checkpoint, group.step)
+    where = f"{folder}/{step}"
+    out[role] = {"checkpoint": where, "manifest_sha256": manifest_sha256(where), "stage": meta.get("stage")}
+  return out
+
+
+def allowed_parent_changes(cfg: Any) -> dict[str, bool]:
+  """{role: its group's allow_changed} for the roles of `parents_of`."""
+  return {role: bool(getattr(getattr(cfg, role, None), "allow_changed", False)) for role in PARENT_ROLES}
+
+
+def check_parents(saved_meta: dict[str, Any], parents: dict[str, dict[str, Any]], *, where: str,
+                  allowed: dict[str, bool]) -> list[dict[str, Any]]:
+  """Compares the parents a resumed run's checkpoint `where` recorded (its meta's "parents") with what its
+  config resolves to now; returns the changes that `allowed[role]` accepts (to be recorded in the meta's
+  "parent_changes").
+
+  Raises:
+    CheckpointError: a parent changed (another step, or the same step with other contents) and its role's
+      `allow_changed` is not set; the message names both and the setting.
+  """
+  saved = saved_meta.get("parents") or {}
+  changes = []
+  for role, now in parents.items():
+    was = saved.get(role)
+    if not was:
+      continue  # recorded before lineage was kept, or a role added since
+    same_step = was["checkpoint"] == now["checkpoint"]
+    same_bytes = not (was["manifest_sha256"] and now["manifest_sha256"]) or (
+        was["manifest_sha256"] == now["manifest_sha256"])
+    if same_step and same_bytes:
+      continue
+    what = (f"was rewritten since (manifest sha256 now {now['manifest_sha256'][:12]})" if same_step else
+            f"is now {now['checkpoint']} (sha256 {now['manifest_sha256'][:12]})")
+    if not allowed.get(role, False):
+      raise CheckpointError(
+          f"{where} started from {role} checkpoint {was['checkpoint']} (sha256 {was['manifest_sha256'][:12]}), "
+          f"which {what}. Resuming would mix two parents in one run: point config.{role}.checkpoint/step at the "
+          f"original, start a new workdir, or set config.{role}.allow_changed=True to continue from the new one "
+          "(recorded in the checkpoint's meta as parent_changes).")
+    logging.warning("config.%s.allow_changed=True: %s started from %s, which %s; continuing from the new one.",
+                    role, where, was["checkpoint"], what)
+    changes.append({"role": role, "was": was, "now": now, "resumed_from": where})
+  return changes
+
+
+def lineage(folder: str) -> dict[str, Any] | None:
+  """What a run's newest checkpoint in `folder` (its checkpoints/ folder) says of where it came from, for the
+  report: {"checkpoint", "manifest_sha256", "stage", "parents": {role: {..., "now_sha256": the parent's manifest
+  hash today ("" if it is gone), "same": unchanged since}}, "parent_changes"}; None without a readable step.
+  Checks names and sizes only (no hashing of the arrays)."""
+  for step in reversed(_numbered(folder)):
+    step_dir = f"{folder}/{step}"
+    if verify_step(step_dir, hashes=False) is not None:
+      continue
+    try:
+      meta = _read_meta_dir(step_dir)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    parents = {}
+    for role, parent in (meta.get("parents") or {}).items():
+      now = manifest_sha256(parent["checkpoint"]) if fileio.isdir(parent["checkpoint"]) else ""
+      parents[role] = {**parent, "now_sha256": now, "same": bool(now) and now == parent["manifest_sha256"]}
+    return {"checkpoint": step_dir, "manifest_sha256": manifest_sha256(step_dir), "stage": meta.get("stage"),
+            "parents": parents, "parent_changes": meta.get("parent_changes") or [],
+            "init_checkpoint": meta.get("init_checkpoint")}
+  return None
+
+
 def model_config_from_meta(meta: dict[str, Any]) -> Any:
   """The model shape (a gptrl.config.ModelConfig) a checkpoint's meta records; fields unknown to this version are
   ignored."""

@@ -432,6 +432,9 @@ class InitConfig:
   """Where a stage's parameters start: another stage's checkpoint (params only, onto the current mesh)."""
   checkpoint: str = ""  # a workdir, its checkpoints/ folder, or one step folder (checkpoints/<step>); local or gs://
   step: int = -1  # -1: the newest valid step
+  # A resumed run refuses this checkpoint if it is not the one the run started from (another step, or the same
+  # step rewritten: its manifest hash); True continues from the new one and records the change in the meta.
+  allow_changed: bool = False
 
   def __post_init__(self):
     _check(self.step >= -1, "init.step", f"must be >= 0 or -1 (newest), got {self.step}")

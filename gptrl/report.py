@@ -906,13 +906,50 @@ def section_rounds(run: Run) -> str:
                      "to each round's own SFT model, so those do not compare across rounds.")
 
 
+def lineage_rows(run: Run) -> list[dict[str, Any]]:
+  """Per stage folder of the report (and of its later rounds): its newest checkpoint's `checkpoint.lineage`."""
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  out = []
+  for label, r in [("", run)] + [(f"round {n} ", later) for n, later in run.rounds.items()]:
+    for stage, folder in r.dirs.items():
+      found = ckpt_lib.lineage(os.path.join(folder, "checkpoints"))
+      if found is not None:
+        out.append({"stage": label + stage, **found})
+  return out
+
+
+def section_lineage(run: Run) -> str:
+  rows = []
+  for r in lineage_rows(run):
+    started = []
+    for role, p in r["parents"].items():
+      state = ("unchanged" if p["same"] else "gone" if not p["now_sha256"] else
+               f"changed since: now {p['now_sha256'][:12]}")
+      started.append(f"{_esc(role)}: <code>{_esc(p['checkpoint'])}</code> ({_esc(p.get('stage'))}, "
+                     f"{_esc(p['manifest_sha256'][:12])}; {_esc(state)})")
+    if not r["parents"] and r.get("init_checkpoint"):
+      started.append(f"init: <code>{_esc(r['init_checkpoint'])}</code> (hash not recorded)")
+    for c in r["parent_changes"]:
+      started.append(f"{_esc(c['role'])} changed at resume from <code>{_esc(c['resumed_from'])}</code>: "
+                     f"{_esc(c['was']['manifest_sha256'][:12])} → {_esc(c['now']['manifest_sha256'][:12])} "
+                     "(allow_changed)")
+    rows.append([_esc(r["stage"]), f"<code>{_esc(r['checkpoint'])}</code>", _esc(r["manifest_sha256"][:12] or "-"),
+                 "<br>".join(started) or "from scratch"])
+  if not rows:
+    return _note("No checkpoints found in this report's stage folders.")
+  return _table(["stage", "newest checkpoint", "manifest sha256", "started from"], rows) + _note(
+      "sha256 of each step's manifest.json (every file's size and hash), first 12 digits. A resumed stage refuses "
+      "a parent that changed since it began unless its config's allow_changed is set; such changes are listed.")
+
+
 SECTIONS = (("summary", "Run summary", section_summary), ("losses", "Loss curves", section_losses),
             ("reward-model", "Reward model accuracy", section_reward_model),
             ("ppo", "PPO per iteration", section_ppo), ("reward-vs-kl", "Reward against KL", section_reward_vs_kl),
             ("frontier", "Gold and proxy against KL: the policy optimisers next to best-of-n", section_frontier),
             ("goodhart", "Over-optimisation watch (Goodhart)", section_goodhart),
             ("replies", "Held-out prompts: SFT vs PPO", section_replies), ("labels", "Labelling", section_label),
-            ("rounds", "Rounds of the loop: feedback, retraining, the next policy", section_rounds))
+            ("rounds", "Rounds of the loop: feedback, retraining, the next policy", section_rounds),
+            ("lineage", "Lineage: which checkpoint each stage started from", section_lineage))
 
 
 def render_html(run: Run) -> str:

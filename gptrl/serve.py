@@ -45,6 +45,7 @@ import uuid
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from gptrl import chat
+from gptrl import checkpoint as ckpt_lib
 from gptrl import cli
 from gptrl import fileio
 from gptrl import labellers
@@ -265,15 +266,6 @@ class Follower:
 # The server.
 
 
-def manifest_sha256(source: Any) -> str:
-  """sha256 of the checkpoint step's manifest.json (every file's size and hash): the identity of the weights."""
-  path = f"{source.folder}/{source.step}/manifest.json"
-  try:
-    return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
-  except OSError:
-    return ""
-
-
 def _seeds(seed: int, count: int) -> list[int]:
   """`count` seeds for the choices of one request: the first is `seed` (so n=1 and n>1 agree on choice 0)."""
   derived = [int.from_bytes(hashlib.sha256(f"{seed}/{j}".encode()).digest()[:8], "big") >> 1 for j in range(count)]
@@ -295,7 +287,7 @@ class Server:
     self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
     self.default_max_tokens = default_max_tokens or self.context
     self.request_timeout = request_timeout
-    self.manifest = manifest_sha256(self.source)
+    self.manifest = ckpt_lib.manifest_sha256(f"{self.source.folder}/{self.source.step}")
     self.fingerprint = f"gptrl-{self.manifest[:12]}" if self.manifest else "gptrl"
     self.created = int(time.time())
     self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()

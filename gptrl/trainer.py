@@ -259,14 +259,18 @@ def jit_train_step(train_step: Callable, state_shardings: Any, mesh: jax.shardin
 
 def resume(checkpointer: ckpt_lib.Checkpointer, state: TrainState, state_shardings: Any, *, tokenizer_sha256: str,
            fingerprint: str, fingerprint_parts: dict[str, Any], train_iter: Any,
-           reset_data_position: bool = False) -> tuple[int, TrainState, dict[str, Any]] | None:
+           reset_data_position: bool = False, parents: dict[str, dict[str, Any]] | None = None,
+           allow_changed: dict[str, bool] | None = None) -> tuple[int, TrainState, dict[str, Any]] | None:
   """Restores this workdir's newest valid checkpoint into (state, train_iter), checking that it belongs to the
-  same tokenizer and data pipeline; returns (step, state, the checkpoint's data item), or None when there is
-  none (a fresh start).
+  same tokenizer, data pipeline and parent checkpoints; returns (step, state, the checkpoint's data item), or
+  None when there is none (a fresh start).
 
   A data pipeline whose fingerprint differs from the saved one is refused (naming what differs), unless
   `reset_data_position` (config data.reset_position): then the state is restored and `train_iter` keeps its
   fresh position; the returned data item then has "position_reset": True and no saved iterator positions.
+  `parents` (checkpoint.parents_of(cfg)) that differ from those the checkpoint's meta recorded are refused
+  unless `allow_changed[role]`; the returned data item's "parent_changes" lists the accepted changes, earlier
+  ones included, for the next checkpoints' meta.
   """
   restored = checkpointer.restore_latest_valid(ckpt_lib.abstract_like(state, state_shardings))
   if restored is None:
@@ -274,6 +278,8 @@ def resume(checkpointer: ckpt_lib.Checkpointer, state: TrainState, state_shardin
   step, state, data_state, meta = restored
   where = f"{checkpointer.directory}/{step}"
   ckpt_lib.check_tokenizer(meta, tokenizer_sha256, where=f"The checkpoint {where}")
+  changes = ckpt_lib.check_parents(meta, parents or {}, where=where, allowed=allow_changed or {})
+  data_state = {**data_state, "parent_changes": list(meta.get("parent_changes") or []) + changes}
   try:
     data_lib.check_fingerprint(data_state["fingerprint"], fingerprint, where=where,
                                saved_parts=data_state.get("fingerprint_parts"), current_parts=fingerprint_parts)

@@ -484,3 +484,21 @@ def test_old_steps_are_deleted_off_the_callers_thread(tmp_path):
     release.set()
     checkpointer.close()
   assert _steps(tmp_path / "c") == ["2"]
+
+
+def test_check_parents_refuses_a_rewritten_parent_step_and_accepts_it_when_allowed():
+  was = {"checkpoint": "/runs/sft/checkpoints/12", "manifest_sha256": "a" * 64, "stage": "sft"}
+  saved = {"parents": {"init": was, "reward_model": {**was, "checkpoint": "/runs/rm/checkpoints/10"}}}
+  same = dict(saved["parents"])
+  assert ckpt_lib.check_parents(saved, same, where="/w/checkpoints/4", allowed={}) == []
+  rewritten = {**same, "init": {**was, "manifest_sha256": "b" * 64}}
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"/w/checkpoints/4 started from init checkpoint "
+                     r"/runs/sft/checkpoints/12 \(sha256 aaaaaaaaaaaa\), which was rewritten since \(manifest "
+                     r"sha256 now bbbbbbbbbbbb\).*config\.init\.allow_changed=True"):
+    ckpt_lib.check_parents(saved, rewritten, where="/w/checkpoints/4", allowed={"reward_model": True})
+  [change] = ckpt_lib.check_parents(saved, rewritten, where="/w/checkpoints/4", allowed={"init": True})
+  assert change == {"role": "init", "was": was, "now": rewritten["init"], "resumed_from": "/w/checkpoints/4"}
+  # Checkpoints from before lineage was kept, and steps without a manifest, are not refused.
+  assert ckpt_lib.check_parents({}, rewritten, where="w", allowed={}) == []
+  unhashed = {"init": {**was, "manifest_sha256": ""}}
+  assert ckpt_lib.check_parents(saved, unhashed, where="w", allowed={}) == []

@@ -1025,13 +1025,16 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
   try:
     fingerprint_parts = data_fingerprint_parts(cfg, tok, num_prompts, models.prompt_len)
     fingerprint = data_lib.pipeline_fingerprint(stage=cfg.stage, **fingerprint_parts)
-    start, beta, ptx_position = 0, p.init_beta, None
+    start, beta, ptx_position, parent_changes = 0, p.init_beta, None, []
+    parents = ckpt_lib.parents_of(cfg)
     resumed = trainer.resume(checkpointer, state, state_shardings, tokenizer_sha256=tok.sha256,
                              fingerprint=fingerprint, fingerprint_parts=fingerprint_parts, train_iter=prompts,
-                             reset_data_position=cfg.data.reset_position)
+                             reset_data_position=cfg.data.reset_position, parents=parents,
+                             allow_changed=ckpt_lib.allowed_parent_changes(cfg))
     if resumed is not None:
       start, state, data_state = resumed
       beta, ptx_position = float(data_state["beta"]), data_state.get("ptx_iterator")
+      parent_changes = data_state["parent_changes"]
       logging.info("Resumed at beta %.4f.", beta)
     else:
       state = state.replace(params=init_from_previous_stages(cfg, models, state.params, state_shardings.params,
@@ -1057,7 +1060,7 @@ def run(cfg: PPOConfig) -> trainer.TrainState:
             "init_checkpoint": init_meta["init_checkpoint"], "reward_model": rm.where,
             "policy_init": cfg.policy_init.checkpoint or None,
             "reward_offset": float(rm.meta.get("reward_offset", 0.0)), "critic": p.critic,
-            "reward_readout": dataclasses.asdict(rm.readout)}
+            "reward_readout": dataclasses.asdict(rm.readout), "parents": parents, "parent_changes": parent_changes}
     task = PPOTask(cfg, learner, prompts=prompts, eval_prompts=eval_prompts, beta=beta, tok=tok,
                    checkpointer=checkpointer, meta=meta, fingerprint=fingerprint,
                    fingerprint_parts=fingerprint_parts, workdir=workdir)

@@ -237,17 +237,21 @@ def train(cfg: Any, build: Callable[[Context], Recipe]) -> trainer.TrainState:
                                                         cfg.seed, mesh)
     num_params = model_lib.count_params(state.params)
     logging.info("Model: %s parameters, %s.", f"{num_params:,}", recipe.model_config)
-    start = 0
+    start, parent_changes = 0, []
+    parents = ckpt_lib.parents_of(cfg)
     resumed = trainer.resume(checkpointer, state, state_shardings, tokenizer_sha256=recipe.tokenizer.sha256,
                              fingerprint=recipe.fingerprint, fingerprint_parts=recipe.fingerprint_parts,
-                             train_iter=recipe.train_iter, reset_data_position=cfg.data.reset_position)
+                             train_iter=recipe.train_iter, reset_data_position=cfg.data.reset_position,
+                             parents=parents, allow_changed=ckpt_lib.allowed_parent_changes(cfg))
     if resumed is not None:
-      start, state, _ = resumed
+      start, state, data_state = resumed
+      parent_changes = data_state["parent_changes"]
     elif recipe.init_from is not None:
       state = state.replace(params=recipe.init_from(state.params, state_shardings.params))
     train_step = make_train_step(cfg, recipe.loss_fn, optimizer, state_shardings, mesh, members=recipe.members)
     meta = {"stage": recipe.stage, "tokenizer_sha256": recipe.tokenizer.sha256,
-            "model": config_lib.to_dict(recipe.model_config), "num_params": num_params, **recipe.meta}
+            "model": config_lib.to_dict(recipe.model_config), "num_params": num_params, **recipe.meta,
+            "parents": parents, "parent_changes": parent_changes}
     task = trainer.GradientTask(
         train_step=train_step, train_iter=recipe.train_iter, mesh=mesh, checkpointer=checkpointer,
         train_cfg=cfg.train, meta=meta, data_fingerprint=recipe.fingerprint,

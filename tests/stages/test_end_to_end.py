@@ -15,6 +15,7 @@ import pytest
 
 from gptrl import checkpoint as ckpt_lib
 from gptrl import model as model_lib
+from gptrl import report
 from gptrl import tokenizer as tokenizer_lib
 from gptrl.config import ModelConfig
 from helpers import (REPO, check_ok, complete_steps, kill_when, params, run, start, tiny_stage_flags, train_steps,
@@ -345,3 +346,35 @@ def test_handoff_refuses_another_tokenizer(pipeline, tmp_path):
                [f"--config.tokenizer_path={other.path}"])
   assert result.returncode != 0
   assert "TokenizerMismatchError" in result.stderr and other.sha256 in result.stderr
+
+
+def test_a_resumed_stage_refuses_a_parent_that_changed_unless_allowed_and_records_the_change(pipeline, tmp_path):
+  workdir = tmp_path / "reward"
+  comparisons = pipeline["label"] / "comparisons.jsonl"
+  check_ok(run(_reward_argv(workdir, pipeline["sft"], comparisons, pipeline["cache"], steps=4)))
+  meta = ckpt_lib.read_step_meta(str(workdir / "checkpoints"), 4)
+  sft12 = f"{pipeline['sft'] / 'checkpoints'}/12"
+  assert meta["parents"]["init"] == {"checkpoint": sft12, "manifest_sha256": ckpt_lib.manifest_sha256(sft12),
+                                     "stage": "sft"} and meta["parent_changes"] == []
+  # Resumed (more steps) from another step of the SFT run than the one it started from: refused, one line.
+  argv = _reward_argv(workdir, pipeline["sft"], comparisons, pipeline["cache"], steps=8) + ["--config.init.step=8"]
+  result = run(argv)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert (f"started from init checkpoint {sft12} (sha256 {meta['parents']['init']['manifest_sha256'][:12]}), "
+          f"which is now {pipeline['sft'] / 'checkpoints'}/8") in result.stderr
+  assert "config.init.allow_changed=True" in result.stderr and complete_steps(workdir) == [4]
+  # Allowed: it goes on from the new parent, and every later checkpoint says so.
+  check_ok(run(argv + ["--config.init.allow_changed=True"]))
+  meta = ckpt_lib.read_step_meta(str(workdir / "checkpoints"), 8)
+  assert meta["parents"]["init"]["checkpoint"].endswith("sft/checkpoints/8")
+  [change] = meta["parent_changes"]
+  assert change["role"] == "init" and change["was"]["checkpoint"] == sft12 and change["now"] == meta["parents"]["init"]
+  assert change["resumed_from"].endswith("reward/checkpoints/4")
+  # The report's lineage section shows the chain and the change.
+  run_ = report.Run({"sft": str(pipeline["sft"]), "reward": str(workdir)})
+  rows = {r["stage"]: r for r in report.lineage_rows(run_)}
+  assert rows["reward"]["parents"]["init"]["same"] and rows["reward"]["manifest_sha256"] == ckpt_lib.manifest_sha256(
+      f"{workdir / 'checkpoints'}/8")
+  assert rows["sft"]["parents"]["init"]["stage"] == "pretrain"
+  html_ = report.section_lineage(run_)
+  assert "changed at resume from" in html_ and change["was"]["manifest_sha256"][:12] in html_
