@@ -6,7 +6,9 @@ click in order of preference; keyboard too), optionally write a better reply, an
   python -m gptrl.label --replies runs/label_cpu/replies.jsonl --out runs/human_labels   # no model needed
 
 then open the printed address (http://127.0.0.1:8080/ by default; the server listens on localhost only unless
---host says otherwise). Replies are sampled from the checkpoint (a chat-stage one: SFT, PPO) a few prompts ahead
+--host says otherwise). Beyond loopback the page's data needs an access token (--token, $GPTRL_LABEL_TOKEN, or a
+random one printed once in the address, ?token=...), and in every mode the Host header must name this server
+(loopback names, --host, this machine's names, --allowed_host), against DNS rebinding: see gptrl/access.py. Replies are sampled from the checkpoint (a chat-stage one: SFT, PPO) a few prompts ahead
 in a background thread, each prompt with its own seed (from --seed and the prompt), so a restart shows the same
 replies; or they are read from a replies file of the labelling stage (`{"messages"|"prompt", "responses"}`).
 Empty and repeated replies are not shown: the reward stage needs distinct ones.
@@ -43,6 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from gptrl import access as access_lib
 from gptrl import chat
 from gptrl import cli
 from gptrl import fileio
@@ -380,18 +383,31 @@ def sampled_questions(source: Any, prompts: Sequence[tuple[str, list[chat.Messag
 
 
 def create_app(store: LabelStore, labeller: WebLabeller, progress: Progress, prompt_ids: Sequence[str],
-               save_timeout: float = 60.0) -> Any:
+               save_timeout: float = 60.0, access: access_lib.Access | None = None) -> Any:
   """The Flask app: the page (label_static/), GET /api/state, POST /api/submit and /api/skip (JSON bodies).
 
   /api/state: {"status": "ready" | "waiting" | "done" | "error", "question", "message", "progress"}.
   /api/submit {"prompt_id", "ranking": [best, ..., worst], "better_reply"} and /api/skip {"prompt_id"} answer
   {"ok": true, "duplicate": bool} once the decision is on disk; sending one again is harmless ("duplicate").
   They take JSON only, which a page of another site cannot send here without the browser asking first, and
-  this server never agrees: other sites cannot label on the person's behalf.
+  this server never agrees: other sites cannot label on the person's behalf. `access` (default: loopback names,
+  no token) checks every request's Host header (403) and the /api/ requests' token (401).
   """
   import flask  # pylint: disable=import-outside-toplevel
   app = flask.Flask(__name__, static_folder=_STATIC, static_url_path="/static")
   prompt_ids = list(dict.fromkeys(prompt_ids))
+  access = access or access_lib.Access("", access_lib.allowed_hosts("127.0.0.1"))
+
+  @app.before_request
+  def guard():
+    problem = access.host_error(flask.request.host)
+    if problem is not None:
+      return flask.jsonify(error=problem), 403
+    if flask.request.path.startswith("/api/"):  # the prompts, replies and decisions; the page itself is public
+      problem = access.token_error(flask.request.headers.get("Authorization", ""))
+      if problem is not None:
+        return flask.jsonify(error=problem), 401
+    return None
 
   def state():
     counts = store.counts(prompt_ids)
@@ -489,6 +505,10 @@ def _parser() -> argparse.ArgumentParser:
   serve = p.add_argument_group("serving")
   serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine)")
   serve.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0: any free one)")
+  serve.add_argument("--token", default="", help="access token (default: $GPTRL_LABEL_TOKEN; beyond loopback a "
+                     "random one is made and printed once if neither is set)")
+  serve.add_argument("--allowed_host", action="append", default=[],
+                     help="another name labellers reach this server by (Host header; repeatable; * allows any)")
   return p
 
 
@@ -542,16 +562,20 @@ def run(args: argparse.Namespace) -> None:
   questions_in, prompt_ids = _questions(args, progress)
   store = LabelStore(args.out)
   labeller = WebLabeller()
-  app = create_app(store, labeller, progress, prompt_ids)
+  token, made = access_lib.resolve_token(args.token or os.environ.get("GPTRL_LABEL_TOKEN", ""), args.host)
+  access = access_lib.Access(token, access_lib.allowed_hosts(args.host, args.allowed_host))
+  app = create_app(store, labeller, progress, prompt_ids, access=access)
   server = cli.http_server(args.host, args.port, app, on_error=store.close)
   threading.Thread(target=labelling_loop, args=(questions_in(store), labeller, store, progress), name="label-loop",
                    daemon=True).start()
-  if args.host not in ("127.0.0.1", "localhost", "::1"):
-    logging.warning("Listening on %s: anyone who can reach this machine can label.", args.host)
   counts = store.counts(prompt_ids)
   logging.info("%d prompts, %d done before; writing to %s.", len(set(prompt_ids)), sum(counts.values()), args.out)
-  print(f"Labelling page: http://{args.host}:{server.server_port}/  (Ctrl-C stops; nothing saved is lost)",
-        file=sys.stderr, flush=True)
+  shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+  address = f"http://{shown}:{server.server_port}/"
+  if made:
+    print(f"Access token (shown once): {token}", file=sys.stderr)
+    address += f"?token={token}"
+  print(f"Labelling page: {address}  (Ctrl-C stops; nothing saved is lost)", file=sys.stderr, flush=True)
   cli.serve_until_interrupted(server, store.close)
 
 

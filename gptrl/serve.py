@@ -31,19 +31,18 @@ import argparse
 import collections
 import dataclasses
 import hashlib
-import hmac
 import json
 import logging
 import os
 import queue as queue_lib
 import secrets
-import socket
 import sys
 import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from gptrl import access as access_lib
 from gptrl import chat
 from gptrl import checkpoint as ckpt_lib
 from gptrl import cli
@@ -52,7 +51,6 @@ from gptrl import labellers
 
 _PROG = "gptrl.serve"
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed", "user",
              "best_of", "presence_penalty", "frequency_penalty", "logprobs", "model"}
 CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -283,8 +281,8 @@ class Server:
     self.tok = self.source.tok
     self.chat = self.source.stage != "pretrain"
     self.context = self.source.model_config.max_len
-    self.reward, self.store, self.token = reward, store, token
-    self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
+    self.reward, self.store = reward, store
+    self.access = access_lib.Access(token, allowed_hosts)
     self.default_max_tokens = default_max_tokens or self.context
     self.request_timeout = request_timeout
     self.manifest = ckpt_lib.manifest_sha256(f"{self.source.folder}/{self.source.step}")
@@ -296,22 +294,12 @@ class Server:
   # -- checks -------------------------------------------------------------------------------------
 
   def check_host(self, host: str) -> None:
-    if host.startswith("["):  # [IPv6] or [IPv6]:port
-      name = host[1:host.find("]")] if "]" in host else host
-    else:
-      name = host.split(":", 1)[0] if host.count(":") == 1 else host
-    name = name.lower()
-    if "*" not in self.allowed_hosts and name not in self.allowed_hosts:
-      raise ApiError(403, f"Host header {host!r} is not one this server answers to (a guard against DNS "
-                     "rebinding); start it with --allowed_host NAME to add a name")
+    if (problem := self.access.host_error(host)) is not None:
+      raise ApiError(403, problem)
 
   def check_token(self, header: str) -> None:
-    if not self.token:
-      return
-    given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), self.token.encode()):
-      raise ApiError(401, "missing or wrong access token: send 'Authorization: Bearer TOKEN' (the token the server "
-                     "printed at start)")
+    if (problem := self.access.token_error(header)) is not None:
+      raise ApiError(401, problem)
 
   def check_model(self, body: Mapping[str, Any]) -> None:
     model = body.get("model")
@@ -681,18 +669,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _allowed_hosts(host: str, extra: Sequence[str]) -> list[str]:
-  names = list(LOOPBACK) + list(extra)
-  if host not in ("0.0.0.0", "::", ""):
-    names.append(host)
-  else:
-    try:
-      names += [socket.gethostname(), socket.getfqdn()]
-    except OSError:
-      pass
-  return names
-
-
 def build(args: argparse.Namespace) -> Server:
   """Loads what `args` asks to serve and returns the Server (the engine running)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -728,13 +704,13 @@ def build(args: argparse.Namespace) -> Server:
   reward = sample_lib.load(reward_source, mesh) if reward_source else None
   engine = engine_lib.Engine(loaded.model, loaded.params, slots=args.slots, max_queue=args.max_queue, mesh=mesh,
                              decode_steps=args.decode_steps, warmup=args.warmup)
-  token = args.token or os.environ.get("GPTRL_SERVE_TOKEN", "")
-  if not token and args.host not in LOOPBACK:
-    token = secrets.token_urlsafe(24)
+  token, made = access_lib.resolve_token(args.token or os.environ.get("GPTRL_SERVE_TOKEN", ""), args.host)
+  if made:
     args.generated_token = token
   model_id = args.served_model_name or os.path.basename(os.path.dirname(source.folder.rstrip("/"))) or "gptrl"
   return Server(loaded, engine, model_id=model_id, reward=reward, store=store, token=token,
-                allowed_hosts=_allowed_hosts(args.host, args.allowed_host), default_max_tokens=args.max_tokens)
+                allowed_hosts=access_lib.allowed_hosts(args.host, args.allowed_host),
+                default_max_tokens=args.max_tokens)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ import urllib.request
 
 import pytest
 
+from gptrl import access as access_lib
 from gptrl import chat
 from gptrl import label
 from gptrl import labellers
@@ -106,19 +108,28 @@ def test_web_labeller_answers_with_what_the_person_submitted():
 # The JSON API, in process (Flask's test client).
 
 
-@pytest.fixture
-def web(tmp_path):
-  """A labelling app on the readable replies, its loop running; .post(path, body) -> (status, json)."""
+def _app(tmp_path: pathlib.Path, access=None):
+  """(Flask test client, store) of a labelling app on the readable replies, its loop running."""
   replies = _write_replies(tmp_path / "replies.jsonl")
   store = label.LabelStore(str(tmp_path / "out"))
   questions = label.replies_questions(str(replies), k=4)
   labeller, progress = label.WebLabeller(), label.Progress()
   threading.Thread(target=label.labelling_loop, args=(iter(questions), labeller, store, progress),
                    daemon=True).start()
-  client = label.create_app(store, labeller, progress, [q.prompt_id for q in questions], save_timeout=10).test_client()
+  app = label.create_app(store, labeller, progress, [q.prompt_id for q in questions], save_timeout=10,
+                         access=access)
+  return app.test_client(), store
+
+
+@pytest.fixture
+def web(tmp_path):
+  """A labelling app on the readable replies, its loop running; .post(path, body) -> (status, json)."""
+  client, store = _app(tmp_path)
+  client_ = client  # (the class body below cannot read a name it also assigns from this scope)
 
   class Web:
     out = tmp_path / "out"
+    client = client_
 
     @staticmethod
     def state():
@@ -133,6 +144,56 @@ def web(tmp_path):
       return response.status_code, response.get_json()
   yield Web
   store.close()
+
+
+def test_beyond_loopback_the_api_needs_the_token_and_every_request_a_known_host(tmp_path):
+  hosts = access_lib.allowed_hosts("10.1.2.3", ["labels.example.org"])
+  client, store = _app(tmp_path, access_lib.Access("s3cret", hosts))
+  good = {"Host": "10.1.2.3:8080", "Authorization": "Bearer s3cret"}
+  try:
+    assert client.get("/", headers={"Host": "labels.example.org"}).status_code == 200  # the page itself is public
+    for headers in ({"Host": "10.1.2.3:8080"}, {"Host": "10.1.2.3", "Authorization": "Bearer wrong"}):
+      response = client.get("/api/state", headers=headers)
+      assert response.status_code == 401 and "access token" in response.get_json()["error"]
+    # A page on another site that rebinds its own name to this address: refused, with or without the token.
+    for path in ("/", "/api/state"):
+      response = client.get(path, headers={**good, "Host": "evil.example:8080"})
+      assert response.status_code == 403 and "--allowed_host" in response.get_json()["error"]
+    deadline = time.monotonic() + 5
+    while (state := client.get("/api/state", headers=good).get_json())["status"] != "ready":
+      assert time.monotonic() < deadline, state
+      time.sleep(0.01)
+    pid = state["question"]["prompt_id"]
+    body = {"prompt_id": pid, "ranking": [0, 1, 2, 3]}
+    assert client.post("/api/submit", json=body, headers={"Host": "10.1.2.3"}).status_code == 401
+    # A form post (what another site's page can send without asking) is not JSON: refused, nothing written.
+    form = client.post("/api/submit", data={"prompt_id": pid, "ranking": "0"}, headers=good)
+    assert form.status_code == 400 and store.counts([pid]) == {"submitted": 0, "skipped": 0}
+    assert client.post("/api/submit", json=body, headers=good).get_json()["ok"]
+    assert store.counts([pid])["submitted"] == 1
+  finally:
+    store.close()
+
+
+def test_on_loopback_no_token_is_needed_but_the_host_is_still_checked(web):
+  assert web.state()["status"] == "ready"  # the fixture's app: loopback defaults
+  response = web.client.get("/api/state", headers={"Host": "attacker.example"})
+  assert response.status_code == 403
+
+
+def test_listening_beyond_loopback_prints_a_token_once_in_the_address(tmp_path):
+  replies = _write_replies(tmp_path / "replies.jsonl")
+  server = Server(["--replies", replies, "--out", tmp_path / "out", "--host", "0.0.0.0"], tmp_path / "open.log")
+  try:
+    log = (tmp_path / "open.log").read_text()
+    token = re.search(r"Access token \(shown once\): (\S+)", log).group(1)
+    assert f"Labelling page: {server.url}/?token={token}" in log and log.count(token) == 2
+    assert server.request("/api/state")[0] == 401
+    request = urllib.request.Request(server.url + "/api/state", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+      assert response.status == 200 and "progress" in json.loads(response.read())
+  finally:
+    server.stop()
 
 
 def test_a_submission_is_a_ranked_comparison_and_a_demonstration_the_stages_read(web):
@@ -457,5 +518,30 @@ def test_the_page_labels_replies_sampled_from_a_checkpoint(browser, tiny_sft, tm
       assert record["responses"] == question["replies"] and record["ranking"] == list(range(k - 1, 0, -1)) + [0]
     [demo] = _jsonl(out / "demonstrations.jsonl")
     assert demo["messages"][:-1] == question["messages"] and demo["prompt_id"] == question["prompt_id"]
+  finally:
+    server.stop()
+
+
+def test_the_page_opened_from_the_printed_address_keeps_its_token_out_of_the_address_bar(browser, tmp_path):
+  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
+  replies, out = _write_replies(tmp_path / "replies.jsonl"), tmp_path / "out"
+  ids = [q.prompt_id for q in label.replies_questions(str(replies), k=4)]
+  server = Server(["--replies", replies, "--out", out, "--host", "0.0.0.0"], tmp_path / "token.log")
+  try:
+    address = re.search(r"Labelling page: (\S+)", (tmp_path / "token.log").read_text()).group(1)
+    assert "?token=" in address
+    browser.get(address)
+    _wait(lambda: _shown_id(browser, By) == ids[0], what="the first prompt, fetched with the token")
+    assert "token" not in browser.current_url
+    browser.refresh()  # the tab keeps it
+    _wait(lambda: _shown_id(browser, By) == ids[0], what="the first prompt after a reload")
+    for letter in "ABCD":
+      _card(browser, By, letter).find_element(By.TAG_NAME, "button").click()
+    browser.find_element(By.ID, "submit").click()
+    _wait(lambda: _shown_id(browser, By) == ids[1], what="the second prompt")
+    assert [r["prompt_id"] for r in _jsonl(out / "comparisons.jsonl")] == [ids[0]]
+    browser.execute_script("sessionStorage.clear()")  # a page without the token: told so, not left waiting
+    browser.get(server.url + "/")
+    _wait(lambda: "access token" in browser.find_element(By.ID, "status-text").text, what="the token message")
   finally:
     server.stop()

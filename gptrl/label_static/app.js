@@ -3,6 +3,13 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const query = new URLSearchParams(location.search);
+if (query.get("token")) {  // keep the access token for this tab only, out of the address bar and its history
+  sessionStorage.setItem("gptrl-label-token", query.get("token"));
+  history.replaceState(null, "", location.pathname);
+}
+const TOKEN = sessionStorage.getItem("gptrl-label-token") || "";
+const AUTH = TOKEN ? {Authorization: "Bearer " + TOKEN} : {};
 const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 let question = null;  // {prompt_id, where, messages: [{role, content}], replies: [str], dropped}
@@ -21,13 +28,17 @@ function ordinal(n) {
 
 async function refresh() {
   clearTimeout(pollTimer);
-  let state;
+  let state, response;
   try {
-    const response = await fetch("/api/state", {cache: "no-store"});
+    response = await fetch("/api/state", {cache: "no-store", headers: AUTH});
     state = await response.json();
   } catch (err) {
     showStatus("Cannot reach the labelling server; retrying…", "error");
     pollTimer = setTimeout(refresh, 2000);
+    return;
+  }
+  if (response.status === 401 || response.status === 403) {  // no retry helps: the address needs its ?token=
+    showStatus(state.error || "Not allowed (HTTP " + response.status + ").", "error");
     return;
   }
   showProgress(state.progress);
@@ -63,7 +74,7 @@ async function send(url, body) {
     if (attempt) await new Promise((resolve) => setTimeout(resolve, 500 * 2 ** attempt));
     let response, reply;
     try {
-      response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+      response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json", ...AUTH},
                                    body: JSON.stringify(body)});
       reply = await response.json();
     } catch (err) {

@@ -1,0 +1,67 @@
+"""Who may use gptrl's web servers (`gptrl.serve`, `gptrl.label`): an access token once a server listens beyond
+loopback, and, in every mode, a Host header that must name the server (a page on another site that rebinds its
+own name to this address, DNS rebinding, sends its own name and is refused).
+
+The token is what Jupyter does: given (--token or an environment variable) or, beyond loopback, made at random
+and printed once with the server's address (`?token=...`, which the pages keep for the tab and drop from the
+address bar). Clients send it as `Authorization: Bearer TOKEN`; it is compared in constant time.
+"""
+from __future__ import annotations
+
+import hmac
+import secrets
+import socket
+from typing import Sequence
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+  """The names a server listening on `host` answers to: the loopback names, `host` itself (or this machine's
+  names when it listens on every address) and `extra` ("*" allows any)."""
+  names = list(LOOPBACK) + list(extra)
+  if host not in ("0.0.0.0", "::", ""):
+    names.append(host)
+  else:
+    try:
+      names += [socket.gethostname(), socket.getfqdn()]
+    except OSError:
+      pass
+  return names
+
+
+def resolve_token(given: str, host: str) -> tuple[str, bool]:
+  """(token, made here): `given`, else a random one when `host` is beyond loopback, else none ("")."""
+  if given:
+    return given, False
+  if host in LOOPBACK:
+    return "", False
+  return secrets.token_urlsafe(24), True
+
+
+class Access:
+  """The checks of one server: `host_error` and `token_error` return what is wrong (None when allowed)."""
+
+  def __init__(self, token: str, hosts: Sequence[str], *, flag: str = "--allowed_host"):
+    self.token = token
+    self.hosts = {h.lower().strip("[]") for h in hosts}
+    self.flag = flag
+
+  def host_error(self, host: str) -> str | None:
+    if host.startswith("["):  # [IPv6] or [IPv6]:port
+      name = host[1:host.find("]")] if "]" in host else host
+    else:
+      name = host.split(":", 1)[0] if host.count(":") == 1 else host
+    if "*" in self.hosts or name.lower() in self.hosts:
+      return None
+    return (f"Host header {host!r} is not one this server answers to (a guard against DNS rebinding); start it "
+            f"with {self.flag} NAME to add a name")
+
+  def token_error(self, authorization: str) -> str | None:
+    if not self.token:
+      return None
+    given = authorization[len("Bearer "):].strip() if authorization.startswith("Bearer ") else ""
+    if hmac.compare_digest(given.encode(), self.token.encode()):
+      return None
+    return ("missing or wrong access token: send 'Authorization: Bearer TOKEN' (the token the server printed at "
+            "start)")
