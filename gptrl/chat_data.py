@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import sys
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import grain
 import numpy as np
@@ -33,7 +33,7 @@ from gptrl.data import DataError
 Batch = dict[str, np.ndarray]
 
 _CHAT_EXPECTED = "{'prompt', 'response'} or {'messages': [{'role', 'content'}, ...]}"
-_PREF_EXPECTED = ("{'prompt' or 'messages', 'chosen', 'rejected'} or {'prompt' or 'messages', 'responses', "
+PREF_EXPECTED = ("{'prompt' or 'messages', 'chosen', 'rejected'} or {'prompt' or 'messages', 'responses', "
                   "'ranking'}")
 # Margins are differences of ratings or judge scores; far below float32's limit, so a margin never becomes inf.
 _MAX_MARGIN = 1e6
@@ -203,7 +203,7 @@ class PromptComparisons:
     return json.dumps([dataclasses.astuple(m) for m in self.prompt])
 
 
-def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], list[tuple[int, int, float]]]:
+def pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], list[tuple[int, int, float]]]:
   """(responses, [(winner, loser, margin)]) of one pairwise or ranked record; DataError on anything wrong."""
   def text(value, name):
     if not isinstance(value, str) or not value.strip():
@@ -251,7 +251,7 @@ def _pairs_of_record(record: dict[str, Any], where: str) -> tuple[list[str], lis
                       f"first; got {ranking!r:.80}.")
     # A ranking of K responses gives all K(K-1)/2 pairs.
     return responses, [(ranking[a], ranking[b], margin) for a in range(k) for b in range(a + 1, k)]
-  raise DataError(f"{where}: expected {_PREF_EXPECTED}; got keys {chat.record_keys(record)}.")
+  raise DataError(f"{where}: expected {PREF_EXPECTED}; got keys {chat.record_keys(record)}.")
 
 
 SIMULATED_USER = "user:simulated:"  # the feedback stage's users played by a judge: user:simulated:<judge>
@@ -280,8 +280,10 @@ def gold_judge(groups: Sequence[PromptComparisons]) -> str | None:
   return None
 
 
-def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[PromptComparisons]:
-  """Comparisons grouped by prompt, each group holding at most `max_responses` distinct responses.
+def load_comparisons(sources: Sequence[str], *, max_responses: int,
+                     drop_labellers: Collection[str] = ()) -> list[PromptComparisons]:
+  """Comparisons grouped by prompt, each group holding at most `max_responses` distinct responses; the records
+  of `drop_labellers` (`record_labeller` names) are left out.
 
   Pairwise records of the same prompt are merged (responses matched by text); a prompt with more distinct
   responses than `max_responses` is split into several groups. A single ranking longer than `max_responses`
@@ -290,7 +292,7 @@ def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[Prom
   groups: dict[str, list[PromptComparisons]] = {}
   order: list[PromptComparisons] = []
   n_records = 0
-  for where, record in data_lib.load_records(sources, expected=_PREF_EXPECTED):
+  for where, record in data_lib.load_records(sources, expected=PREF_EXPECTED):
     try:
       prompt = tuple(chat.prompt_messages(record, where))
     except chat.ChatFormatError as e:
@@ -298,7 +300,9 @@ def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[Prom
     if prompt[-1].role == "assistant":
       raise DataError(f"{where}: field 'messages': the prompt's last turn is the assistant's; the compared "
                       "responses must answer a user (or system) turn.")
-    responses, pairs = _pairs_of_record(record, where)
+    responses, pairs = pairs_of_record(record, where)
+    if record_labeller(record) in drop_labellers:
+      continue
     if len(responses) > max_responses:
       raise DataError(f"{where}: field 'responses' holds {len(responses)} ranked responses, more than "
                       f"data.max_responses={max_responses}; raise data.max_responses.")
@@ -322,7 +326,8 @@ def load_comparisons(sources: Sequence[str], *, max_responses: int) -> list[Prom
     target.where.append(where)
     target.labellers.append(record_labeller(record))
   if not order:
-    raise DataError(f"data sources {list(sources)}: no comparison found.")
+    raise DataError(f"data sources {list(sources)}: no comparison found"
+                    + (f" once the records of {sorted(drop_labellers)} were left out." if drop_labellers else "."))
   logging.info("%d comparison records -> %d prompt groups, %d pairs.", n_records, len(order),
                sum(len(g.pairs) for g in order))
   return order

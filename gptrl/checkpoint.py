@@ -875,7 +875,7 @@ def lineage(folder: str) -> dict[str, Any] | None:
       parents[role] = {**parent, "now_sha256": now, "same": bool(now) and now == parent["manifest_sha256"]}
     return {"checkpoint": step_dir, "manifest_sha256": manifest_sha256(step_dir), "stage": meta.get("stage"),
             "parents": parents, "parent_changes": meta.get("parent_changes") or [],
-            "init_checkpoint": meta.get("init_checkpoint")}
+            "init_checkpoint": meta.get("init_checkpoint"), "labellers_dropped": meta.get("labellers_dropped")}
   return None
 
 

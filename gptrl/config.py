@@ -613,10 +613,15 @@ class PreferenceDataConfig(_DataSplitConfig):
   # > 0: prompt + response cut to this many tokens (the prompt keeps its latest turns), cheaper than the model's
   # whole context when prompts are long; recorded as the RM's "context", which every consumer scores with.
   max_len: int = 0
+  # > 0: leave out the records of labellers whose pairwise agreement with the others (gptrl.agreement: the share
+  # of reply pairs ordered alike on the prompts both compared) is below this; labellers never compared with
+  # another are kept (nothing measures them). The labellers used are then part of the data fingerprint.
+  min_agreement: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
     _check(self.max_responses >= 2, "data.max_responses", f"must be >= 2, got {self.max_responses}")
+    _check(0.0 <= self.min_agreement <= 1.0, "data.min_agreement", f"must be in [0, 1], got {self.min_agreement}")
     _check(self.max_len == 0 or self.max_len >= 16, "data.max_len", f"must be 0 (the model's context) or >= 16, "
            f"got {self.max_len}")
 

@@ -8,10 +8,10 @@ click in order of preference; keyboard too), optionally write a better reply, an
 then open the printed address (http://127.0.0.1:8080/ by default; the server listens on localhost only unless
 --host says otherwise). Beyond loopback the page's data needs an access token (--token, $GPTRL_LABEL_TOKEN, or a
 random one printed once in the address, ?token=...), and in every mode the Host header must name this server
-(loopback names, --host, this machine's names, --allowed_host), against DNS rebinding: see gptrl/access.py. Replies are sampled from the checkpoint (a chat-stage one: SFT, PPO) a few prompts ahead
-in a background thread, each prompt with its own seed (from --seed and the prompt), so a restart shows the same
-replies; or they are read from a replies file of the labelling stage (`{"messages"|"prompt", "responses"}`).
-Empty and repeated replies are not shown: the reward stage needs distinct ones.
+(loopback names, --host, this machine's names, --allowed_host), against DNS rebinding: see gptrl/access.py.
+Replies are sampled from the checkpoint (a chat-stage one: SFT, PPO) a few prompts ahead in a background thread,
+each prompt with its own seed (from --seed and the prompt), so a restart shows the same replies; or they are
+read from a replies file of the labelling stage (`{"messages"|"prompt", "responses"}`). Empty and repeated replies are not shown: the reward stage needs distinct ones.
 
 `--prompts`: JSONL files or folders (or the built-in `shakespeare_dialogue`) of prompts, `{"prompt"}` or
 `{"messages"}` ending in a user turn, or of demonstrations (`{"prompt", "response"}`, or `{"messages"}` ending in
@@ -202,9 +202,8 @@ class WebLabeller(labellers.Labeller):
 
   The page reads `question`; its submit and skip requests call `answer`. Used from one labelling thread.
   """
-  name = "human"
-
-  def __init__(self):
+  def __init__(self, name: str = "human"):
+    self.name = name  # what the records say labelled them ("labeller"): a person's name, or "human"
     self._cond = threading.Condition()
     self._question: Question | None = None
     self._answer: Any = _PENDING
@@ -493,6 +492,10 @@ def _parser() -> argparse.ArgumentParser:
   what.add_argument("--split_seed", type=int, default=0, help="shakespeare_dialogue: the SFT run's data.split_seed")
   what.add_argument("--replies", default="", help="rank the replies of this replies.jsonl instead of sampling")
   what.add_argument("--out", required=True, help="folder for comparisons.jsonl, demonstrations.jsonl, label_log.jsonl")
+  what.add_argument("--labeller", default="human", help="who labels: the records' \"labeller\" (default "
+                    "%(default)s). A team labels the same prompts (the same --replies, or --prompts and --seed) into "
+                    "a folder each under its own names; python -m gptrl.agreement measures how alike they rank, and "
+                    "the reward stage's data.min_agreement can leave out who disagrees")
   what.add_argument("--k", type=int, default=4, help="replies per prompt (default %(default)s; the reward stage's "
                     "data.max_responses must be at least this)")
   gen = p.add_argument_group("sampling")
@@ -558,10 +561,13 @@ def run(args: argparse.Namespace) -> None:
                      "file's prompts are used.")
   if args.k < 2 or args.ahead < 1 or not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or args.top_k < 0:
     raise UsageError("--k must be >= 2, --ahead >= 1, --top_p in (0, 1], --temperature and --top_k >= 0.")
+  if not args.labeller.strip() or args.labeller.startswith(("judge:", "user:")):
+    raise UsageError(f"--labeller {args.labeller!r}: give a person's name (\"judge:\" and \"user:\" name automatic "
+                     "judges and gptrl.serve's users).")
   progress = Progress()
   questions_in, prompt_ids = _questions(args, progress)
   store = LabelStore(args.out)
-  labeller = WebLabeller()
+  labeller = WebLabeller(args.labeller)
   token, made = access_lib.resolve_token(args.token or os.environ.get("GPTRL_LABEL_TOKEN", ""), args.host)
   access = access_lib.Access(token, access_lib.allowed_hosts(args.host, args.allowed_host))
   app = create_app(store, labeller, progress, prompt_ids, access=access)

@@ -538,9 +538,44 @@ def section_summary(run: Run) -> str:
   return _table(["stage", "folder", "last step", "wall time", "key numbers (first → last)"], rows) + _note(times)
 
 
+def section_agreement(run: Run) -> str:
+  """Labeller agreement (gptrl.agreement) over the reward stage's comparisons, when two or more labellers
+  compared some prompts alike."""
+  sources = ((run.configs.get("reward") or {}).get("data") or {}).get("sources") or []
+  if not sources:
+    return ""
+  from gptrl import agreement  # pylint: disable=import-outside-toplevel
+  try:
+    result = agreement.of_sources(list(sources))
+  except Exception as e:  # pylint: disable=broad-except
+    return _note(f"Labeller agreement over the reward model's comparisons: not measured ({type(e).__name__}: {e}).")
+  if not result.pairs:
+    return _note(f"Labeller agreement: the reward model's comparisons come from {len(result.labellers)} labeller(s) "
+                 "with no prompt compared by two of them.")
+  rows = [[_esc(name), _esc(units), _esc(result.per_labeller.get(name, (0, 0))[0]),
+           _esc(f"{result.per_labeller[name][1]:.3f}" if name in result.per_labeller else "-")]
+          for name, units in result.labellers.items()]
+  alpha = "-" if result.alpha is None else f"{result.alpha:.3f}"
+  dropped = (_dropped_labellers(run) or {})
+  return ("<h3>Labeller agreement (the reward model's comparisons)</h3>"
+          + _table(["labeller", "reply pairs judged", "compared with another's", "agreement"], rows)
+          + _note(f"{result.shared_units} reply pairs judged by two or more labellers: pairwise agreement "
+                  f"{result.overall[1]:.3f} over {result.overall[0]} comparisons, Krippendorff's alpha (nominal) "
+                  f"{alpha}." + (f" Left out by data.min_agreement: {', '.join(sorted(dropped))}." if dropped else "")))
+
+
+def _dropped_labellers(run: Run) -> dict[str, float] | None:
+  """The reward model's "labellers_dropped" (its newest checkpoint's meta), if it records any."""
+  if "reward" not in run.dirs:
+    return None
+  from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  found = ckpt_lib.lineage(os.path.join(run.dirs["reward"], "checkpoints"))
+  return (found or {}).get("labellers_dropped")
+
+
 def section_label(run: Run) -> str:
   if "label" not in run.dirs:
-    return _note("No labelling stage in this report.")
+    return _note("No labelling stage in this report.") + section_agreement(run)
   folder = run.dirs["label"]
   summary = _read_json(os.path.join(folder, "summary.json")) or {}
   replies = fileio.read_jsonl_lenient(os.path.join(folder, "replies.jsonl"))
@@ -571,7 +606,7 @@ def section_label(run: Run) -> str:
     min_gap = summary.get("min_gap")
     out += _img(plot_labels(replies, comparisons, min_gap if isinstance(min_gap, (int, float)) else None,
                             str(summary.get("judge", "judge"))), "label score histograms")
-  return out
+  return out + section_agreement(run)
 
 
 def _scores_cell(record: dict[str, Any] | None, judges: Sequence[str]) -> str:

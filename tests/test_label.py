@@ -14,6 +14,8 @@ import os
 import pathlib
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +27,7 @@ from gptrl import access as access_lib
 from gptrl import chat
 from gptrl import label
 from gptrl import labellers
-from helpers import ServerProcess, make_tiny_checkpoint
+from helpers import REPO, ServerProcess, env, make_tiny_checkpoint
 
 USER = [chat.Message("user", "Where does the fox walk?")]
 
@@ -545,3 +547,25 @@ def test_the_page_opened_from_the_printed_address_keeps_its_token_out_of_the_add
     _wait(lambda: "access token" in browser.find_element(By.ID, "status-text").text, what="the token message")
   finally:
     server.stop()
+
+
+def test_a_team_labels_the_same_replies_under_their_names_and_their_agreement_is_measured(tmp_path):
+  from gptrl import agreement  # pylint: disable=import-outside-toplevel
+  replies = _write_replies(tmp_path / "replies.jsonl")
+  folders = {}
+  for name, flip in (("alice", None), ("bob", 0)):  # bob ranks the first prompt the other way round
+    out = folders[name] = tmp_path / f"labels_{name}"
+    server = Server(["--replies", replies, "--out", out, "--labeller", name], tmp_path / f"{name}.log")
+    try:
+      for i in range(2):
+        pid = server.question()["prompt_id"]
+        ranking = [3, 2, 1, 0] if i == flip else [0, 1, 2, 3]
+        assert server.request("/api/submit", {"prompt_id": pid, "ranking": ranking})[0] == 200
+    finally:
+      server.stop()
+    assert {r["labeller"] for r in _jsonl(out / "comparisons.jsonl")} == {name}
+  result = agreement.of_sources([str(f / "comparisons.jsonl") for f in folders.values()])
+  assert result.pairs[("alice", "bob")] == (12, 0.5)  # 2 prompts x 6 reply pairs; the first all unlike
+  bad = subprocess.run([sys.executable, "-m", "gptrl.label", "--replies", str(replies), "--out", str(tmp_path / "x"),
+                        "--labeller", "judge:me"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "--labeller 'judge:me'" in bad.stderr

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gptrl import agreement
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
@@ -154,7 +155,8 @@ def generation_eval(cfg: DPOConfig, model_cfg: config_lib.ModelConfig, mesh: jax
 def recipe(cfg: DPOConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
   p, k = cfg.dpo, cfg.data.max_responses
   # The data first: a bad record is reported before any checkpoint is read.
-  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
+  dropped = agreement.labellers_below(cfg.data)
+  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k, drop_labellers=dropped)
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, ctx.workdir, cfg.model,
                                                      expect_stage=("sft",))
   seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
@@ -182,7 +184,8 @@ def recipe(cfg: DPOConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
   fingerprint_parts = dict(sources=list(cfg.data.sources), split_seed=cfg.data.split_seed,
                            eval_fraction=cfg.data.eval_fraction, seed=cfg.seed, seq_len=seq_len, max_responses=k,
                            global_batch_size=cfg.data.batch_size, process_count=jax.process_count(),
-                           tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs)
+                           tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs,
+                           **agreement.fingerprint_parts(cfg.data, dropped, groups))
   eval_batches = chat_data.reward_eval_batches(eval_enc, batch_size=cfg.data.batch_size,
                                                max_batches=cfg.data.eval_batches, process_index=jax.process_index(),
                                                process_count=jax.process_count())

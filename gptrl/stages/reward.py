@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gptrl import agreement
 from gptrl import chat
 from gptrl import chat_data
 from gptrl import checkpoint as ckpt_lib
@@ -196,7 +197,8 @@ def _drop_leading_axis(named: jax.sharding.NamedSharding) -> jax.sharding.NamedS
 def recipe(cfg: RewardConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
   k = cfg.data.max_responses
   # The data first: a bad record is reported before any checkpoint is read.
-  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k)
+  dropped = agreement.labellers_below(cfg.data)
+  groups = chat_data.load_comparisons(cfg.data.sources, max_responses=k, drop_labellers=dropped)
   model_cfg, tok, init_meta = recipe_lib.init_source(cfg.init, cfg.tokenizer_path, ctx.workdir, cfg.model,
                                                      expect_stage=("sft",))
   seq_len = min(cfg.data.max_len or model_cfg.max_len, model_cfg.max_len)
@@ -220,6 +222,7 @@ def recipe(cfg: RewardConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
                            global_batch_size=cfg.data.batch_size, process_count=jax.process_count(),
                            tokenizer_sha256=tok.sha256, num_prompts=len(train_groups), num_pairs=n_train_pairs,
                            **({"ensemble": members} if members > 1 else {}))
+  fingerprint_parts.update(agreement.fingerprint_parts(cfg.data, dropped, groups))
   model = reward_model.make_reward_model(model_cfg, members, head_init_std=cfg.reward.head_init_std,
                                         pooling=cfg.reward.pooling)
 
@@ -254,7 +257,7 @@ def recipe(cfg: RewardConfig, ctx: recipe_lib.Context) -> recipe_lib.Recipe:
       flops_per_step=model_lib.flops_per_token(model_cfg, seq_len, lm_head=False) * tokens_per_step,
       meta={"init_checkpoint": init_meta["init_checkpoint"], "head": "reward_head", "pooling": cfg.reward.pooling,
             "ensemble": members, "context": seq_len, "eval_pairs": n_eval_pairs, "eval_prompts": len(eval_groups),
-            "gold_judge": gold, "labellers": dict(labelled_by)},
+            "gold_judge": gold, "labellers": dict(labelled_by), "labellers_dropped": dropped},
       members=members, init_from=init_from,
       eval_fn=make_reward_eval_fn(model, ctx.mesh, eval_batches, cfg.reward.margin_scale) if eval_batches else None,
       final_meta_fn=make_normalizer(cfg, model, ctx.mesh, tok, [g.prompt for g in train_groups], seq_len))
