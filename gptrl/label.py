@@ -11,7 +11,8 @@ random one printed once in the address, ?token=...), and in every mode the Host 
 (loopback names, --host, this machine's names, --allowed_host), against DNS rebinding: see gptrl/access.py.
 Replies are sampled from the checkpoint (a chat-stage one: SFT, PPO) a few prompts ahead in a background thread,
 each prompt with its own seed (from --seed and the prompt), so a restart shows the same replies; or they are
-read from a replies file of the labelling stage (`{"messages"|"prompt", "responses"}`). Empty and repeated replies are not shown: the reward stage needs distinct ones.
+read from a replies file of the labelling stage (`{"messages"|"prompt", "responses"}`). Empty and repeated
+replies are not shown: the reward stage needs distinct ones.
 
 `--prompts`: JSONL files or folders (or the built-in `shakespeare_dialogue`) of prompts, `{"prompt"}` or
 `{"messages"}` ending in a user turn, or of demonstrations (`{"prompt", "response"}`, or `{"messages"}` ending in
