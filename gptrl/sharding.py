@@ -82,7 +82,16 @@ def make_mesh(mesh_config: config_lib.MeshConfig, devices: Sequence[jax.Device] 
     whole = len(devices) == len(jax.devices())
   if whole:
     # Lets JAX order devices so that the inner axes (tensor) sit on the fastest interconnect.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    except (NotImplementedError, ValueError) as e:
+      # An axis that is no product of whole physical axes (e.g. tensor=2 on a 4x4x4 v5p torus): JAX's layout
+      # refuses it unless physical axes may be split; the split keeps neighbours on one physical axis.
+      from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+      logging.info("Mesh %s over the slice: splitting physical axes (%s).", dict(zip(MESH_AXES, shape)),
+                   str(e).split(".")[0])
+      return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES,
+                  axis_types=(jax.sharding.AxisType.Auto,) * 3)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

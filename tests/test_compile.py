@@ -41,6 +41,18 @@ def v5e():
 
 
 @needs_libtpu
+def test_a_mesh_axis_that_is_no_product_of_whole_torus_axes_splits_one_and_keeps_neighbours_together():
+  # The 3b plan on v5p:4x4x4: tensor=2, fsdp=32. JAX's layout alone refuses an axis of 2 on a 4x4x4 torus.
+  from gptrl import sharding  # pylint: disable=import-outside-toplevel
+  devices = compile_lib.tpu_topology("v5p:4x4x4").devices
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=-1, tensor=2), devices, whole=True)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+  for pair in mesh.devices.reshape(-1, 2):  # each tensor pair: torus neighbours (one coordinate apart by 1)
+    assert sorted(abs(a - b) for a, b in zip(pair[0].coords, pair[1].coords)) == [0, 0, 1]
+
+
+@needs_libtpu
 def test_topologies_are_whole_pods_one_device_per_chip():
   assert len(compile_lib.tpu_topology("v5p:2x2x2").devices) == 8  # megacore: one device per chip, as runs see it
   assert len(compile_lib.tpu_topology("v4:2x2x1").devices) == 4
