@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import socket
+import sys
 from typing import Sequence
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -37,6 +38,21 @@ def resolve_token(given: str, host: str) -> tuple[str, bool]:
   if host in LOOPBACK:
     return "", False
   return secrets.token_urlsafe(24), True
+
+
+def shown_host(host: str) -> str:
+  """The name a browser on this machine reaches a server listening on `host` by."""
+  return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def page_address(host: str, port: int, made_token: str = "") -> str:
+  """http://<host>:<port>/ as `shown_host` gives it, with ?token=... for a token made here, which is also printed
+  once on stderr (the pages keep it for their tab and drop it from the address bar)."""
+  address = f"http://{shown_host(host)}:{port}/"
+  if made_token:
+    print(f"Access token (shown once): {made_token}", file=sys.stderr)
+    address += f"?token={made_token}"
+  return address
 
 
 class Access:

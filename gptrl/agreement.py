@@ -117,9 +117,14 @@ def measure(by_labeller: dict[str, dict[Unit, int]]) -> Agreement:
       alpha=krippendorff_alpha_nominal(multi), shared_units=len(multi))
 
 
+def judgements_of(sources: Sequence[str]) -> dict[str, dict[Unit, int]]:
+  """`judgements` of the comparison records in `sources` (files, folders, globs; as the reward stage reads)."""
+  return judgements(data_lib.load_records(sources, expected=chat_data.PREF_EXPECTED))
+
+
 def of_sources(sources: Sequence[str]) -> Agreement:
-  """The agreement of the comparison records in `sources` (files, folders, globs; as the reward stage reads)."""
-  return measure(judgements(data_lib.load_records(sources, expected=chat_data.PREF_EXPECTED)))
+  """The agreement of the comparison records in `sources`."""
+  return measure(judgements_of(sources))
 
 
 def low_agreement(by_labeller: dict[str, dict[Unit, int]], minimum: float) -> dict[str, float]:
@@ -142,7 +147,7 @@ def labellers_below(data: Any) -> dict[str, float]:
   the reward or DPO stage ({} when it is 0), logged with the measurement."""
   if data.min_agreement <= 0:
     return {}
-  by_labeller = judgements(data_lib.load_records(data.sources, expected=chat_data.PREF_EXPECTED))
+  by_labeller = judgements_of(data.sources)
   measured = measure(by_labeller)
   dropped = low_agreement(by_labeller, data.min_agreement)
   logging.info("Labeller agreement (gptrl.agreement) over %d prompts' reply pairs judged twice or more: overall "

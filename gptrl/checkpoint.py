@@ -856,27 +856,36 @@ def check_parents(saved_meta: dict[str, Any], parents: dict[str, dict[str, Any]]
   return changes
 
 
-def lineage(folder: str) -> dict[str, Any] | None:
-  """What a run's newest checkpoint in `folder` (its checkpoints/ folder) says of where it came from, for the
-  report: {"checkpoint", "manifest_sha256", "stage", "parents": {role: {..., "now_sha256": the parent's manifest
-  hash today ("" if it is gone), "same": unchanged since}}, "parent_changes"}; None without a readable step.
-  Checks names and sizes only (no hashing of the arrays)."""
+def newest_meta(folder: str) -> tuple[str, dict[str, Any]] | None:
+  """(step folder, meta) of the newest step in checkpoints folder `folder` whose files have their manifest's
+  names and sizes (no hashing of the arrays) and whose meta reads; None without one. For reports."""
   for step in reversed(_numbered(folder)):
     step_dir = f"{folder}/{step}"
     if verify_step(step_dir, hashes=False) is not None:
       continue
     try:
-      meta = _read_meta_dir(step_dir)
+      return step_dir, _read_meta_dir(step_dir)
     except Exception:  # pylint: disable=broad-except
       continue
-    parents = {}
-    for role, parent in (meta.get("parents") or {}).items():
-      now = manifest_sha256(parent["checkpoint"]) if fileio.isdir(parent["checkpoint"]) else ""
-      parents[role] = {**parent, "now_sha256": now, "same": bool(now) and now == parent["manifest_sha256"]}
-    return {"checkpoint": step_dir, "manifest_sha256": manifest_sha256(step_dir), "stage": meta.get("stage"),
-            "parents": parents, "parent_changes": meta.get("parent_changes") or [],
-            "init_checkpoint": meta.get("init_checkpoint"), "labellers_dropped": meta.get("labellers_dropped")}
   return None
+
+
+def lineage(folder: str) -> dict[str, Any] | None:
+  """What a run's newest checkpoint in `folder` (its checkpoints/ folder) says of where it came from, for the
+  report: {"checkpoint", "manifest_sha256", "stage", "parents": {role: {..., "now_sha256": the parent's manifest
+  hash today ("" if it is gone), "same": unchanged since}}, "parent_changes", "init_checkpoint"}; None without a
+  readable step (`newest_meta`)."""
+  found = newest_meta(folder)
+  if found is None:
+    return None
+  step_dir, meta = found
+  parents = {}
+  for role, parent in (meta.get("parents") or {}).items():
+    now = manifest_sha256(parent["checkpoint"]) if fileio.isdir(parent["checkpoint"]) else ""
+    parents[role] = {**parent, "now_sha256": now, "same": bool(now) and now == parent["manifest_sha256"]}
+  return {"checkpoint": step_dir, "manifest_sha256": manifest_sha256(step_dir), "stage": meta.get("stage"),
+          "parents": parents, "parent_changes": meta.get("parent_changes") or [],
+          "init_checkpoint": meta.get("init_checkpoint")}
 
 
 def model_config_from_meta(meta: dict[str, Any]) -> Any:

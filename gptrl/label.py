@@ -577,11 +577,7 @@ def run(args: argparse.Namespace) -> None:
                    daemon=True).start()
   counts = store.counts(prompt_ids)
   logging.info("%d prompts, %d done before; writing to %s.", len(set(prompt_ids)), sum(counts.values()), args.out)
-  shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-  address = f"http://{shown}:{server.server_port}/"
-  if made:
-    print(f"Access token (shown once): {token}", file=sys.stderr)
-    address += f"?token={token}"
+  address = access_lib.page_address(args.host, server.server_port, token if made else "")
   print(f"Labelling page: {address}  (Ctrl-C stops; nothing saved is lost)", file=sys.stderr, flush=True)
   cli.serve_until_interrupted(server, store.close)
 

@@ -556,7 +556,7 @@ def section_agreement(run: Run) -> str:
            _esc(f"{result.per_labeller[name][1]:.3f}" if name in result.per_labeller else "-")]
           for name, units in result.labellers.items()]
   alpha = "-" if result.alpha is None else f"{result.alpha:.3f}"
-  dropped = (_dropped_labellers(run) or {})
+  dropped = _dropped_labellers(run)
   return ("<h3>Labeller agreement (the reward model's comparisons)</h3>"
           + _table(["labeller", "reply pairs judged", "compared with another's", "agreement"], rows)
           + _note(f"{result.shared_units} reply pairs judged by two or more labellers: pairwise agreement "
@@ -564,13 +564,13 @@ def section_agreement(run: Run) -> str:
                   f"{alpha}." + (f" Left out by data.min_agreement: {', '.join(sorted(dropped))}." if dropped else "")))
 
 
-def _dropped_labellers(run: Run) -> dict[str, float] | None:
-  """The reward model's "labellers_dropped" (its newest checkpoint's meta), if it records any."""
+def _dropped_labellers(run: Run) -> dict[str, float]:
+  """The reward model's "labellers_dropped" (its newest checkpoint's meta); {} if none are recorded."""
   if "reward" not in run.dirs:
-    return None
+    return {}
   from gptrl import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  found = ckpt_lib.lineage(os.path.join(run.dirs["reward"], "checkpoints"))
-  return (found or {}).get("labellers_dropped")
+  found = ckpt_lib.newest_meta(os.path.join(run.dirs["reward"], "checkpoints"))
+  return (found[1].get("labellers_dropped") if found else None) or {}
 
 
 def section_label(run: Run) -> str:

@@ -718,15 +718,11 @@ def run(args: argparse.Namespace) -> None:
   server = build(args)
   app = create_app(server)
   http = cli.http_server(args.host, args.port, app, on_error=server.close)
-  shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-  address = f"http://{shown}:{http.server_port}/"
   logging.info("Serving %r (stage %s, step %d) with %d slots; feedback %s.", server.model_id, server.source.stage,
                server.source.step, server.engine.slots, server.store.folder if server.store else "off")
-  if getattr(args, "generated_token", ""):
-    print(f"Access token (shown once): {args.generated_token}", file=sys.stderr)
-    address += f"?token={args.generated_token}"
-  print(f"Serving on {address}  (OpenAI base URL: http://{shown}:{http.server_port}/v1; Ctrl-C stops)",
-        file=sys.stderr, flush=True)
+  address = access_lib.page_address(args.host, http.server_port, getattr(args, "generated_token", ""))
+  print(f"Serving on {address}  (OpenAI base URL: http://{access_lib.shown_host(args.host)}:{http.server_port}/v1; "
+        "Ctrl-C stops)", file=sys.stderr, flush=True)
   cli.serve_until_interrupted(http, server.close)
 
 
