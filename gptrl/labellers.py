@@ -1,7 +1,7 @@
 """Labellers: who says which replies to a prompt are better. One interface, two kinds of labeller:
 
 - `JudgeLabeller`: an automatic judge of gptrl/judges.py (what the labelling stage, gptrl/stages/autolabel.py, uses);
-- the person at the labelling web page (`gptrl.label.WebLabeller`, `python -m gptrl.label`).
+- people, at the labelling web page (`python -m gptrl.label`: one person, or a team with an overlap).
 
 A labeller is given a prompt (chat messages) and the K replies to it, and returns a `Label`:
   ranking       the reply indices best first, each once: a strict order, no ties. That is what the reward

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -90,35 +91,142 @@ def test_label_check_refuses_what_is_not_a_ranking_of_the_replies():
       labellers.Label(ranking).check(3)
 
 
-def test_web_labeller_answers_with_what_the_person_submitted():
-  person = label.WebLabeller()
-  result = {}
-  thread = threading.Thread(target=lambda: result.update(label=person.label(USER, ["Yes.", "No."])))
-  thread.start()
-  deadline = time.monotonic() + 5
-  while person.question is None and time.monotonic() < deadline:
-    time.sleep(0.01)
-  question = person.question
-  assert question.replies == ("Yes.", "No.") and question.prompt == tuple(USER)
-  assert not person.answer("not-this-one", labellers.Label((0, 1)))
-  assert person.answer(question.prompt_id, labellers.Label((1, 0), better_reply="Gladly."))
-  thread.join(5)
-  assert result["label"] == labellers.Label((1, 0), better_reply="Gladly.")
+class Clock:
+  """A clock the test moves by hand."""
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def _questions(n: int) -> list[label.Question]:
+  return [label.Question(f"{i:012x}", f"q.jsonl:{i + 1}", (chat.Message("user", f"Question {i}?"),),
+                         (f"Answer {i}a.", f"Answer {i}b.")) for i in range(n)]
+
+
+def _assigned(tmp_path, n=4, **kwargs):
+  store, clock = label.LabelStore(str(tmp_path / "out")), Clock()
+  assignments = label.Assignments(store, clock=clock, **kwargs)
+  questions = _questions(n)
+  label.hand_out(questions, assignments, label.Progress(), block=False)
+  return store, assignments, clock, [q.prompt_id for q in questions]
+
+
+def _decide(store, assignments, pid, who, ranking=(0, 1)):
+  assert assignments.claim(pid, who)
+  assert store.commit(assignments.question(pid), None if ranking is None else labellers.Label(ranking), who)
+  assignments.release(pid, who)
+
+
+def test_each_prompt_goes_to_overlap_labellers_never_two_at_once_on_one_assignment(tmp_path):
+  store, assignments, _, ids = _assigned(tmp_path, overlap=2)
+  got = {who: assignments.next_for(who).prompt_id for who in ("ann", "bob", "cy")}
+  assert got == {"ann": ids[0], "bob": ids[0], "cy": ids[1]}  # the first prompt's two assignments are taken
+  assert assignments.next_for("ann").prompt_id == ids[0]  # asking again: the same one, still hers
+  _decide(store, assignments, ids[0], "ann")
+  assert assignments.next_for("ann").prompt_id == ids[1]  # with cy: the second prompt's other assignment
+  assert not assignments.claim(ids[1], "bob")  # both of its assignments are held; bob cannot take a third
+  _decide(store, assignments, ids[0], "bob", None)  # bob skips: the first prompt needs another labeller
+  assert assignments.next_for("bob").prompt_id == ids[2]
+  assert assignments.next_for("dee").prompt_id == ids[0]
+  assert assignments.complete(ids) == 0
+  _decide(store, assignments, ids[0], "dee", (1, 0))
+  assert assignments.complete(ids) == 1 and not assignments.wanted(ids[0])
+  assert store.decisions(ids[0]) == {"ann": "submitted", "bob": "skipped", "dee": "submitted"}
+  store.close()
+
+
+def test_an_abandoned_assignment_returns_to_the_pool_and_a_late_decision_still_counts(tmp_path):
+  store, assignments, clock, ids = _assigned(tmp_path, overlap=1, timeout=60)
+  assert assignments.next_for("ann").prompt_id == ids[0]
+  assert assignments.next_for("bob").prompt_id == ids[1]  # overlap 1: never the one ann holds
+  for _ in range(5):  # ann's page says it is there every 30 s: hers for as long as that goes on
+    clock.now += 30
+    assert assignments.next_for("ann").prompt_id == ids[0]
+    assert assignments.next_for("bob").prompt_id == ids[1]
+  clock.now += 61  # ann's tab is closed; bob finishes his
+  _decide(store, assignments, ids[1], "bob")
+  assert assignments.next_for("bob").prompt_id == ids[0]  # ann's, abandoned
+  assert set(assignments.holding()) == {"bob"}
+  assert assignments.next_for("ann").prompt_id == ids[2]  # back: hers went to bob; she gets the next
+  _decide(store, assignments, ids[0], "ann")  # her page still had it: her label is kept
+  _decide(store, assignments, ids[0], "bob", (1, 0))
+  assert store.decisions(ids[0]) == {"ann": "submitted", "bob": "submitted"}
+  # Back after a while with nobody else taking it: ann's own prompt is still hers.
+  clock.now += 600
+  assert assignments.next_for("ann").prompt_id == ids[2]
+  store.close()
+
+
+def test_what_a_labeller_with_nothing_to_do_is_told(tmp_path):
+  store, assignments, clock, ids = _assigned(tmp_path, n=2, overlap=1, timeout=60)
+  assert assignments.next_for("ann").prompt_id == ids[0]
+  assert assignments.next_for("bob").prompt_id == ids[1]
+  _decide(store, assignments, ids[1], "bob")
+  assert assignments.next_for("bob") is None and assignments.left_for("bob") == "held"  # ann's may come back
+  clock.now += 61
+  assert assignments.next_for("bob").prompt_id == ids[0]
+  _decide(store, assignments, ids[0], "bob")
+  assert assignments.left_for("ann") == assignments.left_for("bob") == "done"
+  assert not assignments.claim("0123456789ab", "ann")  # not a prompt of this server
+  store.close()
+  # Sampled prompts still coming: "coming", and sampling goes on while someone waits in vain.
+  store = label.LabelStore(str(tmp_path / "other"))
+  assignments = label.Assignments(store, overlap=1, ahead=1, members=["ann"])
+  assert assignments.next_for("ann") is None and assignments.left_for("ann") == "coming"
+  for question in _questions(2):
+    assignments.add(question)  # returns: ann asked in vain a moment ago
+  assert assignments.next_for("ann").prompt_id == ids[0]
+  store.close()
+
+
+def test_decisions_are_per_labeller_and_survive_a_restart(tmp_path):
+  store, assignments, _, ids = _assigned(tmp_path, overlap=2, members=["ann", "bob"])
+  _decide(store, assignments, assignments.next_for("ann").prompt_id, "ann", None)
+  _decide(store, assignments, assignments.next_for("bob").prompt_id, "bob")
+  assert not store.commit(assignments.question(ids[0]), labellers.Label((1, 0)), "bob")  # once per labeller
+  store.close()
+  store = label.LabelStore(str(tmp_path / "out"))
+  assert store.decisions(ids[0]) == {"ann": "skipped", "bob": "submitted"}
+  assert [(e["prompt_id"], e["labeller"], e["action"]) for e in _jsonl(tmp_path / "out" / "label_log.jsonl")] == [
+      (ids[0], "ann", "skipped"), (ids[0], "bob", "submitted")]
+  assignments = label.Assignments(store, overlap=2, members=["ann", "bob"])
+  label.hand_out(_questions(4), assignments, label.Progress(), block=False)
+  assert assignments.next_for("ann").prompt_id == ids[1] and assignments.next_for("bob").prompt_id == ids[1]
+  assert not assignments.wanted(ids[0]) or store.decisions(ids[0]).keys() == {"ann", "bob"}
+  store.close()
+
+
+def test_a_log_written_before_decisions_named_their_labeller_is_read_as_its_records_say(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  q = _questions(2)
+  record = labellers.ranked_record(q[0].prompt, q[0].replies, labellers.Label((0, 1)), labeller="alice",
+                                   prompt_id=q[0].prompt_id)
+  with open(out / "label_log.jsonl", "w", encoding="utf-8") as f:
+    for entry in ({"prompt_id": q[0].prompt_id, "action": "submitted", "comparison": record},
+                  {"prompt_id": q[1].prompt_id, "action": "skipped"}):
+      f.write(json.dumps(entry) + "\n")
+  store = label.LabelStore(str(out))  # comparisons.jsonl lacks alice's record: repaired from the log
+  assert store.decisions(q[0].prompt_id) == {"alice": "submitted"}
+  assert store.decisions(q[1].prompt_id) == {"human": "skipped"}
+  assert [r["labeller"] for r in _jsonl(out / "comparisons.jsonl")] == ["alice"]
+  store.close()
 
 
 # ----------------------------------------------------------------------------------------------
 # The JSON API, in process (Flask's test client).
 
 
-def _app(tmp_path: pathlib.Path, access=None):
-  """(Flask test client, store) of a labelling app on the readable replies, its loop running."""
+def _app(tmp_path: pathlib.Path, access=None, labeller="human", overlap=1, members=("human",)):
+  """(Flask test client, store) of a labelling app on the readable replies."""
   replies = _write_replies(tmp_path / "replies.jsonl")
   store = label.LabelStore(str(tmp_path / "out"))
   questions = label.replies_questions(str(replies), k=4)
-  labeller, progress = label.WebLabeller(), label.Progress()
-  threading.Thread(target=label.labelling_loop, args=(iter(questions), labeller, store, progress),
-                   daemon=True).start()
-  app = label.create_app(store, labeller, progress, [q.prompt_id for q in questions], save_timeout=10,
+  assignments, progress = label.Assignments(store, overlap=overlap, members=members), label.Progress()
+  label.hand_out(questions, assignments, progress, block=False)
+  app = label.create_app(store, assignments, progress, [q.prompt_id for q in questions], labeller=labeller,
                          access=access)
   return app.test_client(), store
 
@@ -233,7 +341,7 @@ def test_a_bad_or_stale_submission_is_refused_and_writes_nothing(web):
   status, body = web.post("/api/submit", {"prompt_id": pid, "ranking": [0, 0, 1, 2]})
   assert status == 400 and "ranking must list the reply indices 0..3" in body["error"]
   status, body = web.post("/api/submit", {"prompt_id": "0123456789ab", "ranking": [0, 1, 2, 3]})
-  assert status == 409 and "not the one waiting" in body["error"]
+  assert status == 409 and "is not assigned to you (human)" in body["error"]
   assert web.post("/api/submit", {"ranking": [0, 1, 2, 3]})[0] == 400
   assert not any(_jsonl(web.out / name) for name in ("comparisons.jsonl", "label_log.jsonl"))
   assert web.state()["question"]["prompt_id"] == pid
@@ -247,7 +355,7 @@ def test_skipped_and_submitted_prompts_are_not_asked_again_after_a_restart(web, 
   assert not _jsonl(web.out / "demonstrations.jsonl") and len(_jsonl(web.out / "comparisons.jsonl")) == 1
   store = label.LabelStore(str(web.out))  # what a restarted server reads
   questions = label.replies_questions(str(tmp_path / "replies.jsonl"), k=4)
-  assert [store.action(q.prompt_id) for q in questions] == ["skipped", "submitted", None, None]
+  assert [store.action(q.prompt_id, "human") for q in questions] == ["skipped", "submitted", None, None]
   # The repeated reply of the last prompt is shown once; the record keeps the 3 distinct ones.
   assert questions[3].replies == tuple(_REPLIES[3][1][:3]) and questions[3].dropped == 1
   store.close()
@@ -279,16 +387,21 @@ def _ranking_for(pid: str) -> list[int]:
   return r[shift:] + r[:shift]
 
 
-def _assert_each_once(out: pathlib.Path, acked: dict[str, list[int]]) -> dict[str, dict]:
-  """Every acknowledged prompt is in the log and comparisons.jsonl exactly once, with its ranking; no prompt twice."""
+def _assert_each_once(out: pathlib.Path, acked: dict) -> dict:
+  """Every acknowledged decision (a prompt id, or (prompt id, labeller) for a team) is in the log and
+  comparisons.jsonl exactly once, with its ranking; no labeller's decision on a prompt twice."""
+  team = any(isinstance(key, tuple) for key in acked)
+
+  def key(record):
+    return (record["prompt_id"], record["labeller"]) if team else record["prompt_id"]
   comparisons, log = _jsonl(out / "comparisons.jsonl"), _jsonl(out / "label_log.jsonl")
   for records in (comparisons, log, _jsonl(out / "demonstrations.jsonl")):
-    ids = [r["prompt_id"] for r in records]
-    assert len(ids) == len(set(ids)), "a record was written twice"
-  by_id = {r["prompt_id"]: r for r in comparisons}
-  assert set(acked) <= set(by_id) and set(acked) <= {e["prompt_id"] for e in log}, "an acknowledged record is lost"
-  assert all(by_id[pid]["ranking"] == ranking for pid, ranking in acked.items())
-  return by_id
+    keys = [key(r) for r in records]
+    assert len(keys) == len(set(keys)), "a record was written twice"
+  by_key = {key(r): r for r in comparisons}
+  assert set(acked) <= set(by_key) and set(acked) <= {key(e) for e in log}, "an acknowledged record is lost"
+  assert all(by_key[k]["ranking"] == ranking for k, ranking in acked.items())
+  return by_key
 
 
 @pytest.mark.parametrize("torn", ["decision", "comparison"])
@@ -331,6 +444,23 @@ def test_kill_mid_write_then_restart_loses_and_duplicates_nothing(tmp_path, torn
     server.stop()
 
 
+def _kill_during(server: Server, clients: list[threading.Thread], acked: dict, at_least: int,
+                 stop: threading.Event) -> None:
+  """Starts the `clients` (they submit and record in `acked` what was acknowledged), kills the server (SIGKILL)
+  once `acked` holds `at_least` decisions, sets `stop` and waits for the clients."""
+  for t in clients:
+    t.start()
+  deadline = time.monotonic() + 30
+  while len(acked) < at_least and time.monotonic() < deadline:
+    time.sleep(0.005)
+  server.proc.send_signal(signal.SIGKILL)
+  server.proc.wait(10)
+  stop.set()
+  for t in clients:
+    t.join(10)
+  assert len(acked) >= at_least
+
+
 def test_kill_during_a_burst_of_submissions_loses_and_duplicates_nothing(tmp_path):
   replies, out = _many_replies(tmp_path / "replies.jsonl", 200), tmp_path / "out"
   server = Server(["--replies", replies, "--out", out], tmp_path / "burst.log")
@@ -351,18 +481,7 @@ def test_kill_during_a_burst_of_submissions_loses_and_duplicates_nothing(tmp_pat
         with lock:
           acked[pid] = _ranking_for(pid)
 
-  threads = [threading.Thread(target=client) for _ in range(3)]
-  for t in threads:
-    t.start()
-  deadline = time.monotonic() + 30
-  while len(acked) < 12 and time.monotonic() < deadline:
-    time.sleep(0.005)
-  server.proc.send_signal(signal.SIGKILL)
-  server.proc.wait(10)
-  stop.set()
-  for t in threads:
-    t.join(10)
-  assert len(acked) >= 12
+  _kill_during(server, [threading.Thread(target=client) for _ in range(3)], acked, 12, stop)
   server = Server(["--replies", replies, "--out", out], tmp_path / "burst-restart.log")
   try:
     by_id = _assert_each_once(out, acked)
@@ -396,17 +515,17 @@ def test_sampled_replies_depend_only_on_the_prompt_and_the_seed(tiny_sft, tmp_pa
   prompts = label.load_prompts([str(_prompts_file(tmp_path / "prompts.jsonl"))], cache_dir=None, num_prompts=0,
                                seed=0)
   assert sorted(p[-1].content for _, p in prompts) == ["What does the sailor carry?", "Where does the king walk?"]
-  store = label.LabelStore(str(tmp_path / "out"))
 
-  def replies(order, seed=0):
-    questions = label.sampled_questions(source, [prompts[i] for i in order], store, k=3, seed=seed, max_new_tokens=8,
-                                        temperature=1.0, top_k=0, top_p=1.0, progress=label.Progress())
+  def replies(order, seed=0, wanted=lambda pid: True):
+    questions = label.sampled_questions(source, [prompts[i] for i in order], wanted, k=3, seed=seed,
+                                        max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
+                                        progress=label.Progress())
     return {q.prompt_id: q.replies for q in questions}
   forward = replies([0, 1])
   assert forward == replies([1, 0])  # the other prompts and their order do not matter
   second = label.prompt_id(prompts[1][1])
   assert replies([1], seed=1)[second] != forward[second]  # the seed does
-  store.close()
+  assert list(replies([0, 1], wanted=lambda pid: pid != second)) == [label.prompt_id(prompts[0][1])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,3 +688,203 @@ def test_a_team_labels_the_same_replies_under_their_names_and_their_agreement_is
   bad = subprocess.run([sys.executable, "-m", "gptrl.label", "--replies", str(replies), "--out", str(tmp_path / "x"),
                         "--labeller", "judge:me"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "--labeller 'judge:me'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A team on one page.
+
+
+def test_where_the_team_names_itself_each_request_says_who_and_a_bad_name_is_refused(tmp_path):
+  client, store = _app(tmp_path, labeller=None, overlap=2, members=None)
+  try:
+    state = client.get("/api/state").get_json()
+    assert state["status"] == "name" and "say who you are" in state["message"] and "question" not in state
+    bad = client.get("/api/state", headers={label.NAME_HEADER: "judge%3Ame"}).get_json()
+    assert bad["status"] == "name" and "reserved" in bad["message"]
+    as_ = {who: {label.NAME_HEADER: urllib.parse.quote(who)} for who in ("Zoë Ng", "bob")}
+    states = {who: client.get("/api/state", headers=h).get_json() for who, h in as_.items()}
+    pid = states["bob"]["question"]["prompt_id"]
+    assert states["Zoë Ng"]["question"]["prompt_id"] == pid and states["Zoë Ng"]["labeller"] == "Zoë Ng"
+    assert client.post("/api/submit", json={"prompt_id": pid, "ranking": [0, 1, 2, 3]}).status_code == 400  # nameless
+    for who, ranking in (("Zoë Ng", [0, 1, 2, 3]), ("bob", [1, 0, 2, 3])):
+      response = client.post("/api/submit", json={"prompt_id": pid, "ranking": ranking}, headers=as_[who])
+      assert response.get_json() == {"ok": True, "duplicate": False, "action": "submitted"}
+    assert [(r["labeller"], r["ranking"]) for r in _jsonl(tmp_path / "out" / "comparisons.jsonl")] == [
+        ("Zoë Ng", [0, 1, 2, 3]), ("bob", [1, 0, 2, 3])]
+    state = client.get("/api/state", headers=as_["bob"]).get_json()
+    assert state["progress"] == {"submitted": 1, "skipped": 0, "total": 4}
+    assert state["team"] == {"overlap": 2, "total": 4, "complete": 1}
+  finally:
+    store.close()
+
+
+def test_the_team_view_measures_agreement_among_people_and_with_the_replies_judge(tmp_path):
+  replies = tmp_path / "replies.jsonl"
+  with open(replies, "w", encoding="utf-8") as f:  # a labelling run's replies: the judge's scores come along
+    for i in range(3):
+      f.write(json.dumps({"prompt": f"Question {i}?", "responses": ["w", "x", "y", "z"],
+                          "scores": [3.0, 2.0, 1.0, 1.0]}) + "\n")
+  store = label.LabelStore(str(tmp_path / "out"))
+  questions = label.replies_questions(str(replies), k=4)
+  assert questions[0].scores == (3.0, 2.0, 1.0, 1.0) and questions[0].judge == "replies"
+  assignments = label.Assignments(store, overlap=2, members=["ann", "bob", "cy"])
+  label.hand_out(questions, assignments, label.Progress(), block=False)
+  rankings = {"ann": [[0, 1, 2, 3], [0, 1, 2, 3]], "bob": [[0, 1, 3, 2], [3, 2, 1, 0]]}
+  for who, theirs in rankings.items():
+    for q, ranking in zip(questions, theirs):
+      _decide(store, assignments, q.prompt_id, who, tuple(ranking))
+  assert assignments.next_for("cy").prompt_id == questions[2].prompt_id  # the first two have their 2 labellers
+  team = label.team_status(store, assignments, [q.prompt_id for q in questions])
+  # By hand: 12 reply pairs (2 prompts x 6); ann and bob order alike 5 of 6 on the first (y~z flipped), none on
+  # the second: 5/12. The judge scores 5 pairs per prompt apart (y = z tie) and ann agrees on all 10; bob on
+  # 5 of the first prompt's and none of the second's: 5/10.
+  rows = {r["name"]: r for r in team["labellers"]}
+  assert team["agreement"]["compared"] == 12 and team["agreement"]["agreement"] == pytest.approx(5 / 12)
+  assert rows["ann"]["agreement"] == rows["bob"]["agreement"] == pytest.approx(5 / 12)
+  assert (rows["ann"]["judge_compared"], rows["ann"]["judge_agreement"]) == (10, 1.0)
+  assert (rows["bob"]["judge_compared"], rows["bob"]["judge_agreement"]) == (10, 0.5)
+  assert rows["cy"] == {"name": "cy", "submitted": 0, "skipped": 0, "holding": questions[2].prompt_id,
+                        "quiet_s": pytest.approx(0, abs=1)}
+  assert team["complete"] == 2 and team["judge"] == ["replies"]
+  # Alpha from gptrl.agreement on the same records (tested there against Krippendorff's published example).
+  from gptrl import agreement  # pylint: disable=import-outside-toplevel
+  assert team["agreement"]["alpha"] == agreement.of_sources([str(tmp_path / "out" / "comparisons.jsonl")]).alpha
+  store.close()
+
+
+def _team_file(path: pathlib.Path, names=("alice", "bob")) -> dict[str, str]:
+  team = {name: f"{name}-token-{'x' * 16}" for name in names}
+  path.write_text("# name token\n" + "".join(f"{n} {t}\n" for n, t in team.items()), encoding="utf-8")
+  return team
+
+
+def test_a_team_file_names_each_labeller_by_their_token_and_a_bad_one_is_refused_by_line(tmp_path, capsys):
+  team = access_lib.team_tokens("t.txt", "# team\nAnn Lee   ann-token-0123456789\n\nbob\tbob-token-0123456789\n")
+  assert team == {"Ann Lee": "ann-token-0123456789", "bob": "bob-token-0123456789"}
+  access = access_lib.Access("", ["127.0.0.1"], team=team)
+  assert access.member("Bearer bob-token-0123456789") == "bob" and access.member("Bearer nope") is None
+  assert access.token_error("") and access.token_error("Bearer ann-token-0123456789") is None
+  for text, problem in (("ann short\n", "t.txt:1: ann's token must be at least 16"),
+                        ("ann-token-0123456789\n", "t.txt:1: expected 'NAME TOKEN'"),
+                        ("a tok-0123456789abcdef\na tok-0123456789abcdeX\n", "t.txt:2: 'a' is named twice"),
+                        ("a tok-0123456789abcdef\nb tok-0123456789abcdef\n", "t.txt:2: 'b' has the same token as 'a'"),
+                        ("# nobody\n", "t.txt: no member found")):
+    with pytest.raises(access_lib.TeamFileError, match=re.escape(problem)):
+      access_lib.team_tokens("t.txt", text)
+  replies = _write_replies(tmp_path / "replies.jsonl")
+  _team_file(tmp_path / "team.txt")
+  (tmp_path / "bad.txt").write_text("judge:x tok-0123456789abcdef\n", encoding="utf-8")
+  base = ["--replies", str(replies), "--out", str(tmp_path / "out")]
+  for args, problem in (
+      (["--team", str(tmp_path / "team.txt"), "--overlap", "3"], "has only 2 labeller(s)"),
+      (["--team", str(tmp_path / "bad.txt")], f"{tmp_path / 'bad.txt'}: the name 'judge:x' is reserved"),
+      (["--team", str(tmp_path / "none.txt")], "no such file"),
+      (["--overlap", "2"], "--overlap 2 needs a team"),
+      (["--names", "--labeller", "ann"], "give one of --labeller NAME"),
+      (["--team", str(tmp_path / "team.txt"), "--token", "abc"], "with --team each labeller has their own")):
+    assert label.main(base + args) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_a_team_killed_during_their_submissions_loses_and_duplicates_nothing(tmp_path):
+  replies, out = _many_replies(tmp_path / "replies.jsonl", 200), tmp_path / "out"
+  team = _team_file(tmp_path / "team.txt")
+  args = ["--replies", replies, "--out", out, "--team", tmp_path / "team.txt", "--overlap", 2]
+  server = Server(args, tmp_path / "team.log")
+  acked: dict[tuple[str, str], list[int]] = {}
+  lock, stop = threading.Lock(), threading.Event()
+
+  def request(path, who, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {team[who]}"})
+    try:
+      with urllib.request.urlopen(req, timeout=5) as response:
+        return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  def client(who, flip):  # two tabs per labeller: each decision may be sent twice at once
+    while not stop.is_set():
+      try:
+        state = request("/api/state", who)[1]
+        if state["status"] != "ready":
+          continue
+        pid = state["question"]["prompt_id"]
+        ranking = _ranking_for(pid)[::-1] if flip else _ranking_for(pid)
+        status, _ = request("/api/submit", who, {"prompt_id": pid, "ranking": ranking})
+      except (OSError, ValueError, http.client.HTTPException):
+        return  # the server is gone
+      if status == 200:
+        with lock:
+          acked[(pid, who)] = ranking
+
+  threads = [threading.Thread(target=client, args=(who, who == "bob")) for who in team for _ in range(2)]
+  _kill_during(server, threads, acked, 24, stop)
+  assert {who for _, who in acked} == {"alice", "bob"}
+  server = Server(args, tmp_path / "team-restart.log")
+  try:
+    by_key = _assert_each_once(out, acked)
+    per_prompt = {}
+    for pid, who in by_key:
+      per_prompt.setdefault(pid, []).append(who)
+    assert all(sorted(names) in (["alice"], ["bob"], ["alice", "bob"]) for names in per_prompt.values())
+    both = [pid for pid, names in per_prompt.items() if len(names) == 2]
+    assert len(both) >= 8  # the two worked through the same prompts side by side
+    states = {who: request("/api/state", who)[1] for who in team}
+    for who, state in states.items():  # after the restart each goes on where they were
+      assert state["progress"]["submitted"] == sum(w == who for _, w in by_key)
+      assert (state["question"]["prompt_id"], who) not in by_key
+    assert states["alice"]["team"]["complete"] == len(both)
+    assert request("/api/state", "alice")[0] == 200 and server.request("/api/state")[0] == 401  # no token: no entry
+  finally:
+    server.stop()
+
+
+def test_two_labellers_rank_side_by_side_in_one_browser_and_see_their_agreement(browser, tmp_path):
+  from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
+  replies, out = _write_replies(tmp_path / "replies.jsonl", 2), tmp_path / "out"
+  ids = [q.prompt_id for q in label.replies_questions(str(replies), k=4)]
+  team = _team_file(tmp_path / "team.txt")
+  server = Server(["--replies", replies, "--out", out, "--team", tmp_path / "team.txt", "--overlap", 2],
+                  tmp_path / "team-page.log")
+  tabs = {}
+  try:
+    assert "Team of 2 (alice, bob)" in server.log.read_text()
+    for who in team:  # a tab each: each keeps its own token (sessionStorage is per tab)
+      if tabs:
+        browser.switch_to.new_window("tab")
+      tabs[who] = browser.current_window_handle
+      browser.get(f"{server.url}/?token={team[who]}")
+      _wait(lambda: _shown_id(browser, By) == ids[0], what=f"{who}'s first prompt")
+      assert browser.find_element(By.ID, "whoami").text == f"Labelling as {who}"
+    orders = {"alice": "ABCD", "bob": "BACD"}  # they differ on one pair of 6
+    for prompt in range(2):
+      for who in team:
+        browser.switch_to.window(tabs[who])
+        _wait(lambda: _shown_id(browser, By) == ids[prompt], what=f"{who}'s prompt {prompt}")
+        for letter in orders[who]:
+          _card(browser, By, letter).find_element(By.TAG_NAME, "button").click()
+        browser.find_element(By.ID, "submit").click()
+        _wait(lambda: browser.find_element(By.ID, "message").get_attribute("textContent") == "Saved.",
+              what=f"{who}'s save")
+    browser.switch_to.window(tabs["bob"])
+    _wait(lambda: browser.find_element(By.ID, "finished").is_displayed(), what="the end")
+    assert "2 / 2 done" in browser.find_element(By.ID, "progress").text
+    assert "team: 2 / 2 prompts ranked by 2 labellers" in browser.find_element(By.ID, "progress").text
+    browser.find_element(By.CSS_SELECTOR, "#team summary").click()
+    _wait(lambda: browser.find_elements(By.ID, "team-summary"), what="the team view")
+    rows = {r.get_attribute("data-name"): r.text for r in browser.find_elements(By.CSS_SELECTOR, "#team tbody tr")}
+    assert set(rows) == {"alice", "bob"} and "83% of 12" in rows["alice"]  # 10 of 12 pairs alike, by hand
+    assert "with the judge" in browser.find_element(By.CSS_SELECTOR, "#team thead").text  # the replies had scores
+    assert "83.3% over 12 comparisons" in browser.find_element(By.ID, "team-summary").text
+    records = _jsonl(out / "comparisons.jsonl")
+    assert sorted((r["prompt_id"], r["labeller"]) for r in records) == sorted(
+        (pid, who) for pid in ids for who in team)
+  finally:
+    for who, handle in list(tabs.items())[1:]:
+      browser.switch_to.window(handle)
+      browser.close()
+    if tabs:
+      browser.switch_to.window(tabs["alice"])
+    server.stop()

@@ -9,7 +9,15 @@ if (query.get("token")) {  // keep the access token for this tab only, out of th
   history.replaceState(null, "", location.pathname);
 }
 const TOKEN = sessionStorage.getItem("gptrl-label-token") || "";
-const AUTH = TOKEN ? {Authorization: "Bearer " + TOKEN} : {};
+// Where the team names itself (--names), this tab's labeller, asked once and kept for the tab.
+let NAME = sessionStorage.getItem("gptrl-label-name") || "";
+
+function headers(extra) {
+  const h = {...(extra || {})};
+  if (TOKEN) h.Authorization = "Bearer " + TOKEN;
+  if (NAME) h["X-Labeller"] = encodeURIComponent(NAME);
+  return h;
+}
 const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 let question = null;  // {prompt_id, where, messages: [{role, content}], replies: [str], dropped}
@@ -17,6 +25,7 @@ let ranked = [];      // reply indices, best first
 let pool = [];        // reply indices not ranked yet, in the order they were sampled
 let busy = false;     // a submission is on its way
 let pollTimer = null;
+let heartbeat = 30;   // seconds between the page's "still here" while a prompt is shown (the server says)
 
 function ordinal(n) {
   const s = ["th", "st", "nd", "rd"], v = n % 100;
@@ -30,7 +39,7 @@ async function refresh() {
   clearTimeout(pollTimer);
   let state, response;
   try {
-    response = await fetch("/api/state", {cache: "no-store", headers: AUTH});
+    response = await fetch("/api/state", {cache: "no-store", headers: headers()});
     state = await response.json();
   } catch (err) {
     showStatus("Cannot reach the labelling server; retrying…", "error");
@@ -41,9 +50,27 @@ async function refresh() {
     showStatus(state.error || "Not allowed (HTTP " + response.status + ").", "error");
     return;
   }
-  showProgress(state.progress);
+  heartbeat = state.heartbeat_s || heartbeat;
+  showProgress(state.progress, state.team);
+  showWho(state);
+  if (state.status === "name") {
+    question = null;
+    $("task").hidden = true;
+    $("status").hidden = true;
+    $("who").hidden = false;
+    $("who-problem").textContent = NAME ? state.message : "";
+    $("name").focus();
+    return;
+  }
+  $("who").hidden = true;
   if (state.status === "ready") {
-    if (!question || question.prompt_id !== state.question.prompt_id) showQuestion(state.question);
+    if (busy) {  // a decision is on its way: the next look is after it
+    } else if (!question || question.prompt_id !== state.question.prompt_id) {
+      if (question) say("Your prompt went to another labeller while this page was away; here is another.", "error");
+      showQuestion(state.question);
+      if ($("team").open) loadTeam();
+    }
+    pollTimer = setTimeout(refresh, heartbeat * 1000);  // keeps the prompt this labeller's
   } else if (state.status === "done") {
     question = null;
     $("task").hidden = true;
@@ -74,7 +101,7 @@ async function send(url, body) {
     if (attempt) await new Promise((resolve) => setTimeout(resolve, 500 * 2 ** attempt));
     let response, reply;
     try {
-      response = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json", ...AUTH},
+      response = await fetch(url, {method: "POST", headers: headers({"Content-Type": "application/json"}),
                                    body: JSON.stringify(body)});
       reply = await response.json();
     } catch (err) {
@@ -88,10 +115,10 @@ async function send(url, body) {
       refresh();
       return;
     }
-    if (response.status === 409) {  // another tab or a restart moved on: show what is current
+    if (response.status === 409) {  // it went to another labeller meanwhile: show what is current
       busy = false;
       question = null;
-      say("That prompt is no longer waiting; here is the current one.");
+      say("That prompt is no longer yours (it went to another labeller); here is the current one.");
       refresh();
       return;
     }
@@ -123,13 +150,80 @@ function showStatus(text, kind) {
   $("finished").hidden = true;
 }
 
-function showProgress(p) {
-  if (!p) return;
+function showProgress(p, team) {
   const el = $("progress");
   el.textContent = "";
+  if (!p) return;
   const b = document.createElement("b");
   b.textContent = String(p.submitted + p.skipped);
   el.append(b, ` / ${p.total} done · ${p.submitted} labelled · ${p.skipped} skipped`);
+  if (team && team.overlap > 1) {
+    el.append(` · team: ${team.complete} / ${team.total} prompts ranked by ${team.overlap} labellers`);
+  }
+}
+
+function showWho(state) {
+  $("whoami").textContent = state.labeller ? `Labelling as ${state.labeller}` : "";
+  $("change-name").hidden = !NAME;
+}
+
+function setName(event) {
+  event.preventDefault();
+  const name = $("name").value.trim();
+  if (!name) return;
+  NAME = name;
+  sessionStorage.setItem("gptrl-label-name", NAME);
+  refresh();
+}
+
+function changeName() {
+  if (busy) return;
+  NAME = "";
+  sessionStorage.removeItem("gptrl-label-name");
+  $("name").value = "";
+  refresh();
+}
+
+// The team view: every labeller's work and how alike they rank (GET /api/team), loaded when opened.
+async function loadTeam() {
+  let team;
+  try {
+    const response = await fetch("/api/team", {cache: "no-store", headers: headers()});
+    team = await response.json();
+    if (!response.ok) throw new Error(team.error || `error ${response.status}`);
+  } catch (err) {
+    $("team-body").textContent = `Cannot load the team view: ${err.message}`;
+    return;
+  }
+  const share = (a, n) => (a === undefined || a === null ? "–" : `${(100 * a).toFixed(0)}% of ${n}`);
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  const judged = team.judge.length > 0;
+  for (const title of ["Labeller", "Labelled", "Skipped", "Working on", "Agrees with the others",
+                       ...(judged ? [`Agrees with the judge (${team.judge.join(", ")})`] : [])]) {
+    const th = document.createElement("th");
+    th.textContent = title;
+    head.append(th);
+  }
+  const body = table.createTBody();
+  for (const row of team.labellers) {
+    const tr = body.insertRow();
+    tr.dataset.name = row.name;
+    const cells = [row.name, row.submitted, row.skipped,
+                   row.holding ? `${row.holding} (quiet ${Math.round(row.quiet_s)} s)` : "–",
+                   share(row.agreement, row.compared),
+                   ...(judged ? [share(row.judge_agreement, row.judge_compared)] : [])];
+    for (const value of cells) tr.insertCell().textContent = String(value);
+  }
+  const a = team.agreement;
+  const summary = document.createElement("p");
+  summary.id = "team-summary";
+  summary.textContent = `${team.complete} / ${team.total} prompts ranked by ${team.overlap} labeller(s). ` +
+    (a.compared ? `Reply pairs ordered alike: ${(100 * a.agreement).toFixed(1)}% over ${a.compared} comparisons ` +
+                  `(${a.shared_units} pairs judged twice or more); Krippendorff's alpha ` +
+                  (a.alpha === null ? "–" : a.alpha.toFixed(3)) + "."
+                : "No reply pair has been ranked by two labellers yet.");
+  $("team-body").replaceChildren(table, summary);
 }
 
 function say(text, kind) {
@@ -359,6 +453,9 @@ document.addEventListener("keydown", (e) => {
 });
 
 $("submit").addEventListener("click", submit);
+$("who-form").addEventListener("submit", setName);
+$("change-name").addEventListener("click", changeName);
+$("team").addEventListener("toggle", () => { if ($("team").open) loadTeam(); });
 $("skip").addEventListener("click", skip);
 $("better").addEventListener("input", updateButtons);
 $("copy-best").addEventListener("click", () => {
