@@ -39,13 +39,15 @@ def plans(stages, sizes, chips):
           yield stage, size, chip
 
 
-def compile_plan(stage: str, size: str, chip: str, out: str, programs: str, render_only: bool) -> dict | None:
+def compile_plan(stage: str, size: str, chip: str, out: str, programs: str, least: str,
+                 render_only: bool) -> dict | None:
   path = os.path.join(out, f"{stage}_{size}_{chip}.json")
   if not os.path.exists(path) and render_only:
     return None
   if not os.path.exists(path):
     argv = [sys.executable, "-m", "gptrl.compile", "--config", f"configs/{stage}_tpu.py:size={size},chip={chip}",
-            "--json", path] + (["--programs", programs] if programs else [])
+            "--json", path] + (["--programs", programs] if programs else []) + (
+                ["--least_memory", least] if least else [])
     t0 = time.time()
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -58,25 +60,62 @@ def compile_plan(stage: str, size: str, chip: str, out: str, programs: str, rend
     return json.load(f)
 
 
+_LEAST_FIELDS = ("estimate", "least_temporaries", "least_matmul_flops", "least_total", "estimate_ratio")
+
+
+def add_least(stage: str, size: str, chip: str, out: str, least: str) -> None:
+  """Compiles the train program of a report made before --least-memory existed for the least memory too, and
+  adds that (and the current estimate of it) to the report."""
+  path = os.path.join(out, f"{stage}_{size}_{chip}.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+  wanted = [p for p in report.get("programs", []) if any(p["name"].startswith(x) for x in least.split(","))]
+  if not wanted or all(p.get("least_total") for p in wanted):
+    return
+  names = ",".join(p["name"] for p in wanted)
+  fresh_path = path + ".least"
+  argv = [sys.executable, "-m", "gptrl.compile", "--config", report["config"], "--programs", names,
+          "--least_memory", names, "--json", fresh_path]
+  t0 = time.time()
+  proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  print(f"{stage} {size} {chip}: least memory: exit {proc.returncode} in {time.time() - t0:.0f} s", file=sys.stderr,
+        flush=True)
+  if proc.returncode:
+    print(proc.stderr[-2000:], file=sys.stderr)
+    return
+  with open(fresh_path, encoding="utf-8") as f:
+    fresh = {p["name"]: p for p in json.load(f)["programs"]}
+  os.remove(fresh_path)
+  for program in wanted:
+    program.update({k: fresh[program["name"]][k] for k in _LEAST_FIELDS})
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+
+
 def row(stage: str, size: str, chip: str, report: dict | None) -> str:
   spec = presets.CHIPS[chip]
   if report is None:
     topology = presets.topology_name(chip, _chips(stage, size, chip))
-    return f"| {stage} | {size} | {chip} | {topology} | not compiled yet | | | | | |"
+    return f"| {stage} | {size} | {chip} | {topology} | not compiled yet | | | | | | |"
   if "error" in report:
-    return f"| {stage} | {size} | {chip} | - | refused: {report['error'][:160]} | | | | | |"
+    return f"| {stage} | {size} | {chip} | - | refused: {report['error'][:160]} | | | | | | |"
   programs = {p["name"]: p for p in report["programs"]}
   peak = max(report["programs"], key=lambda p: p["total"])
   train = programs.get("train step") or next((v for k, v in programs.items() if k.endswith(" update")), None)
   headroom = 1 - peak["total"] / (spec.hbm_gib * GIB)
   est = f"{train['estimate'] / train['total']:.2f}" if train and train.get("estimate") else "-"
+  least = (f"{train['estimate'] / train['least_total']:.2f}" if train and train.get("estimate")
+           and train.get("least_total") else "-")
   mfu = (f"{100 * train['projected_mfu']:.0f}-{100 * train['model_flops'] / train['matmul_flops']:.0f}%"
          if train and train.get("projected_mfu") else "-")
   ms = f"{1e3 * train['projected_seconds']:.0f}" if train and train.get("projected_seconds") else "-"
   coll = sum(v["bytes"] for v in train["collectives"].values()) / GIB if train else 0.0
   compile_s = sum(p["compile_s"] for p in report["programs"])
   return (f"| {stage} | {size} | {chip} | {report['topology']} | {peak['name']}: {peak['total'] / GIB:.1f} of "
-          f"{spec.hbm_gib:g} GiB ({100 * headroom:.0f}% free) | {est} | {mfu} | {ms} | {coll:.1f} | "
+          f"{spec.hbm_gib:g} GiB ({100 * headroom:.0f}% free) | {least} | {est} | {mfu} | {ms} | {coll:.1f} | "
           f"{compile_s:.0f} |")
 
 
@@ -90,17 +129,27 @@ def main() -> None:
   p.add_argument("--sizes", default=",".join(presets.MODEL_SIZES))
   p.add_argument("--chips", default="", help="only these chips (default: every chip of each size's plan row)")
   p.add_argument("--programs", default="", help="compile only these programs (gptrl.compile --programs)")
+  p.add_argument("--least-memory", default="train step,PPO update",
+                 help="programs also compiled for the least memory, the estimate's reference (gptrl.compile "
+                      "--least_memory; '' for none)")
+  p.add_argument("--add-least", action="store_true",
+                 help="reports made before --least-memory: compile their train program for the least memory and "
+                      "add it (no other program is compiled again)")
   p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/compile"))
   p.add_argument("--table", default=os.path.join(ROOT, "benchmarks/results/compile_plans.md"))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  lines = ["| stage | size | chip | topology | largest program per device | train est/XLA | "
-           "train MFU (roofline-compute) | roofline step ms | collectives GiB/step | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| stage | size | chip | topology | largest program per device | train est/XLA least memory | "
+           "train est/XLA default | train MFU (roofline-compute) | roofline step ms | collectives GiB/step | "
+           "compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for stage, size, chip in plans(args.stages.split(","), args.sizes.split(","),
                                  [c for c in args.chips.split(",") if c]):
-    lines.append(row(stage, size, chip, compile_plan(stage, size, chip, args.out, args.programs, args.render_only)))
+    if args.add_least and args.least_memory and not args.render_only:
+      add_least(stage, size, chip, args.out, args.least_memory)
+    lines.append(row(stage, size, chip, compile_plan(stage, size, chip, args.out, args.programs,
+                                                                 args.least_memory, args.render_only)))
     print(lines[-1], flush=True)
   with open(args.table, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")

@@ -486,11 +486,27 @@ class Result:
   collectives: dict[str, dict[str, float]]
   unknown_loops: list[str]
   peak_flops: float | None  # the chip's dense bf16 FLOP/s
+  # Compiled again with XLA's scheduler told to save memory (LEAST_MEMORY; `check(least=...)`): its temporaries
+  # and matmul flops. Where HBM is free XLA keeps more alive for speed (e.g. recomputes remat'd blocks early);
+  # pressed, it shows what the program needs, at the recompute it adds.
+  least_temporaries: float | None = None
+  least_matmul_flops: float | None = None
 
   @property
   def total(self) -> float:
     """What the devices hold while the program runs: its buffers, its code, and the resident state beside it."""
     return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.beside
+
+  @property
+  def least_total(self) -> float | None:
+    """`total` with the temporaries of the memory-saving compile."""
+    return None if self.least_temporaries is None else self.total - self.temporaries + self.least_temporaries
+
+  @property
+  def estimate_ratio(self) -> float | None:
+    """The estimate over XLA's total: the memory-saving compile's where there is one (what the program needs)."""
+    total = self.least_total or self.total
+    return None if self.estimate is None or not total else self.estimate / total
 
   @property
   def fits(self) -> bool | None:
@@ -509,11 +525,24 @@ class Result:
     return self.model_flops / self.projected_seconds / self.peak_flops
 
 
-def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> Result:
-  """Lowers and compiles one program; reads XLA's memory and cost analyses and the optimised HLO."""
+# XLA TPU's scheduler keeps its live memory under this share of HBM (95 by default): at 1 it orders the program
+# for the least memory it can, recomputing some values instead of keeping them.
+LEAST_MEMORY = {"xla_tpu_scheduler_percent_shared_memory_limit": 1}
+
+
+def compile_program(program: Program, plan: Plan, chip: presets.Chip | None, least: bool = False) -> Result:
+  """Lowers and compiles one program; reads XLA's memory and cost analyses and the optimised HLO. With `least`
+  (on TPU devices), compiles it a second time under LEAST_MEMORY and records that compile's memory and flops."""
   t0 = time.perf_counter()
-  compiled = program.lower().compile()
+  lowered = program.lower()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  least_temporaries = least_flops = None
+  if least and program.mesh.devices.flat[0].platform == "tpu":  # the option is libtpu's
+    pressed = lowered.compile(compiler_options=LEAST_MEMORY)
+    least_temporaries = float(pressed.memory_analysis().temp_size_in_bytes)
+    least_flops = hlo.profile(pressed.as_text()).matmul_flops
+    del pressed
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):  # older jax: one dict per computation
@@ -548,7 +577,8 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None) -> 
       xla_optimal_seconds=float(optimal) if optimal is not None and optimal > 0 else None,
       projected_seconds=projected,
       collectives={k: {"count": c.count, "bytes": c.bytes} for k, c in profile.collectives.items() if c.count},
-      unknown_loops=profile.unknown_loops, peak_flops=chip.bf16_tflops * 1e12 if chip is not None else None)
+      unknown_loops=profile.unknown_loops, peak_flops=chip.bf16_tflops * 1e12 if chip is not None else None,
+      least_temporaries=least_temporaries, least_matmul_flops=least_flops)
 
 
 def _gib(x: float | None) -> str:
@@ -564,7 +594,7 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
           f"{'estim.':>8}{'est/xla':>8}{'flops/formula':>14}{'roofline ms':>12}{'MFU from-to':>12}{'compile s':>10}")
   lines += ["per device, GiB", head]
   for r in results:
-    ratio = "-" if r.estimate is None else f"{r.estimate / r.total:.2f}"
+    ratio = "-" if r.estimate_ratio is None else f"{r.estimate_ratio:.2f}"
     flops = "-" if not r.model_flops else f"{r.matmul_flops / r.model_flops:.2f}"
     mfu = "-" if r.compute_mfu is None else f"<={100 * r.compute_mfu:.0f}%"
     if r.compute_mfu is not None and r.projected_mfu:
@@ -573,6 +603,11 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
     lines.append(f"{r.name:<32}{_gib(r.arguments):>8}{_gib(r.temporaries):>8}{_gib(r.outputs - r.aliased):>8}"
                  f"{_gib(r.code):>7}{_gib(r.beside):>8}{_gib(r.total):>8}{_gib(r.hbm):>7}{_gib(r.estimate):>8}"
                  f"{ratio:>8}{flops:>14}{ms:>12}{mfu:>12}{r.compile_s:>10.1f}")
+  for r in results:
+    if r.least_temporaries is not None:
+      lines.append(f"{r.name}, compiled for the least memory: temp {_gib(r.least_temporaries)}, total "
+                   f"{_gib(r.least_total)} GiB (est/xla above is against this), at "
+                   f"{r.least_matmul_flops / r.matmul_flops:.2f}x the matmul flops")
   lines.append("collectives per step (count, GiB per device):")
   for r in results:
     parts = [f"{k} {v['count']:.0f}x {v['bytes'] / GIB:.2f}" for k, v in r.collectives.items()]
@@ -596,13 +631,15 @@ def to_json(plan: Plan, results: list[Result], target: Target, config: str) -> d
           "chip": target.chip.name if target.chip else None,
           "programs": [{**dataclasses.asdict(r),
                         "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu,
+                        "least_total": r.least_total, "estimate_ratio": r.estimate_ratio,
                         "compute_mfu": r.compute_mfu} for r in results],
           "transfers": [dataclasses.asdict(t) for t in plan.transfers], "replicated": plan.replicated}
 
 
-def check(cfg: Any, target: Target, *, programs: tuple[str, ...] = (), progress: Callable[[str], None] = print
-          ) -> tuple[Plan, list[Result]]:
-  """Compiles the plan's programs (those whose names start with one of `programs`, default all) for `target`.
+def check(cfg: Any, target: Target, *, programs: tuple[str, ...] = (), least: tuple[str, ...] = (),
+          progress: Callable[[str], None] = print) -> tuple[Plan, list[Result]]:
+  """Compiles the plan's programs (those whose names start with one of `programs`, default all) for `target`;
+  those whose names start with one of `least` also for the least memory (`compile_program`).
 
   Raises:
     CompileCheckError: a program does not fit the chip's HBM (the message names it and the bytes), or XLA
@@ -614,7 +651,8 @@ def check(cfg: Any, target: Target, *, programs: tuple[str, ...] = (), progress:
   for program in chosen:
     progress(f"compiling {program.name} for {target.name} ...")
     try:
-      results.append(compile_program(program, plan, target.chip))
+      results.append(compile_program(program, plan, target.chip,
+                                     least=any(program.name.startswith(x) for x in least)))
     except Exception as e:  # pylint: disable=broad-except  # XLA's errors (e.g. out of memory) are long
       text = " ".join(str(e).split())
       if "RESOURCE_EXHAUSTED" in text and target.chip is not None:  # XLA itself found it cannot fit
@@ -649,11 +687,13 @@ def main(argv: list[str] | None = None) -> None:
   flags.DEFINE_integer("num_slices", 1, "slices of the topology (a multi-slice job)")
   flags.DEFINE_string("json", "", "write the results here as JSON")
   flags.DEFINE_list("programs", [], "compile only the programs whose names start with these")
+  flags.DEFINE_list("least_memory", [], "compile these programs (names start with) a second time with XLA's "
+                    "scheduler saving memory: what they need, against which the memory estimate is checked")
   argv = sys.argv if argv is None else argv
   if "--help" in argv or "-h" in argv:
     print(__doc__)
     print("Flags: --config FILE[:variant] [--config.a.b=value ...] --topology NAME (or 'local') --num_slices N "
-          "--json FILE --programs NAME,...")
+          "--json FILE --programs NAME,... --least_memory NAME,...")
     return
   cfg = launch.parse(argv)
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True)
@@ -671,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "config.hardware.num_chips")
         name = presets.topology_name(cfg.hardware.chip, cfg.hardware.num_chips)
       target = tpu_topology(name, f.num_slices)
-    plan, results = check(cfg, target, programs=tuple(f.programs),
+    plan, results = check(cfg, target, programs=tuple(f.programs), least=tuple(f.least_memory),
                           progress=lambda m: print(m, file=sys.stderr, flush=True))
   except (CompileCheckError, config_lib.ConfigError, ValueError) as e:
     print(f"gptrl.compile: {e}", file=sys.stderr)

@@ -51,8 +51,11 @@ def test_compile_plans_table_row_from_a_report():
   report = {"topology": "v5p:2x2x2", "programs": [train, {**train, "name": "eval step", "total": 47.5 * gib,
                                                           "compile_s": 10.0}]}
   cells = [c.strip() for c in compile_plans.row("pretrain", "125m", "v5p", report).split("|")[1:-1]]
-  assert cells == ["pretrain", "125m", "v5p", "v5p:2x2x2", "eval step: 47.5 of 95 GiB (50% free)", "2.00", "25-90%",
-                   "500", "2.0", "40"]
+  assert cells == ["pretrain", "125m", "v5p", "v5p:2x2x2", "eval step: 47.5 of 95 GiB (50% free)", "-", "2.00",
+                   "25-90%", "500", "2.0", "40"]
+  report["programs"][0]["least_total"] = 40 * gib  # compiled for the least memory too: the estimate's reference
+  cells = [c.strip() for c in compile_plans.row("pretrain", "125m", "v5p", report).split("|")[1:-1]]
+  assert cells[5:7] == ["0.95", "2.00"]
   assert "not compiled yet" in compile_plans.row("ppo", "7b", "v5p", None)
 
 

@@ -222,12 +222,20 @@ def _run_cli(*args):
 def test_cli_prints_the_table_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
   proc = _run_cli("--config", _write_config(tmp_path, 8, vocab=512, context=256), "--programs", "train,eval",
-                  "--json", str(out))
+                  "--least_memory", "train", "--json", str(out))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "train step" in proc.stdout and "eval step" in proc.stdout and "on v5e:2x2: 4 devices" in proc.stdout
+  assert "train step, compiled for the least memory: temp" in proc.stdout
   report = json.loads(out.read_text())
   assert report["topology"] == "v5e:2x2" and [p["name"] for p in report["programs"]] == ["train step", "eval step"]
   assert all(p["fits"] for p in report["programs"])
+  train, evaluation = report["programs"]
+  # The train step compiled a second time with XLA's scheduler saving memory; the estimate is held against that.
+  assert train["least_temporaries"] >= 0 and train["least_matmul_flops"] > 0  # (a tiny step may fit on-chip)
+  assert train["least_total"] == pytest.approx(train["total"] - train["temporaries"] + train["least_temporaries"])
+  assert train["estimate_ratio"] == pytest.approx(train["estimate"] / train["least_total"])
+  assert evaluation["least_total"] is None
+  assert evaluation["estimate_ratio"] == pytest.approx(evaluation["estimate"] / evaluation["total"])
 
 
 @needs_libtpu
