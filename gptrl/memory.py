@@ -12,13 +12,16 @@ and no more:
     sharded like the parameters; two layers' weights gathered whole over fsdp (the one in use and the next);
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities; "dots": the block input and the matmul outputs;
-    "block": the block input), plus one layer recomputed with its gradients and the float32 scores, plus the
-    float32 logits, their log-softmax and gradient [B, T, V];
+    "block": the block input), plus the one layer being recomputed, plus the larger of the logits' gradient
+    [B, T, V] (compute dtype) and the logits at the loss (float32 and compute dtype);
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
     and the prefill's logits;
   - eval and PPO scoring: one layer's forward at a time and the logits they keep.
 The peak is the persistent state (parameters, optimizer state, frozen models) plus the largest phase.
-Compiler temporaries and fragmentation come on top: the launcher warns under 10% headroom.
+Compiler temporaries and fragmentation come on top: the launcher warns under 10% headroom. The train step's
+estimate is what the step needs: `python -m gptrl.compile --least_memory train` compiles it for a TPU slice with
+XLA's scheduler saving memory and compares (given free HBM, XLA keeps far more alive for speed: the 1b plan's
+train step takes 60 GiB per device by default and 10 GiB when pressed).
 """
 from __future__ import annotations
 
@@ -268,10 +271,26 @@ class _Shard:
     return float(self.heads * (self.score_area(b, t) if s is None else b * t * s) * 8)
 
   def training(self, b: int, t: int) -> float:
-    """Activations of a forward + backward pass over b rows of t tokens (no logits)."""
+    """Activations of a forward + backward pass over b rows of t tokens (no logits): what every layer keeps for
+    the backward pass under its remat policy, plus, under remat, the one layer being recomputed (its tensors and
+    attention weights). That is the peak XLA's TPU compiles show for the 125m and 1b train steps under memory
+    pressure (their live ranges): all layers' saved tensors, one layer's recompute, the logits' gradient."""
+    return self.saved(b, t) + (0.0 if self.cfg.remat == "none" else self.layer_full(b, t))
+
+  def saved(self, b: int, t: int) -> float:
+    """What every layer keeps for the backward pass under the remat policy (b rows of t tokens)."""
     cfg = self.cfg
-    recompute = 1 if cfg.remat == "none" else 2  # one layer recomputed (remat) and that layer's gradients
-    return cfg.num_layers * self.layer_saved(b, t, cfg.remat) + recompute * self.layer_full(b, t) + self.scores(b, t)
+    if cfg.remat == "none":
+      return cfg.num_layers * self.layer_full(b, t)
+    return cfg.num_layers * self.layer_saved(b, t, cfg.remat)
+
+  def loss_peak(self, b: int, t: int) -> float:
+    """What the next-token loss adds to `training` at the step's peak: the logits' gradient [b, t, V] in the
+    compute dtype while the last layers' backward pass runs, or, at the loss itself, the logits in the compute
+    dtype and in float32 (less the recomputed layer `training` counts, which is not live then)."""
+    per_token = self.vocab * (4 + (self.c if self.c != 4 else 0))
+    recomputed = 0.0 if self.cfg.remat == "none" else self.layer_full(b, t)
+    return max(float(b * t * self.vocab * self.c), b * t * per_token - recomputed)
 
   def forward(self, b: int, t: int) -> float:
     """Transient of a forward pass alone (no gradients): one layer's tensors at a time."""
@@ -356,7 +375,7 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   t, accum = model_cfg.max_len, cfg.optim.grad_accum_steps
   b = _micro_rows(cfg.data.batch_size, accum, shard)
   step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
-               "logits and their gradient (float32)": shard.logits(b, t, 2)})
+               "logits at the loss, or their gradient": shard.loss_peak(b, t)})
   b_eval = shard.rows(cfg.data.batch_size)
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),
@@ -422,15 +441,17 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   rm_shard = _Shard(rm_cfg, mesh_shape["tensor"], dp)
   t, n, accum = model_cfg.max_len, p.max_new_tokens, cfg.optim.grad_accum_steps
   b = _micro_rows(p.minibatch_size, accum, shard)
-  # The policy's logits over the whole buffer [b, L, V] and their gradient; log-softmax, entropy terms and their
-  # gradient over the N response positions.
-  step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)":
-               shard.training(b, t),
-               "policy logits (float32)": shard.logits(b, t, 2) + shard.logits(b, n, 3)})
+  # The policy's loss reads its logits at the N response positions only (float32: log-softmax, entropy and
+  # their gradient), whose gradient comes back as the whole buffer's [b, L, V] in the compute dtype: the PPO
+  # update's peak in the 350m plan's least-memory TPU compile. The critic's own recomputed layer is not live
+  # beside the policy's.
+  step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
+               "policy logits: the gradient over the buffer, float32 over the responses":
+                   float(b * t * shard.vocab * shard.c) + shard.logits(b, n, 3)})
   if not shared:
-    step["critic activations"] = shard.training(b, t)
+    step["critic activations (saved by every layer)"] = shard.saved(b, t)
   if p.ptx_coef > 0:
-    step["PPO-ptx: pretraining batch activations + logits"] = shard.training(b, t) + shard.logits(b, t, 3)
+    step["PPO-ptx: pretraining batch activations + logits"] = shard.saved(b, t) + shard.loss_peak(b, t)
   sampled = max(p.rollout_batch_size, p.eval_batch_size)  # replies sampled (and scored) together
   rows = shard.rows(sampled)
   phases = {

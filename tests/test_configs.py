@@ -265,6 +265,27 @@ def test_activation_formula_scales_as_the_model_code_does():
   assert shard.rows(10) == 3  # 10 rows over 4 data-parallel ways: the sampler pads to 12
 
 
+def test_train_step_peak_is_saved_tensors_one_recomputed_layer_and_the_logits_or_their_gradient():
+  """What the compiled TPU train steps hold at their peak (XLA's live ranges; benchmarks/README.md): every
+  layer's saved tensors, the one layer being recomputed, and the logits' gradient in the compute dtype, or, at the
+  loss, the logits in float32 and the compute dtype."""
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=32, max_len=16, dtype="bfloat16",
+                               remat="block")
+  shard = memory._Shard(cfg, tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  b, t, v = 2, 16, 500  # the vocabulary split over tensor=2
+  full = shard.layer_full(b, t)
+  assert shard.training(b, t) == 3 * b * t * 32 * 2 + full
+  assert shard.loss_peak(b, t) == max(b * t * v * 2, b * t * v * (4 + 2) - full)
+  wide = memory._Shard(dataclasses.replace(cfg, vocab_size=32000), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  # A large vocabulary: the logits at the loss outweigh the recomputed layer and the gradient
+  assert wide.loss_peak(b, t) == b * t * 16000 * 6 - full > b * t * 16000 * 2
+  plain = memory._Shard(dataclasses.replace(cfg, remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  assert plain.training(b, t) == 3 * plain.layer_full(b, t)  # nothing recomputed
+  assert plain.loss_peak(b, t) == b * t * v * 6
+  fp32 = memory._Shard(dataclasses.replace(cfg, dtype="float32", remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  assert fp32.loss_peak(b, t) == b * t * v * 4  # one float32 copy: the logits are float32 already
+
+
 # ----------------------------------------------------------------------------------------------
 # At launch.
 
