@@ -352,9 +352,10 @@ class Assignments:
     with self._cond:
       if labeller in self._given.get(pid, ()):
         return True
-      if pid not in self._questions or not self._available(pid, labeller, self._clock()):
+      now = self._clock()
+      if pid not in self._questions or not self._available(pid, labeller, now):
         return False
-      self._holding[labeller] = (pid, self._clock())
+      self._holding[labeller] = (pid, now)
       self._given[pid].add(labeller)
       self._cond.notify_all()
       return True
@@ -422,7 +423,6 @@ def hand_out(questions: Iterable[Question], assignments: Assignments, progress: 
   try:
     for question in questions:
       assignments.add(question, block=block)
-    progress.message = "every prompt is labelled or skipped"
   except Exception as e:  # pylint: disable=broad-except
     logging.exception("sampling stopped")
     progress.error = f"{type(e).__name__}: {e}"

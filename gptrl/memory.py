@@ -290,7 +290,11 @@ class _Shard:
     dtype and in float32 (less the recomputed layer `training` counts, which is not live then)."""
     per_token = self.vocab * (4 + (self.c if self.c != 4 else 0))
     recomputed = 0.0 if self.cfg.remat == "none" else self.layer_full(b, t)
-    return max(float(b * t * self.vocab * self.c), b * t * per_token - recomputed)
+    return max(self.logits_gradient(b, t), b * t * per_token - recomputed)
+
+  def logits_gradient(self, b: int, t: int) -> float:
+    """The logits' gradient [b, t, V] in the compute dtype (the head matmul's output dtype)."""
+    return float(b * t * self.vocab * self.c)
 
   def forward(self, b: int, t: int) -> float:
     """Transient of a forward pass alone (no gradients): one layer's tensors at a time."""
@@ -447,7 +451,7 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   # beside the policy's.
   step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
                "policy logits: the gradient over the buffer, float32 over the responses":
-                   float(b * t * shard.vocab * shard.c) + shard.logits(b, n, 3)})
+                   shard.logits_gradient(b, t) + shard.logits(b, n, 3)})
   if not shared:
     step["critic activations (saved by every layer)"] = shard.saved(b, t)
   if p.ptx_coef > 0:

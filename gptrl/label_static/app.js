@@ -64,8 +64,8 @@ async function refresh() {
   }
   $("who").hidden = true;
   if (state.status === "ready") {
-    if (busy) {  // a decision is on its way: the next look is after it
-    } else if (!question || question.prompt_id !== state.question.prompt_id) {
+    // (While a decision is on its way, the question stays: the look after it decides.)
+    if (!busy && (!question || question.prompt_id !== state.question.prompt_id)) {
       if (question) say("Your prompt went to another labeller while this page was away; here is another.", "error");
       showQuestion(state.question);
       if ($("team").open) loadTeam();
