@@ -573,14 +573,15 @@ def test_the_chat_page_talks_and_turns_ratings_regenerates_and_edits_into_feedba
     reason.send_keys("not an answer")
     reason.send_keys(Keys.ENTER)
     saved(1)
-    first = turn.find_element(By.CLASS_NAME, "text").text
+    first = turn.find_element(By.CLASS_NAME, "text").get_attribute("textContent")
     turn.find_element(By.CLASS_NAME, "regen").click()
     _wait(lambda: turn.find_element(By.CLASS_NAME, "choose-b").is_displayed(), what="the second reply")
-    second = turn.find_element(By.CLASS_NAME, "option-b").text
+    second = turn.find_element(By.CLASS_NAME, "option-b").get_attribute("textContent")
     turn.find_element(By.CLASS_NAME, "choose-b").click()
     if first.strip() != second.strip():
       saved(2)
-    _wait(lambda: turn.find_element(By.CLASS_NAME, "text").text == second, what="the chosen reply")
+    _wait(lambda: turn.find_element(By.CLASS_NAME, "text").get_attribute("textContent") == second,
+          what="the chosen reply")
     turn.find_element(By.CLASS_NAME, "edit").click()
     editor = _wait(lambda: turn.find_element(By.CLASS_NAME, "editor"))
     editor.clear()
