@@ -95,6 +95,35 @@ def add_least(stage: str, size: str, chip: str, out: str, least: str) -> None:
     json.dump(report, f, indent=1)
 
 
+def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
+  """Recomputes a report's memory estimates with the current gptrl/memory.py (its plan built for the same
+  topology; nothing compiled), so that a change of the estimate is checked against every compile made before."""
+  path = os.path.join(out, f"{stage}_{size}_{chip}.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+  if "error" in report:
+    return
+  from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
+  file, _, variant = report["config"].partition(":")
+  cfg = config_lib.stage_config(config_lib.load_config_file(os.path.join(ROOT, file), variant))
+  topology, _, slices = report["topology"].partition(" x ")
+  target = compile_lib.tpu_topology(topology, int(slices.split()[0]) if slices else 1)
+  plan = compile_lib.build_plan(cfg, target.devices)
+  phases = {p.name: p.phase for p in plan.programs}
+  for program in report["programs"]:
+    phase = phases.get(program["name"], "")
+    if plan.estimate is None or phase not in plan.estimate.phases:
+      continue
+    program["estimate"] = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(phase)
+    total = program.get("least_total") or program["total"]
+    program["estimate_ratio"] = program["estimate"] / total
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+
+
 def row(stage: str, size: str, chip: str, report: dict | None) -> str:
   spec = presets.CHIPS[chip]
   if report is None:
@@ -135,6 +164,9 @@ def main() -> None:
   p.add_argument("--add-least", action="store_true",
                  help="reports made before --least-memory: compile their train program for the least memory and "
                       "add it (no other program is compiled again)")
+  p.add_argument("--refresh-estimates", action="store_true",
+                 help="recompute the memory estimates of the reports in --out with the current gptrl/memory.py "
+                      "(nothing is compiled)")
   p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/compile"))
   p.add_argument("--table", default=os.path.join(ROOT, "benchmarks/results/compile_plans.md"))
@@ -148,6 +180,8 @@ def main() -> None:
                                  [c for c in args.chips.split(",") if c]):
     if args.add_least and args.least_memory and not args.render_only:
       add_least(stage, size, chip, args.out, args.least_memory)
+    if args.refresh_estimates:
+      refresh_estimates(stage, size, chip, args.out)
     lines.append(row(stage, size, chip, compile_plan(stage, size, chip, args.out, args.programs,
                                                                  args.least_memory, args.render_only)))
     print(lines[-1], flush=True)

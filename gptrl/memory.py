@@ -234,18 +234,33 @@ class _Shard:
 
   def layer_full(self, b: int, t: int) -> float:
     """Bytes one block keeps for its backward pass without remat, for b rows of t tokens."""
+    return self._attention_part(b, t) + self._mlp_part(b, t) + 2 * b * t * self.cfg.d_model * self.c  # + input, sum
+
+  def _attention_part(self, b: int, t: int) -> float:
+    """The attention sublayer's tensors: its norm output, query, key, value (rotated), output and projection, and
+    the float32 softmax weights (and their cast for the value matmul under a narrower compute dtype) over the score
+    blocks causal attention computes (model.causal_chunk; the mask is built from iotas, not stored)."""
     cfg, c, k, d = self.cfg, self.c, self.cfg.head_dim, self.cfg.d_model
-    h, g, f = self.heads, self.kv_heads, self.split(cfg.mlp_dim)
-    rope = cfg.pos_embedding == "rope"
-    per_token = (4 * d  # block input, attention norm output, attention projection, residual sum
-                 + (h + 2 * g) * k  # query, key, value
-                 + ((h + g) * k if rope else 0)  # rotated query and key
-                 + h * k  # attention output before its projection
-                 + 2 * d  # MLP norm output, MLP output
-                 + f * (3 if cfg.gated_mlp else 2))  # fc_in (and fc_gate) outputs, activation output
-    # The float32 softmax weights, and their cast for the value matmul under a narrower compute dtype, over the
-    # score blocks causal attention computes (model.causal_chunk; the mask is built from iotas, not stored).
+    h, g = self.heads, self.kv_heads
+    per_token = 2 * d + (h + 2 * g) * k + ((h + g) * k if cfg.pos_embedding == "rope" else 0) + h * k
     return b * t * per_token * c + h * self.score_area(b, t) * (4 + (c if c != 4 else 0))
+
+  def _mlp_part(self, b: int, t: int) -> float:
+    """The MLP sublayer's tensors: its norm output, fc_in (and fc_gate) outputs, activation output, its output."""
+    f = self.split(self.cfg.mlp_dim)
+    return b * t * self.c * (2 * self.cfg.d_model + f * (3 if self.cfg.gated_mlp else 2))
+
+  def recomputed(self, b: int, t: int) -> float:
+    """What the backward pass of one block holds of its recomputed forward, on top of the saved tensors: nothing
+    without remat; under "dots" the whole layer's tensors; under "block" (nothing saved but the block's input) the
+    larger of its two sublayers and the residual sum: the least-memory TPU compiles recompute a block in pieces
+    (the attention again for its own backward once the MLP's is done: 1.13x the matmul flops of the 1b train step),
+    so the attention's tensors and the MLP's are not live together."""
+    if self.cfg.remat == "none":
+      return 0.0
+    if self.cfg.remat == "block":
+      return max(self._attention_part(b, t), self._mlp_part(b, t)) + b * t * self.cfg.d_model * self.c
+    return self.layer_full(b, t)
 
   def layer_saved(self, b: int, t: int, remat: str) -> float:
     """Bytes a block keeps until the backward pass under the remat policy."""
@@ -272,10 +287,10 @@ class _Shard:
 
   def training(self, b: int, t: int) -> float:
     """Activations of a forward + backward pass over b rows of t tokens (no logits): what every layer keeps for
-    the backward pass under its remat policy, plus, under remat, the one layer being recomputed (its tensors and
-    attention weights). That is the peak XLA's TPU compiles show for the 125m and 1b train steps under memory
-    pressure (their live ranges): all layers' saved tensors, one layer's recompute, the logits' gradient."""
-    return self.saved(b, t) + (0.0 if self.cfg.remat == "none" else self.layer_full(b, t))
+    the backward pass under its remat policy, plus, under remat, what the block being recomputed holds
+    (`recomputed`). That is the peak XLA's TPU compiles show for the 125m and 1b train steps under memory
+    pressure (their live ranges): all layers' saved tensors, one block's recompute, the logits' gradient."""
+    return self.saved(b, t) + self.recomputed(b, t)
 
   def saved(self, b: int, t: int) -> float:
     """What every layer keeps for the backward pass under the remat policy (b rows of t tokens)."""
@@ -289,7 +304,7 @@ class _Shard:
     compute dtype while the last layers' backward pass runs, or, at the loss itself, the logits in the compute
     dtype and in float32 (less the recomputed layer `training` counts, which is not live then)."""
     per_token = self.vocab * (4 + (self.c if self.c != 4 else 0))
-    recomputed = 0.0 if self.cfg.remat == "none" else self.layer_full(b, t)
+    recomputed = self.recomputed(b, t)
     return max(self.logits_gradient(b, t), b * t * per_token - recomputed)
 
   def logits_gradient(self, b: int, t: int) -> float:

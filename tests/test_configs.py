@@ -265,20 +265,30 @@ def test_activation_formula_scales_as_the_model_code_does():
   assert shard.rows(10) == 3  # 10 rows over 4 data-parallel ways: the sampler pads to 12
 
 
-def test_train_step_peak_is_saved_tensors_one_recomputed_layer_and_the_logits_or_their_gradient():
+def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or_their_gradient():
   """What the compiled TPU train steps hold at their peak (XLA's live ranges; benchmarks/README.md): every
-  layer's saved tensors, the one layer being recomputed, and the logits' gradient in the compute dtype, or, at the
+  layer's saved tensors, what the block being recomputed holds, and the logits' gradient in the compute dtype, or, at the
   loss, the logits in float32 and the compute dtype."""
   cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=32, max_len=16, dtype="bfloat16",
                                remat="block")
   shard = memory._Shard(cfg, tensor=2, batch_ways=4)  # pylint: disable=protected-access
   b, t, v = 2, 16, 500  # the vocabulary split over tensor=2
-  full = shard.layer_full(b, t)
-  assert shard.training(b, t) == 3 * b * t * 32 * 2 + full
-  assert shard.loss_peak(b, t) == max(b * t * v * 2, b * t * v * (4 + 2) - full)
+  h, k, d, f = 2, 8, 32, 64  # heads and MLP split over tensor=2
+  # Under remat "block" XLA recomputes a block in pieces: the larger sublayer's tensors (here the attention's,
+  # with its float32 weights and their bfloat16 cast) and the residual sum, not the whole layer at once.
+  attention = b * t * (2 * d + 3 * h * k + h * k) * 2 + b * h * t * t * (4 + 2)
+  mlp = b * t * (2 * d + 2 * f) * 2
+  assert attention > mlp
+  recomputed = attention + b * t * d * 2
+  assert recomputed < shard.layer_full(b, t)
+  assert shard.training(b, t) == 3 * b * t * 32 * 2 + recomputed
+  assert shard.loss_peak(b, t) == max(b * t * v * 2, b * t * v * (4 + 2) - recomputed)
   wide = memory._Shard(dataclasses.replace(cfg, vocab_size=32000), tensor=2, batch_ways=4)  # pylint: disable=protected-access
-  # A large vocabulary: the logits at the loss outweigh the recomputed layer and the gradient
-  assert wide.loss_peak(b, t) == b * t * 16000 * 6 - full > b * t * 16000 * 2
+  # A large vocabulary: the logits at the loss outweigh the recomputed block and the gradient
+  assert wide.loss_peak(b, t) == b * t * 16000 * 6 - recomputed > b * t * 16000 * 2
+  # Under "dots" the projections and MLP matmuls are saved and the rest of the layer is recomputed at once
+  dots = memory._Shard(dataclasses.replace(cfg, remat="dots"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  assert dots.training(b, t) == 3 * dots.layer_saved(b, t, "dots") + dots.layer_full(b, t)
   plain = memory._Shard(dataclasses.replace(cfg, remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   assert plain.training(b, t) == 3 * plain.layer_full(b, t)  # nothing recomputed
   assert plain.loss_peak(b, t) == b * t * v * 6
