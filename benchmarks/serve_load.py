@@ -30,6 +30,7 @@ import http.client
 import json
 import pathlib
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -77,11 +78,11 @@ def make_checkpoint(workdir: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
 
 
 class Server:
-  def __init__(self, checkpoint: pathlib.Path, log: pathlib.Path, slots: int):
+  def __init__(self, checkpoint: pathlib.Path, log: pathlib.Path, slots: int, extra: list[str]):
     self.log = log
     with open(log, "w", encoding="utf-8") as f:
       self.proc = subprocess.Popen([sys.executable, "-m", "gptrl.serve", "--checkpoint", str(checkpoint), "--port",
-                                    "0", "--feedback", "", "--single_device", "--slots", str(slots)], cwd=REPO,
+                                    "0", "--feedback", "", "--single_device", "--slots", str(slots)] + list(extra), cwd=REPO,
                                    stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (match := re.search(r"Serving on http://([\d.]+):(\d+)/", log.read_text())):
@@ -219,7 +220,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--clients", type=int, action="append", help="concurrent clients (repeatable); default 1 4 16 64")
   p.add_argument("--max_tokens", type=int, default=64, help="new tokens per request (default %(default)s)")
-  p.add_argument("--requests_per_client", type=int, default=2, help="(at least 16 requests per run in all)")
+  p.add_argument("--requests_per_client", type=int, default=8,
+                 help="(at least 16 requests per run in all); enough that the runs' start and end weigh little")
+  p.add_argument("--server_args", default="", help="more flags for `gptrl.serve`, e.g. '--decode_steps 16'")
   p.add_argument("--slots", type=int, default=16, help="the server's --slots (default %(default)s)")
   p.add_argument("--peer", default="torch", choices=("torch", "none"))
   p.add_argument("--small", action="store_true", help="a 1-layer d32 model of context 64 (a smoke run)")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     checkpoint, lines = make_checkpoint(pathlib.Path(tmp) / "sft")
     rng = np.random.default_rng(0)
     prompts = [lines[i] for i in rng.permutation(len(lines))]
-    server = Server(checkpoint, pathlib.Path(tmp) / "serve.log", args.slots)
+    server = Server(checkpoint, pathlib.Path(tmp) / "serve.log", args.slots, shlex.split(args.server_args))
     runs = []
     try:
       # Warm-up: every prompt bucket and step size compiled before anything is timed.

@@ -3,12 +3,13 @@ between decoding calls and leave it the call they finish.
 
 A background thread runs the loop: admit queued requests into free slots (their prompts prefilled together, in
 one call: `_admit`), launch `decode_steps` decoding steps for every occupied slot in one jitted loop (`_step`),
-hand the previous call's tokens to their requests while this one runs, and repeat. A request that arrives while
-others are being decoded joins at the next call, without waiting for them to finish; one that finishes (its stop
-token, its token budget, a cancel: a client that went away) frees its slot for the next in the queue. Several
-steps per call share the host's work per call (and the waking of the clients' threads) among that many tokens,
-and that work overlaps the device's: each slot's last token stays on the device, so a call can be launched
-before the host has seen the one before.
+hand the previous call's tokens to their requests while this one runs, and repeat (when requests have just
+finished, the launch waits up to half a call for their clients' next requests, which then join it). A request
+that arrives while others are being decoded joins at the next call, without waiting for them to finish; one that
+finishes (its stop token, its token budget, a cancel: a client that went away) frees its slot for the next in the
+queue. Several steps per call share the host's work per call (and the waking of the clients' threads) among that
+many tokens, and that work overlaps the device's: each slot's last token stays on the device, so a call can be
+launched before the host has seen the one before.
 
 The cache has one write index per row (`model.init_cache(per_row=True)`), so rows at different lengths decode
 in one step. Prompts are right-padded for the prefill to one of a few lengths (16, 24, 32, 48, 64, ...: powers of
@@ -272,6 +273,16 @@ def _length_for(n: int, smallest: int, largest: int) -> int:
   return next((w for w in _lengths(smallest, largest) if w >= n), largest)
 
 
+@dataclasses.dataclass
+class _Call:
+  """A launched device call: its new tokens (on the device), the (row, slot, request) it serves, and for a
+  decoding call its (rows, cache length) and when it was launched."""
+  new: jax.Array
+  decoded: list[tuple[int, int, Request]]
+  shape: tuple[int, int] | None = None
+  launched_at: float = 0.0
+
+
 class Engine:
   """Serves generation requests for one GPT with continuous batching (see the module docstring).
 
@@ -310,6 +321,9 @@ class Engine:
     self._queue: collections.deque[Request] = collections.deque()
     self._admitting: list[tuple[int, Request]] = []  # taken off the queue, not yet in a slot
     self._cond = threading.Condition()
+    self._returning = 0  # requests finished whose clients may send their next one soon (see `_await_returning`)
+    self._call_s: dict[tuple[int, int], float] = {}  # device seconds of a decoding call, per (rows, length)
+    self._device_free_at = 0.0  # when the device last finished a call, as far as the host saw
     self._closed = False
     self._error = ""
     self.stats = collections.Counter()
@@ -346,6 +360,7 @@ class Engine:
         self.stats["rejected"] += 1
         raise QueueFull(f"{len(self._queue)} requests are waiting already (--max_queue {self.max_queue})")
       self._queue.append(request)
+      self._returning = max(0, self._returning - 1)
       self._cond.notify_all()
     return request
 
@@ -392,7 +407,8 @@ class Engine:
   # clients' tokens, their threads woken, the next call's settings) overlaps the device's. The host's view of the
   # slots is thus one call behind: a request that ended in the call in flight is decoded for one more call (its
   # tokens dropped: `_collect` hands tokens only to the request that was in the slot when the call was launched),
-  # and its slot is reused a call later.
+  # and its slot is reused a call later. When requests have just finished, the next launch waits (at most half a
+  # call) for their clients' next requests, so that these join the next call (`_await_returning`).
 
   def _loop(self) -> None:
     in_flight = None  # the launched decoding call whose tokens the host has not taken yet
@@ -401,6 +417,8 @@ class Engine:
         with self._cond:
           self._cond.wait_for(lambda: self._closed or self._queue or in_flight is not None
                               or any(r is not None for r in self._rows))
+          if in_flight is not None:
+            self._await_returning(in_flight)
           if self._closed:
             break
           admitted = self._admitting = []
@@ -416,9 +434,9 @@ class Engine:
         self._admitting = []
         launched = self._launch()
         if in_flight is not None:
-          self._collect(*in_flight)
+          self._collect(in_flight)
         if first is not None:
-          self._collect(first, [(i, slot, request) for i, (slot, request) in enumerate(admitted)])
+          self._collect(_Call(first, [(i, slot, request) for i, (slot, request) in enumerate(admitted)]))
         in_flight = launched
       reason = "the engine was closed"
     except Exception as e:  # pylint: disable=broad-except
@@ -431,6 +449,26 @@ class Engine:
       self._rows, self._queue = [None] * self.slots, collections.deque()
     for request in pending:
       request._finish("error", reason)  # pylint: disable=protected-access
+
+  def _await_returning(self, in_flight: _Call) -> None:
+    """Holds the next launch back (the caller's lock is released while waiting) until the clients whose requests
+    just finished have sent their next ones, or until half the device time expected of the call in flight has
+    passed (the next call is then launched well before the device runs out of work).
+
+    In a closed loop a client sends its next request once it has the last one's tokens. Launching the next call as
+    soon as the host has handed those out (before the client could answer) would leave each finished request's
+    slot idle for that call too: two calls per request, where one is the least (the call in flight was launched
+    before the request's end was seen)."""
+    expected = self._call_s.get(in_flight.shape) if in_flight.shape else None
+    if not expected or not self._returning or all(r is not None for r in self._rows):
+      return
+    timeout = max(in_flight.launched_at, self._device_free_at) + expected / 2 - time.monotonic()
+    if timeout > 0:
+      waited = time.monotonic()
+      self._cond.wait_for(lambda: self._closed or not self._returning, timeout=timeout)
+      self.stats["holds"] += 1
+      self.stats["held_s"] += time.monotonic() - waited
+    self._returning = 0  # whoever did not answer in time joins a later call, as any new client does
 
   def _admit(self, admitted: list[tuple[int, Request]]) -> jax.Array | None:
     """Launches the prefill of the `admitted` requests into their slots, in one call (padded to a power-of-two
@@ -460,9 +498,9 @@ class Engine:
       self.stats["admitted"] += 1
     return first[:, None]
 
-  def _launch(self) -> tuple[jax.Array, list[tuple[int, Request]]] | None:
-    """Launches `decode_steps` steps of every slot that may still need tokens; returns the call's new tokens
-    [rows, steps] (on the device) and the (row, slot, request) it decodes, or None when none needs any."""
+  def _launch(self) -> _Call | None:
+    """Launches `decode_steps` steps of every slot that may still need tokens; returns the call (its new tokens
+    [rows, steps] on the device and the (row, slot, request) it decodes), or None when none needs any."""
     for slot, request in enumerate(self._rows):
       if request is not None and request.cancelled:
         self._free(slot, "cancelled")
@@ -490,13 +528,24 @@ class Engine:
     for slot, _ in decoding_:
       self._position[slot] += self.decode_steps
       self._count[slot] += self.decode_steps
-    return new, [(slot, slot, r) for slot, r in decoding_]
+    return _Call(new, [(slot, slot, r) for slot, r in decoding_], (rows, length), time.monotonic())
 
-  def _collect(self, new: jax.Array, decoded: list[tuple[int, int, Request]]) -> None:
+  def _collect(self, call: _Call) -> None:
     """Waits for a launched call's tokens [rows, n] and hands row `row`'s to `request` in `slot`, if it still
-    holds the slot (it may have ended, and the slot been reused, since the call was launched)."""
-    new = np.asarray(jax.device_get(new))
-    for row, slot, request in decoded:
+    holds the slot (it may have ended, and the slot been reused, since the call was launched). Learns how long a
+    decoding call of its shape takes on the device, when the host had to wait for it (it ended just then)."""
+    start = time.monotonic()
+    new = np.asarray(jax.device_get(call.new))
+    done = time.monotonic()
+    if done - start > 5e-4:  # the host waited: the device finished about now
+      if call.shape:
+        seconds = done - max(call.launched_at, self._device_free_at)
+        known = self._call_s.get(call.shape)
+        self._call_s[call.shape] = seconds if known is None else 0.8 * known + 0.2 * seconds
+      self._device_free_at = done
+    else:  # it finished earlier: `start` bounds that, and the next call's duration is not overestimated
+      self._device_free_at = start
+    for row, slot, request in call.decoded:
       if self._rows[slot] is request:
         self._take(slot, new[row])
 
@@ -525,5 +574,7 @@ class Engine:
     request = self._rows[slot]
     with self._cond:
       self._rows[slot] = None
+      if reason != "cancelled":
+        self._returning = min(self.slots, self._returning + 1)
     request._finish(reason)  # pylint: disable=protected-access
     self.stats["finished_" + reason] += 1

@@ -459,14 +459,34 @@ class Server:
                                     "system_fingerprint": self.fingerprint, "choices": [choice]},
                                    ensure_ascii=False) + "\n\n"
 
-    def pump(index: int, follower: Follower) -> None:
+    def follow(index: int, follower: Follower) -> Iterator[tuple[int, str | None]]:
+      """(index, text delta) as the choice's text grows, then (index, None) once it has finished."""
       try:
         for delta in follower.deltas(self.request_timeout):
-          events.put((index, delta))
+          yield index, delta
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("choice %d of %s: %s", index, completion_id, e)
         follower.finish_reason = follower.finish_reason or "error"
-      events.put((index, None))
+      yield index, None
+
+    def pump(index: int, follower: Follower) -> None:
+      for event in follow(index, follower):
+        events.put(event)
+
+    def merged() -> Iterator[tuple[int, str | None]]:
+      """Every choice's events in the order they come: one choice is followed in this thread, several each by
+      a thread of its own."""
+      if len(followers) == 1:
+        yield from follow(0, followers[0])
+        return
+      threads = [threading.Thread(target=pump, args=(i, f), daemon=True) for i, f in enumerate(followers)]
+      for t in threads:
+        t.start()
+      open_choices = len(followers)
+      while open_choices:
+        event = events.get()
+        open_choices -= event[1] is None
+        yield event
 
     def generate() -> Iterator[str]:
       texts = [""] * len(followers)
@@ -475,14 +495,8 @@ class Server:
           for i in range(len(followers)):
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                          "logprobs": None})
-        threads = [threading.Thread(target=pump, args=(i, f), daemon=True) for i, f in enumerate(followers)]
-        for t in threads:
-          t.start()
-        open_choices = len(followers)
-        while open_choices:
-          index, delta = events.get()
+        for index, delta in merged():
           if delta is None:
-            open_choices -= 1
             finish = followers[index].finish_reason
             yield chunk({"index": index, "delta": {}, "finish_reason": finish, "logprobs": None} if chat_api else
                         {"index": index, "text": "", "finish_reason": finish, "logprobs": None})

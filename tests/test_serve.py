@@ -117,6 +117,64 @@ def test_the_next_call_is_launched_before_the_last_ones_tokens_are_handed_out_an
     engine.close()
 
 
+class _CallsTake(dict):
+  """An engine's learned device seconds per decoding call, fixed at `seconds` for every shape."""
+
+  def __init__(self, seconds: float):
+    super().__init__()
+    self.seconds = seconds
+
+  def get(self, key, default=None):  # pylint: disable=unused-argument
+    return self.seconds
+
+
+def test_a_client_whose_request_finished_gets_its_next_one_into_the_next_call():
+  # A long request keeps calls in flight; a closed-loop client sends short ones (each needs one decoding call:
+  # its first token comes from the prefill, four more from one call), 30 ms after its last one ended. The engine
+  # launches the next call only once that client has answered (or half a call's expected time has passed: here
+  # 10 s, so only the answer ends the hold), so its slot idles one call per request, not two (nor the dozens
+  # of this tiny model's calls that fit in 30 ms).
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=2, decode_steps=4)
+  engine._call_s = _CallsTake(20.0)  # pylint: disable=protected-access
+  try:
+    background = engine_lib.SamplingParams(max_tokens=60, seed=1)
+    long_request = engine.submit([3, 4, 5], background)
+    next(iter(long_request.tokens(timeout=120)))
+    done = []
+    while long_request.finish_reason is None:
+      prompt = [1 + len(done) % 50, 2]
+      p = engine_lib.SamplingParams(max_tokens=5, seed=10 + len(done))
+      done.append((prompt, p, engine.submit(prompt, p).result(timeout=120)))
+      time.sleep(0.03)
+    calls = engine.stats["steps"] // 4
+    # 60 tokens: the prefill's and 15 calls (59 more; the host sees the last one a call late). A short request
+    # every other call: 7 or 8 of them; two idle calls per request would leave room for 5.
+    assert long_request.result() == _reference(model, params, [3, 4, 5], background)
+    assert 15 <= calls <= 17 and len(done) >= 7, (calls, len(done), engine.stats)
+    for prompt, p, got in done:
+      assert got == _reference(model, params, prompt, p)
+  finally:
+    engine.close()
+
+
+def test_the_next_call_is_held_back_at_most_half_a_call_for_clients_that_do_not_return():
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=3, decode_steps=4)
+  engine._call_s = _CallsTake(0.2)  # pylint: disable=protected-access
+  try:
+    long_request = engine.submit([3, 4, 5], engine_lib.SamplingParams(max_tokens=40, seed=1))
+    for i in range(2):  # they end, and their clients go away
+      engine.submit([7, 8], engine_lib.SamplingParams(max_tokens=5, seed=2 + i)).result(timeout=120)
+    start = time.monotonic()
+    long_request.result(timeout=120)
+    holds, held = engine.stats["holds"], engine.stats["held_s"]
+    assert holds >= 1 and held <= holds * (0.1 + 0.05), engine.stats
+    assert time.monotonic() - start < 10 * 0.1 + 5  # the remaining calls, each held back at most once
+  finally:
+    engine.close()
+
+
 def test_filter_rows_keeps_each_rows_top_k_and_top_p_as_numpy_does():
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 2, (6, 50)).astype(np.float32)
