@@ -10,7 +10,7 @@ Method:
   an SFT-stage checkpoint with a 4096-piece tokenizer trained on the Shakespeare corpus; served on 127.0.0.1 with
   the server's defaults (16 slots) in a subprocess, on one device.
 * Requests: /v1/completions, streamed, a line of Shakespeare as the prompt (12-40 tokens), `--max_tokens` new
-  tokens, temperature 1, no top-k/top-p; `--requests_per_client` per client (at least 16 in all), each client
+  tokens, temperature 1, no top-k/top-p; `--requests_per_client` per client (at least 32 in all), each client
   sending its next request when the last one finished. One untimed warm-up pass compiles every prompt bucket.
 * Per run: tokens/s = completion tokens (the server's usage counts) / wall seconds from the first request to the
   last reply; time to first token (first streamed text) and per-request latency, p50 and p99.
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
   p.add_argument("--clients", type=int, action="append", help="concurrent clients (repeatable); default 1 4 16 64")
   p.add_argument("--max_tokens", type=int, default=64, help="new tokens per request (default %(default)s)")
   p.add_argument("--requests_per_client", type=int, default=8,
-                 help="(at least 16 requests per run in all); enough that the runs' start and end weigh little")
+                 help="(at least 32 requests per run in all); enough that the runs' start and end weigh little")
   p.add_argument("--server_args", default="", help="more flags for `gptrl.serve`, e.g. '--decode_steps 16'")
   p.add_argument("--slots", type=int, default=16, help="the server's --slots (default %(default)s)")
   p.add_argument("--peer", default="torch", choices=("torch", "none"))
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
       # Warm-up: every prompt bucket and step size compiled before anything is timed.
       load_run(server, prompts, 16, 2, args.max_tokens)
       for c in clients:
-        per_client = max(args.requests_per_client, -(-16 // c))
+        per_client = max(args.requests_per_client, -(-32 // c))
         runs.append(load_run(server, prompts, c, per_client, args.max_tokens))
         print(f"{c} clients: {runs[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
     finally:

@@ -15,11 +15,12 @@ The cache has one write index per row (`model.init_cache(per_row=True)`), so row
 in one step. Prompts are right-padded for the prefill to one of a few lengths (16, 24, 32, 48, 64, ...: powers of
 two and 1.5x of them), and the row's index is then set to the prompt's true length, so the padding costs no cache
 room. A decoding call runs over the lowest slots only, a power of two of them covering every occupied one (slots
-are filled lowest first), so a lone request costs a batch of one, not of all slots; and over the first cache
-positions only, one of 64, 96, 128, 192, ... covering every occupied row, so attention reads little more of the
-cache than is live. Each (batch, length) shape compiles once; `warmup` compiles them all before the first request
-(70 programs, 60 s on 2 CPU cores for the default CPU model's 16 slots and context 256; prompts padded to powers of
-two only would be 50 programs and 44 s, but measured 3-15% fewer tokens/s at 16 and 64 clients in two runs).
+are filled lowest first), so a lone request costs a batch of one, not of all slots. The cache holds only as many
+positions as the live rows need, one of 64, 96, 128, 192, ... (`Engine._fit`: grown when a call or a prompt needs
+more, shrunk when a third of it or more has been unused for a few calls), so attention reads little more of it
+than is live, and no call copies a window out of a longer cache and back. Each (batch, length) shape compiles
+once; `warmup` compiles them all before the first request (for the default CPU model's 16 slots and context 256: 50 prefill, 250 cache insert,
+20 resize and 25 step programs, about a minute on 2 CPU cores).
 
 Token i of a request is drawn with `fold_in(request_key(seed), i)` from its own row: what a request gets does
 not depend on which others share the batch, and equals `decoding.generate` on that prompt alone with
@@ -48,6 +49,7 @@ from gptrl import sharding
 
 _MIN_PREFILL = 16
 _MIN_WINDOW = 64  # the smallest cache window a decoding step attends over
+_SHRINK_AFTER = 4  # decoding calls in a row that need at most 2/3 of the cache before it is shrunk
 
 
 class QueueFull(RuntimeError):
@@ -176,14 +178,12 @@ def request_key(seed: Any) -> jax.Array:
   return jax.lax.select(seed[1] > 0, jax.random.fold_in(key, seed[1]), key)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "filtered"), donate_argnames=("cache", "keys_B", "last_B"))
-def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, last_B: jax.Array, slots_A: jax.Array,
-           tokens_AxP: jax.Array, lengths_A: jax.Array, seeds_Ax2: jax.Array, temperature_A: jax.Array,
-           top_k_A: jax.Array, top_p_A: jax.Array, *, filtered: bool) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
-  """Prefills A right-padded prompts (row a's first lengths[a] tokens are real) into rows `slots_A` of `cache`
-  (repeated entries must repeat their data: the batch's padding); sets those rows' keys. Returns the cache, the
-  keys, every slot's last token [B] (the admitted rows' set to their first new token, what the next decoding call
-  feeds them) and each request's first new token [A] (drawn with fold_in(key, 0))."""
+@functools.partial(jax.jit, static_argnames=("model", "filtered"))
+def _prefill(model: Any, params: Any, tokens_AxP: jax.Array, lengths_A: jax.Array, seeds_Ax2: jax.Array,
+             temperature_A: jax.Array, top_k_A: jax.Array, top_p_A: jax.Array, *,
+             filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
+  """Prefills A right-padded prompts (row a's first lengths[a] tokens are real) into a cache of their own [A, ...,
+  P]; returns it, the requests' keys and each one's first new token [A] (drawn with fold_in(key, 0))."""
   a, p = tokens_AxP.shape
   positions_AxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (a, p))
   logits_AxPxV, variables = model.apply(
@@ -194,6 +194,16 @@ def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, last_B: jax.A
   keys_A = request_key(seeds_Ax2)
   token_A = decoding.sample_rows(logits_AxV, keys_A, jnp.zeros((a,), jnp.int32), temperature_A, top_k_A, top_p_A,
                                  filtered=filtered)
+  return variables["cache"], keys_A, token_A
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "keys_B", "last_B"))
+def _insert(cache: Any, keys_B: jax.Array, last_B: jax.Array, prefilled: Any, slots_A: jax.Array,
+            lengths_A: jax.Array, keys_A: jax.Array, token_A: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+  """Writes `_prefill`'s cache rows into rows `slots_A` of `cache` (repeated entries must repeat their data: the
+  batch's padding) and sets those rows' keys and last tokens (their first new token, what the next decoding call
+  feeds them). Returns the cache, the keys and every slot's last token [B]."""
+  a, p = token_A.shape[0], prefilled_length(prefilled)
 
   def insert(path, big, small):
     name = path[-1].key
@@ -204,25 +214,41 @@ def _admit(model: Any, params: Any, cache: Any, keys_B: jax.Array, last_B: jax.A
     # The whole row, zeros past the prompt: masked slots still meet the values (weight 0 times a value), so
     # nothing the slot held before may linger there.
     return big.at[slots_A].set(jnp.zeros((a,) + big.shape[1:], big.dtype).at[:, :, :p].set(small))
-  cache = jax.tree_util.tree_map_with_path(insert, cache, variables["cache"])
-  return cache, keys_B.at[slots_A].set(keys_A), last_B.at[slots_A].set(token_A), token_A
+  cache = jax.tree_util.tree_map_with_path(insert, cache, prefilled)
+  return cache, keys_B.at[slots_A].set(keys_A), last_B.at[slots_A].set(token_A)
 
 
-def _window(cache: Any, rows: int, length: int) -> Any:
-  """The first `rows` rows and `length` slots of a per-row cache (keys/values [B, G, S, K], valid [B, S])."""
-  def cut(path, c):
-    name = path[-1].key
-    return c[:rows] if name == "index" else c[:rows, :length] if name == "cached_valid" else c[:rows, :, :length]
-  return jax.tree_util.tree_map_with_path(cut, cache)
+def prefilled_length(cache: Any) -> int:
+  """The cache positions of a per-row cache (keys/values [B, G, S, K], valid [B, S])."""
+  return next(leaf.shape[1] for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
+              if path[-1].key == "cached_valid")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rows", "length", "steps", "filtered"),
+@functools.partial(jax.jit, static_argnames=("length",))
+def _resize(cache: Any, *, length: int) -> Any:
+  """The per-row cache with `length` positions: its first ones kept, new ones empty (zeros, not attendable)."""
+  def fit(path, c):
+    if path[-1].key == "index":
+      return c
+    axis = 1 if path[-1].key == "cached_valid" else 2
+    if length <= c.shape[axis]:
+      return jax.lax.slice_in_dim(c, 0, length, axis=axis)
+    return jnp.pad(c, [(0, length - c.shape[axis]) if i == axis else (0, 0) for i in range(c.ndim)])
+  return jax.tree_util.tree_map_with_path(fit, cache)
+
+
+def _rows(cache: Any, rows: int) -> Any:
+  """The first `rows` rows of a per-row cache."""
+  return jax.tree.map(lambda c: c[:rows], cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows", "steps", "filtered"),
                    donate_argnames=("cache", "last_B"))
 def _step(model: Any, params: Any, cache: Any, last_B: jax.Array, positions_B: jax.Array, active_B: jax.Array,
           keys_B: jax.Array, counts_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-          *, rows: int, length: int, steps: int, filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
-  """`steps` decoding steps over the first `rows` slots and `length` cache positions (every active row's
-  writes fall inside: attention reads no more of the cache than is live): each step feeds every row's last token
+          *, rows: int, steps: int, filtered: bool) -> tuple[Any, jax.Array, jax.Array]:
+  """`steps` decoding steps over the first `rows` slots of the cache (every active row's writes fall inside its
+  length, which the engine keeps near what is live: `Engine._fit`): each step feeds every row's last token
   (written to the cache only where active) and draws its next one with fold_in(key, count). Returns the cache,
   every slot's last token [B] (what the next call feeds) and the new tokens [rows, steps]. Rows keep going after
   their stop token within the call; the host drops those tokens (the row is freed, and its cache row rewritten
@@ -242,7 +268,7 @@ def _step(model: Any, params: Any, cache: Any, last_B: jax.Array, positions_B: j
                                  filtered=filtered)
     return variables["cache"], new_B, jax.lax.dynamic_update_index_in_dim(out_BxN, new_B, i, axis=1)
 
-  sub, last_b, out_BxN = jax.lax.fori_loop(0, steps, body, (_window(cache, rows, length), last_B[:rows],
+  sub, last_b, out_BxN = jax.lax.fori_loop(0, steps, body, (_rows(cache, rows), last_B[:rows],
                                                             jnp.zeros((rows, steps), jnp.int32)))
   cache = jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), cache, sub)
   return cache, jax.lax.dynamic_update_slice(last_B, last_b, (0,)), out_BxN
@@ -308,7 +334,10 @@ class Engine:
     self.context = model.config.max_len
     self.max_queue = max_queue
     with sharding.activate(self.mesh):  # made by jit, as every later value of them is: no recompile on first use
-      self._cache = jax.jit(lambda: model_lib.init_cache(model, self.slots, self.context, per_row=True))()
+      # The cache holds as many positions as the calls need (`_fit`), not the whole context: attention reads it all.
+      self._length = _lengths(_MIN_WINDOW, self.context)[0]
+      self._shorter_calls = 0  # decoding calls in a row that needed at most 2/3 of the cache (`_fit`)
+      self._cache = jax.jit(lambda: model_lib.init_cache(model, self.slots, self._length, per_row=True))()
       self._keys = jax.jit(lambda: jax.random.split(jax.random.key(0), self.slots))()
       self._last = jax.jit(lambda: jnp.zeros((self.slots,), jnp.int32))()  # each slot's last token, on the device
     self._rows: list[Request | None] = [None] * self.slots
@@ -381,25 +410,35 @@ class Engine:
   def _warmup(self) -> None:
     start = time.monotonic()
     compiled = 0
+    lengths = _lengths(_MIN_WINDOW, self.context)
     with sharding.activate(self.mesh):
-      for a in _buckets(1, self.slots):
-        for p in _lengths(_MIN_PREFILL, self.context):
-          ones = np.ones(a, np.int32)
-          self._cache, self._keys, self._last, _ = _admit(
-              self.model, self.params, self._cache, self._keys, self._last, np.zeros(a, np.int32),
-              np.zeros((a, p), np.int32), ones, np.zeros((a, 2), np.uint32), ones.astype(np.float32), 0 * ones,
-              ones.astype(np.float32), filtered=False)
-          compiled += 1
-      for rows in _buckets(self._dp, self.slots):
-        for length in _lengths(_MIN_WINDOW, self.context):
+      for length in lengths:
+        for other in lengths:  # every resize, from and to every length
+          if other != length:
+            _resize(_resize(self._cache, length=other), length=length)
+            compiled += 1
+        self._cache = _resize(self._cache, length=length)
+        for a in _buckets(1, self.slots):
+          for p in [p for p in _lengths(_MIN_PREFILL, self.context) if p <= length]:
+            ones = np.ones(a, np.int32)
+            prefilled, keys, first = _prefill(
+                self.model, self.params, np.zeros((a, p), np.int32), ones, np.zeros((a, 2), np.uint32),
+                ones.astype(np.float32), 0 * ones, ones.astype(np.float32), filtered=False)
+            self._cache, self._keys, self._last = _insert(self._cache, self._keys, self._last, prefilled,
+                                                          np.zeros(a, np.int32), ones, keys, first)
+            compiled += 1 + (length == lengths[0] or p > lengths[lengths.index(length) - 1])
+        for rows in _buckets(self._dp, self.slots):
           # Idle rows: their writes are masked, and overwritten when a request is admitted.
           self._cache, self._last, new = _step(
               self.model, self.params, self._cache, self._last, self._position[:rows], np.zeros(rows, bool),
               self._keys[:rows], self._count[:rows], self._temperature[:rows], self._top_k[:rows],
-              self._top_p[:rows], rows=rows, length=length, steps=self.decode_steps, filtered=False)
+              self._top_p[:rows], rows=rows, steps=self.decode_steps, filtered=False)
           compiled += 1
+      self._cache = _resize(self._cache, length=lengths[0])
+      self._length = lengths[0]
     jax.block_until_ready(new)
-    logging.info("Compiled %d prefill and step programs in %.1f s.", compiled, time.monotonic() - start)
+    logging.info("Compiled %d prefill, cache insert, cache resize and step programs in %.1f s.", compiled,
+                 time.monotonic() - start)
 
   # -- the engine's thread ------------------------------------------------------------------------
   #
@@ -483,12 +522,16 @@ class Engine:
       tokens[i, :len(r.prompt)] = r.prompt
     seeds = np.array([[r.params.seed & 0xFFFFFFFF, r.params.seed >> 32] for _, r in rows], np.uint32)
     settings = [r.params for _, r in rows]
+    lengths = np.array([len(r.prompt) for _, r in rows], np.int32)
+    self._fit(p, shrink=False)
     with sharding.activate(self.mesh):
-      self._cache, self._keys, self._last, first = _admit(
-          self.model, self.params, self._cache, self._keys, self._last, np.array([slot for slot, _ in rows], np.int32),
-          tokens, np.array([len(r.prompt) for _, r in rows], np.int32), seeds,
-          np.array([q.temperature for q in settings], np.float32), np.array([q.top_k for q in settings], np.int32),
-          np.array([q.top_p for q in settings], np.float32), filtered=any(q.filtered for q in settings))
+      prefilled, keys, first = _prefill(
+          self.model, self.params, tokens, lengths, seeds, np.array([q.temperature for q in settings], np.float32),
+          np.array([q.top_k for q in settings], np.int32), np.array([q.top_p for q in settings], np.float32),
+          filtered=any(q.filtered for q in settings))
+      self._cache, self._keys, self._last = _insert(self._cache, self._keys, self._last, prefilled,
+                                                    np.array([slot for slot, _ in rows], np.int32), lengths, keys,
+                                                    first)
     for slot, request in admitted:
       q = request.params
       with self._cond:
@@ -511,8 +554,7 @@ class Engine:
     if not decoding_:
       return None
     rows = _bucket(decoding_[-1][0] + 1, self._dp, self.slots)
-    length = _length_for(max(self._position[s] for s, _ in decoding_) + self.decode_steps, _MIN_WINDOW,
-                         self.context)
+    self._fit(max(self._position[s] for s, _ in decoding_) + self.decode_steps, shrink=True)
     active = np.zeros(rows, bool)
     active[[s for s, _ in decoding_]] = True
     filtered = any(r.params.filtered for _, r in decoding_)
@@ -522,13 +564,29 @@ class Engine:
     with sharding.activate(self.mesh):
       self._cache, self._last, new = _step(
           self.model, self.params, self._cache, self._last, host[0], active, self._keys[:rows], *host[1:],
-          rows=rows, length=length, steps=self.decode_steps, filtered=filtered)
+          rows=rows, steps=self.decode_steps, filtered=filtered)
     self.stats["steps"] += self.decode_steps
     self.stats["row_slots"] += rows * self.decode_steps
     for slot, _ in decoding_:
       self._position[slot] += self.decode_steps
       self._count[slot] += self.decode_steps
-    return _Call(new, [(slot, slot, r) for slot, r in decoding_], (rows, length), time.monotonic())
+    return _Call(new, [(slot, slot, r) for slot, r in decoding_], (rows, self._length), time.monotonic())
+
+  def _fit(self, needed: int, *, shrink: bool) -> None:
+    """Gives the cache the window length (64, 96, 128, 192, ...) that covers `needed` positions when it is
+    shorter, or, with `shrink`, when that length has been at most 2/3 of its own for `_SHRINK_AFTER` calls in a
+    row (a resize copies the cache: not for one length less, nor between one request and the next of a client).
+    Attention reads the whole cache, so it stays near what is live; and it keeps its length between calls, so a
+    call copies no window out of a longer cache and back (0.7 of 4.1 ms per step of 16 rows at 8 steps per call)."""
+    target = _length_for(needed, _MIN_WINDOW, self.context)
+    if shrink:
+      self._shorter_calls = self._shorter_calls + 1 if 3 * target <= 2 * self._length else 0
+    if target > self._length or self._shorter_calls >= _SHRINK_AFTER:
+      self._shorter_calls = 0
+      with sharding.activate(self.mesh):
+        self._cache = _resize(self._cache, length=target)
+      self._length = target
+      self.stats["resizes"] += 1
 
   def _collect(self, call: _Call) -> None:
     """Waits for a launched call's tokens [rows, n] and hands row `row`'s to `request` in `slot`, if it still

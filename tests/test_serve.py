@@ -98,6 +98,43 @@ def test_a_slot_reused_after_a_request_that_ran_to_the_end_of_the_context_keeps_
     engine.close()
 
 
+def test_the_cache_grows_and_shrinks_with_what_the_live_requests_need():
+  # Context 256: the cache holds 64, 96, 128, 192 or 256 positions. A long prompt (100 tokens, 60 new) grows it
+  # while a short request decodes beside it; once only short ones are left for a few calls, it shrinks back.
+  model, params = _random_gpt(max_len=256)
+  engine = engine_lib.Engine(model, params, slots=2, decode_steps=4)
+  lengths = []
+  fit = engine._fit  # pylint: disable=protected-access
+
+  def recording_fit(needed, *, shrink):
+    fit(needed, shrink=shrink)
+    lengths.append(engine._length)  # pylint: disable=protected-access
+  engine._fit = recording_fit  # pylint: disable=protected-access
+  rng = np.random.default_rng(4)
+  try:
+    short = engine_lib.SamplingParams(max_tokens=10, seed=1)
+    assert engine.submit([5, 6, 7], short).result(timeout=120) == _reference(model, params, [5, 6, 7], short)
+    assert set(lengths) == {64}
+    long_prompt = [int(t) for t in rng.integers(1, 64, size=100)]
+    long = engine_lib.SamplingParams(max_tokens=60, seed=2)
+    long_request = engine.submit(long_prompt, long)
+    beside = [(prompt, p, engine.submit(prompt, p)) for prompt, p in
+              [([9, 8], engine_lib.SamplingParams(max_tokens=30, seed=3, temperature=0.7))]]
+    assert long_request.result(timeout=120) == _reference(model, params, long_prompt, long)
+    for prompt, p, request in beside:
+      assert request.result(timeout=120) == _reference(model, params, prompt, p)
+    assert {128, 192} <= set(lengths) and 256 not in lengths  # 100 + 60 tokens: the prompt's 128, then 192
+    # Shrunk once four calls in a row needed at most 2/3 of it (not between one request and the next)
+    after = engine_lib.SamplingParams(max_tokens=12, seed=4)
+    assert engine.submit([3, 1], after).result(timeout=120) == _reference(model, params, [3, 1], after)
+    assert lengths[-1] == 192
+    after = engine_lib.SamplingParams(max_tokens=24, seed=5)
+    assert engine.submit([3, 2], after).result(timeout=120) == _reference(model, params, [3, 2], after)
+    assert lengths[-1] == 64 and engine.stats["resizes"] == 3, (lengths, engine.stats)
+  finally:
+    engine.close()
+
+
 def test_the_next_call_is_launched_before_the_last_ones_tokens_are_handed_out_and_ended_requests_lose_nothing():
   # Requests that end inside a call (a budget of 1..9 tokens at 4 steps per call, stop ids) and new ones that
   # take their slots while a call for the old ones is still in flight.
