@@ -19,8 +19,9 @@ are filled lowest first), so a lone request costs a batch of one, not of all slo
 positions as the live rows need, one of 64, 96, 128, 192, ... (`Engine._fit`: grown when a call or a prompt needs
 more, shrunk when a third of it or more has been unused for a few calls), so attention reads little more of it
 than is live, and no call copies a window out of a longer cache and back. Each (batch, length) shape compiles
-once; `warmup` compiles them all before the first request (for the default CPU model's 16 slots and context 256: 50 prefill, 250 cache insert,
-20 resize and 25 step programs, about a minute on 2 CPU cores).
+once; `warmup` compiles them all before the first request (for the default CPU model's 16 slots and context 256:
+45 prefill, 175 cache insert, 20 resize and 25 step programs, 105 s on 2 CPU cores, where the whole-context cache
+took 70 programs and 60 s).
 
 Token i of a request is drawn with `fold_in(request_key(seed), i)` from its own row: what a request gets does
 not depend on which others share the batch, and equals `decoding.generate` on that prompt alone with
@@ -320,8 +321,9 @@ class Engine:
     decode_steps: tokens decoded per call into the device (one jitted loop): the host's work per call (and the
       waking of the clients' threads) is shared by that many tokens. Requests join and leave between calls, and
       a request that ends inside one costs the rest of the call's steps in its row.
-    warmup: compile, before serving, the prefill of every prompt-length bucket and the step of every row count
-      (without top-k/top-p; those compile on first use), so that no request waits for a compilation.
+    warmup: compile, before serving, the prefill of every prompt-length bucket, its insert into and the step of
+      every row count over every cache length, and every resize (without top-k/top-p; those compile on first
+      use), so that no request waits for a compilation.
   """
 
   def __init__(self, model: Any, params: Any, *, slots: int = 16, max_queue: int = 256,
@@ -426,7 +428,7 @@ class Engine:
                 ones.astype(np.float32), 0 * ones, ones.astype(np.float32), filtered=False)
             self._cache, self._keys, self._last = _insert(self._cache, self._keys, self._last, prefilled,
                                                           np.zeros(a, np.int32), ones, keys, first)
-            compiled += 1 + (length == lengths[0] or p > lengths[lengths.index(length) - 1])
+            compiled += 1 + (length == lengths[0] or p > lengths[lengths.index(length) - 1])  # (a new prefill)
         for rows in _buckets(self._dp, self.slots):
           # Idle rows: their writes are masked, and overwritten when a request is admitted.
           self._cache, self._last, new = _step(
