@@ -104,5 +104,5 @@ def test_serve_load_runs_clients_against_a_real_server(tmp_path):
                 "--requests_per_client", "1", "--peer", "none", tmp_path=tmp_path)
   one, three = report["runs"]
   assert (one["clients"], three["clients"]) == (1, 3) and one["x_one_at_a_time"] == 1.0
-  assert 0 < one["tokens"] <= 16 * 6 and one["ttft_p50_s"] <= one["latency_p50_s"]
+  assert one["requests"] == 32 and 0 < one["tokens"] <= 32 * 6 and one["ttft_p50_s"] <= one["latency_p50_s"]
   assert report["offline"]["batch_16_over_1"] > 0 and report["peer"] is None
