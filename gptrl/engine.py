@@ -204,25 +204,19 @@ def _insert(cache: Any, keys_B: jax.Array, last_B: jax.Array, prefilled: Any, sl
   """Writes `_prefill`'s cache rows into rows `slots_A` of `cache` (repeated entries must repeat their data: the
   batch's padding) and sets those rows' keys and last tokens (their first new token, what the next decoding call
   feeds them). Returns the cache, the keys and every slot's last token [B]."""
-  a, p = token_A.shape[0], prefilled_length(prefilled)
+  a = token_A.shape[0]
 
   def insert(path, big, small):
     name = path[-1].key
     if name == "index":  # each row continues after its real tokens: its padding's slots get overwritten
       return big.at[slots_A].set(lengths_A)
     if name == "cached_valid":  # nothing of the slot's previous request stays attendable
-      return big.at[slots_A].set(jnp.zeros((a, big.shape[1]), jnp.bool_).at[:, :p].set(small))
+      return big.at[slots_A].set(jnp.zeros((a, big.shape[1]), jnp.bool_).at[:, :small.shape[1]].set(small))
     # The whole row, zeros past the prompt: masked slots still meet the values (weight 0 times a value), so
     # nothing the slot held before may linger there.
-    return big.at[slots_A].set(jnp.zeros((a,) + big.shape[1:], big.dtype).at[:, :, :p].set(small))
+    return big.at[slots_A].set(jnp.zeros((a,) + big.shape[1:], big.dtype).at[:, :, :small.shape[2]].set(small))
   cache = jax.tree_util.tree_map_with_path(insert, cache, prefilled)
   return cache, keys_B.at[slots_A].set(keys_A), last_B.at[slots_A].set(token_A)
-
-
-def prefilled_length(cache: Any) -> int:
-  """The cache positions of a per-row cache (keys/values [B, G, S, K], valid [B, S])."""
-  return next(leaf.shape[1] for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
-              if path[-1].key == "cached_valid")
 
 
 @functools.partial(jax.jit, static_argnames=("length",))
