@@ -47,7 +47,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype, model.dtype
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 REMATS = ("none", "block", "dots")
-ATTENTIONS = ("xla", "dot_product")
+ATTENTIONS = ("xla", "dot_product", "splash")
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 TOKENIZER_TYPES = ("bpe", "unigram")
 INITIALIZE_MODES = ("auto", "always", "never")  # distributed.initialize; distributed.host_malloc: hostmem.MODES
@@ -117,7 +117,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters (and optimizer state)
   dtype: str = "float32"  # compute dtype of matmuls/activations ("bfloat16" for bf16 compute)
   remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
-  attention: str = "xla"  # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention)
+  # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention) | "splash" (TPU Pallas kernel, gptrl/splash.py:
+  # whole sequences of a multiple of 128 tokens; decoding steps and other lengths take the einsum path; no
+  # attention dropout; off TPU it runs in Pallas' interpreter, for tests)
+  attention: str = "xla"
   # Query block length of causal attention over whole sequences (training, scoring, prefill): a block only reads
   # the keys up to its end, so score blocks above the diagonal are skipped. 0: automatic (max(64, T // 8) from
   # T = 128 tokens up; one block below); a value >= T: one dense T x T block.
@@ -146,6 +149,9 @@ class ModelConfig:
     for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
       _check_choice(getattr(self, name), allowed, f"model.{name}")
     _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
+    _check(self.attention != "splash" or self.dropout == 0.0, "model.attention",
+           f"'splash' has no attention dropout: set model.dropout=0 or model.attention='xla' (dropout "
+           f"{self.dropout})")
     _check(self.causal_chunk >= 0, "model.causal_chunk", f"must be >= 0 (0: automatic), got {self.causal_chunk}")
     _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
     _check(self.num_kv_heads >= 0 and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),

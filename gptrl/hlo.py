@@ -11,7 +11,9 @@ condition), then per execution
   - the collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, sync or async):
     how many run per step and the bytes of the larger of their operand and result, per device;
   - the bytes the top-level instructions read and write (fusions, copies, collectives...: operands + results,
-    not what happens inside a fusion), for a memory-bandwidth bound.
+    not what happens inside a fusion), for a memory-bandwidth bound;
+  - the work of the splash-attention kernels (gptrl/splash.py), which XLA sees as opaque custom calls: their
+    matmul flops and bytes by `splash_kernel`'s model of the kernel (causal masks: the only ones gptrl builds).
 
 With every trip count taken as 1 (`loops=False`) the matmul flops are what `cost_analysis()["flops"]` reports,
 less its elementwise flops (tests/test_hlo.py checks this against XLA on CPU and TPU programs).
@@ -152,8 +154,8 @@ def parse(text: str) -> dict[str, Computation]:
       if m and not line.startswith(" ") and "=" not in line.split("(")[0]:
         current = Computation(m.group(2), bool(m.group(1)), [])
       continue
-    if line.startswith("}"):
-      computations[current.name] = current
+    if line.rstrip() == "}":  # (not "}}, metadata=...": the end of an attribute spread over lines, as Pallas
+      computations[current.name] = current  # kernels' frontend_attributes are)
       current = None
       continue
     inst = _parse_instruction(line)
@@ -335,6 +337,35 @@ def convolution_flops(inst: Instruction, defs: dict[str, Instruction]) -> float:
   return 2.0 * fma
 
 
+_SPLASH = re.compile(r"splash_(mha|mqa)_(fwd|dq|dkv)")
+# Matmuls per (query tile, key tile) pair: forward q k^T, p v; dq: q k^T again, do v^T, ds k; dkv: q k^T,
+# p^T do, do v^T, ds^T q.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def splash_kernel(inst: Instruction, defs: dict[str, Instruction]) -> tuple[float, float]:
+  """(matmul flops, device-memory bytes) of one splash-attention kernel call. Its operands include the
+  queries [B, H, T, K], keys and values [B, G, S, K] (the first three 4-D floating-point operands) and its tile
+  tables ([heads, T / bq, S / bkv] int8, the first 3-D int8 operand). Under a causal mask with square tiles the
+  kernel visits the n (n + 1) / 2 tiles on and below the diagonal (n = T / bq), each for every query head and row,
+  so: flops = 2 bq bkv K x matmuls per tile x tiles x B H; bytes: its operands and results once, plus each
+  key/value tile read again for every query tile below it ((n + 1) / 2 reads of the keys and values)."""
+  phase = _SPLASH.match(inst.name).group(2)
+  operands = [_operand_arrays(inst, defs, k) for k in range(len(inst.operands))]
+  floats = [a[0] for a in operands if len(a) == 1 and len(a[0].dims) == 4 and a[0].dtype[0] in "fb"]
+  tiles = [a[0] for a in operands if len(a) == 1 and len(a[0].dims) == 3 and a[0].dtype == "s8"]
+  if len(floats) < 3 or not tiles:
+    return 0.0, 0.0
+  (b, h, t, k), keys, values = floats[0].dims, floats[1], floats[2]
+  n = tiles[0].dims[-1]
+  pairs = n * (n + 1) / 2
+  tile_area = (t / n) * (keys.dims[2] / n)
+  flops = 2.0 * tile_area * k * _SPLASH_MATMULS[phase] * pairs * b * h
+  moved = sum(a.bytes for arrs in operands for a in arrs) + sum(a.bytes for a in inst.result)
+  moved += ((n + 1) / 2 - 1) * (keys.bytes + values.bytes)
+  return flops, moved
+
+
 @dataclasses.dataclass
 class Collective:
   count: float = 0.0  # executions per step
@@ -377,6 +408,10 @@ def profile(text: str, loops: bool = True) -> Profile:
         flops += n * dot_flops(inst, defs)
       elif inst.opcode == "convolution":
         flops += n * convolution_flops(inst, defs)
+      elif inst.opcode == "custom-call" and _SPLASH.match(inst.name):
+        kernel_flops, kernel_bytes = splash_kernel(inst, defs)
+        flops += n * kernel_flops
+        traffic += n * kernel_bytes
       kind = _kind(inst.opcode)
       if kind:
         operand_bytes = [a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]

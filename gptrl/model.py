@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptrl import splash
 from gptrl.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -168,6 +169,12 @@ def _masked_softmax_parts(scores_BxHxTxS: jax.Array, mask_Bx1xTxS: jax.Array) ->
   return weights_BxHxTxS, jnp.sum(weights_BxHxTxS, axis=-1, keepdims=True)
 
 
+def uses_splash(cfg: ModelConfig, t: int, decode: bool = False) -> bool:
+  """Whether attention over `t` tokens goes through the splash kernel (gptrl/splash.py): model.attention =
+  "splash", a whole-sequence pass (decoding steps read the cache by the einsum path) and t a multiple of 128."""
+  return cfg.attention == "splash" and not decode and splash.supports(t)
+
+
 def causal_chunk_length(cfg: ModelConfig, t: int) -> int:
   """Query block length of causal attention over `t` tokens (see ModelConfig.causal_chunk); >= t: one block."""
   if cfg.causal_chunk:
@@ -232,7 +239,9 @@ class Attention(nn.Module):
     attention_dropout = nn.Dropout(cfg.dropout)
     dropout = lambda p: attention_dropout(p, deterministic=self.deterministic)
     chunk = causal_chunk_length(cfg, t)
-    if self.decode or chunk >= t:
+    if uses_splash(cfg, t, self.decode):
+      out_BxTxHxK = splash.causal_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, valid_BxT)
+    elif self.decode or chunk >= t:
       out_BxTxHxK = self._attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS, dropout)
     else:
       # Causal attention by blocks of queries: block [c0, c1) only reads keys [0, c1), so the score blocks
@@ -383,7 +392,11 @@ class Block(nn.Module):
 
 _REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Matmuls without batch dims (projections, MLP); through the splash kernel also its output and log-sum-exp
+    # (named by gptrl/splash.py), so the backward pass does not run the attention's forward again.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(splash.RESIDUALS)),
 }
 
 

@@ -296,6 +296,26 @@ def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or
   assert fp32.loss_peak(b, t) == b * t * v * 4  # one float32 copy: the logits are float32 already
 
 
+
+def test_splash_attention_keeps_a_log_sum_exp_instead_of_the_scores():
+  """model.attention="splash" (whole sequences of a multiple of 128 tokens): the scores stay on the chip, the
+  kernel keeps its float32 log-sum-exp per query and head; remat "dots" saves the kernel's output and that;
+  a decoding pass (the sampler's prefill) still takes the einsum path and its scores."""
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=32, max_len=256, dtype="bfloat16",
+                               remat="dots", attention="splash")
+  shard = memory._Shard(cfg, tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  b, t = 2, 256
+  h, k, d, f = 2, 8, 32, 64  # heads and MLP split over tensor=2
+  per_token = 4 * d + 3 * h * k + h * k + 2 * d + 2 * f
+  assert shard.layer_full(b, t) == b * t * per_token * 2 + b * t * h * 4
+  assert shard.scores(b, t) == 0
+  assert shard.layer_saved(b, t, "dots") == b * t * 2 * (3 * d + 3 * h * k + f) + b * t * h * (k * 2 + 4)
+  einsum = memory._Shard(dataclasses.replace(cfg, attention="xla"),  # pylint: disable=protected-access
+                         tensor=2, batch_ways=4)
+  assert shard.forward(b, t, decode=True) == einsum.forward(b, t) > shard.forward(b, t)
+  assert shard.layer_full(b, 200) == einsum.layer_full(b, 200)  # not a multiple of 128: the einsum path
+
+
 # ----------------------------------------------------------------------------------------------
 # At launch.
 

@@ -167,3 +167,29 @@ def test_tpu_program_matches_xla_cost_analysis():
   looped = hlo.profile(text)
   assert looped.matmul_flops == pytest.approx(5 * per_device, rel=0.01)
   assert looped.collectives["all-gather"].count + looped.collectives["collective-permute"].count > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the test extras install it)")
+def test_splash_kernels_compiled_for_a_tpu_slice_are_counted_by_their_tiles():
+  """gptrl/splash.py's causal kernel, forward and backward, rows split over a v5e:2x2 slice: XLA sees custom
+  calls (no flops of its own); the profile counts the tiles on and below the diagonal (384 tokens: 128-token
+  tiles, 6 of 9) x 2 (forward), 3 (dq) and 4 (dkv) matmuls of 128 x 128 x K per row and head."""
+  from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
+  from gptrl import sharding, splash  # pylint: disable=import-outside-toplevel
+  from gptrl.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), compile_lib.tpu_topology("v5e:2x2").devices,
+                            whole=True)
+  b, t, h, k = 8, 384, 4, 64
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  def loss(q, keys, values):
+    return jnp.sum(splash.causal_attention(q, keys, values, None).astype(jnp.float32))
+  args = (jax.ShapeDtypeStruct((b, t, h, k), jnp.bfloat16, sharding=rows),
+          jax.ShapeDtypeStruct((b, h, t, k), jnp.bfloat16, sharding=rows),
+          jax.ShapeDtypeStruct((b, h, t, k), jnp.bfloat16, sharding=rows))
+  with sharding.activate(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  text = compiled.as_text()
+  assert "splash_mha_fwd" in text and "splash_mha_dkv" in text and "splash_mha_dq" in text
+  per_matmul = 2 * 128 * 128 * k * 6 * (b // 4) * h  # per device: 2 of the 8 rows
+  assert hlo.profile(text).matmul_flops == pytest.approx((2 + 3 + 4) * per_matmul, rel=0.02)
