@@ -10,6 +10,10 @@ HBM, the train step's XLA memory against gptrl/memory.py's estimate, its MFU bou
 (gptrl/compile.py: max of flops / peak, bytes / HBM bandwidth, collective bytes / interconnect bandwidth), and its
 collective bytes per step per device. MFU is a range: from the roofline time's to model flops over compiled flops
 (every matmul at peak).
+
+A plan change is shown by keeping the reports made before it as `<plan>_<name>.json` and compiling the plans again:
+`--before <name>` prints their train programs side by side (e.g. `--before einsum`: attention through the einsum
+path, before the splash kernel).
 """
 from __future__ import annotations
 
@@ -131,9 +135,8 @@ def row(stage: str, size: str, chip: str, report: dict | None) -> str:
     return f"| {stage} | {size} | {chip} | {topology} | not compiled yet | | | | | | |"
   if "error" in report:
     return f"| {stage} | {size} | {chip} | - | refused: {report['error'][:160]} | | | | | | |"
-  programs = {p["name"]: p for p in report["programs"]}
   peak = max(report["programs"], key=lambda p: p["total"])
-  train = programs.get("train step") or next((v for k, v in programs.items() if k.endswith(" update")), None)
+  train = _train_program(report)
   headroom = 1 - peak["total"] / (spec.hbm_gib * GIB)
   est = f"{train['estimate'] / train['total']:.2f}" if train and train.get("estimate") else "-"
   least = (f"{train['estimate'] / train['least_total']:.2f}" if train and train.get("estimate")
@@ -146,6 +149,34 @@ def row(stage: str, size: str, chip: str, report: dict | None) -> str:
   return (f"| {stage} | {size} | {chip} | {report['topology']} | {peak['name']}: {peak['total'] / GIB:.1f} of "
           f"{spec.hbm_gib:g} GiB ({100 * headroom:.0f}% free) | {least} | {est} | {mfu} | {ms} | {coll:.1f} | "
           f"{compile_s:.0f} |")
+
+
+def _train_program(report: dict) -> dict | None:
+  programs = {p["name"]: p for p in report.get("programs", [])}
+  return programs.get("train step") or next((v for k, v in programs.items() if k.endswith(" update")), None)
+
+
+def compare(stage: str, size: str, chip: str, out: str, suffix: str) -> str | None:
+  """A row of the before/after table: the train program of `<plan>_<suffix>.json` (the plan as it was) against
+  that of `<plan>.json` (as configured now), or None where either report is missing."""
+  paths = [os.path.join(out, f"{stage}_{size}_{chip}{tail}.json") for tail in (f"_{suffix}", "")]
+  if not all(os.path.exists(path) for path in paths):
+    return None
+  reports = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      reports.append(json.load(f))
+  before, after = (_train_program(r) for r in reports)
+  if before is None or after is None:
+    return None
+  pair = lambda f: " → ".join(f(p) for p in (before, after))
+  memory = pair(lambda p: f"{(p.get('least_total') or p['total']) / GIB:.1f}")
+  flops = pair(lambda p: f"{p['matmul_flops'] / p['model_flops']:.2f}")
+  ms = pair(lambda p: f"{1e3 * p['projected_seconds']:.0f}")
+  mfu = pair(lambda p: f"{100 * p['projected_mfu']:.0f}%")
+  compile_s = pair(lambda p: f"{p['compile_s']:.0f}")
+  return (f"| {stage} | {size} | {reports[1]['topology']} | {after['name']} | {memory} | {flops} | {ms} | {mfu} | "
+          f"{compile_s} |")
 
 
 def _chips(stage: str, size: str, chip: str) -> int:
@@ -168,10 +199,22 @@ def main() -> None:
                  help="recompute the memory estimates of the reports in --out with the current gptrl/memory.py "
                       "(nothing is compiled)")
   p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
+  p.add_argument("--before", default="",
+                 help="compile nothing: print the train programs of the reports <plan>_BEFORE.json against <plan>.json "
+                      "(a plan change: memory, compiled flops, roofline time and MFU, before -> after)")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/compile"))
   p.add_argument("--table", default=os.path.join(ROOT, "benchmarks/results/compile_plans.md"))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
+  if args.before:
+    print("| stage | size | topology | program | GiB per device (least memory) | compiled / model flops | "
+          "roofline ms | MFU lower bound | compile s |\n|---|---|---|---|---|---|---|---|---|")
+    for stage, size, chip in plans(args.stages.split(","), args.sizes.split(","),
+                                   [c for c in args.chips.split(",") if c]):
+      line = compare(stage, size, chip, args.out, args.before)
+      if line:
+        print(line)
+    return
   lines = ["| stage | size | chip | topology | largest program per device | train est/XLA least memory | "
            "train est/XLA default | train MFU (roofline-compute) | roofline step ms | collectives GiB/step | "
            "compile s |",

@@ -47,6 +47,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, log-probs and losses in fp32
   c.model.remat = "block"  # recompute each block in the backward pass
+  c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0  # PPO's ratio needs the same function at rollout and update
 
   c.mesh.data = 1  # no pure data parallelism

@@ -13,7 +13,8 @@ per-device memory estimate (gptrl/memory.py) and refuses a plan that cannot fit 
 checks every row).
 
 Numerics: parameters and optimizer state in float32, matmuls in bfloat16, every block rematerialised in the
-backward pass (125m and 350m: all but the matmul outputs; see REMAT). Parameters and optimizer state are sharded
+backward pass (125m and 350m: all but the matmul outputs; see REMAT); attention through the splash kernel
+(gptrl/splash.py: the [T, T] scores never reach HBM). Parameters and optimizer state are sharded
 over all chips (mesh.fsdp), and for 3b/7b also over heads / MLP / vocabulary (mesh.tensor). Paths must be a
 filesystem every host sees at the same path (a gcsfuse mount of a bucket, or a shared disk): /mnt/gptrl below;
 or gs:// URLs for the workdir, data and checkpoints, with data.cache_dir on a local disk, e.g.
@@ -58,6 +59,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   # Parameters and optimizer state stay float32 (model.param_dtype).
   c.model.dtype = "bfloat16"  # matmuls and activations; norms, softmax, logits and losses stay float32
   c.model.remat = REMAT.get(plan.size, "block")  # "block": recompute each block in the backward pass
+  c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
 
   c.mesh.data = 1  # no pure data parallelism: every chip holds a shard of the parameters instead
   c.mesh.fsdp = -1  # the rest of the chips: parameters, optimizer state and the batch are split over them

@@ -41,6 +41,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, the scalar head and the loss in fp32
   c.model.remat = "block"  # recompute each block in the backward pass
+  c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0
 
   c.mesh.data = 1  # no pure data parallelism

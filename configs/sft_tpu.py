@@ -42,6 +42,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
   c.model.remat = REMAT.get(plan.size, "block")  # "block": recompute each block in the backward pass
+  c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0
 
   c.mesh.data = 1  # no pure data parallelism

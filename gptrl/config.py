@@ -118,8 +118,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls/activations ("bfloat16" for bf16 compute)
   remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
   # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention) | "splash" (TPU Pallas kernel, gptrl/splash.py:
-  # whole sequences of a multiple of 128 tokens; decoding steps and other lengths take the einsum path; no
-  # attention dropout; off TPU it runs in Pallas' interpreter, for tests)
+  # whole sequences of a multiple of 128 tokens on TPUs; decoding steps, other lengths and other devices take the
+  # einsum path, so a checkpoint trained with it runs anywhere; no attention dropout)
   attention: str = "xla"
   # Query block length of causal attention over whole sequences (training, scoring, prefill): a block only reads
   # the keys up to its end, so score blocks above the diagonal are skipped. 0: automatic (max(64, T // 8) from

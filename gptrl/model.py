@@ -171,7 +171,8 @@ def _masked_softmax_parts(scores_BxHxTxS: jax.Array, mask_Bx1xTxS: jax.Array) ->
 
 def uses_splash(cfg: ModelConfig, t: int, decode: bool = False) -> bool:
   """Whether attention over `t` tokens goes through the splash kernel (gptrl/splash.py): model.attention =
-  "splash", a whole-sequence pass (decoding steps read the cache by the einsum path) and t a multiple of 128."""
+  "splash", a whole-sequence pass (decoding steps read the cache by the einsum path) and t a multiple of 128;
+  on TPUs (elsewhere the einsum path computes the same: splash.runs_here)."""
   return cfg.attention == "splash" and not decode and splash.supports(t)
 
 
@@ -239,7 +240,7 @@ class Attention(nn.Module):
     attention_dropout = nn.Dropout(cfg.dropout)
     dropout = lambda p: attention_dropout(p, deterministic=self.deterministic)
     chunk = causal_chunk_length(cfg, t)
-    if uses_splash(cfg, t, self.decode):
+    if uses_splash(cfg, t, self.decode) and splash.runs_here():
       out_BxTxHxK = splash.causal_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, valid_BxT)
     elif self.decode or chunk >= t:
       out_BxTxHxK = self._attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS, dropout)

@@ -132,6 +132,12 @@ class Plan:
   def fsdp(self) -> int:
     return self.chips // self.tensor
 
+  @property
+  def attention(self) -> str:
+    """model.attention for the chip: the splash kernel on TPUs (no [T, T] scores in HBM: the 125m pretraining
+    step's roofline time 476 -> 274 ms on v5p, benchmarks/README.md); the einsum path on GPUs."""
+    return "splash" if CHIPS[self.chip].platform == "tpu" else "xla"
+
 
 # One row of a config's plan table: (global batch, tensor-parallel ways, {chip: (chips, rows per device per
 # micro-batch)}); the first chip listed is the size's default.

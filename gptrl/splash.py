@@ -10,8 +10,9 @@ surrounding `sharding.activate` context: rows split as the logical "batch" axis 
 (query heads, and key/value heads where their count divides the same mesh axis; otherwise each shard takes the
 key/value heads its query heads read). Without a mesh it runs on the one device.
 
-Where the program's devices are not TPUs (a CPU test, a GPU box) the kernel runs in Pallas' interpreter: the
-same numerics, slowly (tests compare it with the einsum path). Padding is expressed as segment ids (1 real,
+The kernel exists for TPUs only: where the program's devices are not TPUs (a CPU host, a GPU box serving a
+checkpoint trained on TPUs) the model takes the einsum path, the same function (`runs_here`). Tests set
+`INTERPRET_OFF_TPU` to run the kernel in Pallas' interpreter on CPU and compare it with that path. Padding is expressed as segment ids (1 real,
 0 padding), so real queries attend to real keys only, as with the einsum path's mask; padded positions attend
 to padded ones (their outputs are never read).
 """
@@ -32,11 +33,24 @@ BLOCKS = (512, 256, 128)
 # The checkpoint name of the kernel's output and log-sum-exp (what its backward pass reads): remat "dots" keeps
 # them (gptrl/model.py).
 RESIDUALS = "splash_attention"
+# Off TPU, run the kernel in Pallas' interpreter (slow; for tests) instead of leaving attention to the einsum path.
+INTERPRET_OFF_TPU = False
 
 
 def supports(length: int) -> bool:
   """Whether a sequence of `length` tokens can go through the kernel (a multiple of its smallest tile)."""
   return length % BLOCKS[-1] == 0
+
+
+def _platform() -> str:
+  """The platform of the devices the program being traced runs on: the mesh context's, else the default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
+
+
+def runs_here() -> bool:
+  """Whether the program being traced can run the kernel: on TPUs, or interpreted (`INTERPRET_OFF_TPU`)."""
+  return _platform() == "tpu" or INTERPRET_OFF_TPU
 
 
 def _block(length: int) -> int:
@@ -83,8 +97,7 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.
   if not supports(t):
     raise ValueError(f"splash attention needs a sequence length that is a multiple of {BLOCKS[-1]}, got {t}")
   mesh = jax.sharding.get_abstract_mesh()
-  platform = mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
-  interpret = platform != "tpu"
+  interpret = _platform() != "tpu"
   # The kernel does not scale the scores: scale the queries (in float32, then back to the compute dtype).
   q_BxHxTxK = (jnp.swapaxes(q_BxTxHxK, 1, 2).astype(jnp.float32) / np.sqrt(k)).astype(q_BxTxHxK.dtype)
   segments_BxT = (jnp.ones((b, t), jnp.int32) if valid_BxT is None else valid_BxT.astype(jnp.int32))

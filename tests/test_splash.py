@@ -16,6 +16,13 @@ from gptrl.config import ConfigError, MeshConfig, ModelConfig
 
 import numeric
 
+
+@pytest.fixture(autouse=True)
+def _interpreted(monkeypatch):
+  """The kernel in Pallas' interpreter on CPU (off TPU the model would take the einsum path)."""
+  monkeypatch.setattr(splash, "INTERPRET_OFF_TPU", True)
+
+
 # Two layers over 256 tokens: two 128-token tiles, so the kernel skips the block above the diagonal.
 CFG = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=64, max_len=256, init_std=0.2,
                   pos_embedding="rope")
@@ -93,3 +100,13 @@ def test_lengths_the_kernel_cannot_tile_and_decoding_take_the_einsum_path():
 def test_splash_refuses_attention_dropout_naming_the_keys():
   with pytest.raises(ConfigError, match="model.attention.*dropout"):
     dataclasses.replace(CFG, attention="splash", dropout=0.1)
+
+
+def test_off_tpu_without_the_interpreter_the_model_takes_the_einsum_path(monkeypatch):
+  # A checkpoint trained with the kernel on TPUs, run on a CPU or GPU: the einsum path, bitwise the "xla" model.
+  monkeypatch.setattr(splash, "INTERPRET_OFF_TPU", False)
+  params = _params(CFG)
+  ((_, l0), g0) = _loss_and_grads(CFG, params)
+  ((_, l1), g1) = _loss_and_grads(dataclasses.replace(CFG, attention="splash"), params)
+  np.testing.assert_array_equal(np.asarray(l1), np.asarray(l0))
+  jax.tree.map(np.testing.assert_array_equal, g1, g0)
