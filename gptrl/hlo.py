@@ -33,6 +33,7 @@ _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CLOSE = re.compile(r'\}(, execution_thread="[^"]*")?')  # a computation's closing line
 _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 # Instructions that move no data of their own (views, tuples, control flow, bookkeeping).
@@ -154,8 +155,8 @@ def parse(text: str) -> dict[str, Computation]:
       if m and not line.startswith(" ") and "=" not in line.split("(")[0]:
         current = Computation(m.group(2), bool(m.group(1)), [])
       continue
-    if line.rstrip() == "}":  # (not "}}, metadata=...": the end of an attribute spread over lines, as Pallas
-      computations[current.name] = current  # kernels' frontend_attributes are)
+    if _CLOSE.fullmatch(line.rstrip()):  # (not "}}, metadata=...": the end of an attribute spread over lines,
+      computations[current.name] = current  # as Pallas kernels' frontend_attributes are)
       current = None
       continue
     inst = _parse_instruction(line)
@@ -343,26 +344,31 @@ _SPLASH = re.compile(r"splash_(mha|mqa)_(fwd|dq|dkv)")
 _SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
-def splash_kernel(inst: Instruction, defs: dict[str, Instruction]) -> tuple[float, float]:
+def splash_kernel(inst: Instruction, defs: dict[str, Instruction]) -> tuple[float, float] | None:
   """(matmul flops, device-memory bytes) of one splash-attention kernel call. Its operands include the
-  queries [B, H, T, K], keys and values [B, G, S, K] (the first three 4-D floating-point operands) and its tile
-  tables ([heads, T / bq, S / bkv] int8, the first 3-D int8 operand). Under a causal mask with square tiles the
-  kernel visits the n (n + 1) / 2 tiles on and below the diagonal (n = T / bq), each for every query head and row,
-  so: flops = 2 bq bkv K x matmuls per tile x tiles x B H; bytes: its operands and results once, plus each
-  key/value tile read again for every query tile below it ((n + 1) / 2 reads of the keys and values)."""
+  queries [B, H, T, K], keys and values [B, G, S, K] (the first three floating-point operands of rank 4, or of
+  rank 3 where one row per device leaves no batch axis) and its tile tables ([heads, T / bq, S / bkv] int8, the
+  first 3-D int8 operand). Under a causal mask with square tiles the kernel visits the n (n + 1) / 2 tiles on and
+  below the diagonal (n = T / bq), each for every query head and row, so: flops = 2 bq bkv K x matmuls per tile x
+  tiles x B H; bytes: its operands and results once, plus what it reads again per tile: the keys and values for
+  every query tile below them (forward, dq), the queries and their output gradient for every key tile above them
+  (dkv): (n + 1) / 2 reads in all. None where the operands are not as described."""
   phase = _SPLASH.match(inst.name).group(2)
   operands = [_operand_arrays(inst, defs, k) for k in range(len(inst.operands))]
-  floats = [a[0] for a in operands if len(a) == 1 and len(a[0].dims) == 4 and a[0].dtype[0] in "fb"]
+  floats = [a[0] for a in operands if len(a) == 1 and a[0].dtype[0] in "fb" and len(a[0].dims) in (3, 4)]
   tiles = [a[0] for a in operands if len(a) == 1 and len(a[0].dims) == 3 and a[0].dtype == "s8"]
-  if len(floats) < 3 or not tiles:
-    return 0.0, 0.0
-  (b, h, t, k), keys, values = floats[0].dims, floats[1], floats[2]
+  if len(floats) < 3 or not tiles or len({len(a.dims) for a in floats[:3]}) != 1:
+    return None
+  queries, keys, values = floats[:3]
+  *rows, h, t, k = queries.dims
+  b = rows[0] if rows else 1
   n = tiles[0].dims[-1]
   pairs = n * (n + 1) / 2
-  tile_area = (t / n) * (keys.dims[2] / n)
+  tile_area = (t / n) * (keys.dims[-2] / n)
   flops = 2.0 * tile_area * k * _SPLASH_MATMULS[phase] * pairs * b * h
   moved = sum(a.bytes for arrs in operands for a in arrs) + sum(a.bytes for a in inst.result)
-  moved += ((n + 1) / 2 - 1) * (keys.bytes + values.bytes)
+  reread = 2 * queries.bytes if phase == "dkv" else keys.bytes + values.bytes
+  moved += ((n + 1) / 2 - 1) * reread
   return flops, moved
 
 
@@ -378,7 +384,7 @@ class Profile:
   matmul_flops: float
   bytes_accessed: float
   collectives: dict[str, Collective]
-  unknown_loops: list[str]  # loops whose trip count could not be read (counted once)
+  unknown_loops: list[str]  # loops whose trip count could not be read (counted once); splash kernels not read
 
   @property
   def collective_bytes(self) -> float:
@@ -409,9 +415,12 @@ def profile(text: str, loops: bool = True) -> Profile:
       elif inst.opcode == "convolution":
         flops += n * convolution_flops(inst, defs)
       elif inst.opcode == "custom-call" and _SPLASH.match(inst.name):
-        kernel_flops, kernel_bytes = splash_kernel(inst, defs)
-        flops += n * kernel_flops
-        traffic += n * kernel_bytes
+        kernel = splash_kernel(inst, defs)
+        if kernel is None:  # not counted: said, as an unread loop is
+          unknown.append(f"{comp.name}/{inst.name} (splash kernel operands not recognised)")
+        else:
+          flops += n * kernel[0]
+          traffic += n * kernel[1]
       kind = _kind(inst.opcode)
       if kind:
         operand_bytes = [a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]

@@ -139,8 +139,9 @@ def _normalize_bwd(eps, center, residuals, g):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def rotary_embedding(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (RoFormer), rotating pairs (i, i + K/2) of each head's features."""
+def rotary_embedding(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float, scale: float = 1.0) -> jax.Array:
+  """Rotary position embedding (RoFormer), rotating pairs (i, i + K/2) of each head's features; times `scale`
+  before the one rounding to x's dtype."""
   k = x_BxTxHxK.shape[-1]
   inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k))
   angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_K2
@@ -148,7 +149,7 @@ def rotary_embedding(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: floa
   x = x_BxTxHxK.astype(jnp.float32)
   x1, x2 = x[..., : k // 2], x[..., k // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxHxK.dtype)
+  return (out * scale if scale != 1.0 else out).astype(x_BxTxHxK.dtype)
 
 
 def _causal_mask(valid_BxT: jax.Array | None, t: int, b: int) -> jax.Array:
@@ -228,9 +229,15 @@ class Attention(nn.Module):
     q_BxTxHxK = project("query", cfg.num_heads)
     k_BxSxGxK = project("key", cfg.kv_heads)
     v_BxSxGxK = project("value", cfg.kv_heads)
+    kernel = uses_splash(cfg, t, self.decode) and splash.runs_here()
+    # The splash kernel does not scale its scores: its queries come scaled by 1 / sqrt(K), rounded once (with the
+    # rotation, where there is one).
+    q_scale = 1.0 / np.sqrt(cfg.head_dim) if kernel else 1.0
     if cfg.pos_embedding == "rope":
-      q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta)
+      q_BxTxHxK = rotary_embedding(q_BxTxHxK, positions_BxT, cfg.rope_theta, q_scale)
       k_BxSxGxK = rotary_embedding(k_BxSxGxK, positions_BxT, cfg.rope_theta)
+    elif kernel:
+      q_BxTxHxK = (q_BxTxHxK.astype(jnp.float32) * q_scale).astype(dtype)
     k_BxGxSxK, v_BxGxSxK = jnp.swapaxes(k_BxSxGxK, 1, 2), jnp.swapaxes(v_BxSxGxK, 1, 2)
     if self.decode:
       k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS = self._update_cache(k_BxGxSxK, v_BxGxSxK, valid_BxT)
@@ -240,7 +247,7 @@ class Attention(nn.Module):
     attention_dropout = nn.Dropout(cfg.dropout)
     dropout = lambda p: attention_dropout(p, deterministic=self.deterministic)
     chunk = causal_chunk_length(cfg, t)
-    if uses_splash(cfg, t, self.decode) and splash.runs_here():
+    if kernel:
       out_BxTxHxK = splash.causal_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, valid_BxT)
     elif self.decode or chunk >= t:
       out_BxTxHxK = self._attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xTxS, dropout)

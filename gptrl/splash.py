@@ -12,9 +12,10 @@ key/value heads its query heads read). Without a mesh it runs on the one device.
 
 The kernel exists for TPUs only: where the program's devices are not TPUs (a CPU host, a GPU box serving a
 checkpoint trained on TPUs) the model takes the einsum path, the same function (`runs_here`). Tests set
-`INTERPRET_OFF_TPU` to run the kernel in Pallas' interpreter on CPU and compare it with that path. Padding is expressed as segment ids (1 real,
-0 padding), so real queries attend to real keys only, as with the einsum path's mask; padded positions attend
-to padded ones (their outputs are never read).
+`INTERPRET_OFF_TPU` to run the kernel in Pallas' interpreter on CPU and compare it with that path.
+
+Padding is expressed as segment ids (1 real, 0 padding), so real queries attend to real keys only, as with the
+einsum path's mask; padded positions attend to padded ones (their outputs are never read).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from gptrl import sharding
@@ -45,7 +45,7 @@ def supports(length: int) -> bool:
 def _platform() -> str:
   """The platform of the devices the program being traced runs on: the mesh context's, else the default."""
   mesh = jax.sharding.get_abstract_mesh()
-  return mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
+  return getattr(mesh.abstract_device, "platform", None) or jax.default_backend()
 
 
 def runs_here() -> bool:
@@ -89,18 +89,19 @@ def _mesh_axes(mesh, name: str, size: int):
 
 def causal_attention(q_BxTxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.Array,
                      valid_BxT: jax.Array | None) -> jax.Array:
-  """softmax(q k^T / sqrt(K) + causal mask) v over T tokens, query head h reading key/value head h // (H / G):
-  [B, T, H, K] queries, [B, G, T, K] keys and values (compute dtype) -> [B, T, H, K] in the compute dtype.
-  `valid_BxT`: 1 for real tokens (None: all). T must be a multiple of 128 (`supports`)."""
-  b, t, h, k = q_BxTxHxK.shape
+  """softmax(q k^T + causal mask) v over T tokens, query head h reading key/value head h // (H / G): [B, T, H, K]
+  queries, already scaled by 1 / sqrt(K) (gptrl/model.py rounds them once, with the rotation), [B, G, T, K] keys
+  and values (compute dtype) -> [B, T, H, K] in the compute dtype. `valid_BxT`: nonzero for real tokens (None:
+  all). T must be a multiple of 128 (`supports`)."""
+  b, t, h, _ = q_BxTxHxK.shape
   g = k_BxGxTxK.shape[1]
   if not supports(t):
     raise ValueError(f"splash attention needs a sequence length that is a multiple of {BLOCKS[-1]}, got {t}")
   mesh = jax.sharding.get_abstract_mesh()
   interpret = _platform() != "tpu"
-  # The kernel does not scale the scores: scale the queries (in float32, then back to the compute dtype).
-  q_BxHxTxK = (jnp.swapaxes(q_BxTxHxK, 1, 2).astype(jnp.float32) / np.sqrt(k)).astype(q_BxTxHxK.dtype)
-  segments_BxT = (jnp.ones((b, t), jnp.int32) if valid_BxT is None else valid_BxT.astype(jnp.int32))
+  q_BxHxTxK = jnp.swapaxes(q_BxTxHxK, 1, 2)
+  # Without padding, no segments: the kernel skips their compare per tile.
+  segments_BxT = None if valid_BxT is None else (valid_BxT != 0).astype(jnp.int32)
 
   def attend(q, keys, values, segments, first_kv_head=None):
     """One shard: q [b, h', T, K] over keys/values [b, G or g', T, K]; `first_kv_head` (traced): the first of
@@ -112,6 +113,8 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.
       keys = jax.lax.dynamic_slice_in_dim(keys, first_kv_head, needed, axis=1)
       values = jax.lax.dynamic_slice_in_dim(values, first_kv_head, needed, axis=1)
     kernel = _kernel(heads, t, interpret)
+    if segments is None:
+      return jax.vmap(kernel)(q, keys, values).astype(q.dtype)
     one_row = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=kernel_lib.SegmentIds(q=s1, kv=s1))
     return jax.vmap(one_row)(q, keys, values, segments).astype(q.dtype)
 
@@ -139,6 +142,7 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.
       body = attend
     qo = PartitionSpec(rows, heads, None, None)
     kv = PartitionSpec(rows, kv_heads, None, None)
-    out_BxHxTxK = jax.shard_map(body, in_specs=(qo, kv, kv, PartitionSpec(rows, None)), out_specs=qo,
+    segment_spec = None if segments_BxT is None else PartitionSpec(rows, None)
+    out_BxHxTxK = jax.shard_map(body, in_specs=(qo, kv, kv, segment_spec), out_specs=qo,
                                 check_vma=False)(q_BxHxTxK, k_BxGxTxK, v_BxGxTxK, segments_BxT)
   return jnp.swapaxes(out_BxHxTxK, 1, 2)

@@ -170,16 +170,18 @@ def test_tpu_program_matches_xla_cost_analysis():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the test extras install it)")
-def test_splash_kernels_compiled_for_a_tpu_slice_are_counted_by_their_tiles():
+@pytest.mark.parametrize("b", [8, 4], ids=["two_rows_per_device", "one_row_per_device"])
+def test_splash_kernels_compiled_for_a_tpu_slice_are_counted_by_their_tiles(b):
   """gptrl/splash.py's causal kernel, forward and backward, rows split over a v5e:2x2 slice: XLA sees custom
   calls (no flops of its own); the profile counts the tiles on and below the diagonal (384 tokens: 128-token
-  tiles, 6 of 9) x 2 (forward), 3 (dq) and 4 (dkv) matmuls of 128 x 128 x K per row and head."""
+  tiles, 6 of 9) x 2 (forward), 3 (dq) and 4 (dkv) matmuls of 128 x 128 x K per row and head. With one row per
+  device the kernels' operands have no batch axis."""
   from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
   from gptrl import sharding, splash  # pylint: disable=import-outside-toplevel
   from gptrl.config import MeshConfig  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), compile_lib.tpu_topology("v5e:2x2").devices,
                             whole=True)
-  b, t, h, k = 8, 384, 4, 64
+  t, h, k = 384, 4, 64
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
   def loss(q, keys, values):
@@ -191,5 +193,30 @@ def test_splash_kernels_compiled_for_a_tpu_slice_are_counted_by_their_tiles():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
   text = compiled.as_text()
   assert "splash_mha_fwd" in text and "splash_mha_dkv" in text and "splash_mha_dq" in text
-  per_matmul = 2 * 128 * 128 * k * 6 * (b // 4) * h  # per device: 2 of the 8 rows
-  assert hlo.profile(text).matmul_flops == pytest.approx((2 + 3 + 4) * per_matmul, rel=0.02)
+  per_matmul = 2 * 128 * 128 * k * 6 * (b // 4) * h  # per device: b / 4 rows
+  profile = hlo.profile(text)
+  assert not profile.unknown_loops
+  assert profile.matmul_flops == pytest.approx((2 + 3 + 4) * per_matmul, rel=0.02)
+
+
+def test_attributes_over_several_lines_and_other_threads_do_not_end_or_merge_computations():
+  # Pallas kernels' frontend_attributes span lines ("}}, metadata=..." is not a computation's end); a computation
+  # of another execution thread closes with '}, execution_thread="host"'.
+  text = """HloModule m
+
+%host_side (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}, execution_thread="host"
+
+ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %d1 = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, frontend_attributes={k={
+"x": 1
+}}, metadata={op_name="a"}
+  ROOT %d2 = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+  assert set(hlo.parse(text)) == {"host_side", "main"}
+  assert hlo.profile(text).matmul_flops == 2 * (2 * 8 * 4 * 16)

@@ -39,12 +39,15 @@ def _batch(b=4):
   return tokens, mask, positions
 
 
-def _loss_and_grads(cfg, params, mesh=None):
+def _loss_and_grads(cfg, params, mesh=None, padded=True):
   model = model_lib.GPT(cfg)
   tokens, mask, positions = _batch()
+  if not padded:
+    mask, positions = np.ones_like(mask), None
 
   def loss(p):
-    logits = model.apply({"params": p}, tokens, positions_BxT=positions, attention_mask_BxT=mask)
+    logits = model.apply({"params": p}, tokens, positions_BxT=positions,
+                         attention_mask_BxT=mask if padded else None)
     return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2) / 1e4, logits
   step = jax.jit(jax.value_and_grad(loss, has_aux=True))
   if mesh is None:
@@ -58,14 +61,17 @@ def _params(cfg):
   return jax.jit(lambda r: nn.meta.unbox(model.init(r, jnp.zeros((1, T), jnp.int32))["params"]))(jax.random.key(0))
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(num_kv_heads=2), dict(num_kv_heads=1, remat="dots")],
-                         ids=["mha", "gqa", "mqa_remat"])
-def test_splash_gives_the_einsum_paths_logits_and_grads_with_padding(variant):
+@pytest.mark.parametrize("variant,padded", [(dict(), True), (dict(num_kv_heads=2), True),
+                                            (dict(num_kv_heads=1, remat="dots"), True),
+                                            (dict(pos_embedding="learned", num_kv_heads=2), False)],
+                         ids=["mha", "gqa", "mqa_remat", "learned_positions_no_padding"])
+def test_splash_gives_the_einsum_paths_logits_and_grads(variant, padded):
   xla = dataclasses.replace(CFG, **variant)
   params = _params(xla)
-  ((_, l0), g0) = _loss_and_grads(xla, params)
-  ((_, l1), g1) = _loss_and_grads(dataclasses.replace(xla, attention="splash"), params)
+  ((_, l0), g0) = _loss_and_grads(xla, params, padded=padded)
+  ((_, l1), g1) = _loss_and_grads(dataclasses.replace(xla, attention="splash"), params, padded=padded)
   _, mask, _ = _batch()
+  mask = mask if padded else np.ones_like(mask)
   numeric.assert_close(np.asarray(l1)[mask > 0], np.asarray(l0)[mask > 0])
   numeric.assert_close(g1, g0)
 
