@@ -232,23 +232,25 @@ class _Shard:
   def vocab(self) -> int:
     return self.split(self.cfg.vocab_size)
 
-  def layer_full(self, b: int, t: int, decode: bool = False) -> float:
-    """Bytes one block keeps for its backward pass without remat, for b rows of t tokens (`decode`: a pass over
-    the decoding cache, as a sampler's prefill is)."""
-    return (self._attention_part(b, t, decode) + self._mlp_part(b, t)
+  def layer_full(self, b: int, t: int, cache: int | None = None) -> float:
+    """Bytes one block keeps for its backward pass without remat, for b rows of t tokens (`cache`: a pass over a
+    decoding cache of that many slots, as a sampler's prefill is)."""
+    return (self._attention_part(b, t, cache) + self._mlp_part(b, t)
             + 2 * b * t * self.cfg.d_model * self.c)  # + input, sum
 
-  def _attention_part(self, b: int, t: int, decode: bool = False) -> float:
+  def _attention_part(self, b: int, t: int, cache: int | None = None) -> float:
     """The attention sublayer's tensors: its norm output, query, key, value (rotated), output and projection, and
     the float32 softmax weights (and their cast for the value matmul under a narrower compute dtype) over the score
     blocks causal attention computes (model.causal_chunk; the mask is built from iotas, not stored); through the
-    splash kernel, its float32 log-sum-exp per query and head instead (the scores never leave the chip)."""
+    splash kernel, its float32 log-sum-exp per query and head instead (the scores never leave the chip); over a
+    decoding cache, dense scores of the t queries over its slots (decoding attends by the einsum path)."""
     cfg, c, k, d = self.cfg, self.c, self.cfg.head_dim, self.cfg.d_model
     h, g = self.heads, self.kv_heads
     per_token = 2 * d + (h + 2 * g) * k + ((h + g) * k if cfg.pos_embedding == "rope" else 0) + h * k
-    if self.splash(t, decode):
+    if self.splash(t, decode=cache is not None):
       return b * t * (per_token * c + h * 4)
-    return b * t * per_token * c + h * self.score_area(b, t) * (4 + (c if c != 4 else 0))
+    area = b * t * cache if cache is not None else self.score_area(b, t)
+    return b * t * per_token * c + h * area * (4 + (c if c != 4 else 0))
 
   def splash(self, t: int, decode: bool = False) -> bool:
     """Whether attention over t tokens goes through the splash kernel (gptrl.model.uses_splash)."""
@@ -291,10 +293,10 @@ class _Shard:
     n = -(-t // chunk)
     return float(b * sum(min(chunk, t - i * chunk) * min((i + 1) * chunk, t) for i in range(n)))
 
-  def scores(self, b: int, t: int, s: int | None = None, decode: bool = False) -> float:
+  def scores(self, b: int, t: int, s: int | None = None) -> float:
     """The float32 attention scores and masked scores [B, H, T, S] of one layer (transient): causal blocks over
     t tokens, or t queries over s cached keys; none through the splash kernel (its tiles stay on the chip)."""
-    if s is None and self.splash(t, decode):
+    if s is None and self.splash(t):
       return 0.0
     return float(self.heads * (self.score_area(b, t) if s is None else b * t * s) * 8)
 
@@ -324,10 +326,10 @@ class _Shard:
     """The logits' gradient [b, t, V] in the compute dtype (the head matmul's output dtype)."""
     return float(b * t * self.vocab * self.c)
 
-  def forward(self, b: int, t: int, decode: bool = False) -> float:
-    """Transient of a forward pass alone (no gradients): one layer's tensors at a time (`decode`: over the
-    decoding cache, as a sampler's prefill)."""
-    return self.layer_full(b, t, decode) + self.scores(b, t, decode=decode)
+  def forward(self, b: int, t: int, cache: int | None = None) -> float:
+    """Transient of a forward pass alone (no gradients): one layer's tensors at a time (`cache`: over a decoding
+    cache of that many slots, as a sampler's prefill)."""
+    return self.layer_full(b, t, cache) + self.scores(b, t, cache)
 
   def logits(self, b: int, t: int, copies: int) -> float:
     """`copies` float32 [b, t, V] tensors (logits, their log-softmax, their gradient, ...)."""
@@ -388,7 +390,7 @@ def _sampling(shard: _Shard, rows: int, new_tokens: int) -> dict[str, float]:
   b, s = shard.rows(rows), shard.cfg.max_len
   prompt = max(s - new_tokens, 1)
   return {f"KV cache ({rows} rows x {s} slots)": shard.kv_cache(b, s),
-          "prefill: one layer + scores": shard.forward(b, prompt, decode=True),
+          "prefill: one layer + scores": shard.forward(b, prompt, cache=s),
           "prefill logits": shard.logits(b, prompt, 1)}
 
 
