@@ -128,7 +128,8 @@ def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
     json.dump(report, f, indent=1)
 
 
-def row(stage: str, size: str, chip: str, report: dict | None) -> str:
+def row(stage: str, size: str, chip: str, report: dict | None, label: str = "") -> str:
+  """The table row of a plan's report; `label` marks a report of the plan as it was (--fallback)."""
   spec = presets.CHIPS[chip]
   if report is None:
     topology = presets.topology_name(chip, _chips(stage, size, chip))
@@ -146,7 +147,7 @@ def row(stage: str, size: str, chip: str, report: dict | None) -> str:
   ms = f"{1e3 * train['projected_seconds']:.0f}" if train and train.get("projected_seconds") else "-"
   coll = sum(v["bytes"] for v in train["collectives"].values()) / GIB if train else 0.0
   compile_s = sum(p["compile_s"] for p in report["programs"])
-  return (f"| {stage} | {size} | {chip} | {report['topology']} | {peak['name']}: {peak['total'] / GIB:.1f} of "
+  return (f"| {stage} | {size} | {chip}{label} | {report['topology']} | {peak['name']}: {peak['total'] / GIB:.1f} of "
           f"{spec.hbm_gib:g} GiB ({100 * headroom:.0f}% free) | {least} | {est} | {mfu} | {ms} | {coll:.1f} | "
           f"{compile_s:.0f} |")
 
@@ -199,6 +200,9 @@ def main() -> None:
                  help="recompute the memory estimates of the reports in --out with the current gptrl/memory.py "
                       "(nothing is compiled)")
   p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
+  p.add_argument("--fallback", default="",
+                 help="with --render-only: a plan not compiled as configured now shows its <plan>_FALLBACK.json, "
+                      "labelled (the plan as it was)")
   p.add_argument("--before", default="",
                  help="compile nothing: print the train programs of the reports <plan>_BEFORE.json against <plan>.json "
                       "(a plan change: memory, compiled flops, roofline time and MFU, before -> after)")
@@ -225,8 +229,13 @@ def main() -> None:
       add_least(stage, size, chip, args.out, args.least_memory)
     if args.refresh_estimates:
       refresh_estimates(stage, size, chip, args.out)
-    lines.append(row(stage, size, chip, compile_plan(stage, size, chip, args.out, args.programs,
-                                                                 args.least_memory, args.render_only)))
+    report = compile_plan(stage, size, chip, args.out, args.programs, args.least_memory, args.render_only)
+    label = ""
+    fallback = os.path.join(args.out, f"{stage}_{size}_{chip}_{args.fallback}.json")
+    if report is None and args.fallback and os.path.exists(fallback):
+      with open(fallback, encoding="utf-8") as f:
+        report, label = json.load(f), f" ({args.fallback})"
+    lines.append(row(stage, size, chip, report, label))
     print(lines[-1], flush=True)
   with open(args.table, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
