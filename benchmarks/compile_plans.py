@@ -171,7 +171,8 @@ def compare(stage: str, size: str, chip: str, out: str, suffix: str) -> str | No
   if before is None or after is None:
     return None
   pair = lambda f: " → ".join(f(p) for p in (before, after))
-  memory = pair(lambda p: f"{(p.get('least_total') or p['total']) / GIB:.1f}")
+  # (* where the report has no least-memory compile: XLA's default, which grows into free HBM)
+  memory = pair(lambda p: f"{(p.get('least_total') or p['total']) / GIB:.1f}{'' if p.get('least_total') else '*'}")
   flops = pair(lambda p: f"{p['matmul_flops'] / p['model_flops']:.2f}")
   ms = pair(lambda p: f"{1e3 * p['projected_seconds']:.0f}")
   mfu = pair(lambda p: f"{100 * p['projected_mfu']:.0f}%")
