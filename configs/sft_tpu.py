@@ -25,6 +25,8 @@ PLANS = {
     "7b": (64, 4, {"v5p": (64, 4), "v4": (64, 4), "v6e": (64, 4), "v5e": (128, 2)}),
 }
 REMAT = {"125m": "dots", "350m": "dots"}  # as configs/pretrain_tpu.py (the same model and context)
+# 125m on v5p keeps every activation: the train step's roofline time 75 -> 49 ms, 9.3 GiB of 95 (least memory).
+REMAT_ON_CHIP = {("125m", "v5p"): "none"}
 LEARNING_RATES = {"125m": 5e-5, "350m": 3e-5, "1b": 2e-5, "3b": 2e-5, "7b": 1e-5}
 
 
@@ -41,7 +43,8 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
-  c.model.remat = REMAT.get(plan.size, "block")  # "block": recompute each block in the backward pass
+  # "block": recompute each block in the backward pass
+  c.model.remat = REMAT_ON_CHIP.get((plan.size, plan.chip), REMAT.get(plan.size, "block"))
   c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0
 
