@@ -211,11 +211,11 @@ def main() -> None:
   p.add_argument("--table", default=os.path.join(ROOT, "benchmarks/results/compile_plans.md"))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
+  chosen = list(plans(args.stages.split(","), args.sizes.split(","), [c for c in args.chips.split(",") if c]))
   if args.before:
     print("| stage | size | topology | program | GiB per device (least memory) | compiled / model flops | "
           "roofline ms | MFU lower bound | compile s |\n|---|---|---|---|---|---|---|---|---|")
-    for stage, size, chip in plans(args.stages.split(","), args.sizes.split(","),
-                                   [c for c in args.chips.split(",") if c]):
+    for stage, size, chip in chosen:
       line = compare(stage, size, chip, args.out, args.before)
       if line:
         print(line)
@@ -224,8 +224,7 @@ def main() -> None:
            "train est/XLA default | train MFU (roofline-compute) | roofline step ms | collectives GiB/step | "
            "compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for stage, size, chip in plans(args.stages.split(","), args.sizes.split(","),
-                                 [c for c in args.chips.split(",") if c]):
+  for stage, size, chip in chosen:
     if args.add_least and args.least_memory and not args.render_only:
       add_least(stage, size, chip, args.out, args.least_memory)
     if args.refresh_estimates:
