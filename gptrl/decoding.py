@@ -234,10 +234,11 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
   batch, length = buffer_BxL.shape
 
   def forward(cache, tokens_BxT, positions_BxT, valid_BxT):
-    logits_BxTxV, variables = model.apply({"params": params, "cache": cache}, tokens_BxT,
+    b, t = tokens_BxT.shape
+    logits_Bx1xV, variables = model.apply({"params": params, "cache": cache}, tokens_BxT,
                                           positions_BxT=positions_BxT, attention_mask_BxT=valid_BxT,
-                                          decode=True, mutable=["cache"])
-    return logits_BxTxV[:, -1], variables["cache"]
+                                          decode=True, mutable=["cache"], logits_at_B=jnp.full((b,), t - 1))
+    return logits_Bx1xV[:, 0], variables["cache"]
 
   logits_BxV, cache = forward(model_lib.init_cache(model, batch, length), buffer_BxL[:, :prompt_len],
                               positions_BxL[:, :prompt_len], mask_BxL[:, :prompt_len])

@@ -187,11 +187,11 @@ def _prefill(model: Any, params: Any, tokens_AxP: jax.Array, lengths_A: jax.Arra
   P]; returns it, the requests' keys and each one's first new token [A] (drawn with fold_in(key, 0))."""
   a, p = tokens_AxP.shape
   positions_AxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (a, p))
-  logits_AxPxV, variables = model.apply(
+  logits_Ax1xV, variables = model.apply(
       {"params": params, "cache": model_lib.init_cache(model, a, p, per_row=True)}, tokens_AxP,
       positions_BxT=positions_AxP, attention_mask_BxT=positions_AxP < lengths_A[:, None], decode=True,
-      mutable=["cache"])
-  logits_AxV = jnp.take_along_axis(logits_AxPxV, (lengths_A - 1)[:, None, None], axis=1)[:, 0]
+      mutable=["cache"], logits_at_B=lengths_A - 1)
+  logits_AxV = logits_Ax1xV[:, 0]
   keys_A = request_key(seeds_Ax2)
   token_A = decoding.sample_rows(logits_AxV, keys_A, jnp.zeros((a,), jnp.int32), temperature_A, top_k_A, top_p_A,
                                  filtered=filtered)

@@ -426,7 +426,8 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                attention_mask_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False, compute_logits: bool = True, decode: bool = False) -> Any:
+               return_hidden: bool = False, compute_logits: bool = True, decode: bool = False,
+               logits_at_B: jax.Array | None = None) -> Any:
     """Args:
       tokens_BxT: int token ids, all < vocab_size (checked on the host by the data pipeline).
       positions_BxT: position of each token (default 0..T-1); lets left-padded rows start at 0. Required with
@@ -441,6 +442,9 @@ class GPT(nn.Module):
       decode: attend over (and append to) the key/value cache in the "cache" collection instead of only over
         `tokens_BxT`; needs `mutable=["cache"]` and a cache from `init_cache`. Tokens are written at the
         cache's current index, so calls go prefill, then one step per new token.
+      logits_at_B: int [B]: the vocabulary projection only at position logits_at_B[b] of row b (a prefill
+        needs the logits of each prompt's last token alone: the projection of every position was a quarter of
+        a prefill's work for the default CPU model); the logits are then [B, 1, V].
     Returns:
       float32 logits [B, T, V]; `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
       alone when `compute_logits=False`.
@@ -478,13 +482,16 @@ class GPT(nn.Module):
     if not compute_logits:
       return hidden_BxTxD
 
+    projected_BxTxD = hidden_BxTxD
+    if logits_at_B is not None:
+      projected_BxTxD = jnp.take_along_axis(hidden_BxTxD, jnp.reshape(logits_at_B, (b, 1, 1)), axis=1)
     if cfg.tie_embeddings:
-      logits_BxTxV = matmul(hidden_BxTxD, embedding_VxD.astype(dtype), transpose_kernel=True,
+      logits_BxTxV = matmul(projected_BxTxD, embedding_VxD.astype(dtype), transpose_kernel=True,
                             preferred_element_type=jnp.float32)
     else:
       head_DxV = self.param("head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), param_dtype)
-      logits_BxTxV = matmul(hidden_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+      logits_BxTxV = matmul(projected_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
     logits_BxTxV = _constrain(logits_BxTxV.astype(jnp.float32), "batch", "length", "act_vocab")
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD

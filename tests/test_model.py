@@ -143,6 +143,17 @@ def test_untied_head_and_rmsnorm_variants_build_and_run(variant):
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_at_one_position_per_row_are_the_full_projections_rows(tie):
+  model, params = _init(dataclasses.replace(TINY, tie_embeddings=tie))
+  tokens = _tokens(3, 8)
+  full = np.asarray(_apply(model, params, tokens))
+  at = np.array([7, 0, 4], np.int32)
+  picked = np.asarray(_apply(model, params, tokens, logits_at_B=jnp.asarray(at)))
+  assert picked.shape == (3, 1, 64)
+  np.testing.assert_allclose(picked[:, 0], full[np.arange(3), at], rtol=1e-5, atol=1e-6)
+
+
 def test_flops_per_token_matches_hand_computation():
   cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16)
   # N = L*(4*d*d + 2*d*f) + V*d = 2*(4096 + 8192) + 2048 = 26624; attention 12*L*H*K*T = 12*2*4*8*16 = 12288.
