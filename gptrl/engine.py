@@ -7,8 +7,9 @@ hand the previous call's tokens to their requests while this one runs, and repea
 finished, the launch waits up to half a call for their clients' next requests, which then join it). A request
 that arrives while others are being decoded joins at the next call, without waiting for them to finish; one that
 finishes (its stop token, its token budget, a cancel: a client that went away) frees its slot for the next in the
-queue. Several steps per call share the host's work per call (and the waking of the clients' threads) among that
-many tokens, and that work overlaps the device's: each slot's last token stays on the device, so a call can be
+queue (one that ends with its budget, already for the call after the one it ends in, when requests are waiting).
+Several steps per call share the host's work per call (and the waking of the clients' threads) among that many
+tokens, and that work overlaps the device's: each slot's last token stays on the device, so a call can be
 launched before the host has seen the one before.
 
 The cache has one write index per row (`model.init_cache(per_row=True)`), so rows at different lengths decode
@@ -440,10 +441,13 @@ class Engine:
   #
   # The loop launches the next device call before it hands out the last one's tokens: the host's work (the
   # clients' tokens, their threads woken, the next call's settings) overlaps the device's. The host's view of the
-  # slots is thus one call behind: a request that ended in the call in flight is decoded for one more call (its
-  # tokens dropped: `_collect` hands tokens only to the request that was in the slot when the call was launched),
-  # and its slot is reused a call later. When requests have just finished, the next launch waits (at most half a
-  # call) for their clients' next requests, so that these join the next call (`_await_returning`).
+  # slots is thus one call behind: a request that ended at a stop token in the call in flight is decoded for one
+  # more call (its tokens dropped: `_collect` hands a call's tokens only to the requests it was launched for, and
+  # only until they end), and its slot is reused a call later. A request whose budget ends in the call in flight
+  # is known to end: when more requests wait than slots are free, its slot goes to the next of them at once (the
+  # prefill is queued on the device after the call in flight, which still reads and writes the old row), so
+  # under a queue no slot idles for a call. When requests have just finished, the next launch waits (at most half
+  # a call) for their clients' next requests, so that these join the next call (`_await_returning`).
 
   def _loop(self) -> None:
     in_flight = None  # the launched decoding call whose tokens the host has not taken yet
@@ -457,7 +461,10 @@ class Engine:
           if self._closed:
             break
           admitted = self._admitting = []
-          free = (slot for slot in range(self.slots) if self._rows[slot] is None)
+          # Free slots, then those whose request has all its tokens in the call in flight (see above).
+          free = itertools.chain(
+              (slot for slot in range(self.slots) if self._rows[slot] is None),
+              (slot for slot, r in enumerate(self._rows) if r is not None and self._count[slot] >= r.params.max_tokens))
           while self._queue and (slot := next(free, None)) is not None:
             request = self._queue.popleft()
             if request.cancelled:  # never started: nothing to free
@@ -479,10 +486,11 @@ class Engine:
       reason = f"the serving engine failed: {type(e).__name__}: {e}"
     with self._cond:
       self._closed, self._error = True, reason
-      pending = ([r for r in self._rows if r is not None] + [r for _, r in self._admitting if r not in self._rows]
-                 + list(self._queue))
+      # (Requests whose slot went to another while their last call was in flight are only in that call.)
+      pending = ([r for r in self._rows if r is not None] + [r for _, r in self._admitting] + list(self._queue)
+                 + ([r for _, _, r in in_flight.decoded] if in_flight is not None else []))
       self._rows, self._queue = [None] * self.slots, collections.deque()
-    for request in pending:
+    for request in {id(r): r for r in pending if r.finish_reason is None}.values():
       request._finish("error", reason)  # pylint: disable=protected-access
 
   def _await_returning(self, in_flight: _Call) -> None:
@@ -585,8 +593,8 @@ class Engine:
       self.stats["resizes"] += 1
 
   def _collect(self, call: _Call) -> None:
-    """Waits for a launched call's tokens [rows, n] and hands row `row`'s to `request` in `slot`, if it still
-    holds the slot (it may have ended, and the slot been reused, since the call was launched). Learns how long a
+    """Waits for a launched call's tokens [rows, n] and hands row `row`'s to `request` (from `slot`), unless it
+    has ended since the call was launched (a stop token, a cancel; its slot may be another's by now). Learns how long a
     decoding call of its shape takes on the device, when the host had to wait for it (it ended just then)."""
     start = time.monotonic()
     new = np.asarray(jax.device_get(call.new))
@@ -600,13 +608,12 @@ class Engine:
     else:  # it finished earlier: `start` bounds that, and the next call's duration is not overestimated
       self._device_free_at = start
     for row, slot, request in call.decoded:
-      if self._rows[slot] is request:
-        self._take(slot, new[row])
+      if request.finish_reason is None:
+        self._take(request, slot, new[row])
 
-  def _take(self, slot: int, tokens: Sequence[int]) -> None:
-    """Hands the new `tokens` of the request in `slot` to it, up to where it ends (its stop token, its budget);
-    frees the slot when it is done."""
-    request = self._rows[slot]
+  def _take(self, request: Request, slot: int, tokens: Sequence[int]) -> None:
+    """Hands the new `tokens` to `request` (decoded in `slot`), up to where it ends (its stop token, its
+    budget); frees the slot, unless it was given to another already, when it is done."""
     p = request.params
     budget = p.max_tokens - len(request.generated)
     taken, reason = [], None
@@ -622,12 +629,14 @@ class Engine:
     request._emit(taken)  # pylint: disable=protected-access
     self.stats["tokens"] += len(taken)
     if reason is not None:
-      self._free(slot, reason)
+      self._free(slot, reason, request)
 
-  def _free(self, slot: int, reason: str) -> None:
-    request = self._rows[slot]
+  def _free(self, slot: int, reason: str, request: Request | None = None) -> None:
+    """Ends `request` (default: the one in `slot`) and frees the slot if it still holds it."""
+    request = request or self._rows[slot]
     with self._cond:
-      self._rows[slot] = None
+      if self._rows[slot] is request:
+        self._rows[slot] = None
       if reason != "cancelled":
         self._returning = min(self.slots, self._returning + 1)
     request._finish(reason)  # pylint: disable=protected-access

@@ -154,6 +154,39 @@ def test_the_next_call_is_launched_before_the_last_ones_tokens_are_handed_out_an
     engine.close()
 
 
+def test_under_a_queue_a_slot_whose_budget_ends_in_the_call_in_flight_takes_the_next_request_at_once():
+  # One long request in slot 0; twenty short ones queued (each: the prefill's token and one call of four). Each
+  # short one's slot goes to the next in the queue while its last call is still in flight, so one ends per
+  # call; waiting until the host has seen the end left the slot idle for a call (one per two calls: 7 of them
+  # in the long one's 15 calls).
+  model, params = _random_gpt()
+  engine = engine_lib.Engine(model, params, slots=2, decode_steps=4)
+  ended_at = {}  # request -> decoding steps launched when the engine ended it
+  free = engine._free  # pylint: disable=protected-access
+
+  def recording_free(slot, reason, request=None):
+    ended_at[id(request or engine._rows[slot])] = engine.stats["steps"]  # pylint: disable=protected-access
+    free(slot, reason, request)
+  engine._free = recording_free  # pylint: disable=protected-access
+  try:
+    background = engine_lib.SamplingParams(max_tokens=60, seed=1)
+    long_request = engine.submit([3, 4, 5], background)
+    next(iter(long_request.tokens(timeout=120)))
+    shorts = []
+    for i in range(20):
+      prompt, p = [1 + i, 2, 3], engine_lib.SamplingParams(max_tokens=5, seed=10 + i, temperature=0.0 if i % 3 else 1.0)
+      shorts.append((prompt, p, engine.submit(prompt, p)))
+    assert long_request.result(timeout=120) == _reference(model, params, [3, 4, 5], background)
+    for prompt, p, request in shorts:
+      assert request.result(timeout=120) == _reference(model, params, prompt, p), (prompt, p)
+      assert request.finish_reason == "length"
+    beside = sum(ended_at[id(r)] <= ended_at[id(long_request)] for _, _, r in shorts)
+    assert beside >= 11, (beside, engine.stats)
+    assert engine.load()["active"] == 0 and engine.stats["admitted"] == 21
+  finally:
+    engine.close()
+
+
 class _CallsTake(dict):
   """An engine's learned device seconds per decoding call, fixed at `seconds` for every shape."""
 
