@@ -129,11 +129,14 @@ def draw(logits_BxV: jax.Array, uniform_B: jax.Array) -> jax.Array:
   probability exceeds u (inverse-transform sampling). One random number per row, where Gumbel-max
   (jax.random.categorical) needs one per vocabulary entry: the random bits of a [16, 4096] step took 0.9 ms on
   CPU of a 3.4 ms decoding step. The cumulative sum is taken in two levels, over blocks of about sqrt(V) tokens
-  and then within the one block that holds the target, so nothing of size [B, V] is written: two reads of the
-  logits (their maximum, their exponentials' block sums), 90 us a [16, 4096] step where a softmax, a cumulative
-  sum over [B, V] and a count took 280 us. Tokens of probability 0 (filtered out) are never drawn."""
+  and then within the one block that holds the target, so nothing of size [B, V] is written (but the padding of
+  the last block, when V is not a multiple of the block): two reads of the logits (their maximum, their
+  exponentials' block sums), 90 us a [16, 4096] step where a softmax, a cumulative
+  sum over [B, V] and a count took 280 us. Tokens of probability 0 (filtered out) are never drawn. (A row with
+  NaN logits, or none above -inf, draws some token of the vocabulary, as before: an id below V all the same.)"""
   x_BxNxC = _vocab_blocks(logits_BxV)
-  return _draw_blocks(x_BxNxC, jnp.max(x_BxNxC, axis=(1, 2)), uniform_B)
+  draws_B = _draw_blocks(x_BxNxC, jnp.max(x_BxNxC, axis=(1, 2)), uniform_B)
+  return jnp.minimum(draws_B, logits_BxV.shape[-1] - 1)
 
 
 def sample_token(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0,
@@ -178,7 +181,8 @@ def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, counts_B: jax.Array, t
   uniform_B = jax.vmap(lambda key, count: jax.random.uniform(jax.random.fold_in(key, count), (1,))[0])(keys_B,
                                                                                                      counts_B)
   draws_B = _draw_blocks(x_BxNxC, jnp.max(max_BxN, axis=-1), uniform_B)
-  return jnp.where(temperature_B > 0, draws_B, greedy_B)
+  # (NaN logits, or none above -inf, would point past the vocabulary: a padding entry or "not found".)
+  return jnp.minimum(jnp.where(temperature_B > 0, draws_B, greedy_B), logits_BxV.shape[-1] - 1)
 
 
 def _next_token(logits_BxV: jax.Array, i: jax.Array | int, done_B: jax.Array, *, rng: jax.Array,

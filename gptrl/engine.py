@@ -637,7 +637,7 @@ class Engine:
     with self._cond:
       if self._rows[slot] is request:
         self._rows[slot] = None
-      if reason != "cancelled":
+      if reason != "cancelled" and not request.cancelled:  # (a client that went away sends nothing more)
         self._returning = min(self.slots, self._returning + 1)
     request._finish(reason)  # pylint: disable=protected-access
     self.stats["finished_" + reason] += 1

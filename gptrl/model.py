@@ -444,7 +444,8 @@ class GPT(nn.Module):
         cache's current index, so calls go prefill, then one step per new token.
       logits_at_B: int [B]: the vocabulary projection only at position logits_at_B[b] of row b (a prefill
         needs the logits of each prompt's last token alone: the projection of every position was a quarter of
-        a prefill's work for the default CPU model); the logits are then [B, 1, V].
+        a prefill's work for the default CPU model); the logits are then [B, 1, V] (the hidden states that
+        `return_hidden` adds stay [B, T, D]).
     Returns:
       float32 logits [B, T, V]; `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
       alone when `compute_logits=False`.

@@ -165,3 +165,19 @@ def test_sample_rows_greedy_rows_are_numpys_argmax_and_others_the_tempered_draw(
                                              jnp.asarray(temperature), jnp.full(6, 5, jnp.int32), jnp.ones(6),
                                              filtered=True))
   np.testing.assert_array_equal(filtered[:4], got[:4])
+
+
+def test_sample_rows_and_draw_keep_rows_without_a_usable_logit_inside_the_vocabulary():
+  # NaN logits, or none above -inf (padding of the last block is the smallest float): no meaningful token, but
+  # an id the tokenizer and the embedding can take.
+  logits = np.zeros((4, 100), np.float32)
+  logits[0, 17] = np.nan
+  logits[1, :] = -np.inf
+  logits[2, 3] = np.nan
+  logits[3, :] = -np.inf
+  keys = jax.random.split(jax.random.key(0), 4)
+  got = np.asarray(decoding.sample_rows(jnp.asarray(logits), keys, jnp.zeros(4, jnp.int32),
+                                        jnp.asarray([0.0, 0.0, 1.0, 1.0]), jnp.zeros(4, jnp.int32), jnp.ones(4),
+                                        filtered=False))
+  drawn = np.asarray(decoding.draw(jnp.asarray(logits), jnp.full(4, 0.99, jnp.float32)))
+  assert np.all((got >= 0) & (got < 100)) and np.all((drawn >= 0) & (drawn < 100)), (got, drawn)
