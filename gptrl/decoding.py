@@ -131,9 +131,9 @@ def draw(logits_BxV: jax.Array, uniform_B: jax.Array) -> jax.Array:
   CPU of a 3.4 ms decoding step. The cumulative sum is taken in two levels, over blocks of about sqrt(V) tokens
   and then within the one block that holds the target, so nothing of size [B, V] is written (but the padding of
   the last block, when V is not a multiple of the block): two reads of the logits (their maximum, their
-  exponentials' block sums), 90 us a [16, 4096] step where a softmax, a cumulative
-  sum over [B, V] and a count took 280 us. Tokens of probability 0 (filtered out) are never drawn. (A row with
-  NaN logits, or none above -inf, draws some token of the vocabulary, as before: an id below V all the same.)"""
+  exponentials' block sums), 90 us a [16, 4096] step where a softmax, a cumulative sum over [B, V] and a count
+  took 280 us. Tokens of probability 0 (filtered out) are never drawn. (A row with NaN logits, or none above
+  -inf, draws some token of the vocabulary, as before: an id below V all the same.)"""
   x_BxNxC = _vocab_blocks(logits_BxV)
   draws_B = _draw_blocks(x_BxNxC, jnp.max(x_BxNxC, axis=(1, 2)), uniform_B)
   return jnp.minimum(draws_B, logits_BxV.shape[-1] - 1)

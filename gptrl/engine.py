@@ -464,7 +464,7 @@ class Engine:
           # Free slots, then those whose request has all its tokens in the call in flight (see above).
           free = itertools.chain(
               (slot for slot in range(self.slots) if self._rows[slot] is None),
-              (slot for slot, r in enumerate(self._rows) if r is not None and self._count[slot] >= r.params.max_tokens))
+              (slot for slot, r in enumerate(self._rows) if r is not None and self._launched_all(slot)))
           while self._queue and (slot := next(free, None)) is not None:
             request = self._queue.popleft()
             if request.cancelled:  # never started: nothing to free
@@ -554,7 +554,7 @@ class Engine:
     # Slots whose request has all its tokens in calls launched already are left out (they end when those
     # are collected); a request that stopped at a stop token in the call in flight is not known to yet.
     decoding_ = [(slot, r) for slot, r in enumerate(self._rows)
-                 if r is not None and self._count[slot] < r.params.max_tokens]
+                 if r is not None and not self._launched_all(slot)]
     if not decoding_:
       return None
     rows = _bucket(decoding_[-1][0] + 1, self._dp, self.slots)
@@ -575,6 +575,10 @@ class Engine:
       self._position[slot] += self.decode_steps
       self._count[slot] += self.decode_steps
     return _Call(new, [(slot, slot, r) for slot, r in decoding_], (rows, self._length), time.monotonic())
+
+  def _launched_all(self, slot: int) -> bool:
+    """Whether the request in `slot` has all its tokens in calls launched already (by its budget)."""
+    return self._count[slot] >= self._rows[slot].params.max_tokens
 
   def _fit(self, needed: int, *, shrink: bool) -> None:
     """Gives the cache the window length (64, 96, 128, 192, ...) that covers `needed` positions when it is
