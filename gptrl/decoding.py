@@ -230,8 +230,9 @@ def _recompute_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_B
 
 def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array,
                  positions_BxL: jax.Array, next_token: Any, *, prompt_len: int,
-                 max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
-  """Prefills the prompt into a KV cache, then one single-token step per new token.
+                 max_new_tokens: int, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Prefills the prompt into a KV cache, then one single-token step per new token; with `group_size` > 1
+  (rows in runs of equal prompts) one prefill per run, its cache and logits copied to the run's rows.
 
   Same tokens and log-probs as `_recompute_loop` up to float summation order; returns both [B, N].
   """
@@ -244,8 +245,10 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
                                           decode=True, mutable=["cache"], logits_at_B=jnp.full((b,), t - 1))
     return logits_Bx1xV[:, 0], variables["cache"]
 
-  logits_BxV, cache = forward(model_lib.init_cache(model, batch, length), buffer_BxL[:, :prompt_len],
-                              positions_BxL[:, :prompt_len], mask_BxL[:, :prompt_len])
+  first = lambda x_BxL: x_BxL[::group_size, :prompt_len]  # each run's (equal) prompt
+  logits_UxV, cache = forward(model_lib.init_cache(model, batch // group_size, length), first(buffer_BxL),
+                              first(positions_BxL), first(mask_BxL))
+  logits_BxV, cache = jax.tree.map(lambda x: expand_groups(x, group_size), (logits_UxV, cache))
   token_B, logprob_B, done_B = next_token(logits_BxV, 0, jnp.zeros((batch,), jnp.bool_))
   tokens_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
   logprobs_BxN = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob_B)
@@ -266,26 +269,50 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
   return tokens_BxN, logprobs_BxN
 
 
+def expand_groups(x: jax.Array, group_size: int) -> jax.Array:
+  """[U, ...] -> [U * group_size, ...], row u * group_size + j = x[u] (a run's prefill copied to its rows);
+  a 0-d leaf (a cache's shared write index) is returned as it is. A broadcast and a reshape that merges the
+  leading axis: rows sharded over the batch stay on their device when U is a multiple of the shards."""
+  if group_size == 1 or x.ndim == 0:
+    return x
+  u = x.shape[0]
+  return jnp.broadcast_to(x[:, None], (u, group_size) + x.shape[1:]).reshape((u * group_size,) + x.shape[1:])
+
+
+def check_groups(prompts: Sequence[Sequence[int]], group_size: int, what: str) -> None:
+  """Raises unless `prompts` come in whole runs of `group_size` equal prompts."""
+  if group_size < 1 or len(prompts) % group_size:
+    raise ValueError(f"{what}: group_size={group_size} must be >= 1 and divide the {len(prompts)} prompts.")
+  for i in range(0, len(prompts), group_size):
+    for j in range(i + 1, i + group_size):
+      if list(prompts[j]) != list(prompts[i]):
+        raise ValueError(f"{what}: group_size={group_size} needs runs of equal prompts; prompt {j} differs "
+                         f"from prompt {i}, the first of its run.")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "stop_id", "pad_id", "use_cache", "sampling_logprobs"))
+                                             "top_p", "stop_id", "pad_id", "use_cache", "sampling_logprobs",
+                                             "group_size"))
 def _generate(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array,
               rng: jax.Array, *, prompt_len: int, max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, stop_id: int, pad_id: int, use_cache: bool,
-              sampling_logprobs: bool = False) -> tuple[jax.Array, jax.Array]:
+              sampling_logprobs: bool = False, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
   """New tokens [B, N] (int32, pad_id after a row's stop) and their float32 log-probs [B, N]."""
   if max_new_tokens == 0:
     batch = buffer_BxL.shape[0]
     return jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32)
   next_token = functools.partial(_next_token, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop_id=stop_id, pad_id=pad_id, sampling_logprobs=sampling_logprobs)
-  loop = _cached_loop if use_cache else _recompute_loop
-  return loop(model, params, buffer_BxL, mask_BxL, positions_BxL, next_token, prompt_len=prompt_len,
-              max_new_tokens=max_new_tokens)
+  if not use_cache:
+    return _recompute_loop(model, params, buffer_BxL, mask_BxL, positions_BxL, next_token, prompt_len=prompt_len,
+                           max_new_tokens=max_new_tokens)
+  return _cached_loop(model, params, buffer_BxL, mask_BxL, positions_BxL, next_token, prompt_len=prompt_len,
+                      max_new_tokens=max_new_tokens, group_size=group_size)
 
 
 def lower_generate(model: nn.Module, params: Any, *, rows: int, prompt_len: int, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_id: int = -1, pad_id: int = 0,
-                   use_cache: bool = True, sampling_logprobs: bool = False) -> Any:
+                   use_cache: bool = True, sampling_logprobs: bool = False, group_size: int = 1) -> Any:
   """The sampler program `generate` runs for `rows` prompts padded to `prompt_len` tokens, lowered (not run) for
   `params` (arrays or ShapeDtypeStructs with their shardings): gptrl/compile.py compiles it for a TPU slice. The
   prompt buffers are host arrays in `generate`, hence unsharded here too."""
@@ -294,11 +321,12 @@ def lower_generate(model: nn.Module, params: Any, *, rows: int, prompt_len: int,
   return _generate.lower(model, params, buffer, buffer, buffer, rng, prompt_len=prompt_len,
                          max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                          top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id), use_cache=bool(use_cache),
-                         sampling_logprobs=bool(sampling_logprobs))
+                         sampling_logprobs=bool(sampling_logprobs), group_size=int(group_size))
 
 
 def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,
-                  batch_multiple: int, min_prompt_len: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                  batch_multiple: int, min_prompt_len: int = 0,
+                  group_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """Left-pads the prompts (cut from the left to fit max_len) into int32 buffers [B, L], L = prompt_len + N.
 
   prompt_len is the longest prompt's length, or `min_prompt_len` if larger (capped at max_len - N): a fixed
@@ -306,12 +334,13 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 
   Returns (tokens, mask, positions, prompt_len): mask is 1 on prompt tokens; positions count from 0 at each
   prompt's first token through the new-token slots. B is rounded up to `batch_multiple` with copies of the
-  first prompt.
+  first prompt; with `group_size` (prompts in runs of that many, `generate`), to runs of group_size rows whose
+  number is a multiple of `batch_multiple` (a run's one prefill row per shard).
   """
   prompts = [list(p)[-(max_len - max_new_tokens):] for p in prompts]
   prompt_len = min(max(max(len(p) for p in prompts), min_prompt_len), max_len - max_new_tokens)
   total = prompt_len + max_new_tokens
-  rows = -(-len(prompts) // batch_multiple) * batch_multiple
+  rows = -(-len(prompts) // (batch_multiple * group_size)) * batch_multiple * group_size
   buffer = np.full((rows, total), pad_id, np.int32)
   mask = np.zeros((rows, total), np.int32)
   positions = np.zeros((rows, total), np.int32)
@@ -326,8 +355,8 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_id: int = -1, pad_id: int = 0, batch_multiple: int = 1, use_cache: bool = True,
-             return_logprobs: bool = False, min_prompt_len: int = 0, sampling_logprobs: bool = False
-             ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
+             return_logprobs: bool = False, min_prompt_len: int = 0, sampling_logprobs: bool = False,
+             group_size: int = 1) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
   """Samples continuations of token-id prompts.
 
   Args:
@@ -350,6 +379,9 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
       model's raw distribution (log_softmax of the logits, before temperature and top-k/top-p filtering), as
       needed for PPO's old-policy log-probs; with `sampling_logprobs`, under the distribution each token was
       drawn from (tempered and top-k/top-p filtered: `sampling_logits`), what importance weights divide by.
+    group_size: the prompts come in runs of `group_size` equal prompts (GRPO's replies to one prompt, several
+      samples of one prompt): each run's prompt is prefilled once and its cache copied to the run's rows. The
+      rows still draw their own tokens; the result equals group_size=1's up to float rounding.
   Returns:
     The new tokens of each prompt, up to and including `stop_id` if it was emitted; with `return_logprobs`,
     `(tokens, logprobs)` where `logprobs[i]` is a float32 array as long as `tokens[i]`.
@@ -359,13 +391,15 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   max_len = model.config.max_len
   if max_new_tokens >= max_len:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
+  check_groups(prompts, group_size, "generate")
   buffer, mask, positions, prompt_len = prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
                                                       pad_id=pad_id, batch_multiple=batch_multiple,
-                                                      min_prompt_len=min_prompt_len)
+                                                      min_prompt_len=min_prompt_len, group_size=group_size)
   out, logprobs = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
                             prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id),
-                            use_cache=bool(use_cache), sampling_logprobs=bool(sampling_logprobs))
+                            use_cache=bool(use_cache), sampling_logprobs=bool(sampling_logprobs),
+                            group_size=int(group_size))
   out, logprobs = jax.device_get((out, logprobs))
   tokens, token_logprobs = [], []
   for row, row_logprobs in zip(np.asarray(out)[:len(prompts)], np.asarray(logprobs)[:len(prompts)]):

@@ -427,7 +427,7 @@ class GPT(nn.Module):
   def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                attention_mask_BxT: jax.Array | None = None, deterministic: bool = True,
                return_hidden: bool = False, compute_logits: bool = True, decode: bool = False,
-               logits_at_B: jax.Array | None = None) -> Any:
+               logits_at_B: jax.Array | None = None, logits_slice: tuple[int, int] | None = None) -> Any:
     """Args:
       tokens_BxT: int token ids, all < vocab_size (checked on the host by the data pipeline).
       positions_BxT: position of each token (default 0..T-1); lets left-padded rows start at 0. Required with
@@ -446,6 +446,9 @@ class GPT(nn.Module):
         needs the logits of each prompt's last token alone: the projection of every position was a quarter of
         a prefill's work for the default CPU model); the logits are then [B, 1, V] (the hidden states that
         `return_hidden` adds stay [B, T, D]).
+      logits_slice: (start, size), static: the projection only at positions start .. start + size - 1 of every
+        row (PPO scores and learns from the response positions alone; the prompt's projection was a third of
+        the small model's forward there); logits [B, size, V].
     Returns:
       float32 logits [B, T, V]; `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
       alone when `compute_logits=False`.
@@ -484,8 +487,15 @@ class GPT(nn.Module):
       return hidden_BxTxD
 
     projected_BxTxD = hidden_BxTxD
+    if logits_at_B is not None and logits_slice is not None:
+      raise ValueError("GPT: pass logits_at_B or logits_slice, not both.")
     if logits_at_B is not None:
       projected_BxTxD = jnp.take_along_axis(hidden_BxTxD, jnp.reshape(logits_at_B, (b, 1, 1)), axis=1)
+    if logits_slice is not None:
+      start, size = logits_slice
+      if not (0 <= start and 0 < size and start + size <= t):
+        raise ValueError(f"GPT: logits_slice={logits_slice} must lie within the {t} positions.")
+      projected_BxTxD = hidden_BxTxD[:, start:start + size]
     if cfg.tie_embeddings:
       logits_BxTxV = matmul(projected_BxTxD, embedding_VxD.astype(dtype), transpose_kernel=True,
                             preferred_element_type=jnp.float32)

@@ -153,7 +153,7 @@ def generate(loaded: Loaded, prompts: Sequence[Sequence[int]], *, num_samples: i
 
   `decoding.generate` compiles once per prompt length, which in a chat grows every turn: prompts are padded to
   the next power of two (at least 32), so every prompt up to that length shares one compiled program; padding
-  does not change the replies.
+  does not change the replies. A prompt's samples share one prefill (`decoding.generate`'s group_size).
   """
   batch = [list(p) for p in prompts for _ in range(num_samples)]
   longest = max(len(p) for p in batch)
@@ -162,7 +162,7 @@ def generate(loaded: Loaded, prompts: Sequence[Sequence[int]], *, num_samples: i
     outs = decoding.generate(loaded.model, loaded.params, batch, max_new_tokens=max_new_tokens, rng=rng,
                              temperature=temperature, top_k=top_k, top_p=top_p, stop_id=stop_id,
                              pad_id=loaded.source.tok.pad_id, batch_multiple=sharding.data_parallel_size(loaded.mesh),
-                             min_prompt_len=bucket)
+                             min_prompt_len=bucket, group_size=num_samples)
   return [outs[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 

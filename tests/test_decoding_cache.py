@@ -237,6 +237,43 @@ def test_generate_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens()
   assert out == _generate(**SAMPLED)
 
 
+
+def _runs(group):
+  return [list(p) for p in PROMPTS for _ in range(group)]
+
+
+@pytest.mark.parametrize("sampled", [SAMPLED, dict(temperature=1.0)])
+def test_one_prefill_per_run_of_equal_prompts_draws_what_a_prefill_per_row_draws(sampled):
+  # Runs of 4 equal prompts: one prefill per run, its cache copied to the run's rows; every row still draws its
+  # own tokens, the same as with a prefill per row and as the recomputing reference.
+  tokens, logprobs = _generate(_runs(4), return_logprobs=True, group_size=4, **sampled)
+  want_tokens, want_logprobs = _generate(_runs(4), return_logprobs=True, **sampled)
+  assert tokens == want_tokens == _generate(_runs(4), use_cache=False, **sampled)
+  assert len({tuple(t) for t in tokens[:4]}) > 1  # the rows of a run differ
+  for i, (lp, want) in enumerate(zip(logprobs, want_logprobs)):
+    numeric.assert_close(lp, want, err_msg=f"row {i}")
+
+
+def test_grouped_prefill_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens():
+  model, params = _model()
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+  sharded_params = jax.device_put(params, sharding.tree_shardings(abstract, mesh))
+  with sharding.activate(mesh):  # 3 runs of 2: padded to 4 runs, one prefill row per data shard
+    out = decoding.generate(model, sharded_params, _runs(2), max_new_tokens=NEW, rng=jax.random.key(7),
+                            batch_multiple=sharding.data_parallel_size(mesh), group_size=2, **SAMPLED)
+  assert out == _generate(_runs(2), **SAMPLED)
+
+
+def test_group_size_that_does_not_split_the_prompts_into_runs_of_equal_prompts_is_refused():
+  with pytest.raises(ValueError, match="divide the 6 prompts"):
+    _generate(_runs(2), group_size=4)
+  with pytest.raises(ValueError, match="prompt 3 differs from prompt 2"):
+    _generate(_runs(2)[:3] + [[1, 2]] + _runs(2)[4:], group_size=2)
+  buffer, *_ = decoding.prompt_buffer(_runs(2), max_len=TINY.max_len, max_new_tokens=NEW, pad_id=0,
+                                      batch_multiple=4, group_size=2)
+  assert buffer.shape[0] == 8  # 3 runs of 2 rounded up to 4 runs (a multiple of batch_multiple)
+
 def test_decode_cache_is_sharded_like_activations_under_a_mesh():
   model, params = _model()
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))

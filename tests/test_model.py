@@ -154,6 +154,26 @@ def test_logits_at_one_position_per_row_are_the_full_projections_rows(tie):
   np.testing.assert_allclose(picked[:, 0], full[np.arange(3), at], rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_slice_projects_a_span_of_positions_with_the_full_projections_values_and_gradients(tie):
+  model, params = _init(dataclasses.replace(TINY, tie_embeddings=tie))
+  tokens = _tokens(3, 8)
+  apply = lambda p, **kw: model.apply({"params": p}, tokens, **kw)  # logits_slice is static: not through _apply
+  full = np.asarray(apply(params))
+  span = np.asarray(apply(params, logits_slice=(3, 4)))
+  assert span.shape == (3, 4, 64)
+  np.testing.assert_allclose(span, full[:, 3:7], rtol=1e-5, atol=1e-6)
+  # The gradient of a loss on the span reaches every parameter as through the full projection.
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 64)), jnp.float32)
+  want = jax.grad(lambda p: jnp.sum(jnp.tanh(apply(p)[:, 3:7]) * weights))(params)
+  got = jax.grad(lambda p: jnp.sum(jnp.tanh(apply(p, logits_slice=(3, 4))) * weights))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+               got, want)
+  for bad in ((5, 4), (-1, 2), (0, 0)):
+    with pytest.raises(ValueError, match="logits_slice"):
+      apply(params, logits_slice=bad)
+
 def test_flops_per_token_matches_hand_computation():
   cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, d_model=32, max_len=16)
   # N = L*(4*d*d + 2*d*f) + V*d = 2*(4096 + 8192) + 2048 = 26624; attention 12*L*H*K*T = 12*2*4*8*16 = 12288.
