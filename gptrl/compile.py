@@ -254,12 +254,13 @@ def _lm_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
 
 
 def _lower_sampler(mesh: Any, model: Any, params: Any, rows: int, prompt_len: int, new: int, sample: Any,
-                   sampling_logprobs: bool = False) -> Any:
+                   sampling_logprobs: bool = False, group_size: int = 1) -> Any:
   from gptrl import decoding  # pylint: disable=import-outside-toplevel
   with sharding.activate(mesh):
     return decoding.lower_generate(model, params, rows=rows, prompt_len=prompt_len, max_new_tokens=new,
                                    temperature=sample.temperature, top_k=sample.top_k,
-                                   top_p=getattr(sample, "top_p", 1.0), sampling_logprobs=sampling_logprobs)
+                                   top_p=getattr(sample, "top_p", 1.0), sampling_logprobs=sampling_logprobs,
+                                   group_size=group_size)
 
 
 def _reward_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan:
@@ -394,16 +395,21 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   update = ppo.make_update_step(cfg, models, optimizer, shardings, learner)
   minibatch = abstract_batch(ppo.minibatch_shapes(cfg, models, model_cfg.max_len), learner)
 
-  def lower_in(mesh, fn, *args):
+  def lower_in(mesh, fn, *args, **kwargs):
     with sharding.activate(mesh):
-      return fn.lower(*args)
+      return fn.lower(*args, **kwargs)
 
   t = model_cfg.max_len
   policy_token = model_lib.flops_per_token(model_cfg, t)
   scalar_token = model_lib.flops_per_token(model_cfg, t, lm_head=False)
   rm_token = model_lib.flops_per_token(rm_cfg, t, lm_head=False)
   critic_token = 0.0 if models.shared or models.critic is None else scalar_token
-  sampler_rows = rows_for(sampled, sharding.data_parallel_size(sampler))
+  # The rollout's sampler and scoring read each prompt once per group (GRPO, RLOO), as Learner runs them.
+  sampler_group = p.group_size if sampled == p.rollout_batch_size else 1
+  sampler_rows = rows_for(sampled, sharding.data_parallel_size(sampler) * sampler_group)
+  score_group = ppo.score_group_size(p, models, rows,
+                                     int(np.lcm(sharding.data_parallel_size(learner),
+                                                sharding.data_parallel_size(scorer))))
   update_flops = (policy_token + critic_token) * p.minibatch_size * t
   if p.ptx_coef > 0:
     update_flops += policy_token * p.minibatch_size * t
@@ -412,13 +418,15 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
       Program("rollout sampler", functools.partial(_lower_sampler, sampler, models.policy, policy_on_sampler,
                                                    sampler_rows, models.prompt_len, models.new_tokens,
                                                    config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k,
-                                                                               top_p=p.top_p), True),
+                                                                               top_p=p.top_p), True,
+                                                   sampler_group),
               sampler, ("policy copy",) if placement.split_sampler else ("train state/params/policy",),
               policy_token / 3 * sampler_rows * t, "rollout sampling"),
-      Program("scoring: frozen models", lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch), scorer,
+      Program("scoring: frozen models",
+              lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch, group_size=score_group), scorer,
               ("reference policy", "reward model"), (policy_token + rm_token) / 3 * rows * t, scoring),
       Program("scoring: shaping", lambda: lower_in(learner, scorer_fn.shaping, state.params, frozen_on_learner,
-                                                   learner_batch, beta), learner,
+                                                   learner_batch, beta, group_size=score_group), learner,
               ("train state/params",), (policy_token + critic_token) / 3 * rows * t, scoring),
       Program(f"{cfg.stage.upper()} update", lambda: update.lower(state, minibatch), learner, ("train state",),
               update_flops,

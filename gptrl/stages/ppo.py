@@ -135,32 +135,66 @@ def _response_slice(x_BxLx: jax.Array, models: Models) -> jax.Array:
   return x_BxLx[:, models.prompt_len - 1:models.prompt_len - 1 + models.new_tokens]
 
 
-def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _response_positions(models: Models) -> tuple[int, int]:
+  """(first, count) of the positions `_response_slice` keeps: the logits are projected there only."""
+  return models.prompt_len - 1, models.new_tokens
+
+
+def response_logits(models: Models, params: Any, batch: dict[str, jax.Array], group_size: int = 1,
+                    return_hidden: bool = False) -> Any:
+  """The GPT's (policy's or reference's) float32 logits at the positions that predict the N response tokens,
+  [B, N, V] (and with `return_hidden` its final hidden states there, [B, N, D]).
+
+  group_size > 1: the rows come in runs of that many replies to one prompt (GRPO's groups), whose prompts are
+  equal: each run's prompt (all but its last token) goes through the model once, into a key/value cache copied
+  to the run's rows, and then every row's last prompt token and reply (N tokens) attend over it: for G replies
+  of N tokens to a prompt of P, (P - 1) + G * N positions instead of G * (P + N). The same values as
+  group_size=1 up to float rounding."""
+  p, n = models.prompt_len, models.new_tokens
+  tokens, positions, attention = batch["tokens"], batch["positions"], batch["attention"]
+  if group_size == 1:
+    out = models.policy.apply({"params": params}, tokens, positions_BxT=positions, attention_mask_BxT=attention,
+                              return_hidden=return_hidden, logits_slice=_response_positions(models))
+    return (out[0], _response_slice(out[1], models)) if return_hidden else out
+  first = lambda x_BxL: x_BxL[::group_size, :p - 1]
+  _, variables = models.policy.apply(
+      {"params": params, "cache": model_lib.init_cache(models.policy, tokens.shape[0] // group_size,
+                                                       tokens.shape[1])},
+      first(tokens), positions_BxT=first(positions), attention_mask_BxT=first(attention), decode=True,
+      mutable=["cache"], compute_logits=False)
+  cache = jax.tree.map(lambda x: decoding.expand_groups(x, group_size), variables["cache"])
+  span = lambda x_BxL: x_BxL[:, p - 1:p - 1 + n]
+  out, _ = models.policy.apply({"params": params, "cache": cache}, span(tokens), positions_BxT=span(positions),
+                               attention_mask_BxT=span(attention), decode=True, mutable=["cache"],
+                               return_hidden=return_hidden)
+  return out
+
+
+def evaluate_actions(models: Models, params: Any, batch: dict[str, jax.Array],
+                     group_size: int = 1) -> dict[str, jax.Array]:
   """Log-probs (fp32) and values of the response tokens under `params` (values 0 without a critic), and the
   policy's logits there: the one function both the rollout (old) and the learner (new) use, so that on unchanged
-  parameters the ratio is exactly 1."""
-  logits, hidden = models.policy.apply({"params": params["policy"]}, batch["tokens"],
-                                       positions_BxT=batch["positions"], attention_mask_BxT=batch["attention"],
-                                       return_hidden=True)
+  parameters the ratio is 1 (exactly, but for the rounding of a rollout scored by `group_size` runs:
+  `response_logits`)."""
+  logits, hidden_BxNxD = response_logits(models, params["policy"], batch, group_size, return_hidden=True)
   # The distribution the sampler drew from, before truncation: pi_T = softmax(logits / T).
-  logits_BxNxV = _response_slice(logits, models).astype(jnp.float32) / models.temperature
+  logits_BxNxV = logits.astype(jnp.float32) / models.temperature
   logp_BxN = losses.token_log_probs(logits_BxNxV, batch["tokens"][:, models.prompt_len:])
   if models.critic is None:
-    values_BxL = jnp.zeros(batch["tokens"].shape, jnp.float32)
+    values_BxN = jnp.zeros(logp_BxN.shape, jnp.float32)
   elif models.shared:
-    values_BxL = models.critic.apply({"params": params["value"]}, hidden)
+    values_BxN = models.critic.apply({"params": params["value"]}, hidden_BxNxD)
   else:
-    values_BxL = models.critic.apply({"params": params["value"]}, batch["tokens"], positions_BxT=batch["positions"],
-                                     attention_mask_BxT=batch["attention"])
-  return {"logp": logp_BxN, "values": _response_slice(values_BxL, models), "logits": logits_BxNxV}
+    values_BxN = _response_slice(models.critic.apply({"params": params["value"]}, batch["tokens"],
+                                                     positions_BxT=batch["positions"],
+                                                     attention_mask_BxT=batch["attention"]), models)
+  return {"logp": logp_BxN, "values": values_BxN, "logits": logits_BxNxV}
 
 
-def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+def reference_logits(models: Models, ref_params: Any, batch: dict[str, jax.Array], group_size: int = 1) -> jax.Array:
   """The reference's logits at the response positions, divided by the sampler's temperature as the policy's are
-  (so that the KL at the start, policy = reference, is 0 at any temperature)."""
-  logits = models.policy.apply({"params": ref_params}, batch["tokens"], positions_BxT=batch["positions"],
-                               attention_mask_BxT=batch["attention"])
-  return _response_slice(logits, models).astype(jnp.float32) / models.temperature
+  (so that the KL at the start, policy = reference, is 0 at any temperature); `group_size`: `response_logits`."""
+  return response_logits(models, ref_params, batch, group_size).astype(jnp.float32) / models.temperature
 
 
 def reward_model_score(models: Models, rm_params: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -200,6 +234,8 @@ class Scorer:
       "raw_score" [B]}: the reference's log-probs of the response tokens and the reward model's raw score;
     shaping(params, frozen, batch, beta) -> (rollout arrays, per-response stats): the policy's log-probs and the
       critic's values, the per-token KL, rewards, GAE advantages and returns.
+  Both take a static `group_size=G` (default 1) when the batch's rows come in runs of G replies to one prompt:
+  the policy and reference then read each prompt once (`response_logits`).
   """
   frozen: Any
   shaping: Any
@@ -214,8 +250,8 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
     readout = reward_model.Readout(offsets=(float(readout),))
   raw_score_fn = raw_score_fn or (lambda rm_params, batch: reward_model_score(models, rm_params, batch))
 
-  def frozen(ref_params, rm_params, batch):
-    ref_logits = reference_logits(models, ref_params, batch)
+  def frozen(ref_params, rm_params, batch, group_size=1):
+    ref_logits = reference_logits(models, ref_params, batch, group_size)
     raw = raw_score_fn(rm_params, batch).astype(jnp.float32)
     out = {"raw_score": raw[:, None] if raw.ndim == 1 else raw}  # [B, M]
     if p.kl_estimator == "full":
@@ -224,9 +260,9 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
       out["ref_logp"] = losses.token_log_probs(ref_logits, batch["tokens"][:, models.prompt_len:])
     return out
 
-  def shaping(params, frozen_out, batch, beta):
+  def shaping(params, frozen_out, batch, beta, group_size=1):
     mask = batch["response_mask"].astype(jnp.float32)
-    out = evaluate_actions(models, params, batch)
+    out = evaluate_actions(models, params, batch, group_size)
     targets = batch["tokens"][:, models.prompt_len:]
     if p.kl_estimator == "full":
       ref_logp = losses.token_log_probs(frozen_out["ref_logits"], targets)
@@ -273,7 +309,8 @@ def make_score_fn(models: Models, cfg: PPOConfig, readout: reward_model.Readout 
              "ensemble_std": jnp.std(centred_BxM, axis=1), "proxy_mean": jnp.mean(centred_BxM, axis=1)}
     return {"logp": out["logp"], "ref_logp": ref_logp, "values": values, "advantages": advantages,
             "returns": returns, "kl": kl}, stats
-  return Scorer(frozen=jax.jit(frozen), shaping=jax.jit(shaping))
+  return Scorer(frozen=jax.jit(frozen, static_argnames="group_size"),
+                shaping=jax.jit(shaping, static_argnames="group_size"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,17 +360,18 @@ def make_placement(mesh_cfg: Any, p: Any, devices: list[jax.Device] | None = Non
   return Placement(learner, sampler, scorer)
 
 
-def make_ppo_loss(models: Models, cfg: Any):
+def make_ppo_loss(models: Models, cfg: Any, group_size: int = 1):
   """loss_fn(params, minibatch, rng) -> (loss_sum, sums) for trainer.make_train_step. Every per-token term (the
   clipped surrogate, the clipped value error, the entropy bonus, the KL loss term) is summed and averaged as
   `loss_aggregation` says (`ppo_math.aggregate`: weight = the minibatch's tokens or replies), so micro-batching does
-  not change the result."""
+  not change the result. `group_size`: the minibatch's rows come in runs of that many replies to one prompt
+  (`learn_group_size`)."""
   p = cfg.algo
 
   def loss_fn(params, batch, rng):
     del rng
     mask = batch["response_mask"].astype(jnp.float32)
-    out = evaluate_actions(models, params, batch)
+    out = evaluate_actions(models, params, batch, group_size)
     pg_BxN, pg_stats = pm.clipped_surrogate(out["logp"], batch["logp"], batch["advantages"], mask, p.clip_eps,
                                             p.clip_eps_high)
     if p.policy_loss == "nll":  # supervised: -A * log pi (the ratio's stats stay as diagnostics)
@@ -499,11 +537,31 @@ def num_updates(cfg: PPOConfig) -> int:
   return cfg.train.steps * updates_per_iteration(cfg.algo)
 
 
+def learn_group_size(cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh) -> int:
+  """The runs of replies to one prompt that the updates' minibatches are made of (`group_minibatches`), each
+  prompt then read once per run: the algorithm's group_size where each micro-batch splits into whole groups
+  evenly over the data-parallel shards, else 1 (replies shuffled one by one)."""
+  p, g = cfg.algo, cfg.algo.group_size
+  micro_batch = p.minibatch_size // cfg.optim.grad_accum_steps
+  if (g > 1 and p.group_minibatches and p.advantage != "best_of_n" and models.prompt_len > 1
+      and micro_batch % (g * sharding.data_parallel_size(mesh)) == 0):
+    return g
+  return 1
+
+
+def score_group_size(p: Any, models: Models, rows: int, multiple: int, group_size: int | None = None) -> int:
+  """The runs in which scoring reads a rollout of `rows` replies in runs of `group_size` (default the algorithm's)
+  equal prompts: those where the runs split evenly over `multiple` (the meshes' data-parallel sizes), else 1."""
+  g = p.group_size if group_size is None else group_size
+  return g if g > 1 and rows % (g * multiple) == 0 and models.prompt_len > 1 else 1
+
+
 def make_update_step(cfg: PPOConfig, models: Models, optimizer: Any, state_shardings: Any,
                      mesh: jax.sharding.Mesh) -> trainer.JittedStep:
-  """The jitted PPO update (one minibatch: clipped surrogate, value loss, entropy, KL and ptx terms)."""
+  """The jitted PPO update (one minibatch: clipped surrogate, value loss, entropy, KL and ptx terms), for
+  minibatches of `learn_group_size` runs."""
   return trainer.jit_train_step(
-      trainer.make_train_step(make_ppo_loss(models, cfg), optimizer,
+      trainer.make_train_step(make_ppo_loss(models, cfg, learn_group_size(cfg, models, mesh)), optimizer,
                               optim.learning_rate_schedule(cfg.optim, num_updates(cfg)), cfg.optim.grad_accum_steps,
                               **trainer.spike_options(cfg.train)),
       state_shardings, mesh)
@@ -579,7 +637,7 @@ class Learner:
           self.models.policy, sampler_params, prompts, max_new_tokens=self.models.new_tokens, rng=rng,
           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop_id=self.stop_id, pad_id=self.pad_id,
           batch_multiple=self.sampler_dp, return_logprobs=True, min_prompt_len=self.models.prompt_len,
-          sampling_logprobs=True)
+          sampling_logprobs=True, group_size=group_size)
     host = build_rollout_batch(prompts, responses, prompt_len=self.models.prompt_len,
                                new_tokens=self.models.new_tokens, pad_id=self.pad_id, stop_id=self.stop_id)
     host["sampler_logp"] = np.zeros(host["response_mask"].shape, np.float32)  # log sampler(token)
@@ -597,24 +655,28 @@ class Learner:
     host["code_reward"], each = self.code_rewards(*self.texts(prompts, responses))
     return each
 
-  def score(self, params: Any, host: dict[str, np.ndarray], beta: float):
+  def score(self, params: Any, host: dict[str, np.ndarray], beta: float, group_size: int = 1):
     """(rollout arrays, per-response stats) of a rollout buffer: the frozen models' part on the scorer's mesh,
-    the shaping (log-probs, values, KL, rewards, GAE) on the learner's."""
+    the shaping (log-probs, values, KL, rewards, GAE) on the learner's. `group_size`: the rows come in runs of
+    that many replies to one prompt (`rollout`'s), each prompt then read once by the policy and reference where
+    the runs split evenly over the meshes' data-parallel shards."""
     rows = host["tokens"].shape[0]
     multiple = int(np.lcm(self.dp, self.scorer_dp))
     pad = -rows % multiple
+    group_size = score_group_size(self.cfg.algo, self.models, rows, multiple, group_size)
     if pad:
       host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
       # The copies are groups of their own: they must not enter a real group's baseline.
       host["group"][rows:] = host["group"][:rows].max() + 1 + np.arange(pad)
     scorer, learner = self.placement.scorer, self.mesh
     with sharding.activate(scorer):
-      frozen = self.score_fn.frozen(self.ref_params, self.rm_params, sharding.host_to_global(host, scorer))
+      frozen = self.score_fn.frozen(self.ref_params, self.rm_params, sharding.host_to_global(host, scorer),
+                                    group_size=group_size)
     if self.placement.split_scorer:  # the frozen models' outputs, device to device onto the learner's batch layout
       frozen = {k: jax.device_put(v, sharding.batch_sharding(learner, v.ndim)) for k, v in frozen.items()}
     with sharding.activate(learner):
       arrays, stats = self.score_fn.shaping(params, frozen, sharding.host_to_global(host, learner),
-                                            jnp.float32(beta))
+                                            jnp.float32(beta), group_size=group_size)
     arrays, stats = jax.device_get((arrays, stats))
     return ({k: np.asarray(v)[:rows] for k, v in arrays.items()},
             {k: np.asarray(v)[:rows] if np.ndim(v) else np.asarray(v) for k, v in stats.items()})
@@ -627,10 +689,14 @@ class Learner:
     perm_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).astype(np.uint32))
     learn_metrics = []
     rows = roll["tokens"].shape[0]
+    group, accum = learn_group_size(self.cfg, self.models, self.mesh), self.cfg.optim.grad_accum_steps
     for _ in range(p.epochs):
-      order = perm_rng.permutation(rows)
+      # The groups are shuffled (each kept whole, in order) when the update reads each prompt once per group.
+      order = (perm_rng.permutation(rows // group)[:, None] * group + np.arange(group)).ravel()
       for m in range(rows // p.minibatch_size):
         idx = order[m * p.minibatch_size:(m + 1) * p.minibatch_size]
+        if group > 1 and accum > 1:  # micro-batch j takes rows j, j + accum, ... (trainer): whole groups each
+          idx = idx.reshape(accum, -1).T.ravel()
         mb = {k: roll[k][idx] for k in ROLLOUT_KEYS}
         mb["beta"] = np.full((p.minibatch_size, 1), beta, np.float32)  # rank 2: sharded like the batch
         if p.ptx_coef > 0:
@@ -650,7 +716,7 @@ class Learner:
     prompts = [prompt for prompt in prompts for _ in range(p.group_size)]  # group_size replies to each
     responses, sampler_logp, host = self.rollout(sampler_params, prompts, jax.random.fold_in(rng, 0), p.group_size)
     code_scores = self.add_code_rewards(host, prompts, responses)
-    arrays, stats = self.score(state.params, host, beta)
+    arrays, stats = self.score(state.params, host, beta, p.group_size)
     t_rollout = time.perf_counter() - t0
     roll = {**host, **arrays}
     # The sampler's log-probs against the learner's (pi_T at the rollout's parameters): equal up to rounding

@@ -2,11 +2,15 @@
 tests/stages/test_ppo.py (a reward for one token), on one device and on a mesh; and their configs' refusals."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptrl import config as config_lib
+from gptrl import reward_model
 from gptrl import rewards
 from gptrl import sharding
 from gptrl.stages import ppo
@@ -14,7 +18,7 @@ from gptrl.config import (GRPOAlgoConfig, GRPOConfig, InitConfig, MeshConfig, Op
                           RLOOConfig, RSFTAlgoConfig, RSFTConfig, TrainConfig)
 
 import numeric
-from test_ppo import NEW, PPO_TOL, _learner, _prompts
+from test_ppo import NEW, PPO_TOL, VOCAB, _learner, _prompts
 
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
 
@@ -142,6 +146,73 @@ def test_sharded_iterations_match_single_device(stage):
     for k in ("raw_score", "kl", "policy_loss", "approx_kl", "kl_loss", "group_reward_std"):
       numeric.assert_close(b[f"{stage}/{k}"], a[f"{stage}/{k}"], tol=PPO_TOL, atol=1e-5, err_msg=k)
 
+
+
+def _grouped_rollout(cfg, seed=11):
+  """A GRPO learner, its state, and a scored rollout of runs of group_size replies to prompts of 2-7 tokens
+  (left-padded differently), some replies cut short by the stop token."""
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  learner, state = _learner(cfg, mesh)
+  p = cfg.algo
+  repeated = [q for q in _prompts(p.rollout_batch_size // p.group_size, seed=seed) for _ in range(p.group_size)]
+  _, _, host = learner.rollout(learner.sampler_params(state.params)[0], repeated, jax.random.key(seed), p.group_size)
+  assert (host["response_mask"].sum(1) < NEW).any()  # a reply stopped early: masked response positions
+  arrays, _ = learner.score(state.params, host, p.init_beta)
+  return learner, state, {**host, **arrays}
+
+
+def test_a_prompt_read_once_per_group_gives_each_rows_logits_values_and_gradients():
+  cfg = _cfg("grpo")
+  learner, state, roll = _grouped_rollout(cfg)
+  models, g = learner.models, cfg.algo.group_size
+  batch = {k: jnp.asarray(v) for k, v in roll.items()}
+  per_row = ppo.response_logits(models, state.params["policy"], batch)
+  grouped = ppo.response_logits(models, state.params["policy"], batch, g)
+  assert grouped.shape == per_row.shape == (32, NEW, VOCAB)
+  numeric.assert_close(np.asarray(grouped), np.asarray(per_row), tol=1e-5, err_msg="logits")
+  # A value head on the policy's trunk reads the same hidden states.
+  shared = dataclasses.replace(models, critic=reward_model.ScalarHead(0.5, name="value_head"), shared=True)
+  params = {"policy": state.params["policy"],
+            "value": shared.critic.init(jax.random.key(1), jnp.zeros((1, 4, 32)))["params"]}
+  want, got = ppo.evaluate_actions(shared, params, batch), ppo.evaluate_actions(shared, params, batch, g)
+  for k in ("logp", "values"):
+    numeric.assert_close(np.asarray(got[k]), np.asarray(want[k]), tol=1e-5, err_msg=k)
+  # The update's gradient through the shared prompt (a sum over its group's rows) is the per-row one's.
+  minibatch = {k: batch[k][:16] for k in ppo.ROLLOUT_KEYS}
+  minibatch["beta"] = jnp.full((16, 1), 0.05, jnp.float32)
+  grads = [jax.grad(lambda q, n=n: ppo.make_ppo_loss(models, cfg, n)(q, minibatch, None)[0])(state.params)
+           for n in (1, g)]
+  jax.tree.map(lambda a, b: numeric.assert_close(np.asarray(b), np.asarray(a), tol=1e-4, atol=1e-7), *grads)
+
+
+def test_minibatches_hold_whole_groups_in_every_micro_batch():
+  for accum in (1, 2):
+    cfg = _cfg("grpo")
+    cfg = GRPOConfig(**{**cfg.__dict__, "optim": OptimConfig(**{**OPTIM.__dict__, "grad_accum_steps": accum})})
+    learner, state, roll = _grouped_rollout(cfg)
+    seen = []
+    learner.__dict__["train_step"] = lambda s, mb: (seen.append(np.asarray(mb["tokens"])), (s, {}))[1]
+    learner.learn(state, roll, 0.01, jax.random.key(0))
+    assert len(seen) == ppo.updates_per_iteration(cfg.algo)
+    prompt_len, g = learner.models.prompt_len, cfg.algo.group_size
+    for tokens in seen:
+      for micro in (tokens[j::accum] for j in range(accum)):  # the trainer's micro-batches
+        runs = micro[:, :prompt_len].reshape(-1, g, prompt_len)
+        assert (runs == runs[:, :1]).all()  # runs of one prompt
+        assert len({r[0].tobytes() for r in runs}) == len(runs)  # whole groups: each prompt in one run
+    order = np.concatenate(seen)[:, :prompt_len]
+    assert not (order[:32] == roll["tokens"][:, :prompt_len]).all()  # the groups were shuffled
+
+
+@pytest.mark.parametrize("overrides,shape,want", [
+    ({}, None, 4), ({"group_minibatches": False}, None, 1), ({"minibatch_size": 8}, (2, 2, 2), 1),
+    ({}, (2, 2, 2), 4), ({"minibatch_size": 2, "rollout_batch_size": 32}, None, 1)])
+def test_learn_group_size_needs_whole_groups_per_data_parallel_shard(overrides, shape, want):
+  cfg = _cfg("grpo", **overrides)
+  mesh = sharding.make_mesh(MeshConfig(*shape)) if shape else sharding.make_mesh(MeshConfig(data=1),
+                                                                                 devices=jax.devices()[:1])
+  models = _learner(cfg, mesh)[0].models
+  assert ppo.learn_group_size(cfg, models, mesh) == want
 
 def test_micro_batching_does_not_change_a_sequence_mean_update():
   rows = []
