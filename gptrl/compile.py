@@ -377,20 +377,28 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
 
   # The rollout: R prompts (padded to the data-parallel sizes) of P tokens, N new ones.
   sampled = max(p.rollout_batch_size, p.eval_batch_size)  # replies sampled (and scored) together
-  rows = rows_for(sampled, int(np.lcm(sharding.data_parallel_size(learner), sharding.data_parallel_size(scorer))))
-  host = ppo.build_rollout_batch([[1]] * rows, [[1]] * rows, prompt_len=models.prompt_len,
-                                 new_tokens=models.new_tokens, pad_id=0, stop_id=1)
-  host["group"] = np.arange(rows, dtype=np.int32) // p.group_size
-  host["sampler_logp"] = np.zeros(host["response_mask"].shape, np.float32)  # as Learner.rollout adds them
-  if p.reward_fns:
-    host["code_reward"] = np.zeros((rows,), np.float32)
-  shapes = {k: (v.shape, v.dtype) for k, v in host.items()}
+  multiple = int(np.lcm(sharding.data_parallel_size(learner), sharding.data_parallel_size(scorer)))
+  rows = rows_for(sampled, multiple)
+
+  def batches(n):  # the rollout buffer of n rows, abstract on the scorer's and the learner's mesh
+    host = ppo.build_rollout_batch([[1]] * n, [[1]] * n, prompt_len=models.prompt_len,
+                                   new_tokens=models.new_tokens, pad_id=0, stop_id=1)
+    host["group"] = np.arange(n, dtype=np.int32) // p.group_size
+    host["sampler_logp"] = np.zeros(host["response_mask"].shape, np.float32)  # as Learner.rollout adds them
+    if p.reward_fns:
+      host["code_reward"] = np.zeros((n,), np.float32)
+    shapes = {k: (v.shape, v.dtype) for k, v in host.items()}
+    return abstract_batch(shapes, scorer), abstract_batch(shapes, learner)
+
   scorer_fn = ppo.make_score_fn(models, cfg, 0.0)
-  scorer_batch, learner_batch = abstract_batch(shapes, scorer), abstract_batch(shapes, learner)
-  with sharding.activate(scorer):
-    frozen_out = jax.eval_shape(scorer_fn.frozen, ref, rm, scorer_batch)
-  frozen_on_learner = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(learner, v.ndim))
-                       for k, v in frozen_out.items()}
+  scorer_batch, learner_batch = batches(rows)
+  def frozen_on_learner_of(batch):  # the frozen models' outputs, as they arrive on the learner's mesh
+    with sharding.activate(scorer):
+      out = jax.eval_shape(scorer_fn.frozen, ref, rm, batch)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(learner, v.ndim))
+            for k, v in out.items()}
+
+  frozen_on_learner = frozen_on_learner_of(scorer_batch)
   beta = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(learner))
   update = ppo.make_update_step(cfg, models, optimizer, shardings, learner)
   minibatch = abstract_batch(ppo.minibatch_shapes(cfg, models, model_cfg.max_len), learner)
@@ -404,13 +412,18 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   scalar_token = model_lib.flops_per_token(model_cfg, t, lm_head=False)
   rm_token = model_lib.flops_per_token(rm_cfg, t, lm_head=False)
   critic_token = 0.0 if models.shared or models.critic is None else scalar_token
-  # The rollout's sampler and scoring read each prompt once per group (GRPO, RLOO), as Learner runs them.
-  sampler_group = p.group_size if sampled == p.rollout_batch_size else 1
-  sampler_rows = rows_for(sampled, sharding.data_parallel_size(sampler) * sampler_group)
-  score_group = ppo.score_group_size(p, models, rows,
-                                     int(np.lcm(sharding.data_parallel_size(learner),
-                                                sharding.data_parallel_size(scorer))))
+  sampler_rows = rows_for(sampled, sharding.data_parallel_size(sampler))
   update_flops = (policy_token + critic_token) * p.minibatch_size * t
+  learn_group = ppo.learn_group_size(cfg, models, learner)
+  if learn_group > 1:
+    # Each group's prompt read once (critic-free): its P-1 tokens through every layer but the last, of which only
+    # the keys and values are read; every row's N-token span through all, projected onto the vocabulary.
+    layer_token = scalar_token / model_cfg.num_layers
+    kv_token = 6.0 * 2 * model_cfg.d_model * model_cfg.kv_heads * model_cfg.head_dim
+    prefix_tokens = p.minibatch_size // learn_group * (models.prompt_len - 1)
+    span_tokens = p.minibatch_size * models.new_tokens
+    update_flops = (prefix_tokens * ((model_cfg.num_layers - 1) * layer_token + kv_token)
+                    + span_tokens * (scalar_token + 6.0 * model_cfg.vocab_size * model_cfg.d_model))
   if p.ptx_coef > 0:
     update_flops += policy_token * p.minibatch_size * t
   scoring = "scoring (policy, reference, critic, reward model over the rollout)"
@@ -418,20 +431,36 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
       Program("rollout sampler", functools.partial(_lower_sampler, sampler, models.policy, policy_on_sampler,
                                                    sampler_rows, models.prompt_len, models.new_tokens,
                                                    config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k,
-                                                                               top_p=p.top_p), True,
-                                                   sampler_group),
+                                                                               top_p=p.top_p), True),
               sampler, ("policy copy",) if placement.split_sampler else ("train state/params/policy",),
               policy_token / 3 * sampler_rows * t, "rollout sampling"),
-      Program("scoring: frozen models",
-              lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch, group_size=score_group), scorer,
+      Program("scoring: frozen models", lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, scorer_batch), scorer,
               ("reference policy", "reward model"), (policy_token + rm_token) / 3 * rows * t, scoring),
       Program("scoring: shaping", lambda: lower_in(learner, scorer_fn.shaping, state.params, frozen_on_learner,
-                                                   learner_batch, beta, group_size=score_group), learner,
+                                                   learner_batch, beta), learner,
               ("train state/params",), (policy_token + critic_token) / 3 * rows * t, scoring),
-      Program(f"{cfg.stage.upper()} update", lambda: update.lower(state, minibatch), learner, ("train state",),
-              update_flops,
-              "train step"),
   ]
+  # The programs above are the eval's (every row read whole; the larger), which the memory estimate sizes. GRPO's
+  # and RLOO's rollouts read each prompt once per group (Learner.rollout, Learner.score): those programs too.
+  r, g = p.rollout_batch_size, p.group_size
+  if g > 1 and (r // g) % sharding.data_parallel_size(sampler) == 0:
+    programs.append(Program(f"rollout sampler (groups of {g})", functools.partial(
+        _lower_sampler, sampler, models.policy, policy_on_sampler, r, models.prompt_len, models.new_tokens,
+        config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p), True, g),
+        sampler, ("policy copy",) if placement.split_sampler else ("train state/params/policy",),
+        policy_token / 3 * r * t))
+  if ppo.score_group_size(cfg, models, learner, r, multiple) == g > 1:
+    grouped_scorer, grouped_learner = batches(r)
+    programs += [
+        Program(f"scoring: frozen models (groups of {g})",
+                lambda: lower_in(scorer, scorer_fn.frozen, ref, rm, grouped_scorer, group_size=g), scorer,
+                ("reference policy", "reward model"), (policy_token + rm_token) / 3 * r * t),
+        Program(f"scoring: shaping (groups of {g})",
+                lambda: lower_in(learner, scorer_fn.shaping, state.params, frozen_on_learner_of(grouped_scorer),
+                                 grouped_learner, beta, group_size=g), learner, ("train state/params",),
+                (policy_token + critic_token) / 3 * r * t)]
+  programs.append(Program(f"{cfg.stage.upper()} update", lambda: update.lower(state, minibatch), learner,
+                          ("train state",), update_flops, "train step"))
   title = (f"{cfg.stage}: policy {_shape(model_cfg)}; critic {p.critic}; reward model {_shape(rm_cfg)}"
            + (f"; split placement: learner {learner.size}, sampler {sampler.size}, scorer {scorer.size} devices"
               if p.placement == "split" else ""))

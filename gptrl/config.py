@@ -772,9 +772,10 @@ class PPOAlgoConfig:
   group_size: int = 1  # replies sampled per prompt; >= 2 for "group" and "leave_one_out"
   group_std_norm: bool = True  # "group": divide by the group's std (GRPO); False: Dr. GRPO
   # group_size > 1: each minibatch holds whole groups (the groups shuffled, not the replies), so that the update
-  # reads each prompt once for its group's replies (ppo.response_logits); applies where a micro-batch
-  # (minibatch_size / optim.grad_accum_steps) is a multiple of group_size x the data-parallel size. False: replies
-  # shuffled one by one.
+  # reads each prompt once for its group's replies (ppo.response_logits), and so does scoring; applies where a
+  # micro-batch (minibatch_size / optim.grad_accum_steps) is a multiple of group_size x the data-parallel size,
+  # without the splash attention kernel, and not to best_of_n (it learns one winner per group). False: replies
+  # shuffled one by one, every prompt read per reply.
   group_minibatches: bool = True
   loss_aggregation: str = "token_mean"  # "token_mean" | "sequence_mean" | "sequence_sum" (see LOSS_AGGREGATIONS)
   policy_loss: str = "clipped"  # "clipped" | "nll" (see POLICY_LOSSES)

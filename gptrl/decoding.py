@@ -245,7 +245,7 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
                                           decode=True, mutable=["cache"], logits_at_B=jnp.full((b,), t - 1))
     return logits_Bx1xV[:, 0], variables["cache"]
 
-  first = lambda x_BxL: x_BxL[::group_size, :prompt_len]  # each run's (equal) prompt
+  first = lambda x_BxL: x_BxL.reshape(batch // group_size, group_size, -1)[:, 0, :prompt_len]  # a run's prompt
   logits_UxV, cache = forward(model_lib.init_cache(model, batch // group_size, length), first(buffer_BxL),
                               first(positions_BxL), first(mask_BxL))
   logits_BxV, cache = jax.tree.map(lambda x: expand_groups(x, group_size), (logits_UxV, cache))
@@ -334,8 +334,8 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 
   Returns (tokens, mask, positions, prompt_len): mask is 1 on prompt tokens; positions count from 0 at each
   prompt's first token through the new-token slots. B is rounded up to `batch_multiple` with copies of the
-  first prompt; with `group_size` (prompts in runs of that many, `generate`), to runs of group_size rows whose
-  number is a multiple of `batch_multiple` (a run's one prefill row per shard).
+  first prompt; with `group_size` (prompts in runs of that many, `generate`), to a number of runs that is a
+  multiple of `batch_multiple` (so that the runs' prefill rows split evenly over the shards).
   """
   prompts = [list(p)[-(max_len - max_new_tokens):] for p in prompts]
   prompt_len = min(max(max(len(p) for p in prompts), min_prompt_len), max_len - max_new_tokens)
@@ -380,8 +380,10 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
       needed for PPO's old-policy log-probs; with `sampling_logprobs`, under the distribution each token was
       drawn from (tempered and top-k/top-p filtered: `sampling_logits`), what importance weights divide by.
     group_size: the prompts come in runs of `group_size` equal prompts (GRPO's replies to one prompt, several
-      samples of one prompt): each run's prompt is prefilled once and its cache copied to the run's rows. The
-      rows still draw their own tokens; the result equals group_size=1's up to float rounding.
+      samples of one prompt): each run's prompt is prefilled once and its cache copied to the run's rows, where
+      the number of runs is a multiple of `batch_multiple` (else every row is prefilled: padding the runs would
+      sample more rows than it saves). The rows still draw their own tokens; the tokens equal group_size=1's up
+      to float rounding.
   Returns:
     The new tokens of each prompt, up to and including `stop_id` if it was emitted; with `return_logprobs`,
     `(tokens, logprobs)` where `logprobs[i]` is a float32 array as long as `tokens[i]`.
@@ -392,6 +394,8 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   if max_new_tokens >= max_len:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
   check_groups(prompts, group_size, "generate")
+  if (len(prompts) // group_size) % batch_multiple:
+    group_size = 1
   buffer, mask, positions, prompt_len = prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
                                                       pad_id=pad_id, batch_multiple=batch_multiple,
                                                       min_prompt_len=min_prompt_len, group_size=group_size)

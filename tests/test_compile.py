@@ -172,9 +172,12 @@ def test_grpo_plan_compiles_without_a_critic(v5e, monkeypatch):
       reward_model=config_lib.RewardModelConfig(checkpoint="runs/reward"),
       model=config_lib.ModelRuntimeConfig(dtype="bfloat16", remat="block"),
       mesh=config_lib.MeshConfig(data=1, fsdp=-1),
-      grpo=config_lib.GRPOAlgoConfig(rollout_batch_size=16, minibatch_size=8, group_size=4, max_new_tokens=32)))
+      grpo=config_lib.GRPOAlgoConfig(rollout_batch_size=16, minibatch_size=16, group_size=4, max_new_tokens=32)))
   plan, results = compile_lib.check(cfg, v5e, progress=lambda m: None)
   assert [r.name for r in results][-1] == "GRPO update" and all(r.fits for r in results)
+  # The rollout's programs that read each prompt once per group of 4 (4 groups: one per data-parallel shard).
+  assert {"rollout sampler (groups of 4)", "scoring: frozen models (groups of 4)",
+          "scoring: shaping (groups of 4)"} <= {r.name for r in results}
   assert set(plan.residents[0].tree.params) == {"policy"}  # no critic: the train state is the policy's
   assert 1.0 <= results[-1].matmul_flops / results[-1].model_flops <= 1.5
   assert plan.estimate is not None

@@ -254,15 +254,23 @@ def test_one_prefill_per_run_of_equal_prompts_draws_what_a_prefill_per_row_draws
     numeric.assert_close(lp, want, err_msg=f"row {i}")
 
 
-def test_grouped_prefill_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens():
+def test_grouped_prefill_under_a_data_fsdp_tensor_mesh_gives_the_single_device_tokens(monkeypatch):
   model, params = _model()
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   abstract = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
   sharded_params = jax.device_put(params, sharding.tree_shardings(abstract, mesh))
-  with sharding.activate(mesh):  # 3 runs of 2: padded to 4 runs, one prefill row per data shard
-    out = decoding.generate(model, sharded_params, _runs(2), max_new_tokens=NEW, rng=jax.random.key(7),
-                            batch_multiple=sharding.data_parallel_size(mesh), group_size=2, **SAMPLED)
-  assert out == _generate(_runs(2), **SAMPLED)
+  expanded = []
+  real_expand = decoding.expand_groups
+  monkeypatch.setattr(decoding, "expand_groups", lambda x, g: (expanded.append(g), real_expand(x, g))[1])
+  four = [list(p) for p in PROMPTS + [[4, 4, 9, 1]] for _ in range(2)]  # 4 runs of 2: one per data shard
+  three = _runs(2)  # 3 runs on 4 shards: every row prefilled (padding runs would sample 8 rows for 6)
+  for prompts, grouped in ((four, True), (three, False)):
+    expanded.clear()
+    with sharding.activate(mesh):
+      out = decoding.generate(model, sharded_params, prompts, max_new_tokens=NEW, rng=jax.random.key(7),
+                              batch_multiple=sharding.data_parallel_size(mesh), group_size=2, **SAMPLED)
+    assert out == _generate(prompts, **SAMPLED)
+    assert (2 in expanded) == grouped
 
 
 def test_group_size_that_does_not_split_the_prompts_into_runs_of_equal_prompts_is_refused():
@@ -271,7 +279,7 @@ def test_group_size_that_does_not_split_the_prompts_into_runs_of_equal_prompts_i
   with pytest.raises(ValueError, match="prompt 3 differs from prompt 2"):
     _generate(_runs(2)[:3] + [[1, 2]] + _runs(2)[4:], group_size=2)
   buffer, *_ = decoding.prompt_buffer(_runs(2), max_len=TINY.max_len, max_new_tokens=NEW, pad_id=0,
-                                      batch_multiple=4, group_size=2)
+                                      batch_multiple=2, group_size=2)
   assert buffer.shape[0] == 8  # 3 runs of 2 rounded up to 4 runs (a multiple of batch_multiple)
 
 def test_decode_cache_is_sharded_like_activations_under_a_mesh():

@@ -29,8 +29,8 @@ policy, moved device to device from the training layout into the sampler's after
 to device onto the learner's batch layout). Results equal the colocated ones up to float summation order.
 
 Checks every iteration, logged: on the first minibatch the probability ratio is 1 and the approximate KL is 0
-(the trainer recomputes exactly what the rollout computed), and the sampler's own log-probs agree with the
-scorer's; a breach is a warning with numbers.
+(the trainer recomputes what the rollout computed, by the same code: per row, or per group of replies to one
+prompt in both), and the sampler's own log-probs agree with the scorer's; a breach is a warning with numbers.
 
 Resume: the train state (policy, critic, optimizer, step, RNG) is an Orbax checkpoint; beta, the prompt (and
 PPO-ptx) iterator positions and the pipeline fingerprint are in its data item. Every random draw derives from
@@ -156,7 +156,8 @@ def response_logits(models: Models, params: Any, batch: dict[str, jax.Array], gr
     out = models.policy.apply({"params": params}, tokens, positions_BxT=positions, attention_mask_BxT=attention,
                               return_hidden=return_hidden, logits_slice=_response_positions(models))
     return (out[0], _response_slice(out[1], models)) if return_hidden else out
-  first = lambda x_BxL: x_BxL[::group_size, :p - 1]
+  b = tokens.shape[0]
+  first = lambda x_BxL: x_BxL.reshape(b // group_size, group_size, -1)[:, 0, :p - 1]  # each run's (equal) prompt
   _, variables = models.policy.apply(
       {"params": params, "cache": model_lib.init_cache(models.policy, tokens.shape[0] // group_size,
                                                        tokens.shape[1])},
@@ -543,17 +544,25 @@ def learn_group_size(cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh) ->
   evenly over the data-parallel shards, else 1 (replies shuffled one by one)."""
   p, g = cfg.algo, cfg.algo.group_size
   micro_batch = p.minibatch_size // cfg.optim.grad_accum_steps
+  model_cfg = models.policy.config
+  # The grouped forward attends over a key/value cache (dense scores), not by the splash kernel, which the
+  # memory estimate of a splash plan assumes: such plans keep reading every row whole.
   if (g > 1 and p.group_minibatches and p.advantage != "best_of_n" and models.prompt_len > 1
+      and not model_lib.uses_splash(model_cfg, model_cfg.max_len)
       and micro_batch % (g * sharding.data_parallel_size(mesh)) == 0):
     return g
   return 1
 
 
-def score_group_size(p: Any, models: Models, rows: int, multiple: int, group_size: int | None = None) -> int:
+def score_group_size(cfg: PPOConfig, models: Models, mesh: jax.sharding.Mesh, rows: int, multiple: int,
+                     group_size: int | None = None) -> int:
   """The runs in which scoring reads a rollout of `rows` replies in runs of `group_size` (default the algorithm's)
-  equal prompts: those where the runs split evenly over `multiple` (the meshes' data-parallel sizes), else 1."""
-  g = p.group_size if group_size is None else group_size
-  return g if g > 1 and rows % (g * multiple) == 0 and models.prompt_len > 1 else 1
+  equal prompts: the updates' runs (`learn_group_size`, so that the first update recomputes the old log-probs by
+  the same code), where they split evenly over `multiple` (the meshes' data-parallel sizes); else 1."""
+  g = cfg.algo.group_size if group_size is None else group_size
+  if g > 1 and rows % (g * multiple) == 0 and learn_group_size(cfg, models, mesh) == g:
+    return g
+  return 1
 
 
 def make_update_step(cfg: PPOConfig, models: Models, optimizer: Any, state_shardings: Any,
@@ -663,7 +672,7 @@ class Learner:
     rows = host["tokens"].shape[0]
     multiple = int(np.lcm(self.dp, self.scorer_dp))
     pad = -rows % multiple
-    group_size = score_group_size(self.cfg.algo, self.models, rows, multiple, group_size)
+    group_size = score_group_size(self.cfg, self.models, self.mesh, rows, multiple, group_size)
     if pad:
       host = {k: np.concatenate([v, np.resize(v, (pad,) + v.shape[1:])]) for k, v in host.items()}
       # The copies are groups of their own: they must not enter a real group's baseline.

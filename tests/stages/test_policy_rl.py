@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gptrl import config as config_lib
+from gptrl import model as model_lib
 from gptrl import reward_model
 from gptrl import rewards
 from gptrl import sharding
@@ -213,6 +214,19 @@ def test_learn_group_size_needs_whole_groups_per_data_parallel_shard(overrides, 
                                                                                  devices=jax.devices()[:1])
   models = _learner(cfg, mesh)[0].models
   assert ppo.learn_group_size(cfg, models, mesh) == want
+  # Scoring groups as the updates do (so the first update recomputes the old log-probs by the same code).
+  assert ppo.score_group_size(cfg, models, mesh, 32, 4 if shape else 1) == want
+
+
+def test_splash_plans_and_rejection_sampling_read_every_row_whole():
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  cfg = _cfg("grpo")
+  models = _learner(cfg, mesh)[0].models
+  splash = dataclasses.replace(models, policy=model_lib.GPT(dataclasses.replace(
+      models.policy.config, attention="splash", max_len=128)))
+  assert ppo.learn_group_size(cfg, models, mesh) == 4 and ppo.learn_group_size(cfg, splash, mesh) == 1
+  rsft = _cfg("rsft")
+  assert ppo.learn_group_size(rsft, models, mesh) == ppo.score_group_size(rsft, models, mesh, 32, 1) == 1
 
 def test_micro_batching_does_not_change_a_sequence_mean_update():
   rows = []
