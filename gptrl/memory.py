@@ -476,12 +476,15 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   rm_shard = _Shard(rm_cfg, mesh_shape["tensor"], dp)
   t, n, accum = model_cfg.max_len, p.max_new_tokens, cfg.optim.grad_accum_steps
   b = _micro_rows(p.minibatch_size, accum, shard)
-  # The policy projects and reads its logits at the N response positions only (float32: log-softmax, entropy
-  # and their gradient; the projection's output gradient [b, N, V] in the compute dtype). The critic's own
-  # recomputed layer is not live beside the policy's.
+  # The policy reads its logits at the N response positions only (float32: log-softmax, entropy and their
+  # gradient). It also projects only there now (GPT's logits_slice), but XLA's least-memory allocation of the
+  # 125m update on v5p:2x2x2 did not drop with that (3.46 -> 3.54 GiB): the term that sized the whole buffer's
+  # logits gradient [b, L, V] (compute dtype) stays, as what matched that allocation (est/XLA 0.88; 0.60
+  # without it), until what XLA holds in its place is identified. The critic's own recomputed layer is not live
+  # beside the policy's.
   step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
-               "policy logits over the responses: their gradient, float32":
-                   shard.logits_gradient(b, n) + shard.logits(b, n, 3)})
+               "policy logits: [b, L, V] in the compute dtype, float32 over the responses":
+                   shard.logits_gradient(b, t) + shard.logits(b, n, 3)})
   if not shared:
     step["critic activations (saved by every layer)"] = shard.saved(b, t)
   if p.ptx_coef > 0:
@@ -492,8 +495,10 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
       "rollout sampling": _sampling(shard, sampled, n),
       "scoring (policy, reference, critic, reward model over the rollout)": {
           "forward: one layer + scores": max(shard.forward(rows, t), rm_shard.forward(rows, t)),
-          "policy and reference logits over the responses, their log-softmax (float32)":
-              shard.logits(rows, n, 2) + shard.logits(rows, n, 3)},
+          # (Sized for logits over the whole buffer, as before the response-only projection: kept until the
+          # scoring programs are compiled again and show what they hold now.)
+          "policy and reference logits, response log-softmax (float32)":
+              shard.logits(rows, t, 2) + shard.logits(rows, n, 3)},
       "train step": step}
   title = _title(cfg.stage, mesh_shape,
                  "policy (and reference): " + _shape_title(model_cfg, param_count(params["policy"])),
