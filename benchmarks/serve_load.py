@@ -84,7 +84,7 @@ class Server:
       self.proc = subprocess.Popen([sys.executable, "-m", "gptrl.serve", "--checkpoint", str(checkpoint), "--port",
                                     "0", "--feedback", "", "--single_device", "--slots", str(slots)] + list(extra), cwd=REPO,
                                    stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200
     while not (match := re.search(r"Serving on http://([\d.]+):(\d+)/", log.read_text())):
       if self.proc.poll() is not None or time.monotonic() > deadline:
         raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")

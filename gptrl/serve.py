@@ -17,11 +17,12 @@ stream (server-sent events, with stream_options.include_usage); and top_k, as vL
 choice carries its "reward"). Unknown fields and values out of range get a 400 naming the field; a prompt that
 does not fit the context a 400 saying by how many tokens.
 
-Requests are batched by gptrl/engine.py (continuous batching over --slots rows of one KV cache); at most
---max_queue wait for a slot, beyond which requests get a 503 with Retry-After. Listening beyond loopback needs an
-access token (--token, $GPTRL_SERVE_TOKEN, or a random one printed at start), sent as `Authorization: Bearer
-TOKEN` (the `api_key` of OpenAI's clients; the chat page takes it from its address, ?token=...). The Host header
-must name this server (loopback names, --host, this machine's names, --allowed_host), against DNS rebinding.
+Requests are batched by gptrl/engine.py (continuous batching over --slots rows of KV cache, split among --streams
+engines whose calls run side by side: 2 on a CPU host with 2+ cores); at most --max_queue wait for a slot, beyond
+which requests get a 503 with Retry-After. Listening beyond loopback needs an access token (--token,
+$GPTRL_SERVE_TOKEN, or a random one printed at start), sent as `Authorization: Bearer TOKEN` (the `api_key` of
+OpenAI's clients; the chat page takes it from its address, ?token=...). The Host header must name this server
+(loopback names, --host, this machine's names, --allowed_host), against DNS rebinding.
 
 Conversations are not stored, except in feedback (and in conversations.jsonl with --log_conversations).
 """
@@ -668,6 +669,9 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--slots", type=int, default=16, help="requests decoded at once (default %(default)s)")
   run.add_argument("--decode_steps", type=int, default=8, help="tokens decoded per call into the device; requests "
                    "join and leave between calls (default %(default)s)")
+  run.add_argument("--streams", type=int, default=0, help="engines sharing the slots, each decoding its own "
+                   "batch side by side (default: 2 on a CPU host with 2+ cores and 2+ slots per data-parallel "
+                   "device, else 1)")
   run.add_argument("--max_queue", type=int, default=256, help="requests waiting beyond which new ones get a 503 "
                    "(default %(default)s)")
   run.add_argument("--max_tokens", type=int, default=0, help="default max_tokens of a request (default: what fits "
@@ -714,10 +718,13 @@ def build(args: argparse.Namespace) -> Server:
       raise UsageError(f"--feedback {e}") from None
   devices = jax.devices()[:1] if args.single_device else None
   mesh = sharding.make_mesh(config_lib.MeshConfig(), devices)
+  if not 0 <= args.streams <= engine_lib.max_streams(args.slots, mesh):
+    raise UsageError(f"--streams must be in [0, {engine_lib.max_streams(args.slots, mesh)}] for --slots {args.slots} "
+                     f"on {mesh.devices.size} device(s) (0: automatic), got {args.streams}.")
   loaded = sample_lib.load(source, mesh)
   reward = sample_lib.load(reward_source, mesh) if reward_source else None
-  engine = engine_lib.Engine(loaded.model, loaded.params, slots=args.slots, max_queue=args.max_queue, mesh=mesh,
-                             decode_steps=args.decode_steps, warmup=args.warmup)
+  engine = engine_lib.Pool(loaded.model, loaded.params, streams=args.streams, slots=args.slots,
+                           max_queue=args.max_queue, mesh=mesh, decode_steps=args.decode_steps, warmup=args.warmup)
   token, made = access_lib.resolve_token(args.token or os.environ.get("GPTRL_SERVE_TOKEN", ""), args.host)
   if made:
     args.generated_token = token

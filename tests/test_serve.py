@@ -6,6 +6,7 @@ reward model, a client that drops mid-stream, and kill -9 while feedback arrives
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import re
@@ -360,6 +361,87 @@ def test_a_sharded_engine_serves_what_one_device_does():
     many.close()
 
 
+@contextlib.contextmanager
+def _engines_held(pool):
+  """Holds every engine's lock (reentrant: `submit` and `load` still run in this thread): no engine takes a request
+  off its queue meanwhile, so where the pool sends requests does not depend on the engines' threads."""
+  with contextlib.ExitStack() as stack:
+    for e in pool.engines:
+      stack.enter_context(e._cond)  # pylint: disable=protected-access
+    yield
+
+
+def test_a_pool_of_engines_spreads_the_requests_and_each_gets_what_it_would_get_alone():
+  model, params = _random_gpt()
+  pool = engine_lib.Pool(model, params, streams=2, slots=5, decode_steps=4)
+  assert [e.slots for e in pool.engines] == [3, 2] and pool.slots == 5
+  rng = np.random.default_rng(2)
+  try:
+    jobs = []
+    with _engines_held(pool):
+      for i in range(9):
+        prompt = [int(t) for t in rng.integers(1, 64, size=int(rng.integers(1, 20)))]
+        p = engine_lib.SamplingParams(max_tokens=int(rng.integers(20, 40)), temperature=(0.0, 1.0, 0.8)[i % 3],
+                                      top_k=3 * (i % 2), seed=100 + i, stop_ids=(7,))
+        jobs.append((prompt, p, pool.submit(prompt, p)))
+      # Each request went to the engine with the fewest: 5 and 4.
+      assert [e.load()["queued"] for e in pool.engines] == [5, 4]
+    for prompt, p, request in jobs:
+      assert request.result(timeout=120) == _reference(model, params, prompt, p), (prompt, p)
+    assert [e.stats["admitted"] for e in pool.engines] == [5, 4]
+    assert pool.stats["admitted"] == 9 and pool.load() == {"active": 0, "queued": 0, "slots": 5, "cancelled": 0,
+                                                          "error": ""}
+  finally:
+    pool.close()
+
+
+def test_a_pool_refuses_only_when_every_queue_is_full_and_one_failing_engine_stops_its_service():
+  model, params = _random_gpt()
+  pool = engine_lib.Pool(model, params, streams=2, slots=2, max_queue=2)
+  long = engine_lib.SamplingParams(max_tokens=60, seed=1)
+  try:
+    with _engines_held(pool):
+      queued = [pool.submit([1, 2], long) for _ in range(2)]  # one in each engine's queue of 1
+      assert [e.load()["queued"] for e in pool.engines] == [1, 1]
+      with pytest.raises(engine_lib.QueueFull, match="--max_queue 2"):
+        pool.submit([4], long)
+    for r in queued:
+      r.cancel()
+  finally:
+    pool.close()
+  pool = engine_lib.Pool(model, params, streams=2, slots=2)
+  failures = iter([RuntimeError("device lost")])
+
+  def failing_step(*args, **kwargs):
+    raise next(failures)
+  pool.engines[1]._launch = failing_step  # pylint: disable=protected-access  # its first decoding call fails
+  try:
+    p = engine_lib.SamplingParams(max_tokens=8, seed=1)
+    with _engines_held(pool):
+      healthy, doomed = pool.submit([5, 6], p), pool.submit([5, 6], p)  # one to each engine
+    with pytest.raises(engine_lib.EngineClosed, match="device lost"):
+      doomed.result(timeout=120)
+    assert healthy.result(timeout=120) == _reference(model, params, [5, 6], p)  # the other engine's ends as it would
+    assert pool.load()["error"].endswith("RuntimeError: device lost")
+    with pytest.raises(engine_lib.EngineClosed, match="device lost"):  # and the pool takes no more
+      pool.submit([1], engine_lib.SamplingParams(max_tokens=2))
+  finally:
+    pool.close()
+
+
+def test_streams_default_to_two_on_a_cpu_host_with_two_cores_and_slots_for_two_batches(monkeypatch):
+  from gptrl import sharding  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(engine_lib, "_cores", lambda: 2)
+  assert engine_lib.default_streams(16) == 2 and engine_lib.default_streams(1) == 1
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=4, fsdp=2, tensor=1))  # data-parallel size 8
+  assert engine_lib.default_streams(8, mesh) == 1 and engine_lib.default_streams(16, mesh) == 2
+  monkeypatch.setattr(engine_lib, "_cores", lambda: 1)
+  assert engine_lib.default_streams(16) == 1
+  model, params = _random_gpt()
+  with pytest.raises(ValueError, match=r"streams must be in \[1, 2\] for 16 slots .*, got 3"):
+    engine_lib.Pool(model, params, streams=3, slots=16, mesh=mesh)
+
+
 # ----------------------------------------------------------------------------------------------
 # The API in process (Flask's test client).
 
@@ -375,7 +457,8 @@ def tiny_runs(tmp_path_factory):
 def _args(checkpoint, **kw) -> argparse.Namespace:
   defaults = dict(checkpoint=str(checkpoint), step=-1, tokenizer="", reward_model="", served_model_name="tiny",
                   dtype="", host="127.0.0.1", port=0, token="", allowed_host=[], slots=4, max_queue=8, max_tokens=0,
-                  single_device=True, feedback="", log_conversations=False, warmup=False, decode_steps=4)
+                  single_device=True, feedback="", log_conversations=False, warmup=False, decode_steps=4,
+                  streams=0)
   return argparse.Namespace(**{**defaults, **kw})
 
 
@@ -423,6 +506,11 @@ def test_a_bad_chat_request_gets_an_error_naming_its_field(api, body, status, pa
   assert response.status_code == status, response.json
   assert response.json["error"]["param"] == param
   assert re.search(message, response.json["error"]["message"]), response.json
+
+
+def test_more_streams_than_the_slots_make_are_refused(tiny_runs):
+  with pytest.raises(serve.UsageError, match=r"--streams must be in \[0, 4\] for --slots 4 on 1 device.*got 5"):
+    serve.build(_args(tiny_runs[0], streams=5))
 
 
 def test_malformed_bodies_tokens_and_hosts_are_refused(api):

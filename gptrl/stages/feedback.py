@@ -146,7 +146,8 @@ def simulate(cfg: FeedbackConfig, workdir: str) -> dict[str, Any]:
       checkpoint=cfg.init.checkpoint, step=cfg.init.step, tokenizer=cfg.tokenizer_path, reward_model="",
       served_model_name="policy", dtype="", host="127.0.0.1", port=0, token="", allowed_host=[],
       slots=min(64, cfg.clients * max(cfg.replies, cfg.edit_candidates)), max_queue=256, max_tokens=0,
-      single_device=jax.device_count() == 1, feedback=workdir, log_conversations=False, warmup=False, decode_steps=4)
+      single_device=jax.device_count() == 1, feedback=workdir, log_conversations=False, warmup=False, decode_steps=4,
+      streams=0)
   try:
     server = serve.build(args)
   except cli.UsageError as e:
