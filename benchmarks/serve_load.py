@@ -8,15 +8,16 @@ Method:
 * Model: configs/pretrain_cpu.py's shape (4 layers, d_model 256, 4 heads, context 256, 4096 vocabulary) with
   random weights (init std 0.02, so replies run to max_tokens: a random model almost never emits <eos>), saved as
   an SFT-stage checkpoint with a 4096-piece tokenizer trained on the Shakespeare corpus; served on 127.0.0.1 with
-  the server's defaults (16 slots) in a subprocess, on one device.
+  the server's defaults (16 slots; 2 engines on a CPU host) in a subprocess, on one device.
 * Requests: /v1/completions, streamed, a line of Shakespeare as the prompt (12-40 tokens), `--max_tokens` new
   tokens, temperature 1, no top-k/top-p; `--requests_per_client` per client (at least 32 in all), each client
   sending its next request when the last one finished. One untimed warm-up pass compiles every prompt bucket.
 * Per run: tokens/s = completion tokens (the server's usage counts) / wall seconds from the first request to the
   last reply; time to first token (first streamed text) and per-request latency, p50 and p99.
 * "x one at a time" = tokens/s over the 1-client run's (the same server serving the same kind of requests
-  sequentially). Its ceiling on this machine: gptrl's offline sampler (decoding.generate, no server) on the same
-  prompts in batches of 16 over one at a time, measured in the same run.
+  sequentially). Beside it: gptrl's offline sampler (decoding.generate, no server, one batch on one thread) on the
+  same prompts in batches of 16 over one at a time, measured in the same run (the server's engines, 2 on a CPU
+  host, decode two batches side by side and can pass it).
 * The peer: transformers' GPT2LMHeadModel with the same config, `generate` with do_sample,
   temperature 1, top_k 0, exactly max_tokens new tokens, on the 16-client run's prompts in static batches of 16
   (left-padded), torch threads = CPU count; run after the server is stopped, so the two never share the CPUs.
@@ -190,7 +191,7 @@ def transformers_static(checkpoint: pathlib.Path, prompts: list[str], max_tokens
 
 def offline_ceiling(checkpoint: pathlib.Path, prompts: list[str], max_tokens: int) -> dict[str, Any]:
   """gptrl's offline sampler (decoding.generate, no server) on the same prompts one at a time and in batches of 16:
-  what batching can gain on this machine at all, the ceiling of the server's "x one at a time"."""
+  what batching gains one batch on one thread."""
   from gptrl import decoding  # pylint: disable=import-outside-toplevel
   tok = tokenizer_lib.load_tokenizer(str(checkpoint / "tokenizer.model"))
   module = model_lib.GPT(config_lib.ModelConfig(vocab_size=tok.vocab_size, **MODEL))
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
       ("latency_p50_s", "latency p50 s", ".2f"), ("latency_p99_s", "latency p99 s", ".2f")]))
   print(f"\ngptrl's offline sampler on the same prompts (no server): {ceiling['batch_1_tokens_per_s']:,.0f} tokens/s "
         f"one at a time, {ceiling['batch_16_tokens_per_s']:,.0f} in batches of 16 (x{ceiling['batch_16_over_1']:.2f}: "
-        "the most batching gains on this machine)")
+        "what batching gains one engine)")
   if peer:
     print(f"transformers generate, static batches of {peer['batch']}: {peer['tokens_per_s']:,.0f} tokens/s "
           f"({peer['requests']} requests)")
