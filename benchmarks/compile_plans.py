@@ -56,12 +56,25 @@ def compile_plan(stage: str, size: str, chip: str, out: str, programs: str, leas
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     print(f"{stage} {size} {chip}: exit {proc.returncode} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    if proc.returncode < 0:  # killed (the host's out-of-memory killer: a 7b plan's compile can outgrow 24 GB):
+      # the compile did not finish, which says nothing of the plan; no report is kept
+      last = (proc.stderr.strip().splitlines() or [""])[-1]
+      print(f"  killed by signal {-proc.returncode} (out of host memory?) at: {last}", file=sys.stderr, flush=True)
+      return None
     if proc.returncode:
       reason = [line for line in proc.stderr.splitlines() if line.startswith("gptrl.")][-1:] or proc.stderr[-500:]
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump({"error": reason[0] if isinstance(reason, list) else reason}, f)
+      _write(path, {"error": reason[0] if isinstance(reason, list) else reason})
+  return _read(path)
+
+
+def _read(path: str) -> dict:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def _write(path: str, report: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
 
 
 _LEAST_FIELDS = ("estimate", "least_temporaries", "least_matmul_flops", "least_total", "estimate_ratio")
@@ -73,8 +86,7 @@ def add_least(stage: str, size: str, chip: str, out: str, least: str) -> None:
   path = os.path.join(out, f"{stage}_{size}_{chip}.json")
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    report = json.load(f)
+  report = _read(path)
   wanted = [p for p in report.get("programs", []) if any(p["name"].startswith(x) for x in least.split(","))]
   if not wanted or all(p.get("least_total") for p in wanted):
     return
@@ -90,13 +102,11 @@ def add_least(stage: str, size: str, chip: str, out: str, least: str) -> None:
   if proc.returncode:
     print(proc.stderr[-2000:], file=sys.stderr)
     return
-  with open(fresh_path, encoding="utf-8") as f:
-    fresh = {p["name"]: p for p in json.load(f)["programs"]}
+  fresh = {p["name"]: p for p in _read(fresh_path)["programs"]}
   os.remove(fresh_path)
   for program in wanted:
     program.update({k: fresh[program["name"]][k] for k in _LEAST_FIELDS})
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  _write(path, report)
 
 
 def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
@@ -105,8 +115,7 @@ def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
   path = os.path.join(out, f"{stage}_{size}_{chip}.json")
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    report = json.load(f)
+  report = _read(path)
   if "error" in report:
     return
   from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
@@ -124,8 +133,7 @@ def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
     program["estimate"] = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(phase)
     total = program.get("least_total") or program["total"]
     program["estimate_ratio"] = program["estimate"] / total
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  _write(path, report)
 
 
 def row(stage: str, size: str, chip: str, report: dict | None, label: str = "") -> str:
@@ -163,10 +171,7 @@ def compare(stage: str, size: str, chip: str, out: str, suffix: str) -> str | No
   paths = [os.path.join(out, f"{stage}_{size}_{chip}{tail}.json") for tail in (f"_{suffix}", "")]
   if not all(os.path.exists(path) for path in paths):
     return None
-  reports = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      reports.append(json.load(f))
+  reports = [_read(path) for path in paths]
   before, after = (_train_program(r) for r in reports)
   if before is None or after is None:
     return None
@@ -233,8 +238,7 @@ def main() -> None:
     label = ""
     fallback = os.path.join(args.out, f"{stage}_{size}_{chip}_{args.fallback}.json")
     if report is None and args.fallback and os.path.exists(fallback):
-      with open(fallback, encoding="utf-8") as f:
-        report, label = json.load(f), f" ({args.fallback})"
+      report, label = _read(fallback), f" ({args.fallback})"
     lines.append(row(stage, size, chip, report, label))
     print(lines[-1], flush=True)
   with open(args.table, "w", encoding="utf-8") as f:

@@ -739,8 +739,9 @@ def run(args: argparse.Namespace) -> None:
   server = build(args)
   app = create_app(server)
   http = cli.http_server(args.host, args.port, app, on_error=server.close)
-  logging.info("Serving %r (stage %s, step %d) with %d slots; feedback %s.", server.model_id, server.source.stage,
-               server.source.step, server.engine.slots, server.store.folder if server.store else "off")
+  logging.info("Serving %r (stage %s, step %d) with %d slots in %d engine(s); feedback %s.", server.model_id,
+               server.source.stage, server.source.step, server.engine.slots, len(server.engine.engines),
+               server.store.folder if server.store else "off")
   address = access_lib.page_address(args.host, http.server_port, getattr(args, "generated_token", ""))
   print(f"Serving on {address}  (OpenAI base URL: http://{access_lib.shown_host(args.host)}:{http.server_port}/v1; "
         "Ctrl-C stops)", file=sys.stderr, flush=True)
