@@ -404,12 +404,13 @@ class Engine:
       return {"active": len(active), "queued": len(self._queue), "slots": self.slots,
               "cancelled": self.stats["finished_cancelled"], "error": self._error if self._closed else ""}
 
-  def close(self) -> None:
-    """Stops the loop; unfinished requests end with EngineClosed."""
+  def close(self, wait: bool = True) -> None:
+    """Stops the loop; unfinished requests end with EngineClosed. `wait=False` only tells the loop to stop."""
     with self._cond:
       self._closed = True
       self._cond.notify_all()
-    self._thread.join(timeout=60)
+    if wait:
+      self._thread.join(timeout=60)
 
   def _warmup(self) -> None:
     start = time.monotonic()
@@ -708,7 +709,6 @@ class Pool:
       raise
     self.slots = sum(e.slots for e in self.engines)
     self.max_queue = max_queue
-    self.context = model.config.max_len
 
   @property
   def stats(self) -> collections.Counter:
@@ -740,9 +740,7 @@ class Pool:
 
   def close(self) -> None:
     """Stops every engine's loop; unfinished requests end with EngineClosed."""
-    for e in self.engines:
-      with e._cond:  # pylint: disable=protected-access
-        e._closed = True  # pylint: disable=protected-access
-        e._cond.notify_all()  # pylint: disable=protected-access
+    for e in self.engines:  # every loop told first, so that they wind down together
+      e.close(wait=False)
     for e in self.engines:
       e.close()
