@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptrl import config as config_lib
+from gptrl import decoding
 from gptrl import hlo
 from gptrl import memory
 from gptrl import presets
@@ -443,7 +444,7 @@ def _ppo_plan(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.Mo
   # The programs above are the eval's (every row read whole; the larger), which the memory estimate sizes. GRPO's
   # and RLOO's rollouts read each prompt once per group (Learner.rollout, Learner.score): those programs too.
   r, g = p.rollout_batch_size, p.group_size
-  if g > 1 and (r // g) % sharding.data_parallel_size(sampler) == 0:
+  if decoding.groups_fit(r, g, sharding.data_parallel_size(sampler)):
     programs.append(Program(f"rollout sampler (groups of {g})", functools.partial(
         _lower_sampler, sampler, models.policy, policy_on_sampler, r, models.prompt_len, models.new_tokens,
         config_lib.ChatSampleConfig(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p), True, g),

@@ -236,7 +236,7 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
 
   Same tokens and log-probs as `_recompute_loop` up to float summation order; returns both [B, N].
   """
-  batch, length = buffer_BxL.shape
+  batch = buffer_BxL.shape[0]
 
   def forward(cache, tokens_BxT, positions_BxT, valid_BxT):
     b, t = tokens_BxT.shape
@@ -245,11 +245,10 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
                                           decode=True, mutable=["cache"], logits_at_B=jnp.full((b,), t - 1))
     return logits_Bx1xV[:, 0], variables["cache"]
 
-  first = lambda x_BxL: x_BxL.reshape(batch // group_size, group_size, -1)[:, 0, :prompt_len]  # a run's prompt
-  logits_UxV, cache = forward(model_lib.init_cache(model, batch // group_size, length), first(buffer_BxL),
-                              first(positions_BxL), first(mask_BxL))
-  logits_BxV, cache = jax.tree.map(lambda x: expand_groups(x, group_size), (logits_UxV, cache))
-  token_B, logprob_B, done_B = next_token(logits_BxV, 0, jnp.zeros((batch,), jnp.bool_))
+  logits_Bx1xV, cache = prefill_groups(model, params, buffer_BxL, positions_BxL, mask_BxL, prefix_len=prompt_len,
+                                       group_size=group_size,
+                                       logits_at_B=jnp.full((batch // group_size,), prompt_len - 1))
+  token_B, logprob_B, done_B = next_token(logits_Bx1xV[:, 0], 0, jnp.zeros((batch,), jnp.bool_))
   tokens_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
   logprobs_BxN = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob_B)
 
@@ -267,6 +266,26 @@ def _cached_loop(model: nn.Module, params: Any, buffer_BxL: jax.Array, mask_BxL:
   _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.fori_loop(
       1, max_new_tokens, body, (cache, token_B, jnp.ones((batch,), jnp.bool_), done_B, tokens_BxN, logprobs_BxN))
   return tokens_BxN, logprobs_BxN
+
+
+def prefill_groups(model: nn.Module, params: Any, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                   valid_BxL: jax.Array, *, prefix_len: int, group_size: int, **apply_kwargs) -> tuple[Any, Any]:
+  """Reads the first `prefix_len` tokens of each run of `group_size` rows (rows whose prefixes are equal: a
+  prompt's replies) once, from the run's first row, into a key/value cache as long as the rows [B, L]; returns
+  (the model's output for that prefix, the cache), both copied to the run's rows. `apply_kwargs` go to the
+  model (`logits_at_B` of the U = B / group_size runs, `compute_logits`, ...)."""
+  batch, length = tokens_BxL.shape
+  first = lambda x_BxL: x_BxL.reshape(batch // group_size, group_size, -1)[:, 0, :prefix_len]
+  out, variables = model.apply({"params": params, "cache": model_lib.init_cache(model, batch // group_size, length)},
+                               first(tokens_BxL), positions_BxT=first(positions_BxL),
+                               attention_mask_BxT=first(valid_BxL), decode=True, mutable=["cache"], **apply_kwargs)
+  return jax.tree.map(lambda x: expand_groups(x, group_size), (out, variables["cache"]))
+
+
+def groups_fit(num_prompts: int, group_size: int, batch_multiple: int) -> bool:
+  """Whether prompts in runs of `group_size` can be prefilled a run at a time on `batch_multiple` data-parallel
+  shards: the runs (the prefill's rows) split evenly over them."""
+  return group_size > 1 and (num_prompts // group_size) % batch_multiple == 0
 
 
 def expand_groups(x: jax.Array, group_size: int) -> jax.Array:
@@ -325,8 +344,7 @@ def lower_generate(model: nn.Module, params: Any, *, rows: int, prompt_len: int,
 
 
 def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tokens: int, pad_id: int,
-                  batch_multiple: int, min_prompt_len: int = 0,
-                  group_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                  batch_multiple: int, min_prompt_len: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """Left-pads the prompts (cut from the left to fit max_len) into int32 buffers [B, L], L = prompt_len + N.
 
   prompt_len is the longest prompt's length, or `min_prompt_len` if larger (capped at max_len - N): a fixed
@@ -334,13 +352,12 @@ def prompt_buffer(prompts: Sequence[Sequence[int]], *, max_len: int, max_new_tok
 
   Returns (tokens, mask, positions, prompt_len): mask is 1 on prompt tokens; positions count from 0 at each
   prompt's first token through the new-token slots. B is rounded up to `batch_multiple` with copies of the
-  first prompt; with `group_size` (prompts in runs of that many, `generate`), to a number of runs that is a
-  multiple of `batch_multiple` (so that the runs' prefill rows split evenly over the shards).
+  first prompt.
   """
   prompts = [list(p)[-(max_len - max_new_tokens):] for p in prompts]
   prompt_len = min(max(max(len(p) for p in prompts), min_prompt_len), max_len - max_new_tokens)
   total = prompt_len + max_new_tokens
-  rows = -(-len(prompts) // (batch_multiple * group_size)) * batch_multiple * group_size
+  rows = -(-len(prompts) // batch_multiple) * batch_multiple
   buffer = np.full((rows, total), pad_id, np.int32)
   mask = np.zeros((rows, total), np.int32)
   positions = np.zeros((rows, total), np.int32)
@@ -394,11 +411,11 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
   if max_new_tokens >= max_len:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be < the context length {max_len}.")
   check_groups(prompts, group_size, "generate")
-  if (len(prompts) // group_size) % batch_multiple:
+  if not groups_fit(len(prompts), group_size, batch_multiple):
     group_size = 1
   buffer, mask, positions, prompt_len = prompt_buffer(prompts, max_len=max_len, max_new_tokens=max_new_tokens,
                                                       pad_id=pad_id, batch_multiple=batch_multiple,
-                                                      min_prompt_len=min_prompt_len, group_size=group_size)
+                                                      min_prompt_len=min_prompt_len)
   out, logprobs = _generate(model, params, jnp.asarray(buffer), jnp.asarray(mask), jnp.asarray(positions), rng,
                             prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), stop_id=int(stop_id), pad_id=int(pad_id),

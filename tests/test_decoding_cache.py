@@ -278,9 +278,8 @@ def test_group_size_that_does_not_split_the_prompts_into_runs_of_equal_prompts_i
     _generate(_runs(2), group_size=4)
   with pytest.raises(ValueError, match="prompt 3 differs from prompt 2"):
     _generate(_runs(2)[:3] + [[1, 2]] + _runs(2)[4:], group_size=2)
-  buffer, *_ = decoding.prompt_buffer(_runs(2), max_len=TINY.max_len, max_new_tokens=NEW, pad_id=0,
-                                      batch_multiple=2, group_size=2)
-  assert buffer.shape[0] == 8  # 3 runs of 2 rounded up to 4 runs (a multiple of batch_multiple)
+  # 3 runs on 2 shards: prefilled row by row; 4 runs on 2 shards: run by run.
+  assert not decoding.groups_fit(6, 2, 2) and decoding.groups_fit(8, 2, 2) and not decoding.groups_fit(8, 1, 2)
 
 def test_decode_cache_is_sharded_like_activations_under_a_mesh():
   model, params = _model()

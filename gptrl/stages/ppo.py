@@ -156,14 +156,8 @@ def response_logits(models: Models, params: Any, batch: dict[str, jax.Array], gr
     out = models.policy.apply({"params": params}, tokens, positions_BxT=positions, attention_mask_BxT=attention,
                               return_hidden=return_hidden, logits_slice=_response_positions(models))
     return (out[0], _response_slice(out[1], models)) if return_hidden else out
-  b = tokens.shape[0]
-  first = lambda x_BxL: x_BxL.reshape(b // group_size, group_size, -1)[:, 0, :p - 1]  # each run's (equal) prompt
-  _, variables = models.policy.apply(
-      {"params": params, "cache": model_lib.init_cache(models.policy, tokens.shape[0] // group_size,
-                                                       tokens.shape[1])},
-      first(tokens), positions_BxT=first(positions), attention_mask_BxT=first(attention), decode=True,
-      mutable=["cache"], compute_logits=False)
-  cache = jax.tree.map(lambda x: decoding.expand_groups(x, group_size), variables["cache"])
+  _, cache = decoding.prefill_groups(models.policy, params, tokens, positions, attention, prefix_len=p - 1,
+                                     group_size=group_size, compute_logits=False)
   span = lambda x_BxL: x_BxL[:, p - 1:p - 1 + n]
   out, _ = models.policy.apply({"params": params, "cache": cache}, span(tokens), positions_BxT=span(positions),
                                attention_mask_BxT=span(attention), decode=True, mutable=["cache"],
