@@ -40,9 +40,10 @@ PLANS = {
 # ("dots"): compiled for their v5p slices (python -m gptrl.compile; benchmarks/README.md) the train step does 14-16%
 # fewer flops and its roofline time drops 4% (125m) and 10% (350m), for 2-4 GiB more of 95.
 REMAT = {"125m": "dots", "350m": "dots"}
-# On v5p's 95 GiB they keep every activation ("none"): compiled with the splash kernel, the train step's roofline
-# time drops 274 -> 170 ms (125m) and 491 -> 281 ms (350m) for 18 and 38 GiB of 95 (least-memory compiles).
-REMAT_ON_CHIP = {("125m", "v5p"): "none", ("350m", "v5p"): "none"}
+# On every chip they keep every activation ("none"): compiled with the splash kernel, the train step's roofline
+# time on v5p drops 274 -> 170 ms (125m) and 491 -> 281 ms (350m) for 18 and 38 GiB of 95 (least-memory
+# compiles); on the 16-32 GiB chips see benchmarks/README.md.
+REMAT_ON_CHIP = {(size, chip): "none" for size in ("125m", "350m") for chip in ("v5p", "v4", "v6e", "v5e")}
 # Peak learning rate per size (GPT-3's table, Brown et al. 2020).
 LEARNING_RATES = {"125m": 6e-4, "350m": 3e-4, "1b": 2e-4, "3b": 1.6e-4, "7b": 1.2e-4}
 

@@ -41,6 +41,16 @@ def _constrain(x: jax.Array, *names: str) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+def _in_use(kernel: jax.Array, *names: str) -> jax.Array:
+  """A weight as its matmul reads it: laid out by the activations' rules (`act_*` names), i.e. whole along
+  `embed`, which only fsdp's storage splits, and split over tensor where the computation is. This is FSDP's
+  all-gather of each weight before its use (and, transposed, a reduce-scatter of its gradient). Left to itself,
+  XLA computed a product with a fsdp-sharded contracting axis as a loop over the fsdp shards (a windowed
+  einsum: 16 collective permutes of a [48, N] slice on v6e:4x4, each step adding a [tokens, N] partial product
+  into the whole output), which reread and rewrote the output 8-16 times and multiplied 48-wide slices."""
+  return nn.with_logical_constraint(kernel, names)
+
+
 def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, *, transpose_kernel: bool = False,
            preferred_element_type: Any = None) -> jax.Array:
   """x [..., I_1..I_c] @ kernel [I_1..I_c, O_1..O_m] -> [..., O_1..O_m] (the last `contract` axes of x against the
@@ -76,11 +86,15 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
+  in_use: tuple[str, ...] | None = None  # the kernel's logical axes as the matmul reads it (`_in_use`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = kernel.astype(self.dtype)
+    if self.in_use is not None:
+      kernel = _in_use(kernel, *self.in_use)
+    y = matmul(x.astype(self.dtype), kernel)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
     return y
@@ -220,7 +234,7 @@ class Attention(nn.Module):
     def project(name: str, heads: int) -> jax.Array:
       """x [B, T, D] -> [B, T, heads, K] through the parameter `name` (and `name`_bias with attention_bias)."""
       kernel_DxHxK = self.param(name, qkv_init, (cfg.d_model, heads, cfg.head_dim), param_dtype)
-      y_BxTxHxK = matmul(x, kernel_DxHxK.astype(dtype))
+      y_BxTxHxK = matmul(x, _in_use(kernel_DxHxK.astype(dtype), "act_embed", "act_heads", "act_kv"))
       if cfg.attention_bias:
         y_BxTxHxK = y_BxTxHxK + self.param(f"{name}_bias", bias_init, (heads, cfg.head_dim),
                                            param_dtype).astype(dtype)
@@ -262,7 +276,7 @@ class Attention(nn.Module):
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)),
                                             ("heads", "kv", "embed"))
     out_HxKxD = self.param("out", out_init, (cfg.num_heads, cfg.head_dim, cfg.d_model), param_dtype)
-    out_BxTxD = matmul(out_BxTxHxK, out_HxKxD.astype(dtype), contract=2)
+    out_BxTxD = matmul(out_BxTxHxK, _in_use(out_HxKxD.astype(dtype), "act_heads", "act_kv", "act_embed"), contract=2)
     if cfg.attention_bias:
       out_BxTxD = out_BxTxD + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                          (cfg.d_model,), param_dtype).astype(dtype)
@@ -368,16 +382,18 @@ class Mlp(nn.Module):
                               use_bias=cfg.mlp_bias)
     in_init = nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "mlp"))
     in_bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
-    h_BxTxF = dense(cfg.mlp_dim, name="fc_in", kernel_init=in_init, bias_init=in_bias_init)(x_BxTxD)
+    in_use = ("act_embed", "act_mlp")
+    h_BxTxF = dense(cfg.mlp_dim, name="fc_in", kernel_init=in_init, bias_init=in_bias_init, in_use=in_use)(x_BxTxD)
     activation = _ACTIVATIONS[cfg.mlp_activation]
     if cfg.gated_mlp:
-      gate_BxTxF = dense(cfg.mlp_dim, name="fc_gate", kernel_init=in_init, bias_init=in_bias_init)(x_BxTxD)
+      gate_BxTxF = dense(cfg.mlp_dim, name="fc_gate", kernel_init=in_init, bias_init=in_bias_init,
+                         in_use=in_use)(x_BxTxD)
       h_BxTxF = activation(gate_BxTxF) * h_BxTxF
     else:
       h_BxTxF = activation(h_BxTxF)
     h_BxTxF = _constrain(h_BxTxF, "batch", "length", "act_mlp")
     out_init = nn.with_logical_partitioning(_init(cfg.init_std / np.sqrt(2 * cfg.num_layers)), ("mlp", "embed"))
-    return dense(cfg.d_model, name="fc_out", kernel_init=out_init,
+    return dense(cfg.d_model, name="fc_out", kernel_init=out_init, in_use=in_use[::-1],
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h_BxTxF)
 
 
@@ -497,12 +513,14 @@ class GPT(nn.Module):
         raise ValueError(f"GPT: logits_slice={logits_slice} must lie within the {t} positions.")
       projected_BxTxD = hidden_BxTxD[:, start:start + size]
     if cfg.tie_embeddings:
-      logits_BxTxV = matmul(projected_BxTxD, embedding_VxD.astype(dtype), transpose_kernel=True,
+      logits_BxTxV = matmul(projected_BxTxD, _in_use(embedding_VxD.astype(dtype), "act_vocab", "act_embed"),
+                            transpose_kernel=True,
                             preferred_element_type=jnp.float32)
     else:
       head_DxV = self.param("head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), param_dtype)
-      logits_BxTxV = matmul(projected_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+      logits_BxTxV = matmul(projected_BxTxD, _in_use(head_DxV.astype(dtype), "act_embed", "act_vocab"),
+                            preferred_element_type=jnp.float32)
     logits_BxTxV = _constrain(logits_BxTxV.astype(jnp.float32), "batch", "length", "act_vocab")
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD
