@@ -25,9 +25,10 @@ PLANS = {
     "7b": (64, 4, {"v5p": (64, 4), "v4": (64, 4), "v6e": (64, 4), "v5e": (128, 2)}),
 }
 REMAT = {"125m": "dots", "350m": "dots"}  # as configs/pretrain_tpu.py (the same model and context)
-# 125m and 350m on v5p keep every activation: the train step's roofline time 75 -> 49 ms (125m) and 184 -> 117 ms
-# (350m), for 9.3 and 19.6 GiB of 95 (least-memory compiles).
-REMAT_ON_CHIP = {("125m", "v5p"): "none", ("350m", "v5p"): "none"}
+# 125m and 350m on TPUs keep every activation: on v5p the train step's roofline time 75 -> 49 ms (125m) and
+# 184 -> 117 ms (350m), for 9.3 and 19.6 GiB of 95 (least-memory compiles); the other chips' plans hold half or a
+# quarter of those rows per device (benchmarks/README.md: pretraining compiled so on all four).
+REMAT_ON_CHIP = {(size, chip): "none" for size in ("125m", "350m") for chip in ("v5p", "v4", "v6e", "v5e")}
 LEARNING_RATES = {"125m": 5e-5, "350m": 3e-5, "1b": 2e-5, "3b": 2e-5, "7b": 1e-5}
 
 

@@ -341,16 +341,20 @@ class _Shard:
     return float(cfg.num_layers * (2 * b * s * self.kv_heads * cfg.head_dim * self.c + b * s))
 
 
-def _gathered_weights(params: Any, mesh_shape: Mapping[str, int]) -> float:
-  """FSDP: two layers' weights (or the embedding table, if larger) gathered whole over fsdp, still split over
-  tensor: the layer in use and the next one being fetched. `params`: one model's boxed abstract parameters."""
+def _gathered_weights(params: Any, mesh_shape: Mapping[str, int], compute_bytes: int) -> float:
+  """FSDP: every layer's weights gathered whole over fsdp (still split over tensor) in the compute dtype, and the
+  output projection's table. Each product reads its weight whole (`model._in_use`), and XLA's TPU compiles hold
+  the gathered copies from the forward to the backward pass (the 1b train step under remat "block": 2.0 GiB more
+  temporaries than with the products computed over the fsdp shards, the bfloat16 copy of its weights).
+  `params`: one model's boxed abstract parameters."""
   if mesh_shape["fsdp"] == 1:
     return 0.0
   tensor_only = abstract_mesh({"data": 1, "fsdp": 1, "tensor": mesh_shape["tensor"]})
   tree = params.get("transformer", params)  # a scalar-head model keeps the GPT under "transformer"
-  pieces = [sharded_bytes(v, tensor_only) for k, v in tree.items() if k.startswith("block_")][:1]
-  pieces += [sharded_bytes(tree[k], tensor_only) for k in ("token_embedding", "head") if k in tree]
-  return 2.0 * max(pieces) if pieces else 0.0
+  stored = sum(sharded_bytes(v, tensor_only) for k, v in tree.items() if k.startswith("block_"))
+  stored += max([sharded_bytes(tree[k], tensor_only) for k in ("head", "token_embedding") if k in tree] or [0])
+  param_bytes = jnp.dtype(jax.tree.leaves(unbox(tree))[0].dtype).itemsize
+  return float(stored) * compute_bytes / param_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +385,8 @@ def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib
   grads = {"gradients" + (" + accumulator" if optim_cfg.grad_accum_steps > 1 else ""):
            params_b * (2 if optim_cfg.grad_accum_steps > 1 else 1),
            "optimizer update": params_b,
-           "weights gathered over fsdp (2 layers)": _gathered_weights(params.get("policy", params), mesh_shape)}
+           "weights gathered over fsdp (every layer's, compute dtype)": _gathered_weights(
+               params.get("policy", params), mesh_shape, jnp.dtype(model_cfg.dtype).itemsize)}
   return resident, grads, params
 
 
