@@ -346,7 +346,7 @@ def _gathered_weights(params: Any, mesh_shape: Mapping[str, int], compute_bytes:
   output projection's table. Each product reads its weight whole (`model._in_use`), and XLA's TPU compiles hold
   the gathered copies from the forward to the backward pass (the 1b train step under remat "block": 2.0 GiB more
   temporaries than with the products computed over the fsdp shards, the bfloat16 copy of its weights).
-  `params`: one model's boxed abstract parameters."""
+  `params`: one model's boxed abstract parameters (PPO counts the policy's and a separate critic's)."""
   if mesh_shape["fsdp"] == 1:
     return 0.0
   tensor_only = abstract_mesh({"data": 1, "fsdp": 1, "tensor": mesh_shape["tensor"]})
@@ -382,11 +382,14 @@ def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib
   params, opt_state = abstract_state(kind, model_cfg, optim_cfg, critic)
   params_b = sharded_bytes(params, mesh)
   resident = {"parameters (trained)": params_b, "optimizer state (AdamW moments)": sharded_bytes(opt_state, mesh)}
+  models = [params]
+  if "policy" in params:  # PPO: the policy, and a separate critic (a scalar-head transformer)
+    models = [params["policy"]] + ([params["value"]] if "transformer" in params.get("value", {}) else [])
   grads = {"gradients" + (" + accumulator" if optim_cfg.grad_accum_steps > 1 else ""):
            params_b * (2 if optim_cfg.grad_accum_steps > 1 else 1),
            "optimizer update": params_b,
-           "weights gathered over fsdp (every layer's, compute dtype)": _gathered_weights(
-               params.get("policy", params), mesh_shape, jnp.dtype(model_cfg.dtype).itemsize)}
+           "weights gathered over fsdp (every layer's, compute dtype)": sum(
+               _gathered_weights(model, mesh_shape, jnp.dtype(model_cfg.dtype).itemsize) for model in models)}
   return resident, grads, params
 
 
