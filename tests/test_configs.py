@@ -268,6 +268,26 @@ def test_activation_formula_scales_as_the_model_code_does():
   assert shard.rows(10) == 3  # 10 rows over 4 data-parallel ways: the sampler pads to 12
 
 
+def test_train_step_holds_every_layers_weights_gathered_over_fsdp_in_the_compute_dtype():
+  """Each product reads its weight whole over fsdp (model._in_use) and XLA holds the gathered copies from the
+  forward to the backward pass: every layer's weights, split over tensor only, in bfloat16, and the output
+  layer's table; for PPO the policy's and the separate critic's."""
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=32, max_len=16, dtype="bfloat16",
+                               remat="block")
+  d, f = 32, 128
+  # Per layer over tensor=2: query/key/value/out split by heads, fc_in (kernel, bias) and fc_out's kernel by MLP
+  # units; fc_out's bias and both norms' scale and bias whole. The tied [1000, 32] table split by vocabulary.
+  layer = 4 * d * d // 2 + (d * f + f) // 2 + d * f // 2 + d + 4 * d
+  expected = (3 * layer + 1000 * d // 2) * 2
+  mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+  gathered, trained = memory._gathered_weights, memory._trained  # pylint: disable=protected-access
+  params, _ = memory.abstract_state("lm", cfg)
+  assert gathered(params, mesh, 2) == expected
+  assert gathered(params, {"data": 4, "fsdp": 1, "tensor": 2}, 2) == 0  # no fsdp: nothing to gather
+  _, step, _ = trained("ppo", cfg, config_lib.OptimConfig(), mesh, critic="separate")
+  assert [v for k, v in step.items() if k.startswith("weights gathered")] == [2 * expected]
+
+
 def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or_their_gradient():
   """What the compiled TPU train steps hold at their peak (XLA's live ranges; benchmarks/README.md): every
   layer's saved tensors, what the block being recomputed holds, and the logits' gradient in the compute dtype, or, at the
