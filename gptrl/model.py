@@ -48,7 +48,7 @@ def _in_use(kernel: jax.Array, *names: str) -> jax.Array:
   XLA computed a product with a fsdp-sharded contracting axis as a loop over the fsdp shards (a windowed
   einsum: 16 collective permutes of a [48, N] slice on v6e:4x4, each step adding a [tokens, N] partial product
   into the whole output), which reread and rewrote the output 8-16 times and multiplied 48-wide slices."""
-  return nn.with_logical_constraint(kernel, names)
+  return _constrain(kernel, *names)
 
 
 def matmul(x: jax.Array, kernel: jax.Array, contract: int = 1, *, transpose_kernel: bool = False,
