@@ -10,8 +10,9 @@ condition), then per execution
     window positions, as HloCostAnalysis does it; on TPU einsums are compiled to convolutions);
   - the collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, sync or async):
     how many run per step and the bytes of the larger of their operand and result, per device;
-  - the bytes the top-level instructions read and write (fusions, copies, collectives...: operands + results,
-    not what happens inside a fusion), for a memory-bandwidth bound;
+  - the bytes the top-level instructions read and write in device memory (fusions, copies, collectives...:
+    operands + results, not what happens inside a fusion; not the arrays XLA's TPU compiler places in on-chip
+    VMEM, whose prefetches read device memory once), for a memory-bandwidth bound;
   - the work of the splash-attention kernels (gptrl/splash.py), which XLA sees as opaque custom calls: their
     matmul flops and bytes by `splash_kernel`'s model of the kernel (causal masks: the only ones gptrl builds).
 
@@ -30,7 +31,8 @@ import numpy as np
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\](\{[^{}]*\})?")
+_SPACE = re.compile(r"S\((\d+)\)")  # a layout's memory space: none (0) is device memory; on TPU 1 is on-chip VMEM
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CLOSE = re.compile(r'\}(, execution_thread="[^"]*")?')  # a computation's closing line
@@ -47,6 +49,12 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
 class Array:
   dtype: str
   dims: tuple[int, ...]
+  space: int = 0  # memory space (the layout's S(n)): 0 is device memory (HBM), others are on-chip or host
+
+  @property
+  def hbm_bytes(self) -> float:
+    """Its bytes where it lives in device memory; 0 for an array in another memory space."""
+    return self.bytes if self.space == 0 else 0.0
 
   @property
   def bytes(self) -> float:
@@ -78,7 +86,12 @@ class Computation:
 
 def arrays(type_text: str) -> list[Array]:
   """The arrays named in an HLO type (`bf16[8,128]{1,0}` or a tuple of them)."""
-  return [Array(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) for m in _ARRAY.finditer(type_text)]
+  found = []
+  for m in _ARRAY.finditer(type_text):
+    space = _SPACE.search(m.group(3) or "")
+    dims = tuple(int(d) for d in m.group(2).split(",") if d)
+    found.append(Array(m.group(1), dims, int(space.group(1)) if space else 0))
+  return found
 
 
 def _matching(text: str, start: int) -> int:
@@ -435,17 +448,23 @@ def profile(text: str, loops: bool = True) -> Profile:
 def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict[str, Computation]) -> float:
   """Bytes a top-level instruction reads and writes in device memory: its operands and results, except where
   only part of a buffer moves (a slice reads what it returns; an in-place dynamic-update-slice writes its
-  update, not the whole buffer) and for the second half of async pairs (counted at their start)."""
+  update, not the whole buffer), for the second half of async pairs (counted at their start), and for arrays in
+  another memory space: on TPU, XLA prefetches operands into on-chip VMEM (a copy-start or slice-start whose
+  destination's layout says S(1)) and keeps some results there; the prefetch reads device memory once and its
+  consumer reads VMEM."""
   op = inst.opcode
   if op in _NO_TRAFFIC or op.endswith("-done"):
     return 0.0
-  operands = [a.bytes for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]
-  results = [a.bytes for a in inst.result if a.dims]
-  if op in ("slice", "dynamic-slice", "slice-start"):
-    return 2.0 * min(results, default=0.0)
-  if op == "copy-start":
-    return 2.0 * sum(operands)
-  total = sum(operands) + sum(a.bytes for a in inst.result)
+  operands = [a for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]
+  results = [a for a in inst.result if a.dims]
+  if op in ("slice", "dynamic-slice"):  # the source is read where the result comes from
+    part = min((a.bytes for a in results), default=0.0)
+    source = operands[0] if operands else None
+    return part * ((source is not None and source.space == 0) + sum(a.space == 0 for a in results[:1]))
+  if op in ("slice-start", "copy-start"):  # (source, destination, context): each moves once
+    moved = min(a.bytes for a in results[:2]) if op == "slice-start" and len(results) >= 2 else None
+    return sum(moved if moved is not None and a.space == 0 else a.hbm_bytes for a in results[:2])
+  total = sum(a.hbm_bytes for a in operands) + sum(a.hbm_bytes for a in inst.result)
   # In a fusion, a buffer that a dynamic-update-slice updates in place, or that a multi-output fusion passes
   # through, is neither read nor written whole.
   if op == "fusion":
@@ -457,11 +476,11 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
       outputs = [inner.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
       for out in outputs:
         if out is not None and out.opcode == "parameter" and root.opcode == "tuple":  # passed through, aliased
-          total -= 2.0 * sum(a.bytes for a in out.result)
+          total -= 2.0 * sum(a.hbm_bytes for a in out.result)
         elif out is not None and out.opcode == "dynamic-update-slice" and len(out.operands) > 1:
-          buffer = sum(a.bytes for a in out.result)
+          buffer = sum(a.hbm_bytes for a in out.result)
           update = sum(a.bytes for a in (inner[out.operands[1]].result if out.operands[1] in inner else []))
-          total -= 2.0 * buffer - 2.0 * update
+          total -= 2.0 * buffer - 2.0 * update if buffer else 0.0
   return max(total, 0.0)
 
 

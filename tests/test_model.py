@@ -247,3 +247,33 @@ def test_norm_gradients_match_autodiff_of_the_plain_formula(norm):
   for a, b in zip(jax.tree.leaves(jax.grad(ours, argnums=(0, 1))(params, x)),
                   jax.tree.leaves(jax.grad(plain, argnums=(0, 1))(params, x))):
     numeric.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_embedding_and_its_inverse_rotation_backward_match_a_float64_reference(dtype):
+  """model.rotary_embedding and its gradient against the rotation written out pair by pair in float64 and its
+  transpose (the inverse rotation) applied to the gradient. Left-padded rows (positions 0, 0, 1, ...) and a scale
+  (the splash kernel's 1 / sqrt(K)) included."""
+  rng = np.random.default_rng(0)
+  b, t, h, k, theta, scale = 2, 6, 3, 8, 500.0, 0.25
+  x = rng.standard_normal((b, t, h, k))
+  g = rng.standard_normal((b, t, h, k))
+  positions = np.stack([np.arange(t), np.maximum(np.arange(t) - 2, 0)])
+  angles = positions[..., None, None] * theta ** (-np.arange(k // 2) * 2.0 / k)  # [B, T, 1, K/2]
+  c, s = np.cos(angles), np.sin(angles)
+
+  def rotate(v, sign):  # pairs (i, i + K/2) rotated by sign * angle, times scale
+    v1, v2 = v[..., : k // 2], v[..., k // 2:]
+    return scale * np.concatenate([v1 * c - sign * v2 * s, v2 * c + sign * v1 * s], -1)
+  xd = jnp.asarray(x, dtype)
+  out, vjp = jax.vjp(lambda v: model_lib.rotary_embedding(v, jnp.asarray(positions, jnp.int32), theta, scale), xd)
+  (dx,) = vjp(jnp.asarray(g, dtype))
+  assert out.dtype == dx.dtype == dtype
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(out, np.float64), rotate(np.asarray(xd, np.float64), 1.0), **tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), rotate(np.asarray(jnp.asarray(g, dtype), np.float64), -1.0),
+                             **tol)
+  # The transpose of the forward: <rope(x), g> = <x, dx> (float32).
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(np.sum(np.asarray(out, np.float64) * g), np.sum(x * np.asarray(dx, np.float64)),
+                               rtol=1e-5)
