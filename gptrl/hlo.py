@@ -70,6 +70,7 @@ class Instruction:
   inline_operands: list[list[Array]]  # operand types when the text spells them out (CPU/GPU HLO)
   attrs: str
   literal: int | None = None  # the value of an integer scalar constant
+  parameter: int | None = None  # a parameter's number
 
 
 @dataclasses.dataclass
@@ -155,7 +156,8 @@ def _parse_instruction(line: str) -> Instruction | None:
   literal = None
   if op.group(1) == "constant" and len(result) == 1 and not result[0].dims and result[0].dtype[0] in "su":
     literal = int(operand_text) if re.fullmatch(r"-?\d+", operand_text.strip()) else None
-  return Instruction(name, op.group(1), result, operands, inline, attrs, literal)
+  number = int(operand_text) if op.group(1) == "parameter" and operand_text.strip().isdigit() else None
+  return Instruction(name, op.group(1), result, operands, inline, attrs, literal, number)
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -465,12 +467,20 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
     moved = min(a.bytes for a in results[:2]) if op == "slice-start" and len(results) >= 2 else None
     return sum(moved if moved is not None and a.space == 0 else a.hbm_bytes for a in results[:2])
   total = sum(a.hbm_bytes for a in operands) + sum(a.hbm_bytes for a in inst.result)
-  # In a fusion, a buffer that a dynamic-update-slice updates in place, or that a multi-output fusion passes
-  # through, is neither read nor written whole.
+  # In a fusion, an operand that is only sliced or gathered from is read where the slices are (as XLA's own
+  # cost analysis counts it), and a buffer that a dynamic-update-slice updates in place, or that a multi-output
+  # fusion passes through, is neither read nor written whole.
   if op == "fusion":
     callee = re.search(r"\bcalls=%?([\w.\-]+)", inst.attrs)
     body = computations.get(callee.group(1)) if callee else None
     if body is not None and body.instructions:
+      for param in body.instructions:
+        if param.parameter is None or param.parameter >= len(inst.operands):
+          continue
+        whole = sum(a.hbm_bytes for a in _operand_arrays(inst, defs, param.parameter))
+        read = _sliced_bytes(param, body)
+        if whole and read is not None and read < whole:
+          total -= whole - read
       inner = body.defs
       root = body.instructions[-1]
       outputs = [inner.get(n) for n in root.operands] if root.opcode == "tuple" else [root]
@@ -482,6 +492,26 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
           update = sum(a.bytes for a in (inner[out.operands[1]].result if out.operands[1] in inner else []))
           total -= 2.0 * buffer - 2.0 * update if buffer else 0.0
   return max(total, 0.0)
+
+
+def _sliced_bytes(param: Instruction, body: Computation) -> float | None:
+  """The bytes a fused computation reads of its parameter `param` when every use of it (through views) is a
+  slice, dynamic slice or gather: the bytes those return; None when some use reads it whole."""
+  users: dict[str, list[Instruction]] = collections.defaultdict(list)
+  for inst in body.instructions:
+    for name in inst.operands:
+      users[name].append(inst)
+  read, frontier = 0.0, [param]
+  while frontier:
+    value = frontier.pop()
+    for user in users.get(value.name, []):
+      if user.opcode in ("bitcast", "reshape"):
+        frontier.append(user)
+      elif user.opcode in ("slice", "dynamic-slice", "gather") and user.operands[0] == value.name:
+        read += sum(a.bytes for a in user.result)
+      else:
+        return None
+  return read if users.get(param.name) else None
 
 
 def summarise(collectives: dict[str, Collective]) -> str:

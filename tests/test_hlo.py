@@ -144,6 +144,44 @@ def test_arrays_in_on_chip_memory_are_not_device_memory_traffic():
   assert hlo.profile(VMEM_MODULE).bytes_accessed == 18 * 1024
 
 
+# A fusion that gathers 10 rows of a [1000, 64] f32 table (through a bitcast) and adds a [10, 64] operand, and
+# one that slices a row of the same table and negates the whole of it.
+GATHER_MODULE = """HloModule gathers
+
+%gather_fused (t: f32[1000,64], i: s32[10,1], y: f32[10,64]) -> f32[10,64] {
+  %t = f32[1000,64]{1,0} parameter(0)
+  %view = f32[1000,64]{1,0} bitcast(%t)
+  %i = s32[10,1]{1,0} parameter(1)
+  %rows = f32[10,64]{1,0} gather(%view, %i), GATHER_DIMS
+  %y = f32[10,64]{1,0} parameter(2)
+  ROOT %sum = f32[10,64]{1,0} add(%rows, %y)
+}
+
+%slice_and_whole (u: f32[1000,64]) -> (f32[1,64], f32[1000,64]) {
+  %u = f32[1000,64]{1,0} parameter(0)
+  %row = f32[1,64]{1,0} slice(%u), slice={[0:1], [0:64]}
+  %neg = f32[1000,64]{1,0} negate(%u)
+  ROOT %out = (f32[1,64]{1,0}, f32[1000,64]{1,0}) tuple(%row, %neg)
+}
+
+ENTRY %main (table: f32[1000,64], idx: s32[10,1], y: f32[10,64]) -> f32[10,64] {
+  %table = f32[1000,64]{1,0} parameter(0)
+  %idx = s32[10,1]{1,0} parameter(1)
+  %y = f32[10,64]{1,0} parameter(2)
+  %both = (f32[1,64]{1,0}, f32[1000,64]{1,0}) fusion(%table), kind=kLoop, calls=%slice_and_whole
+  ROOT %g = f32[10,64]{1,0} fusion(%table, %idx, %y), kind=kLoop, calls=%gather_fused
+}
+""".replace("GATHER_DIMS", "offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, "
+            "slice_sizes={1,64}")
+
+
+def test_a_fused_operand_that_is_only_gathered_from_is_read_where_the_rows_are():
+  """The gather fusion reads 10 of the table's 1000 rows (2,560 bytes), the 40 bytes of indices and y (2,560),
+  and writes 2,560; the second fusion reads the whole table (a negate uses it whole: 256,000) and writes a row
+  and the negated table (256 + 256,000)."""
+  assert hlo.profile(GATHER_MODULE).bytes_accessed == (2560 + 40 + 2560 + 2560) + (256000 + 256 + 256000)
+
+
 def test_convolution_flops_count_only_window_positions_inside_the_input():
   # A 1-D convolution over 10 positions with a window of 3 and one position of padding each side: the two edge
   # outputs each see one padded position, so 10 * 3 - 2 = 28 multiply-adds per (input, output) feature pair.
