@@ -179,11 +179,12 @@ def compare(stage: str, size: str, chip: str, out: str, suffix: str) -> str | No
   # (* where the report has no least-memory compile: XLA's default, which grows into free HBM)
   memory = pair(lambda p: f"{(p.get('least_total') or p['total']) / GIB:.1f}{'' if p.get('least_total') else '*'}")
   flops = pair(lambda p: f"{p['matmul_flops'] / p['model_flops']:.2f}")
+  moved = pair(lambda p: f"{p['bytes_accessed'] / 1e9:.0f}")
   ms = pair(lambda p: f"{1e3 * p['projected_seconds']:.0f}")
   mfu = pair(lambda p: f"{100 * p['projected_mfu']:.0f}%")
   compile_s = pair(lambda p: f"{p['compile_s']:.0f}")
-  return (f"| {stage} | {size} | {reports[1]['topology']} | {after['name']} | {memory} | {flops} | {ms} | {mfu} | "
-          f"{compile_s} |")
+  return (f"| {stage} | {size} | {reports[1]['topology']} | {after['name']} | {memory} | {flops} | {moved} | {ms} | "
+          f"{mfu} | {compile_s} |")
 
 
 def _chips(stage: str, size: str, chip: str) -> int:
@@ -219,7 +220,7 @@ def main() -> None:
   chosen = list(plans(args.stages.split(","), args.sizes.split(","), [c for c in args.chips.split(",") if c]))
   if args.before:
     print("| stage | size | topology | program | GiB per device (least memory) | compiled / model flops | "
-          "roofline ms | MFU lower bound | compile s |\n|---|---|---|---|---|---|---|---|---|")
+          "HBM GB per step | roofline ms | MFU lower bound | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
     for stage, size, chip in chosen:
       line = compare(stage, size, chip, args.out, args.before)
       if line:

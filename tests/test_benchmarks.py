@@ -59,6 +59,24 @@ def test_compile_plans_table_row_from_a_report():
   assert "not compiled yet" in compile_plans.row("ppo", "7b", "v5p", None)
 
 
+def test_compile_plans_before_after_row_from_two_reports(tmp_path):
+  """`--before NAME`: the train program of `<plan>_NAME.json` beside that of `<plan>.json`."""
+  import compile_plans  # pylint: disable=import-outside-toplevel
+  gib = 2 ** 30
+
+  def report(total, least, moved, seconds, mfu):
+    return {"topology": "v6e:4x4", "programs": [{"name": "train step", "total": total * gib, "least_total": least,
+                                                  "model_flops": 9.0, "matmul_flops": 10.0, "bytes_accessed": moved,
+                                                  "projected_seconds": seconds, "projected_mfu": mfu,
+                                                  "compile_s": 60.0}]}
+  (tmp_path / "pretrain_125m_v6e_old.json").write_text(json.dumps(report(9, None, 167e9, 0.102, 0.31)))
+  assert compile_plans.compare("pretrain", "125m", "v6e", str(tmp_path), "old") is None  # no report after
+  (tmp_path / "pretrain_125m_v6e.json").write_text(json.dumps(report(9, 8.7 * gib, 121e9, 0.074, 0.425)))
+  cells = [c.strip() for c in compile_plans.compare("pretrain", "125m", "v6e", str(tmp_path), "old").split("|")[1:-1]]
+  assert cells == ["pretrain", "125m", "v6e:4x4", "train step", "9.0* → 8.7", "1.11 → 1.11", "167 → 121",
+                   "102 → 74", "31% → 42%", "60 → 60"]
+
+
 def _run(script: str, *args: str, tmp_path: pathlib.Path) -> dict:
   out = tmp_path / f"{script}.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the machine's devices, not the 8 fake ones
