@@ -84,6 +84,15 @@ class Computation:
     """Its instructions by name (built once: the computations are complete when parsed)."""
     return {i.name: i for i in self.instructions}
 
+  @functools.cached_property
+  def users(self) -> dict[str, list[Instruction]]:
+    """The instructions that use each instruction's value, by its name (built once)."""
+    found: dict[str, list[Instruction]] = collections.defaultdict(list)
+    for inst in self.instructions:
+      for name in inst.operands:
+        found[name].append(inst)
+    return found
+
 
 def arrays(type_text: str) -> list[Array]:
   """The arrays named in an HLO type (`bf16[8,128]{1,0}` or a tuple of them)."""
@@ -459,13 +468,11 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
     return 0.0
   operands = [a for k in range(len(inst.operands)) for a in _operand_arrays(inst, defs, k)]
   results = [a for a in inst.result if a.dims]
-  if op in ("slice", "dynamic-slice"):  # the source is read where the result comes from
-    part = min((a.bytes for a in results), default=0.0)
-    source = operands[0] if operands else None
-    return part * ((source is not None and source.space == 0) + sum(a.space == 0 for a in results[:1]))
-  if op in ("slice-start", "copy-start"):  # (source, destination, context): each moves once
-    moved = min(a.bytes for a in results[:2]) if op == "slice-start" and len(results) >= 2 else None
-    return sum(moved if moved is not None and a.space == 0 else a.hbm_bytes for a in results[:2])
+  if op in ("slice", "dynamic-slice", "slice-start"):  # the slice is read from its source, written to its result
+    ends = results[:2] if op == "slice-start" else operands[:1] + results[:1]  # slice-start: (source, result, ...)
+    return min((a.bytes for a in results), default=0.0) * sum(a.space == 0 for a in ends)
+  if op == "copy-start":  # (source, destination, context): each moves once
+    return sum(a.hbm_bytes for a in results[:2])
   total = sum(a.hbm_bytes for a in operands) + sum(a.hbm_bytes for a in inst.result)
   # In a fusion, an operand that is only sliced or gathered from is read where the slices are (as XLA's own
   # cost analysis counts it), and a buffer that a dynamic-update-slice updates in place, or that a multi-output
@@ -497,10 +504,7 @@ def _traffic(inst: Instruction, defs: dict[str, Instruction], computations: dict
 def _sliced_bytes(param: Instruction, body: Computation) -> float | None:
   """The bytes a fused computation reads of its parameter `param` when every use of it (through views) is a
   slice, dynamic slice or gather: the bytes those return; None when some use reads it whole."""
-  users: dict[str, list[Instruction]] = collections.defaultdict(list)
-  for inst in body.instructions:
-    for name in inst.operands:
-      users[name].append(inst)
+  users = body.users
   read, frontier = 0.0, [param]
   while frontier:
     value = frontier.pop()
