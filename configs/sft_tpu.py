@@ -45,6 +45,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
 
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
+  c.model.logits_dtype = "bfloat16"  # written by the output projection, read as float32 (configs/pretrain_tpu.py)
   # "block": recompute each block in the backward pass
   c.model.remat = REMAT_ON_CHIP.get((plan.size, plan.chip), REMAT.get(plan.size, "block"))
   c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"

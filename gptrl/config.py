@@ -43,7 +43,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 # the modules that implement the choices (gptrl/reward_model.py imports ENSEMBLE_REDUCTIONS). Where the module
 # that implements a choice holds a richer table of its own (gptrl/presets.py CHIPS, gptrl/judges.py JUDGES; both
 # import nothing heavy), the names are taken from it.
-DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype, model.dtype
+DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype, model.dtype, model.logits_dtype
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 REMATS = ("none", "block", "dots")
@@ -116,6 +116,12 @@ class ModelConfig:
   tie_embeddings: bool = True  # output head reuses the token embedding matrix
   param_dtype: str = "float32"  # storage dtype of parameters (and optimizer state)
   dtype: str = "float32"  # compute dtype of matmuls/activations ("bfloat16" for bf16 compute)
+  # The dtype the output projection writes (and the model returns) the logits [B, T, V] in; the loss, log-probs
+  # and sampling read them in float32 either way. "bfloat16" (as MaxText's default and PyTorch autocast do) halves
+  # the largest tensor of a language-model step: the 125m TPU plan's train step on v6e moves 110 GB of HBM where
+  # "float32" moves 121, and holds 6.7 GiB where it held 8.7 (benchmarks/README.md); each logit is rounded to 8
+  # bits of mantissa.
+  logits_dtype: str = "float32"
   remat: str = "none"  # "none" | "block" (recompute each block in the backward pass) | "dots"
   # "xla" (einsum) | "dot_product" (jax.nn.dot_product_attention) | "splash" (TPU Pallas kernel, gptrl/splash.py:
   # whole sequences of a multiple of 128 tokens on TPUs; decoding steps, other lengths and other devices take the
@@ -146,7 +152,8 @@ class ModelConfig:
     if self.pos_embedding == "rope":
       _check(self.head_dim % 2 == 0, "model.d_model", f"rope needs an even head dim, got {self.head_dim}")
     _check_choice(self.norm, NORMS, "model.norm")
-    for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
+    for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES), ("logits_dtype", DTYPES), ("remat", REMATS),
+                          ("attention", ATTENTIONS)):
       _check_choice(getattr(self, name), allowed, f"model.{name}")
     _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
     _check(self.attention != "splash" or self.dropout == 0.0, "model.attention",
@@ -465,6 +472,9 @@ class ModelRuntimeConfig:
   """How to run a model whose shape comes from its checkpoint; "" / -1 keep the checkpoint's setting."""
   dropout: float = -1.0
   dtype: str = ""
+  # The logits' dtype is this run's choice, not inherited: a policy trained by PPO from an SFT run that wrote
+  # bfloat16 logits reads float32 ones unless its config says otherwise (ModelConfig.logits_dtype).
+  logits_dtype: str = "float32"
   remat: str = ""
   attention: str = ""
   causal_chunk: int = -1
@@ -478,7 +488,7 @@ class ModelRuntimeConfig:
            f"must be >= 0 (0: automatic) or -1 (keep the checkpoint's), got {self.causal_chunk}")
     if self.dropout != -1.0:
       _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1) or -1 (keep), got {self.dropout}")
-    for name, allowed in (("dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
+    for name, allowed in (("dtype", DTYPES), ("logits_dtype", DTYPES), ("remat", REMATS), ("attention", ATTENTIONS)):
       _check_choice(getattr(self, name), allowed, f"model.{name}", empty="keep the checkpoint's")
 
 

@@ -14,9 +14,10 @@ def token_log_probs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Arra
   """
   chex.assert_rank(logits_BxTxV, 3)
   chex.assert_equal_shape_prefix((logits_BxTxV, targets_BxT), 2)
-  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  # The target logits are gathered before the upcast (the same values): gathered from the upcast, XLA:TPU writes a
+  # float32 copy of bfloat16 logits (model.logits_dtype) whole for the gather to read 1 / V of it.
   picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return picked_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  return picked_BxT.astype(jnp.float32) - jax.nn.logsumexp(logits_BxTxV.astype(jnp.float32), axis=-1)
 
 
 def weighted_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,

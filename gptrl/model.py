@@ -466,7 +466,8 @@ class GPT(nn.Module):
         row (PPO scores and learns from the response positions alone; the prompt's projection was a third of
         the small model's forward there); logits [B, size, V].
     Returns:
-      float32 logits [B, T, V]; `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
+      logits [B, T, V] in model.logits_dtype (float32 unless configured; their readers compute in float32);
+      `(logits, hidden)` with `return_hidden`; hidden [B, T, D] (compute dtype)
       alone when `compute_logits=False`.
     """
     cfg = self.config
@@ -515,13 +516,13 @@ class GPT(nn.Module):
     if cfg.tie_embeddings:
       logits_BxTxV = matmul(projected_BxTxD, _in_use(embedding_VxD.astype(dtype), "act_vocab", "act_embed"),
                             transpose_kernel=True,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=jnp.dtype(cfg.logits_dtype))
     else:
       head_DxV = self.param("head", nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), param_dtype)
       logits_BxTxV = matmul(projected_BxTxD, _in_use(head_DxV.astype(dtype), "act_embed", "act_vocab"),
-                            preferred_element_type=jnp.float32)
-    logits_BxTxV = _constrain(logits_BxTxV.astype(jnp.float32), "batch", "length", "act_vocab")
+                            preferred_element_type=jnp.dtype(cfg.logits_dtype))
+    logits_BxTxV = _constrain(logits_BxTxV, "batch", "length", "act_vocab")  # in model.logits_dtype
     if return_hidden:
       return logits_BxTxV, hidden_BxTxD
     return logits_BxTxV

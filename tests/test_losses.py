@@ -37,6 +37,18 @@ def test_bf16_logits_are_scored_in_float32():
   logp = losses.token_log_probs(logits, jnp.asarray([[1]]))
   assert logp.dtype == jnp.float32
   np.testing.assert_allclose(float(logp[0, 0]), _np_log_softmax(np.asarray(logits, np.float32))[0, 0, 1], rtol=1e-5)
+  # model.logits_dtype="bfloat16": the loss of bfloat16 logits is the float64 loss of their values, and its gradient
+  # (bfloat16, as the logits) is w * (softmax - onehot) rounded once
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((2, 7, 300)) * 6, jnp.bfloat16)
+  targets = rng.integers(0, 300, (2, 7))
+  weights = rng.integers(0, 2, (2, 7)).astype(np.float32)
+  ref_logp = np.take_along_axis(_np_log_softmax(logits), targets[..., None], -1)[..., 0]
+  loss, grad = jax.value_and_grad(lambda x: losses.weighted_cross_entropy(x, jnp.asarray(targets), weights)[0])(logits)
+  np.testing.assert_allclose(float(loss), -(ref_logp * weights).sum(), rtol=1e-6)
+  assert grad.dtype == jnp.bfloat16
+  ref_grad = weights[..., None] * (np.exp(_np_log_softmax(logits)) - np.eye(300)[targets])
+  np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, rtol=2 ** -8, atol=1e-7)
 
 
 def test_sequence_log_probs_sum_the_reply_tokens_only():

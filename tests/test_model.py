@@ -115,6 +115,30 @@ def test_bf16_compute_runs_and_keeps_fp32_params():
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_bfloat16_logits_are_the_float64_projection_rounded_once(tie):
+  # model.logits_dtype="bfloat16": the output projection writes its float32 accumulation rounded to bfloat16 (the
+  # TPU plans' setting); every other tensor is as with float32 logits.
+  cfg = dataclasses.replace(TINY, num_layers=1, tie_embeddings=tie)
+  model, params = _init(cfg)
+  tokens = _tokens(2, 10)
+  hidden = np.asarray(model.apply({"params": params}, tokens, compute_logits=False), np.float64)
+  table = np.asarray(params["token_embedding"] if tie else params["head"].T, np.float64)  # [V, D]
+  ref = hidden @ table.T
+  narrow = model_lib.GPT(dataclasses.replace(cfg, logits_dtype="bfloat16"))
+  out = _apply(narrow, params, tokens)
+  assert out.dtype == jnp.bfloat16
+  out = np.asarray(out, np.float32)
+  wide = np.asarray(_apply(model, params, tokens))
+  assert wide.dtype == np.float32
+  numeric.assert_close(wide.astype(np.float64), ref)
+  # within half a bfloat16 ulp of the float32 result (8 bits of mantissa), and rounded: not the float32 values
+  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 1e-30))) - 7)
+  assert np.all(np.abs(out - ref) <= 0.5 * ulp + 1e-5 * np.abs(ref) + 1e-6)
+  np.testing.assert_array_equal(out, np.asarray(jnp.asarray(out, jnp.bfloat16), np.float32))
+  assert np.mean(out != wide) > 0.5
+
+
 def test_remat_block_gives_same_loss_and_grads_as_no_remat():
   tokens = _tokens(2, 12)
   results = []
