@@ -12,9 +12,10 @@ and no more:
     sharded like the parameters; every layer's weights gathered whole over fsdp in the compute dtype (XLA keeps
     them from the forward to the backward pass), for each trained model;
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
-    incl. the [B, H, T, T] float32 attention probabilities; "dots": the block input and the matmul outputs;
+    incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
+    tensors it keeps: norms, rotary embedding, gated activation; "dots": the block input and the matmul outputs;
     "block": the block input), plus the one layer being recomputed, plus the larger of the logits' gradient
-    [B, T, V] (compute dtype) and the logits at the loss (float32 and compute dtype);
+    [B, T, V] (compute dtype) and the logits at the loss (model.logits_dtype) beside that gradient;
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
     and the prefill's logits;
   - eval and PPO scoring: one layer's forward at a time and the logits they keep.
@@ -222,6 +223,10 @@ class _Shard:
     return np.dtype(jnp.dtype(self.cfg.dtype)).itemsize
 
   @property
+  def logit_bytes(self) -> int:  # bytes of a logit as the output projection writes it
+    return np.dtype(jnp.dtype(self.cfg.logits_dtype)).itemsize
+
+  @property
   def heads(self) -> int:
     return self.split(self.cfg.num_heads)
 
@@ -312,14 +317,30 @@ class _Shard:
     """What every layer keeps for the backward pass under the remat policy (b rows of t tokens)."""
     cfg = self.cfg
     if cfg.remat == "none":
-      return cfg.num_layers * self.layer_full(b, t)
+      # through the splash kernel XLA also keeps the kernel's head-major output transposed to token-major, the
+      # layout the output projection's weight gradient reads (the buffer dumps of the 125m and 350m train steps)
+      transposed = b * t * self.heads * cfg.head_dim * self.c if self.splash(t) else 0
+      return cfg.num_layers * (self.layer_full(b, t) - self.recomputed_elementwise(b, t) + transposed)
     return cfg.num_layers * self.layer_saved(b, t, cfg.remat)
+
+  def recomputed_elementwise(self, b: int, t: int) -> float:
+    """What XLA recomputes in the backward pass rather than keep, without remat: the elementwise outputs of a
+    block whose inputs it keeps anyway, i.e. the two norms' outputs, the query and key before the rotary
+    embedding (only the rotated ones are kept) and the gated MLP's activation product (from its two matmul
+    outputs). The live buffers of the 125m and 350m TPU train steps at their peak (buffer dumps of the v6e
+    compiles) hold per layer the MLP's two matmul outputs, the rotated query and key, the value, the attention
+    output (twice: `saved`) and the residual stream, about 22 and 30 KB per token; 21.5 and 29.0 KB here."""
+    cfg, c, d = self.cfg, self.c, self.cfg.d_model
+    rope = (self.heads + self.kv_heads) * cfg.head_dim if cfg.pos_embedding == "rope" else 0
+    gated = self.split(cfg.mlp_dim) if cfg.gated_mlp else 0
+    return float(b * t * c * (2 * d + rope + gated))
 
   def loss_peak(self, b: int, t: int) -> float:
     """What the next-token loss adds to `training` at the step's peak: the logits' gradient [b, t, V] in the
-    compute dtype while the last layers' backward pass runs, or, at the loss itself, the logits in the compute
-    dtype and in float32 (less the recomputed layer `training` counts, which is not live then)."""
-    per_token = self.vocab * (4 + (self.c if self.c != 4 else 0))
+    compute dtype while the last layers' backward pass runs, or, at the loss itself, the logits (model.logits_dtype)
+    and, under a narrower compute dtype, their gradient in it (less the recomputed layer `training` counts, which is
+    not live then)."""
+    per_token = self.vocab * (self.logit_bytes + (self.c if self.c != 4 else 0))
     recomputed = self.recomputed(b, t)
     return max(self.logits_gradient(b, t), b * t * per_token - recomputed)
 
@@ -375,6 +396,9 @@ def _shape_title(cfg: config_lib.ModelConfig, n_params: int) -> str:
           f"remat {cfg.remat})")
 
 
+_GATHERED = "weights gathered over fsdp (every layer's, compute dtype)"
+
+
 def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib.OptimConfig,
              mesh_shape: Mapping[str, int], critic: str = "separate") -> tuple[dict[str, float], dict[str, float], Any]:
   """Resident (params, optimizer state) and train-step (gradients, update, gathered weights) bytes, and the
@@ -389,7 +413,7 @@ def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib
   grads = {"gradients" + (" + accumulator" if optim_cfg.grad_accum_steps > 1 else ""):
            params_b * (2 if optim_cfg.grad_accum_steps > 1 else 1),
            "optimizer update": params_b,
-           "weights gathered over fsdp (every layer's, compute dtype)": sum(
+           _GATHERED: sum(
                _gathered_weights(model, mesh_shape, jnp.dtype(model_cfg.dtype).itemsize) for model in models)}
   return resident, grads, params
 
@@ -418,8 +442,16 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
   t, accum = model_cfg.max_len, cfg.optim.grad_accum_steps
   b = _micro_rows(cfg.data.batch_size, accum, shard)
-  step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
-               "logits at the loss, or their gradient": shard.loss_peak(b, t)})
+  activations, logits = shard.training(b, t), shard.loss_peak(b, t)
+  step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": activations,
+               "logits at the loss, or their gradient": logits})
+  if accum == 1 and model_cfg.remat != "none":
+    # With micro-batches XLA gathers the weights once, ahead of the accumulation loop (loop-invariant), and holds
+    # them through it: beside every activation. With one micro-batch and remat it gathers them early in the forward
+    # pass and frees them; the recomputed blocks gather again, one layer at a time. The step's peak is then the
+    # larger of the two (the TPU compiles of 1b pretraining on v5p and SFT on v5p/v6e; benchmarks/README.md).
+    gathered = step.pop(_GATHERED)
+    step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - activations - logits)
   b_eval = shard.rows(cfg.data.batch_size)
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),

@@ -288,6 +288,34 @@ def test_train_step_holds_every_layers_weights_gathered_over_fsdp_in_the_compute
   assert [v for k, v in step.items() if k.startswith("weights gathered")] == [2 * expected]
 
 
+@pytest.mark.parametrize("remat", ["block", "none"])
+def test_with_one_micro_batch_and_remat_the_gathered_weights_are_not_beside_the_backward_peak(remat):
+  """Micro-batches: the weights are gathered ahead of the accumulation loop and held through it, so the step adds
+  them to the activations and logits. One micro-batch under remat: gathered early in the forward pass and freed
+  (the recomputed blocks gather again), so the step's transient is the larger of the two (the 1b TPU compiles)."""
+  model_cfg = config_lib.ModelConfig(vocab_size=128, num_layers=3, num_heads=4, d_model=64, max_len=16,
+                                     dtype="bfloat16", remat=remat)
+  mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+  steps = {}
+  for accum in (1, 2):
+    cfg = config_lib.PretrainConfig(model=model_cfg, data=config_lib.DataConfig(batch_size=8),
+                                    optim=config_lib.OptimConfig(grad_accum_steps=accum),
+                                    sample=config_lib.SampleConfig(max_new_tokens=8))
+    steps[accum] = memory.estimate_lm(cfg, model_cfg, mesh).phases["train step"]
+  params, _ = memory.abstract_state("lm", model_cfg)
+  gathered = memory._gathered_weights(params, mesh, 2)  # pylint: disable=protected-access
+  shard = memory._Shard(model_cfg, tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  held = {accum: shard.training(8 // 4 // accum, 16) + shard.loss_peak(8 // 4 // accum, 16) for accum in (1, 2)}
+  others = {accum: sum(v for k, v in step.items() if k.startswith(("gradients", "optimizer"))) for accum, step in
+            steps.items()}
+  assert sum(steps[2].values()) == others[2] + gathered + held[2]
+  if remat == "none":  # the backward pass reads the forward's gathered weights
+    assert sum(steps[1].values()) == others[1] + gathered + held[1]
+  else:
+    assert sum(steps[1].values()) == others[1] + max(gathered, held[1])
+    assert gathered > held[1] > 0  # the case where the rule matters, for this small model
+
+
 def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or_their_gradient():
   """What the compiled TPU train steps hold at their peak (XLA's live ranges; benchmarks/README.md): every
   layer's saved tensors, what the block being recomputed holds, and the logits' gradient in the compute dtype, or, at the
@@ -313,10 +341,32 @@ def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or
   dots = memory._Shard(dataclasses.replace(cfg, remat="dots"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   assert dots.training(b, t) == 3 * dots.layer_saved(b, t, "dots") + dots.layer_full(b, t)
   plain = memory._Shard(dataclasses.replace(cfg, remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
-  assert plain.training(b, t) == 3 * plain.layer_full(b, t)  # nothing recomputed
+  # nothing recomputed but the elementwise outputs whose inputs are kept: here the two norms' outputs
+  assert plain.training(b, t) == 3 * (plain.layer_full(b, t) - b * t * 2 * d * 2)
+  # and with rotary embeddings and a gated MLP also the query and key before rotation and the activation product
+  llama = memory._Shard(dataclasses.replace(cfg, remat="none", pos_embedding="rope", gated_mlp=True), tensor=2,  # pylint: disable=protected-access
+                        batch_ways=4)
+  assert llama.training(b, t) == 3 * (llama.layer_full(b, t) - b * t * (2 * d + 2 * h * k + f) * 2)
   assert plain.loss_peak(b, t) == b * t * v * 6
   fp32 = memory._Shard(dataclasses.replace(cfg, dtype="float32", remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   assert fp32.loss_peak(b, t) == b * t * v * 4  # one float32 copy: the logits are float32 already
+  # bfloat16 logits (the TPU plans): the logits and their gradient at the loss, two bytes each
+  narrow = memory._Shard(dataclasses.replace(wide.cfg, logits_dtype="bfloat16"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
+  assert narrow.loss_peak(b, t) == b * t * 16000 * 4 - recomputed
+
+
+def test_logits_dtype_is_the_runs_choice_not_the_checkpoints():
+  """A later stage's model takes its shape, compute dtype and remat from the checkpoint unless its config says
+  otherwise, but not the logits' dtype: PPO from an SFT run that wrote bfloat16 logits reads float32 ones."""
+  checkpoint = config_lib.ModelConfig(vocab_size=1000, dtype="bfloat16", remat="block", logits_dtype="bfloat16")
+  assert config_lib.ModelRuntimeConfig().apply(checkpoint).logits_dtype == "float32"
+  assert config_lib.ModelRuntimeConfig().apply(checkpoint).dtype == "bfloat16"
+  assert config_lib.ModelRuntimeConfig(logits_dtype="").apply(checkpoint).logits_dtype == "bfloat16"
+  for path in ("configs/pretrain_tpu.py", "configs/sft_tpu.py"):
+    assert load(path, "size=125m")[0].model.logits_dtype == "bfloat16", path
+  assert load("configs/ppo_tpu.py", "size=125m")[0].model.logits_dtype == "float32"
+  with pytest.raises(config_lib.ConfigError, match=r"model\.logits_dtype.*'float32'.*got 'bf16'"):
+    config_lib.ModelConfig(logits_dtype="bf16")
 
 
 
