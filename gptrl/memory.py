@@ -13,7 +13,7 @@ and no more:
     them from the forward to the backward pass), for each trained model;
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
-    tensors it keeps: norms, rotary embedding, gated activation; "dots": the block input and the matmul outputs;
+    tensors it keeps: norms and rotary embedding; "dots": the block input and the matmul outputs;
     "block": the block input), plus the one layer being recomputed, plus the larger of the logits' gradient
     [B, T, V] (compute dtype) and the logits at the loss (model.logits_dtype) beside that gradient;
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
@@ -324,16 +324,16 @@ class _Shard:
     return cfg.num_layers * self.layer_saved(b, t, cfg.remat)
 
   def recomputed_elementwise(self, b: int, t: int) -> float:
-    """What XLA recomputes in the backward pass rather than keep, without remat: the elementwise outputs of a
-    block whose inputs it keeps anyway, i.e. the two norms' outputs, the query and key before the rotary
-    embedding (only the rotated ones are kept) and the gated MLP's activation product (from its two matmul
-    outputs). The live buffers of the 125m and 350m TPU train steps at their peak (buffer dumps of the v6e
-    compiles) hold per layer the MLP's two matmul outputs, the rotated query and key, the value, the attention
-    output (twice: `saved`) and the residual stream, about 22 and 30 KB per token; 21.5 and 29.0 KB here."""
+    """What XLA recomputes in the backward pass rather than keep, without remat: the two norms' outputs (from the
+    block inputs it keeps) and the query and key before the rotary embedding (it keeps the rotated ones). The live
+    buffers of the 125m and 350m TPU train steps at their peak (buffer dumps of the v6e compiles) hold per layer
+    the MLP's two matmul outputs, the rotated query and key, the value, the attention output (twice: `saved`) and
+    the residual stream, about 22 and 30 KB per token. The v4 and v5p compiles hold about one [tokens, MLP width]
+    tensor per layer more than v6e's at the same rows per device (125m: 7.5 against 6.7 GiB): the gated MLP's
+    activation product, which the estimate keeps counting (25.5 and 34.5 KB per token here)."""
     cfg, c, d = self.cfg, self.c, self.cfg.d_model
     rope = (self.heads + self.kv_heads) * cfg.head_dim if cfg.pos_embedding == "rope" else 0
-    gated = self.split(cfg.mlp_dim) if cfg.gated_mlp else 0
-    return float(b * t * c * (2 * d + rope + gated))
+    return float(b * t * c * (2 * d + rope))
 
   def loss_peak(self, b: int, t: int) -> float:
     """What the next-token loss adds to `training` at the step's peak: the logits' gradient [b, t, V] in the

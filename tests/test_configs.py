@@ -343,10 +343,10 @@ def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or
   plain = memory._Shard(dataclasses.replace(cfg, remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   # nothing recomputed but the elementwise outputs whose inputs are kept: here the two norms' outputs
   assert plain.training(b, t) == 3 * (plain.layer_full(b, t) - b * t * 2 * d * 2)
-  # and with rotary embeddings and a gated MLP also the query and key before rotation and the activation product
+  # and with rotary embeddings also the query and key before rotation (a gated MLP's activation product is kept)
   llama = memory._Shard(dataclasses.replace(cfg, remat="none", pos_embedding="rope", gated_mlp=True), tensor=2,  # pylint: disable=protected-access
                         batch_ways=4)
-  assert llama.training(b, t) == 3 * (llama.layer_full(b, t) - b * t * (2 * d + 2 * h * k + f) * 2)
+  assert llama.training(b, t) == 3 * (llama.layer_full(b, t) - b * t * (2 * d + 2 * h * k) * 2)
   assert plain.loss_peak(b, t) == b * t * v * 6
   fp32 = memory._Shard(dataclasses.replace(cfg, dtype="float32", remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   assert fp32.loss_peak(b, t) == b * t * v * 4  # one float32 copy: the logits are float32 already
