@@ -9,8 +9,9 @@ Everything transient is a formula over the shapes of the tensors gptrl/model.py 
 split over data x fsdp, heads / MLP / vocabulary over tensor), assuming XLA keeps what the backward pass needs
 and no more:
   - train step: gradients (+ the accumulator with optim.grad_accum_steps > 1) and the optimizer's update, both
-    sharded like the parameters; every layer's weights gathered whole over fsdp in the compute dtype (XLA keeps
-    them from the forward to the backward pass), for each trained model;
+    sharded like the parameters; every layer's weights gathered whole over fsdp in the compute dtype (with
+    micro-batches XLA holds them through the accumulation loop; with one micro-batch under remat they are freed
+    before the backward pass's peak: estimate_lm), for each trained model;
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
     tensors it keeps: norms and rotary embedding; "dots": the block input and the matmul outputs;
