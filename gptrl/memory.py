@@ -205,6 +205,9 @@ def param_count(boxed_abstract: Any) -> int:
 # Formulas: activations, logits, KV cache (per device).
 
 
+LANES = 128  # TPU HBM tiles: an array's last dimension is padded to a multiple of this many elements
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shard:
   """Per-device widths of one model on one mesh: a dimension is split over tensor only when divisible (as the
@@ -321,8 +324,20 @@ class _Shard:
       # through the splash kernel XLA also keeps the kernel's head-major output transposed to token-major, the
       # layout the output projection's weight gradient reads (the buffer dumps of the 125m and 350m train steps)
       transposed = b * t * self.heads * cfg.head_dim * self.c if self.splash(t) else 0
-      return cfg.num_layers * (self.layer_full(b, t) - self.recomputed_elementwise(b, t) + transposed)
+      return cfg.num_layers * (self.layer_full(b, t) - self.recomputed_elementwise(b, t) + transposed
+                               + self.splash_lane_padding(b, t))
     return cfg.num_layers * self.layer_saved(b, t, cfg.remat)
+
+  def splash_lane_padding(self, b: int, t: int) -> float:
+    """What TPU's HBM layout adds to the head-major tensors a layer keeps for the splash kernel's backward pass
+    (the rotated query and key, the value, the kernel's output: [B, H, T, K]): their last dimension is laid out in
+    128-lane tiles, so a head size K below a multiple of 128 is padded up to one (K = 64: twice the bytes). The
+    buffer dumps of the 125m pretraining and reward train steps on v5p hold 4 such tensors per layer at their peak,
+    2.4 and 2.2 GB of padding in their 15 and 13 GB (the dumps' live-range reports count them unpadded)."""
+    if not self.splash(t):
+      return 0.0
+    k = self.cfg.head_dim
+    return float(b * t * (-(-k // LANES) * LANES - k) * 2 * (self.heads + self.kv_heads) * self.c)
 
   def recomputed_elementwise(self, b: int, t: int) -> float:
     """What XLA recomputes in the backward pass rather than keep, without remat: the two norms' outputs (from the
@@ -339,9 +354,10 @@ class _Shard:
   def loss_peak(self, b: int, t: int) -> float:
     """What the next-token loss adds to `training` at the step's peak: the logits' gradient [b, t, V] in the
     compute dtype while the last layers' backward pass runs, or, at the loss itself, the logits (model.logits_dtype)
-    and, under a narrower compute dtype, their gradient in it (less the recomputed layer `training` counts, which is
-    not live then)."""
-    per_token = self.vocab * (self.logit_bytes + (self.c if self.c != 4 else 0))
+    and, where the compute dtype differs, their gradient in it (less the recomputed layer `training` counts, which
+    is not live then). Where the two dtypes agree XLA writes one [b, t, V] array: the TPU compiles of 125m and 1b
+    pretraining with bfloat16 logits compute the loss and the logits' gradient in one fusion."""
+    per_token = self.vocab * (self.logit_bytes + (self.c if self.c != self.logit_bytes else 0))
     recomputed = self.recomputed(b, t)
     return max(self.logits_gradient(b, t), b * t * per_token - recomputed)
 

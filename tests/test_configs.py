@@ -350,9 +350,33 @@ def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or
   assert plain.loss_peak(b, t) == b * t * v * 6
   fp32 = memory._Shard(dataclasses.replace(cfg, dtype="float32", remat="none"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
   assert fp32.loss_peak(b, t) == b * t * v * 4  # one float32 copy: the logits are float32 already
-  # bfloat16 logits (the TPU plans): the logits and their gradient at the loss, two bytes each
+  # bfloat16 logits (the TPU plans): one [b, t, V] bfloat16 array, the logits' gradient written in their place
   narrow = memory._Shard(dataclasses.replace(wide.cfg, logits_dtype="bfloat16"), tensor=2, batch_ways=4)  # pylint: disable=protected-access
-  assert narrow.loss_peak(b, t) == b * t * 16000 * 4 - recomputed
+  assert narrow.loss_peak(b, t) == b * t * 16000 * 2
+  assert narrow.loss_peak(b, t) == narrow.logits_gradient(b, t) < wide.loss_peak(b, t)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
+def test_without_remat_the_splash_kernels_head_major_tensors_count_their_128_lane_padding(head_dim):
+  """TPU lays an array's last dimension out in 128-lane tiles: the rotated query and key, the value and the
+  kernel's output that a layer keeps in [B, H, T, K] for the splash kernel's backward pass take K rounded up to a
+  multiple of 128 (K = 64: twice their bytes, as the 125m train steps' buffers on v5p hold them)."""
+  heads, kv_heads, layers = 4, 2, 3
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                               d_model=heads * head_dim, max_len=256, dtype="bfloat16", remat="none",
+                               attention="splash", pos_embedding="rope", gated_mlp=True)
+  shard = memory._Shard(cfg, tensor=1, batch_ways=1)  # pylint: disable=protected-access
+  b, t = 2, 256
+  padded = {64: 128, 128: 128, 96: 128}[head_dim]
+  # q and the output over `heads`, k and v over `kv_heads`, two bytes each, (padded - K) lanes more
+  assert shard.splash_lane_padding(b, t) == b * t * (padded - head_dim) * 2 * (heads + kv_heads) * 2
+  unpadded = shard.layer_full(b, t) - shard.recomputed_elementwise(b, t) + b * t * heads * head_dim * 2
+  assert shard.saved(b, t) == layers * (unpadded + shard.splash_lane_padding(b, t))
+  # the einsum path keeps no head-major copies for a kernel; under remat "block" only the blocks' inputs are kept
+  einsum = memory._Shard(dataclasses.replace(cfg, attention="xla"), tensor=1, batch_ways=1)  # pylint: disable=protected-access
+  assert einsum.splash_lane_padding(b, t) == 0
+  block = memory._Shard(dataclasses.replace(cfg, remat="block"), tensor=1, batch_ways=1)  # pylint: disable=protected-access
+  assert block.saved(b, t) == layers * b * t * cfg.d_model * 2
 
 
 def test_logits_dtype_is_the_runs_choice_not_the_checkpoints():
