@@ -18,6 +18,7 @@ path, before the splash kernel).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import runpy
@@ -110,8 +111,9 @@ def add_least(stage: str, size: str, chip: str, out: str, least: str) -> None:
 
 
 def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
-  """Recomputes a report's memory estimates with the current gptrl/memory.py (its plan built for the same
-  topology; nothing compiled), so that a change of the estimate is checked against every compile made before."""
+  """Recomputes a report's memory estimates with the current gptrl/memory.py, and the resident state beside each
+  program with the current plan (its plan built for the same topology; nothing compiled), so that a change of
+  the estimate or of what a stage holds is checked against every compile made before."""
   path = os.path.join(out, f"{stage}_{size}_{chip}.json")
   if not os.path.exists(path):
     return
@@ -125,14 +127,18 @@ def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
   topology, _, slices = report["topology"].partition(" x ")
   target = compile_lib.tpu_topology(topology, int(slices.split()[0]) if slices else 1)
   plan = compile_lib.build_plan(cfg, target.devices)
-  phases = {p.name: p.phase for p in plan.programs}
+  programs = {p.name: p for p in plan.programs}
+  fields = {f.name for f in dataclasses.fields(compile_lib.Result)}
   for program in report["programs"]:
-    phase = phases.get(program["name"], "")
-    if plan.estimate is None or phase not in plan.estimate.phases:
+    planned = programs.get(program["name"])
+    if planned is None:
       continue
-    program["estimate"] = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(phase)
-    total = program.get("least_total") or program["total"]
-    program["estimate_ratio"] = program["estimate"] / total
+    program["beside"] = compile_lib.beside_bytes(planned, plan)
+    if plan.estimate is not None and planned.phase in plan.estimate.phases:
+      program["estimate"] = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(planned.phase)
+    result = compile_lib.Result(**{k: v for k, v in program.items() if k in fields})
+    program.update(total=result.total, least_total=result.least_total, fits=result.fits,
+                   estimate_ratio=result.estimate_ratio)
   _write(path, report)
 
 
@@ -208,8 +214,8 @@ def main() -> None:
                       "(nothing is compiled)")
   p.add_argument("--render-only", action="store_true", help="compile nothing: the table of the reports in --out")
   p.add_argument("--fallback", default="",
-                 help="with --render-only: a plan not compiled as configured now shows its <plan>_FALLBACK.json, "
-                      "labelled (the plan as it was)")
+                 help="with --render-only: a plan not compiled as configured now shows its <plan>_FALLBACK.json "
+                      "(comma-separated: the first that exists), labelled (the plan as it was)")
   p.add_argument("--before", default="",
                  help="compile nothing: print the train programs of the reports <plan>_BEFORE.json against <plan>.json "
                       "(a plan change: memory, compiled flops, roofline time and MFU, before -> after)")
@@ -237,9 +243,10 @@ def main() -> None:
       refresh_estimates(stage, size, chip, args.out)
     report = compile_plan(stage, size, chip, args.out, args.programs, args.least_memory, args.render_only)
     label = ""
-    fallback = os.path.join(args.out, f"{stage}_{size}_{chip}_{args.fallback}.json")
-    if report is None and args.fallback and os.path.exists(fallback):
-      report, label = _read(fallback), f" ({args.fallback})"
+    for name in (n for n in args.fallback.split(",") if n):
+      fallback = os.path.join(args.out, f"{stage}_{size}_{chip}_{name}.json")
+      if report is None and os.path.exists(fallback):
+        report, label = _read(fallback), f" ({name})"
     lines.append(row(stage, size, chip, report, label))
     print(lines[-1], flush=True)
   with open(args.table, "w", encoding="utf-8") as f:

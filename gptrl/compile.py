@@ -110,10 +110,12 @@ def local_target(chip: str = "") -> Target:
 
 @dataclasses.dataclass
 class Resident:
-  """State that stays on a mesh's devices for the whole run (a train state, frozen parameters)."""
+  """State that stays on a mesh's devices (a train state, frozen parameters): for the whole run, or only while the
+  programs named in `programs` run (e.g. parameters a stage loads after training, for its sampler)."""
   name: str
   tree: Any  # ShapeDtypeStructs with shardings
   mesh: Any
+  programs: tuple[str, ...] = ()  # the programs it is held for; (): every program on its mesh
 
   @property
   def bytes(self) -> float:
@@ -289,15 +291,16 @@ def _reward_plan(cfg: Any, model_cfg: config_lib.ModelConfig, mesh: Any) -> Plan
       Program("eval step", lambda: eval_step.lower(state.params, eval_batch), mesh, ("train state/params",),
               per_token / 3 * b * k * seq_len * members, "eval (whole batch)")]
   residents = [Resident("train state", state, mesh)]
-  if cfg.reward.normalize_samples:  # the SFT model samples replies after training, beside the train state
+  if cfg.reward.normalize_samples:  # after training the SFT model is loaded and samples, beside the train state
     policy = model_lib.GPT(model_cfg)
     abstract, policy_shardings = ckpt_lib.param_shardings(policy, np.zeros((1, model_cfg.max_len), np.int32), mesh)
     sft = on_mesh(abstract, policy_shardings)
-    residents.append(Resident("SFT parameters", sft, mesh))
+    sampler = "sampler (reward normalisation)"
+    residents.append(Resident("SFT parameters", sft, mesh, programs=(sampler,)))
     new = cfg.reward.normalize_max_new_tokens
     rows = rows_for(cfg.reward.normalize_samples, sharding.data_parallel_size(mesh))
     programs.append(Program(
-        "sampler (reward normalisation)",
+        sampler,
         functools.partial(_lower_sampler, mesh, policy, sft, rows, seq_len - new, new,
                           config_lib.ChatSampleConfig(temperature=1.0, top_k=0)),
         mesh, ("SFT parameters",), model_lib.flops_per_token(model_cfg, seq_len) / 3 * rows * seq_len,
@@ -568,6 +571,21 @@ class Result:
 LEAST_MEMORY = {"xla_tpu_scheduler_percent_shared_memory_limit": 1}
 
 
+def beside_bytes(program: Program, plan: Plan) -> float:
+  """The resident state on the program's devices while it runs, less what it takes as arguments: a resident by
+  name, or a part of one by path (e.g. "train state/params": the optimizer state stays beside it)."""
+  here = {r.name: r for r in plan.residents
+          if r.mesh is program.mesh and (not r.programs or program.name in r.programs)}
+  taken = 0.0
+  for path in program.takes:
+    name, *keys = path.split("/")
+    part = here[name].tree
+    for key in keys:
+      part = part[key] if isinstance(part, dict) else getattr(part, key)
+    taken += tree_bytes(part)
+  return sum(r.bytes for r in here.values()) - taken
+
+
 def compile_program(program: Program, plan: Plan, chip: presets.Chip | None, least: bool = False) -> Result:
   """Lowers and compiles one program; reads XLA's memory and cost analyses and the optimised HLO. With `least`
   (on TPU devices), compiles it a second time under LEAST_MEMORY and records that compile's memory and flops."""
@@ -586,17 +604,7 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None, lea
   if isinstance(cost, list):  # older jax: one dict per computation
     cost = cost[0] if cost else {}
   profile = hlo.profile(compiled.as_text())
-  # The resident state on the program's devices, less what it takes as arguments: a resident by name, or a part
-  # of one by path (e.g. "train state/params": the optimizer state stays beside it).
-  here = {r.name: r for r in plan.residents if r.mesh is program.mesh}
-  taken = 0.0
-  for path in program.takes:
-    name, *keys = path.split("/")
-    part = here[name].tree
-    for key in keys:
-      part = part[key] if isinstance(part, dict) else getattr(part, key)
-    taken += tree_bytes(part)
-  beside = sum(r.bytes for r in here.values()) - taken
+  beside = beside_bytes(program, plan)
   estimate = None
   if plan.estimate is not None and program.phase in plan.estimate.phases:
     estimate = plan.estimate.persistent_bytes + plan.estimate.phase_bytes(program.phase)

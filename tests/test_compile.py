@@ -158,7 +158,12 @@ def test_reward_ensemble_plan_compiles(v5e, monkeypatch):
       cfg, reward=dataclasses.replace(cfg.reward, ensemble=1)), v5e.devices).residents[0].tree)
   assert compile_lib.tree_bytes(plan.residents[0].tree) == pytest.approx(2 * one, rel=0.01)
   assert 1.0 <= train.matmul_flops / train.model_flops <= 1.5
-  assert results[2].beside > 0  # the trained state stays while the SFT model samples
+  # The SFT model is loaded after training (stages/reward.py make_normalizer): nothing waits beside the train step;
+  # the optimizer state beside the eval step; the trained state and the SFT parameters beside the sampler.
+  state, sft = (compile_lib.tree_bytes(r.tree) for r in plan.residents)
+  params = compile_lib.tree_bytes(plan.residents[0].tree.params)
+  assert [r.beside for r in results] == pytest.approx([0.0, state - params, state])
+  assert results[2].arguments >= sft
 
 
 @needs_libtpu
