@@ -98,7 +98,7 @@ def test_config_builds_on_its_slice_shards_every_weight_as_intended_and_fits(pat
   mesh_shape = intended_mesh(cfg)
   assert math.prod(mesh_shape.values()) == cfg.hardware.num_chips
   remat = "block"
-  if size in ("125m", "350m") and cfg.stage in ("pretrain", "sft", "reward"):  # no remat for these on TPUs
+  if size in ("125m", "350m") and cfg.stage in ("pretrain", "sft", "reward"):  # TPUs: no remat; GPUs: dots
     remat = "none" if cfg.hardware.chip == "v5p" else "dots"
   assert cfg.model.dtype == "bfloat16" and cfg.model.remat == remat
   assert cfg.model.attention == ("splash" if presets.CHIPS[cfg.hardware.chip].platform == "tpu" else "xla")
