@@ -14,9 +14,10 @@ and no more:
     before the backward pass's peak: estimate_lm), for each trained model;
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
-    tensors it keeps: norms and rotary embedding; "dots": the block input and the matmul outputs;
-    "block": the block input), plus the one layer being recomputed, plus the larger of the logits' gradient
-    [B, T, V] (compute dtype) and the logits at the loss (model.logits_dtype) beside that gradient;
+    tensors it keeps: norms and rotary embedding; through the splash kernel the head-major arrays padded to TPU's
+    128 lanes; "dots": the block input and the matmul outputs; "block": the block input), plus the one layer
+    being recomputed, plus the larger of the logits' gradient [B, T, V] (compute dtype) and the logits at the loss
+    (model.logits_dtype), with that gradient beside them where the two dtypes differ;
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
     and the prefill's logits;
   - eval and PPO scoring: one layer's forward at a time and the logits they keep.
