@@ -13,9 +13,9 @@ per-device memory estimate (gptrl/memory.py) and refuses a plan that cannot fit 
 checks every row).
 
 Numerics: parameters and optimizer state in float32, matmuls in bfloat16, every block rematerialised in the
-backward pass (125m and 350m: all but the matmul outputs, none on v5p; see REMAT); attention through the splash kernel
-(gptrl/splash.py: the [T, T] scores never reach HBM). Parameters and optimizer state are sharded
-over all chips (mesh.fsdp), and for 3b/7b also over heads / MLP / vocabulary (mesh.tensor). Paths must be a
+backward pass (125m and 350m: none on TPUs, all but the matmul outputs on GPUs; presets.Plan.remat); attention
+through the splash kernel (gptrl/splash.py: the [T, T] scores never reach HBM). Parameters and optimizer state are
+sharded over all chips (mesh.fsdp), and for 3b/7b also over heads / MLP / vocabulary (mesh.tensor). Paths must be a
 filesystem every host sees at the same path (a gcsfuse mount of a bucket, or a shared disk): /mnt/gptrl below;
 or gs:// URLs for the workdir, data and checkpoints, with data.cache_dir on a local disk, e.g.
   --config.workdir=gs://my-bucket/runs/pretrain_1b --config.data.sources="('gs://my-bucket/data/pretrain',)" \
@@ -36,14 +36,6 @@ PLANS = {
     "3b": (512, 2, {"v5p": (64, 16), "v4": (64, 8), "v6e": (64, 8), "v5e": (128, 4)}),
     "7b": (1024, 4, {"v5p": (128, 16), "v4": (128, 8), "v6e": (128, 8), "v5e": (256, 4)}),
 }
-# Rematerialisation per size (default "block": only block inputs kept). 125m and 350m keep the matmul outputs
-# ("dots"): compiled for their v5p slices (python -m gptrl.compile; benchmarks/README.md) the train step does 14-16%
-# fewer flops and its roofline time drops 4% (125m) and 10% (350m), for 2-4 GiB more of 95.
-REMAT = {"125m": "dots", "350m": "dots"}
-# On every chip they keep every activation ("none"): compiled with the splash kernel, the train step's roofline
-# time on v5p drops 274 -> 170 ms (125m) and 491 -> 281 ms (350m) for 18 and 38 GiB of 95 (least-memory
-# compiles); on the 16-32 GiB chips see benchmarks/README.md.
-REMAT_ON_CHIP = {(size, chip): "none" for size in ("125m", "350m") for chip in ("v5p", "v4", "v6e", "v5e")}
 # Peak learning rate per size (GPT-3's table, Brown et al. 2020).
 LEARNING_RATES = {"125m": 6e-4, "350m": 3e-4, "1b": 2e-4, "3b": 1.6e-4, "7b": 1.2e-4}
 
@@ -65,8 +57,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   # The output projection writes bfloat16 logits, read as float32 by the loss: half the bytes of the largest tensor
   # (125m on v6e: 121 -> 110 GB of HBM traffic per train step, projected MFU 43% -> 47%; benchmarks/README.md).
   c.model.logits_dtype = "bfloat16"
-  # "block": recompute each block in the backward pass
-  c.model.remat = REMAT_ON_CHIP.get((plan.size, plan.chip), REMAT.get(plan.size, "block"))
+  c.model.remat = plan.remat  # 125m/350m: none on TPUs, dots on GPUs; larger: block (presets.Plan.remat)
   c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
 
   c.mesh.data = 1  # no pure data parallelism: every chip holds a shard of the parameters instead

@@ -25,12 +25,6 @@ PLANS = {
     "3b": (32, 2, {"v5p": (32, 2), "v4": (32, 2), "v6e": (32, 2), "v5e": (64, 1)}),
     "7b": (32, 4, {"v5p": (64, 2), "v4": (64, 2), "v6e": (64, 2), "v5e": (128, 1)}),
 }
-# Rematerialisation as for SFT and pretraining of these sizes (configs/sft_tpu.py): the 125m and 350m reward models
-# keep every activation on TPUs and the matmul outputs elsewhere; the larger ones recompute each block. Compiled for
-# their slices, the 125m and 350m train steps' roofline times drop 14-20% without remat (1.22x -> 0.98x the model's
-# matmul flops) for 3.1-33.3 GiB of 16-95 (benchmarks/README.md, "Plan change: reward models without remat").
-REMAT = {"125m": "dots", "350m": "dots"}
-REMAT_ON_CHIP = {(size, chip): "none" for size in ("125m", "350m") for chip in ("v5p", "v4", "v6e", "v5e")}
 LEARNING_RATES = {"125m": 3e-5, "350m": 2e-5, "1b": 1e-5, "3b": 9e-6, "7b": 9e-6}
 
 
@@ -46,7 +40,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   c.init.checkpoint = f"/mnt/gptrl/runs/sft_{plan.size}"  # the SFT run: its newest checkpoint
 
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, the scalar head and the loss in fp32
-  c.model.remat = REMAT_ON_CHIP.get((plan.size, plan.chip), REMAT.get(plan.size, "block"))
+  c.model.remat = plan.remat  # 125m/350m: none on TPUs, dots on GPUs; larger: block (presets.Plan.remat)
   c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0
 

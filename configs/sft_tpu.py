@@ -24,11 +24,6 @@ PLANS = {
     "3b": (64, 2, {"v5p": (32, 4), "v4": (32, 4), "v6e": (32, 4), "v5e": (64, 2)}),
     "7b": (64, 4, {"v5p": (64, 4), "v4": (64, 4), "v6e": (64, 4), "v5e": (128, 2)}),
 }
-REMAT = {"125m": "dots", "350m": "dots"}  # as configs/pretrain_tpu.py (the same model and context)
-# 125m and 350m on TPUs keep every activation: on v5p the train step's roofline time 75 -> 49 ms (125m) and
-# 184 -> 117 ms (350m), for 9.3 and 19.6 GiB of 95 (least-memory compiles); the other chips' plans hold half or a
-# quarter of those rows per device (benchmarks/README.md: pretraining compiled so on all four).
-REMAT_ON_CHIP = {(size, chip): "none" for size in ("125m", "350m") for chip in ("v5p", "v4", "v6e", "v5e")}
 LEARNING_RATES = {"125m": 5e-5, "350m": 3e-5, "1b": 2e-5, "3b": 2e-5, "7b": 1e-5}
 
 
@@ -46,8 +41,7 @@ def build(plan: presets.Plan) -> ml_collections.ConfigDict:
   # How the checkpoint's model runs ("" / -1 keep the checkpoint's setting).
   c.model.dtype = "bfloat16"  # matmuls in bf16; params, optimizer state, softmax and losses in fp32
   c.model.logits_dtype = "bfloat16"  # written by the output projection, read as float32 (configs/pretrain_tpu.py)
-  # "block": recompute each block in the backward pass
-  c.model.remat = REMAT_ON_CHIP.get((plan.size, plan.chip), REMAT.get(plan.size, "block"))
+  c.model.remat = plan.remat  # 125m/350m: none on TPUs, dots on GPUs; larger: block (presets.Plan.remat)
   c.model.attention = plan.attention  # TPUs: the splash kernel (gptrl/splash.py); GPUs: "xla"
   c.model.dropout = 0.0
 
