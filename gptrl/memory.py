@@ -11,11 +11,13 @@ and no more:
   - train step: gradients (+ the accumulator with optim.grad_accum_steps > 1) and the optimizer's update, both
     sharded like the parameters; every layer's weights gathered whole over fsdp in the compute dtype (with
     micro-batches XLA holds them through the accumulation loop; with one micro-batch under remat they are freed
-    before the backward pass's peak: estimate_lm), for each trained model;
+    before the backward pass's peak, and v5e's compiles gather them layer by layer: _one_micro_batch), for each
+    trained model; on TPUs the step's program code (a line fitted to the compiles: train_step_code);
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
-    tensors it keeps: norms and rotary embedding; through the splash kernel the head-major arrays padded to TPU's
-    128 lanes; "dots": the block input and the matmul outputs; "block": the block input), plus the one layer
+    tensors it keeps: norms and rotary embedding, and on v5e/v6e the gated MLP's product; through the splash
+    kernel the head-major arrays padded to TPU's 128 lanes; "dots": the block input and the matmul outputs;
+    "block": the block input), plus the one layer
     being recomputed, plus the larger of the logits' gradient [B, T, V] (compute dtype) and the logits at the loss
     (model.logits_dtype), with that gradient beside them where the two dtypes differ;
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
@@ -47,6 +49,7 @@ from gptrl import stages
 from gptrl import sharding
 
 GIB = 1024 ** 3
+LITE_TPUS = ("v5e", "v6e")  # one TensorCore per chip (v4 and v5p: two, as one megacore device)
 HEADROOM_WARNING = 0.10  # warn when less than this share of the device's memory is left
 
 
@@ -216,6 +219,7 @@ class _Shard:
   cfg: config_lib.ModelConfig
   tensor: int
   batch_ways: int
+  chip: presets.Chip | None = None  # the accelerator compiled for (what its compiler keeps); None: not known
 
   def split(self, n: int) -> int:
     return n // self.tensor if n % self.tensor == 0 else n
@@ -347,10 +351,12 @@ class _Shard:
     the MLP's two matmul outputs, the rotated query and key, the value, the attention output (twice: `saved`) and
     the residual stream, about 22 and 30 KB per token. The v4 and v5p compiles hold about one [tokens, MLP width]
     tensor per layer more than v6e's at the same rows per device (125m: 7.5 against 6.7 GiB): the gated MLP's
-    activation product, which the estimate keeps counting (25.5 and 34.5 KB per token here)."""
+    activation product, which the estimate counts on those chips (25.5 and 34.5 KB per token here) and not on
+    the one-TensorCore chips, v5e and v6e (LITE_TPUS), whose compiles recompute it."""
     cfg, c, d = self.cfg, self.c, self.cfg.d_model
     rope = (self.heads + self.kv_heads) * cfg.head_dim if cfg.pos_embedding == "rope" else 0
-    return float(b * t * c * (2 * d + rope))
+    product = self.split(cfg.mlp_dim) if cfg.gated_mlp and self.chip is not None and self.chip.name in LITE_TPUS else 0
+    return float(b * t * c * (2 * d + rope + product))
 
   def loss_peak(self, b: int, t: int) -> float:
     """What the next-token loss adds to `training` at the step's peak: the logits' gradient [b, t, V] in the
@@ -395,6 +401,51 @@ def _gathered_weights(params: Any, mesh_shape: Mapping[str, int], compute_bytes:
   stored += max([sharded_bytes(tree[k], tensor_only) for k in ("head", "token_embedding") if k in tree] or [0])
   param_bytes = jnp.dtype(jax.tree.leaves(unbox(tree))[0].dtype).itemsize
   return float(stored) * compute_bytes / param_bytes
+
+
+# XLA:TPU's generated code of a train step (memory_analysis().generated_code_size_in_bytes; it sits in HBM beside
+# the buffers), per layer of each model the step trains: the layers are unrolled, and wider ones take more code.
+# Fitted to the train steps of benchmarks/results/compile (125m-3b; pretraining, SFT and reward on v4, v5e, v5p
+# and v6e: 17-33 MB per layer, each within 16% of this line); a PPO update's code is 1.15-1.3x this for its policy
+# and critic.
+TPU_CODE_PER_LAYER = 12.7e6
+TPU_CODE_PER_LAYER_PER_1024_WIDTH = 6.7e6
+
+
+def train_step_code(model_cfg: config_lib.ModelConfig, chip: presets.Chip | None, models: int = 1) -> float:
+  """The program code of a train step over `models` trained models of `model_cfg`'s shape on `chip` (TPU only:
+  0 elsewhere, where it is not measured)."""
+  if chip is None or chip.platform != "tpu":
+    return 0.0
+  per_layer = TPU_CODE_PER_LAYER + TPU_CODE_PER_LAYER_PER_1024_WIDTH * model_cfg.d_model / 1024
+  return models * model_cfg.num_layers * per_layer
+
+
+# The chips whose compiles gather each layer's weights as the layer runs (forward and recompute) when a train step
+# has one micro-batch under remat, where the others gather every layer's early in the forward pass: the SFT 1b
+# step for v5e:4x8 holds 0.94 GB of temporaries at least, the same step for v5p:2x4x4 (the same shards per
+# device) 2.57 GB, and 2.57 still when compiled with v5p's HBM limited to v5e's 16 GiB (xla_tpu_max_hbm_size_mib):
+# the chip's compiler decides, not the memory it has. (With micro-batches both hoist the gathers out of the loop.)
+GATHER_PER_LAYER = ("v5e",)
+
+
+def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.ModelConfig, accum: int,
+                     chip: presets.Chip | None) -> None:
+  """With one micro-batch under remat, replaces the step's every-layer gathered weights (held beside the
+  activations) by what the compiles keep of them at the step's peak, `held` being the activations and logits
+  there: on most TPUs they are gathered early in the forward pass and freed (the recomputed blocks gather again),
+  so the peak is the larger of the two (the 1b TPU compiles of pretraining on v5p, SFT and reward on v5p/v6e); on
+  GATHER_PER_LAYER chips about one layer's worth is live beside the activations (the SFT 1b step on v5e at its
+  peak: 125 MB of gathered weights, a layer's being 103 MB). With
+  micro-batches XLA gathers once, ahead of the accumulation loop (loop-invariant), and holds them through it;
+  without remat the backward pass reads the forward's gathered weights."""
+  if accum > 1 or model_cfg.remat == "none" or _GATHERED not in step:
+    return
+  gathered = step.pop(_GATHERED)
+  if chip is not None and chip.name in GATHER_PER_LAYER:
+    step["weights gathered layer by layer (one layer's worth)"] = gathered / (model_cfg.num_layers + 1)
+  else:
+    step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - held)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,22 +505,20 @@ def eval_sample_rows(sample: Any) -> int:
   return len(sample.prompts) if hasattr(sample, "prompts") else sample.num_prompts
 
 
-def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
+def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int],
+                chip: presets.Chip | None = None) -> Estimate:
   """Pretraining and SFT: next-token loss over data.batch_size rows of model.max_len tokens."""
   resident, step, params = _trained("lm", model_cfg, cfg.optim, mesh_shape)
-  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
+  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"], chip)
   t, accum = model_cfg.max_len, cfg.optim.grad_accum_steps
   b = _micro_rows(cfg.data.batch_size, accum, shard)
   activations, logits = shard.training(b, t), shard.loss_peak(b, t)
   step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": activations,
                "logits at the loss, or their gradient": logits})
-  if accum == 1 and model_cfg.remat != "none":
-    # With micro-batches XLA gathers the weights once, ahead of the accumulation loop (loop-invariant), and holds
-    # them through it: beside every activation. With one micro-batch and remat it gathers them early in the forward
-    # pass and frees them; the recomputed blocks gather again, one layer at a time. The step's peak is then the
-    # larger of the two (the TPU compiles of 1b pretraining on v5p and SFT on v5p/v6e; benchmarks/README.md).
-    gathered = step.pop(_GATHERED)
-    step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - activations - logits)
+  _one_micro_batch(step, activations + logits, model_cfg, accum, chip)
+  code = train_step_code(model_cfg, chip)
+  if code:
+    step["program code (XLA:TPU, fitted)"] = code
   b_eval = shard.rows(cfg.data.batch_size)
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),
@@ -481,7 +530,8 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   return Estimate(title, resident, phases)
 
 
-def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int]) -> Estimate:
+def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping[str, int],
+                    chip: presets.Chip | None = None) -> Estimate:
   """The reward model: K responses per prompt through the scalar-head model; then the SFT model samples replies
   to normalise the reward (with its parameters loaded beside the trained state)."""
   resident, step, params = _trained("scalar", model_cfg, cfg.optim, mesh_shape)
@@ -489,10 +539,16 @@ def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Map
   if members > 1:
     resident = {f"{name} x {members} members": value * members for name, value in resident.items()}
     step = {f"{name} x {members} members": value * members for name, value in step.items()}
-  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"])
+  shard = _Shard(model_cfg, mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"], chip)
   t, accum, k = model_cfg.max_len, cfg.optim.grad_accum_steps, cfg.data.max_responses
   b = _micro_rows(cfg.data.batch_size * k, accum, shard) * members
-  step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = shard.training(b, t)
+  activations = shard.training(b, t)
+  step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = activations
+  if members == 1:  # (an ensemble's gathered weights are counted held, per member)
+    _one_micro_batch(step, activations, model_cfg, accum, chip)
+  code = train_step_code(model_cfg, chip, members)
+  if code:
+    step["program code (XLA:TPU, fitted)"] = code
   phases = {"train step": step,
             "eval (whole batch)": {
                 "forward: one layer + scores": shard.forward(shard.rows(cfg.data.batch_size * k) * members, t)}}
@@ -566,7 +622,7 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
 
 
 def estimate(cfg: Any, mesh_shape: Mapping[str, int], model_cfg: config_lib.ModelConfig,
-             rm_cfg: config_lib.ModelConfig | None = None) -> Estimate:
+             rm_cfg: config_lib.ModelConfig | None = None, chip: presets.Chip | None = None) -> Estimate:
   """The estimate of a typed stage config on a mesh of `mesh_shape` ({"data", "fsdp", "tensor"} sizes).
 
   Args:
@@ -575,13 +631,17 @@ def estimate(cfg: Any, mesh_shape: Mapping[str, int], model_cfg: config_lib.Mode
     model_cfg: the model's shape with its vocabulary size set (for SFT/label/reward/PPO: the init checkpoint's,
       with cfg.model's runtime settings applied).
     rm_cfg: PPO only: the reward model's shape.
+    chip: the accelerator the run compiles for (how XLA schedules the step, and its program code); by default
+      config.hardware.chip's, none where that is unset.
   """
+  if chip is None:
+    chip = presets.CHIPS.get(getattr(getattr(cfg, "hardware", None), "chip", "") or "")
   if model_cfg.vocab_size <= 0:
     raise ValueError("memory.estimate: model_cfg.vocab_size must be set (the tokenizer's size).")
   if cfg.stage in ("pretrain", "sft"):
-    return estimate_lm(cfg, model_cfg, mesh_shape)
+    return estimate_lm(cfg, model_cfg, mesh_shape, chip)
   if cfg.stage == "reward":
-    return estimate_reward(cfg, model_cfg, mesh_shape)
+    return estimate_reward(cfg, model_cfg, mesh_shape, chip)
   if cfg.stage == "label":
     return estimate_label(cfg, model_cfg, mesh_shape)
   if cfg.stage in stages.POLICY_RL:
@@ -645,7 +705,10 @@ def check_at_launch(cfg: Any) -> Estimate | None:
   try:
     mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(cfg.mesh, jax.device_count())))
     model_cfg, rm_cfg = model_configs(cfg)
-    result = estimate(cfg, mesh_shape, model_cfg, rm_cfg)
+    device = jax.local_devices()[0]
+    chip = presets.CHIPS.get(hardware.chip) or (
+        presets.chip_for_device_kind(device.device_kind) if device.platform != "cpu" else None)
+    result = estimate(cfg, mesh_shape, model_cfg, rm_cfg, chip)
   except Exception as e:  # pylint: disable=broad-except  # the estimate must never be why a run fails
     logging.info("No memory estimate: %s: %s", type(e).__name__, e)
     return None

@@ -316,6 +316,59 @@ def test_with_one_micro_batch_and_remat_the_gathered_weights_are_not_beside_the_
     assert gathered > held[1] > 0  # the case where the rule matters, for this small model
 
 
+def test_the_chip_decides_what_of_the_gathered_weights_the_step_holds_and_adds_its_program_code():
+  """One micro-batch under remat: v5e's compiles gather each layer's weights as it runs (about one layer's worth
+  live at the peak), the other TPUs' gather every layer's early in the forward pass (the larger of those and the
+  backward's peak); the reward step follows the same rule. On TPUs the step's program code is counted (the line
+  fitted to the compiles: 12.7 MB + 6.7 MB per 1024 of d_model, per layer); on GPUs and unknown chips it is not."""
+  model_cfg = config_lib.ModelConfig(vocab_size=128, num_layers=3, num_heads=4, d_model=64, max_len=16,
+                                     dtype="bfloat16", remat="block")
+  mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+  cfg = config_lib.PretrainConfig(model=model_cfg, data=config_lib.DataConfig(batch_size=8),
+                                  sample=config_lib.SampleConfig(max_new_tokens=8))
+  params, _ = memory.abstract_state("lm", model_cfg)
+  gathered = memory._gathered_weights(params, mesh, 2)  # pylint: disable=protected-access
+  shard = memory._Shard(model_cfg, tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  held = shard.training(2, 16) + shard.loss_peak(2, 16)
+  code = 3 * (12.7e6 + 6.7e6 * 64 / 1024)
+  assert memory.train_step_code(model_cfg, presets.CHIPS["v5p"]) == pytest.approx(code)
+  assert memory.train_step_code(model_cfg, presets.CHIPS["v5p"], models=2) == pytest.approx(2 * code)
+  assert memory.train_step_code(model_cfg, presets.CHIPS["h100"]) == memory.train_step_code(model_cfg, None) == 0
+  steps = {chip: memory.estimate_lm(cfg, model_cfg, mesh, presets.CHIPS.get(chip)).phases["train step"]
+           for chip in ("v5e", "v5p", "h100", "")}
+  others = sum(v for k, v in steps[""].items() if k.startswith(("gradients", "optimizer")))
+  assert sum(steps[""].values()) == pytest.approx(others + max(gathered, held))
+  assert sum(steps["h100"].values()) == pytest.approx(others + max(gathered, held))
+  assert sum(steps["v5p"].values()) == pytest.approx(others + max(gathered, held) + code)
+  assert steps["v5e"]["weights gathered layer by layer (one layer's worth)"] == pytest.approx(gathered / 4)
+  assert sum(steps["v5e"].values()) == pytest.approx(others + held + gathered / 4 + code)
+  # The reward step: the same rule (its activations alone at the backward's peak: no logits).
+  rcfg = config_lib.RewardConfig(model=model_cfg, data=config_lib.PreferenceDataConfig(batch_size=4, max_responses=2),
+                                 reward=config_lib.RewardHeadConfig(normalize_samples=0),
+                                 init=config_lib.InitConfig(checkpoint="sft"))
+  step = memory.estimate_reward(rcfg, model_cfg, mesh, presets.CHIPS["v5p"]).phases["train step"]
+  rparams, _ = memory.abstract_state("scalar", model_cfg)
+  rgathered = memory._gathered_weights(rparams, mesh, 2)  # pylint: disable=protected-access
+  assert memory._GATHERED not in step  # pylint: disable=protected-access
+  assert step["gathered weights beyond the backward's peak (one micro-batch)"] == max(
+      0.0, rgathered - shard.training(2, 16))
+
+
+def test_one_tensorcore_tpus_recompute_the_gated_mlps_product_without_remat():
+  """Without remat the v4/v5p compiles keep one [tokens, MLP width] tensor per layer more than the v5e/v6e ones
+  at the same rows per device (the 125m buffer dumps): the gated MLP's activation product."""
+  cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=3, num_heads=4, d_model=64, max_len=128,
+                               dtype="bfloat16", remat="none", gated_mlp=True, attention="xla")
+  b, t = 2, 128
+  kept = {chip: memory._Shard(cfg, 1, 1, presets.CHIPS[chip]).saved(b, t)  # pylint: disable=protected-access
+          for chip in ("v4", "v5p", "v5e", "v6e")}
+  assert kept["v4"] == kept["v5p"] == memory._Shard(cfg, 1, 1).saved(b, t)  # pylint: disable=protected-access
+  assert kept["v5e"] == kept["v6e"] == kept["v5p"] - 3 * b * t * cfg.mlp_dim * 2
+  plain = dataclasses.replace(cfg, gated_mlp=False)
+  assert (memory._Shard(plain, 1, 1, presets.CHIPS["v6e"]).saved(b, t)  # pylint: disable=protected-access
+          == memory._Shard(plain, 1, 1).saved(b, t))  # pylint: disable=protected-access
+
+
 def test_train_step_peak_is_saved_tensors_one_recomputed_block_and_the_logits_or_their_gradient():
   """What the compiled TPU train steps hold at their peak (XLA's live ranges; benchmarks/README.md): every
   layer's saved tensors, what the block being recomputed holds, and the logits' gradient in the compute dtype, or, at the
