@@ -20,9 +20,10 @@ and no more:
     "block": the block input), plus the one layer
     being recomputed, plus the larger of the logits' gradient [B, T, V] (compute dtype) and the logits at the loss
     (model.logits_dtype), with that gradient beside them where the two dtypes differ;
-  - sampling (KV cache): keys and values [B, G, S, K] of every layer, plus one layer's prefill over the prompt
-    and the prefill's logits;
-  - eval and PPO scoring: one layer's forward at a time and the logits they keep.
+  - sampling (KV cache): keys and values [B, G, S, K] of every layer, every layer's weights gathered over fsdp
+    (held through the decoding loop), one layer's prefill over the prompt and the last position's logits;
+  - eval: the larger of one layer's forward and the logits in model.logits_dtype, beside one layer's gathered
+    weights; PPO scoring: one layer's forward at a time and the logits it keeps.
 The peak is the persistent state (parameters, optimizer state, frozen models) plus the largest phase.
 Compiler temporaries and fragmentation come on top: the launcher warns under 10% headroom. The train step's
 estimate is what the step needs: `python -m gptrl.compile --least_memory train` compiles it for a TPU slice with
@@ -374,8 +375,19 @@ class _Shard:
 
   def forward(self, b: int, t: int, cache: int | None = None) -> float:
     """Transient of a forward pass alone (no gradients): one layer's tensors at a time (`cache`: over a decoding
-    cache of that many slots, as a sampler's prefill)."""
+    cache of that many slots, as a sampler's prefill). Every tensor of the layer, as the backward pass would keep:
+    more than a forward pass holds live (the 1b eval step on v5p, during its layers: the residual and the MLP's
+    two [B, T, F] outputs), about what XLA allocates for it (the 125m reward eval step on v5p allocates 1.1 GB
+    for a live peak of 0.5 GB with the arrays' lane padding: the rotary embedding's float32 halves, [B, T, H, 32],
+    take four times their bytes)."""
     return self.layer_full(b, t, cache) + self.scores(b, t, cache)
+
+  def eval_pass(self, b: int, t: int) -> float:
+    """A forward pass to the loss (an eval step): the larger of one layer's transient (`forward`) and the logits
+    [B, T, V] in model.logits_dtype beside the last hidden state. The loss reads them as logit(target) minus
+    their float32 log-sum-exp (losses.token_log_probs): the log-softmax is never written (the 1b eval step on
+    v5p: 2.10 of its 2.39 GB of temporaries are the bfloat16 logits)."""
+    return max(self.forward(b, t), b * t * (self.vocab * self.logit_bytes + self.cfg.d_model * self.c))
 
   def logits(self, b: int, t: int, copies: int) -> float:
     """`copies` float32 [b, t, V] tensors (logits, their log-softmax, their gradient, ...)."""
@@ -443,7 +455,7 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
     return
   gathered = step.pop(_GATHERED)
   if chip is not None and chip.name in GATHER_PER_LAYER:
-    step["weights gathered layer by layer (one layer's worth)"] = gathered / (model_cfg.num_layers + 1)
+    step["weights gathered layer by layer (one layer's worth)"] = _one_layer(gathered, model_cfg)
   else:
     step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - held)
 
@@ -487,13 +499,22 @@ def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib
   return resident, grads, params
 
 
-def _sampling(shard: _Shard, rows: int, new_tokens: int) -> dict[str, float]:
-  """A sampler call over `rows` prompts in a buffer of the model's context (prompt + new tokens)."""
+def _sampling(shard: _Shard, rows: int, new_tokens: int, gathered: float) -> dict[str, float]:
+  """A sampler call over `rows` prompts in a buffer of the model's context (prompt + new tokens). `gathered`: the
+  model's every-layer weights gathered over fsdp (_gathered_weights), which XLA gathers once, ahead of the
+  decoding loop (loop-invariant), and holds through it: the 1b pretraining sampler on v5p holds them (2.4 GB)
+  beside the KV cache at its peak. The prefill projects the last prompt position only (logits_at_B)."""
   b, s = shard.rows(rows), shard.cfg.max_len
   prompt = max(s - new_tokens, 1)
   return {f"KV cache ({rows} rows x {s} slots)": shard.kv_cache(b, s),
+          "weights gathered over fsdp (every layer's, held through decoding)": gathered,
           "prefill: one layer + scores": shard.forward(b, prompt, cache=s),
-          "prefill logits": shard.logits(b, prompt, 1)}
+          "prefill logits (last position)": shard.logits(b, 1, 1)}
+
+
+def _one_layer(gathered: float, model_cfg: config_lib.ModelConfig) -> float:
+  """About one layer's share of a model's gathered weights (the output projection's table counted as a layer)."""
+  return gathered / (model_cfg.num_layers + 1)
 
 
 def _micro_rows(global_rows: int, accum: int, shard: _Shard) -> int:
@@ -520,12 +541,15 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   if code:
     step["program code (XLA:TPU, fitted)"] = code
   b_eval = shard.rows(cfg.data.batch_size)
+  gathered = _gathered_weights(params, mesh_shape, shard.c)
+  # A forward pass alone gathers each layer's weights as it runs (the eval step's buffers on v5p).
   phases = {"train step": step,
-            "eval (whole batch, no micro-batches)": {"forward: one layer + scores": shard.forward(b_eval, t),
-                                                      "logits, log-softmax (float32)": shard.logits(b_eval, t, 2)}}
+            "eval (whole batch, no micro-batches)": {
+                "forward: one layer's transient, or the logits at the loss": shard.eval_pass(b_eval, t),
+                "weights gathered layer by layer (one layer's worth)": _one_layer(gathered, model_cfg)}}
   sample_rows = eval_sample_rows(cfg.sample)
   if sample_rows and cfg.sample.max_new_tokens:
-    phases["eval sampling"] = _sampling(shard, sample_rows, cfg.sample.max_new_tokens)
+    phases["eval sampling"] = _sampling(shard, sample_rows, cfg.sample.max_new_tokens, gathered)
   title = _title(cfg.stage, mesh_shape, "model: " + _shape_title(model_cfg, param_count(params)))
   return Estimate(title, resident, phases)
 
@@ -560,7 +584,8 @@ def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Map
           (model_cfg.d_model, model_cfg.vocab_size), jnp.dtype(model_cfg.param_dtype)), ("embed", "vocab"))
     phases["reward normalisation (SFT model samples)"] = {
         "SFT parameters (loaded for sampling)": sharded_bytes(sft_params, abstract_mesh(mesh_shape)),
-        **_sampling(shard, cfg.reward.normalize_samples, cfg.reward.normalize_max_new_tokens)}
+        **_sampling(shard, cfg.reward.normalize_samples, cfg.reward.normalize_max_new_tokens,
+                    _gathered_weights(sft_params, mesh_shape, shard.c))}
   title = _title("reward", mesh_shape, "reward model: " + _shape_title(model_cfg, param_count(params)))
   return Estimate(title, resident, phases)
 
@@ -572,7 +597,8 @@ def estimate_label(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapp
   rows = max(1, cfg.batch_size // cfg.responses_per_prompt) * cfg.responses_per_prompt
   title = _title("label", mesh_shape, "model: " + _shape_title(model_cfg, param_count(params)))
   return Estimate(title, {"parameters (frozen)": sharded_bytes(params, abstract_mesh(mesh_shape))},
-                  {"sampling": _sampling(shard, rows, cfg.sample.max_new_tokens)})
+                  {"sampling": _sampling(shard, rows, cfg.sample.max_new_tokens,
+                                         _gathered_weights(params, mesh_shape, shard.c))})
 
 
 def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib.ModelConfig,
@@ -607,7 +633,7 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   sampled = max(p.rollout_batch_size, p.eval_batch_size)  # replies sampled (and scored) together
   rows = shard.rows(sampled)
   phases = {
-      "rollout sampling": _sampling(shard, sampled, n),
+      "rollout sampling": _sampling(shard, sampled, n, _gathered_weights(params["policy"], mesh_shape, shard.c)),
       "scoring (policy, reference, critic, reward model over the rollout)": {
           "forward: one layer + scores": max(shard.forward(rows, t), rm_shard.forward(rows, t)),
           # (Sized for logits over the whole buffer, as before the response-only projection: kept until the

@@ -354,6 +354,32 @@ def test_the_chip_decides_what_of_the_gathered_weights_the_step_holds_and_adds_i
       0.0, rgathered - shard.training(2, 16))
 
 
+def test_eval_holds_its_logits_once_and_the_sampler_every_layers_gathered_weights():
+  """The eval step (a forward pass to the loss) holds the larger of one layer's tensors and the logits in
+  model.logits_dtype (the log-softmax is never written: losses.token_log_probs), beside about one layer's gathered
+  weights; a sampler holds every layer's gathered weights through its decoding loop (XLA hoists the gathers out
+  of it) beside the KV cache, and projects the last prompt position only (the 1b pretraining plan's compiles)."""
+  model_cfg = config_lib.ModelConfig(vocab_size=8000, num_layers=3, num_heads=4, d_model=64, max_len=32,
+                                     dtype="bfloat16", remat="block", logits_dtype="bfloat16")
+  mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+  cfg = config_lib.PretrainConfig(model=model_cfg, data=config_lib.DataConfig(batch_size=8),
+                                  sample=config_lib.SampleConfig(prompts=("a", "b", "c"), max_new_tokens=8))
+  phases = memory.estimate_lm(cfg, model_cfg, mesh).phases
+  params, _ = memory.abstract_state("lm", model_cfg)
+  gathered = memory._gathered_weights(params, mesh, 2)  # pylint: disable=protected-access
+  shard = memory._Shard(model_cfg, tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  b, t = 2, 32
+  logits = b * t * (8000 * 2 + 64 * 2)  # bfloat16 logits beside the last hidden state
+  assert logits > shard.forward(b, t)  # the logits are this small model's eval peak
+  assert sum(phases["eval (whole batch, no micro-batches)"].values()) == pytest.approx(logits + gathered / 4)
+  wide = memory._Shard(dataclasses.replace(model_cfg, logits_dtype="float32"), tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  assert wide.eval_pass(b, t) == b * t * (8000 * 4 + 64 * 2)
+  sampling = phases["eval sampling"]
+  rows = 1  # 3 prompts over 4 devices
+  kv = 3 * (2 * rows * 32 * 4 * 16 * 2 + rows * 32)
+  assert sum(sampling.values()) == pytest.approx(kv + gathered + shard.forward(rows, 24, cache=32) + rows * 8000 * 4)
+
+
 def test_one_tensorcore_tpus_recompute_the_gated_mlps_product_without_remat():
   """Without remat the v4/v5p compiles keep one [tokens, MLP width] tensor per layer more than the v5e/v6e ones
   at the same rows per device (the 125m buffer dumps): the gated MLP's activation product."""
