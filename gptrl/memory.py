@@ -620,9 +620,12 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   # The policy reads its logits at the N response positions only (float32: log-softmax, entropy and their
   # gradient). It also projects only there now (GPT's logits_slice), but XLA's least-memory allocation of the
   # 125m update on v5p:2x2x2 did not drop with that (3.46 -> 3.54 GiB): the term that sized the whole buffer's
-  # logits gradient [b, L, V] (compute dtype) stays, as what matched that allocation (est/XLA 0.88; 0.60
-  # without it), until what XLA holds in its place is identified. The critic's own recomputed layer is not live
-  # beside the policy's.
+  # logits gradient [b, L, V] (compute dtype) stays as a stand-in. The update's buffer dump shows what it stands
+  # for: a live peak of 1.6 GB (both models' block inputs, one block's recompute, a third of the layers' gathered
+  # weights; the estimate's other terms: 1.95 GB) in a 2.05 GB allocation (the head-major [B, H, T, 64] arrays
+  # and the rotary embedding's float32 halves padded to 128 lanes), and 0.56 GB of code, which the LM steps'
+  # train_step_code counts and this estimate does not. The critic's own recomputed layer is not live beside the
+  # policy's.
   step.update({f"policy activations ({b} x {t} tokens per device, {accum} micro-batches)": shard.training(b, t),
                "policy logits: [b, L, V] in the compute dtype, float32 over the responses":
                    shard.logits_gradient(b, t) + shard.logits(b, n, 3)})
