@@ -17,9 +17,9 @@ and no more:
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
     tensors it keeps: norms and rotary embedding, and on v5e/v6e the gated MLP's product; through the splash
     kernel the head-major arrays padded to TPU's 128 lanes; "dots": the block input and the matmul outputs;
-    "block": the block input), plus the one layer
-    being recomputed, plus the larger of the logits' gradient [B, T, V] (compute dtype) and the logits at the loss
-    (model.logits_dtype), with that gradient beside them where the two dtypes differ;
+    "block": the block input), plus the one layer being recomputed, plus the larger of the logits' gradient
+    [B, T, V] (compute dtype) and the logits at the loss (model.logits_dtype), with that gradient beside them
+    where the two dtypes differ;
   - sampling (KV cache): keys and values [B, G, S, K] of every layer, every layer's weights gathered over fsdp
     (held through the decoding loop), one layer's prefill over the prompt and the last position's logits;
   - eval: the larger of one layer's forward and the logits in model.logits_dtype, beside one layer's gathered
@@ -448,9 +448,9 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
   there: on most TPUs they are gathered early in the forward pass and freed (the recomputed blocks gather again),
   so the peak is the larger of the two (the 1b TPU compiles of pretraining on v5p, SFT and reward on v5p/v6e); on
   GATHER_PER_LAYER chips about one layer's worth is live beside the activations (the SFT 1b step on v5e at its
-  peak: 125 MB of gathered weights, a layer's being 103 MB). With
-  micro-batches XLA gathers once, ahead of the accumulation loop (loop-invariant), and holds them through it;
-  without remat the backward pass reads the forward's gathered weights."""
+  peak: 125 MB of gathered weights, a layer's being 103 MB). With micro-batches XLA gathers once, ahead of the
+  accumulation loop (loop-invariant), and holds them through it; without remat the backward pass reads the
+  forward's gathered weights."""
   if accum > 1 or model_cfg.remat == "none" or _GATHERED not in step:
     return
   gathered = step.pop(_GATHERED)
@@ -570,7 +570,7 @@ def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Map
   step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = activations
   if members == 1:  # (an ensemble's gathered weights are counted held, per member)
     _one_micro_batch(step, activations, model_cfg, accum, chip)
-  code = train_step_code(model_cfg, chip, members)
+  code = train_step_code(model_cfg, chip)  # (an ensemble's members are one program, vmapped)
   if code:
     step["program code (XLA:TPU, fitted)"] = code
   phases = {"train step": step,
