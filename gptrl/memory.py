@@ -536,12 +536,12 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   activations, logits = shard.training(b, t), shard.loss_peak(b, t)
   step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": activations,
                "logits at the loss, or their gradient": logits})
+  gathered = step[_GATHERED]  # every layer's, as _trained counted them (before the one-micro-batch rule)
   _one_micro_batch(step, activations + logits, model_cfg, accum, chip)
   code = train_step_code(model_cfg, chip)
   if code:
     step["program code (XLA:TPU, fitted)"] = code
   b_eval = shard.rows(cfg.data.batch_size)
-  gathered = _gathered_weights(params, mesh_shape, shard.c)
   # A forward pass alone gathers each layer's weights as it runs (the eval step's buffers on v5p).
   phases = {"train step": step,
             "eval (whole batch, no micro-batches)": {
