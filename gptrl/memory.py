@@ -11,8 +11,9 @@ and no more:
   - train step: gradients (+ the accumulator with optim.grad_accum_steps > 1) and the optimizer's update, both
     sharded like the parameters; every layer's weights gathered whole over fsdp in the compute dtype (with
     micro-batches XLA holds them through the accumulation loop; with one micro-batch under remat they are freed
-    before the backward pass's peak, and v5e's compiles gather them layer by layer: _one_micro_batch), for each
-    trained model; on TPUs the step's program code (a line fitted to the compiles: train_step_code);
+    before the backward pass's peak, and v5e's compiles gather them layer by layer: _one_micro_batch; with
+    micro-batches also the query/key/value kernels' lane-padded head-major copies: _head_major_kernels), for
+    each trained model; on TPUs the step's program code (a line fitted to the compiles: train_step_code);
     activations of one micro-batch: per layer what the remat policy saves (none: every tensor of the block
     incl. the [B, H, T, T] float32 attention probabilities, but the elementwise outputs XLA recomputes from
     tensors it keeps: norms and rotary embedding, and on v5e/v6e the gated MLP's product; through the splash
@@ -179,7 +180,9 @@ def init_fn(kind: str, model_cfg: config_lib.ModelConfig, critic: str = "separat
     return recipe.init_params(reward_model.make_reward_model(model_cfg, 1), model_cfg.max_len)
   if kind != "ppo":
     raise ValueError(f"memory.init_fn: unknown kind {kind!r}")
-  algo = (config_lib.PPOAlgoConfig(critic=critic) if critic != "none" else
+  # (A shared critic is a head on the policy's trunk: its trunk starts from SFT, as the config requires.)
+  algo = (config_lib.PPOAlgoConfig(critic=critic, critic_init="sft" if critic == "shared" else "reward")
+          if critic != "none" else
           config_lib.PPOAlgoConfig(critic="none", critic_init="sft", advantage="group", group_size=2))
   models = ppo.make_models(model_cfg, model_cfg, algo)
   return functools.partial(ppo.init_params, models)
@@ -265,8 +268,16 @@ class _Shard:
     per_token = 2 * d + (h + 2 * g) * k + ((h + g) * k if cfg.pos_embedding == "rope" else 0) + h * k
     if self.splash(t, decode=cache is not None):
       return b * t * (per_token * c + h * 4)
-    area = b * t * cache if cache is not None else self.score_area(b, t)
-    return b * t * per_token * c + h * area * (4 + (c if c != 4 else 0))
+    return b * t * per_token * c + self._dense_weights(self._area(b, t, cache))
+
+  def _area(self, b: int, t: int, cache: int | None = None) -> float:
+    """Score entries per head of dense attention: causal blocks over t tokens, or t queries over cache slots."""
+    return float(b * t * cache) if cache is not None else self.score_area(b, t)
+
+  def _dense_weights(self, area: float) -> float:
+    """The float32 softmax weights over `area` score entries per head, and their cast to a narrower compute dtype
+    for the value matmul (what a backward pass reads)."""
+    return self.heads * area * (4 + (self.c if self.c != 4 else 0))
 
   def splash(self, t: int, decode: bool = False) -> bool:
     """Whether attention over t tokens goes through the splash kernel (gptrl.model.uses_splash)."""
@@ -308,13 +319,6 @@ class _Shard:
     chunk = min(model_lib.causal_chunk_length(self.cfg, t), t)
     n = -(-t // chunk)
     return float(b * sum(min(chunk, t - i * chunk) * min((i + 1) * chunk, t) for i in range(n)))
-
-  def scores(self, b: int, t: int, s: int | None = None) -> float:
-    """The float32 attention scores and masked scores [B, H, T, S] of one layer (transient): causal blocks over
-    t tokens, or t queries over s cached keys; none through the splash kernel (its tiles stay on the chip)."""
-    if s is None and self.splash(t):
-      return 0.0
-    return float(self.heads * (self.score_area(b, t) if s is None else b * t * s) * 8)
 
   def training(self, b: int, t: int) -> float:
     """Activations of a forward + backward pass over b rows of t tokens (no logits): what every layer keeps for
@@ -375,12 +379,21 @@ class _Shard:
 
   def forward(self, b: int, t: int, cache: int | None = None) -> float:
     """Transient of a forward pass alone (no gradients): one layer's tensors at a time (`cache`: over a decoding
-    cache of that many slots, as a sampler's prefill). Every tensor of the layer, as the backward pass would keep:
-    more than a forward pass holds live (the 1b eval step on v5p, during its layers: the residual and the MLP's
-    two [B, T, F] outputs), about what XLA allocates for it (the 125m reward eval step on v5p allocates 1.1 GB
-    for a live peak of 0.5 GB with the arrays' lane padding: the rotary embedding's float32 halves, [B, T, H, 32],
-    take four times their bytes)."""
-    return self.layer_full(b, t, cache) + self.scores(b, t, cache)
+    cache of that many slots, as a sampler's prefill). Every per-token tensor of the layer, as the backward pass
+    would keep: more than a forward pass holds live (the 1b eval step on v5p, during its layers: the residual and
+    the MLP's two [B, T, F] outputs), about what XLA allocates for it (the 125m reward eval step on v5p allocates
+    1.1 GB for a live peak of 0.5 GB with the arrays' lane padding: the rotary embedding's float32 halves,
+    [B, T, H, 32], take four times their bytes). Dense attention (the einsum path, and every pass over a decoding
+    cache): the float32 scores and softmax weights, 8 bytes a score entry, and the mask [B, 1, T, S] as booleans
+    and as the compute dtype's bias. XLA writes 3-8 bytes an entry: the prefill of the 125m PPO rollout sampler
+    on v5p:2x2x2 (32 rows a device) allocates one f32[32, 12, 1920, 2048] (6.0 GB), the softmax fused into the
+    value matmul, while the same sampler for v4:2x2x4 and v6e:4x4 (16 rows a device) takes nearly as much (8.4
+    against 9.5 GB of temporaries); at 8 the PPO rollout and reward-normalisation samplers come within 0.99-1.7 of
+    XLA's totals (they were 1.4-2.6 when the raw and masked scores and the weights' cast were counted too)."""
+    if cache is None and self.splash(t):
+      return self.layer_full(b, t)
+    area = self._area(b, t, cache)
+    return self.layer_full(b, t, cache) - self._dense_weights(area) + self.heads * area * 8 + area * (1 + self.c)
 
   def eval_pass(self, b: int, t: int) -> float:
     """A forward pass to the loss (an eval step): the larger of one layer's transient (`forward`) and the logits
@@ -441,8 +454,24 @@ def train_step_code(model_cfg: config_lib.ModelConfig, chip: presets.Chip | None
 GATHER_PER_LAYER = ("v5e",)
 
 
+def _head_major_kernels(shard: _Shard, mesh_shape: Mapping[str, int]) -> float:
+  """The query, key and value kernels of every layer, gathered over fsdp, once more in head-major layout
+  [d_model, H, K] with the head size padded to TPU's 128 lanes: where K is not a multiple of 128 the layout is a
+  copy, not a reshape, and with micro-batches XLA hoists both the gathered kernels and that copy out of the
+  accumulation loop (and v5e's compiles with one micro-batch early in the forward pass: _one_micro_batch). The 3b
+  pretraining step on v5e:8x16 (K = 100, two micro-batches) holds at its peak 78 [3200, 1600] gathered kernels
+  and 93 [3200, 16, 100] copies (1.0 GB padded; its estimate was 0.83 of XLA's total without them); at K = 128
+  (1b) the steps hold no such copies. TPU chips only (`shard.chip`): the lanes are theirs."""
+  cfg = shard.cfg
+  k = cfg.head_dim
+  if shard.chip is None or shard.chip.platform != "tpu" or mesh_shape["fsdp"] == 1 or k % LANES == 0:
+    return 0.0
+  heads = shard.heads + 2 * shard.kv_heads
+  return float(cfg.num_layers * cfg.d_model * heads * -(-k // LANES) * LANES * shard.c)
+
+
 def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.ModelConfig, accum: int,
-                     chip: presets.Chip | None) -> None:
+                     chip: presets.Chip | None, head_major: float = 0.0) -> None:
   """With one micro-batch under remat, replaces the step's every-layer gathered weights (held beside the
   activations) by what the compiles keep of them at the step's peak, `held` being the activations and logits
   there: on most TPUs they are gathered early in the forward pass and freed (the recomputed blocks gather again),
@@ -450,12 +479,23 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
   GATHER_PER_LAYER chips about one layer's worth is live beside the activations (the SFT 1b step on v5e at its
   peak: 125 MB of gathered weights, a layer's being 103 MB). With micro-batches XLA gathers once, ahead of the
   accumulation loop (loop-invariant), and holds them through it; without remat the backward pass reads the
-  forward's gathered weights."""
+  forward's gathered weights. `head_major`: the gathered attention kernels' head-major copies
+  (_head_major_kernels), which the accumulation loop holds too, and which GATHER_PER_LAYER chips make for every
+  layer early in the forward pass with one micro-batch: the SFT and reward 3b steps on v5e:8x8 peak there, with
+  100 [16, 100, 3200] query/key/value/output kernels (1.0 GB) beside float32 parameter-shaped buffers and the
+  first blocks' inputs, 1.85 and 1.93 GB live, for which XLA allocates 2.54 and 2.61 GB. The activations are not
+  live at that peak, so counting them beside the copies is an upper bound of the live bytes that covers the
+  allocation's slack: estimate / XLA 1.00 (SFT) and 1.17 (reward); the larger of the two instead of their sum
+  gives 0.75 and 0.92."""
+  if accum > 1 and model_cfg.remat != "none" and head_major:
+    step["gathered q/k/v kernels, head-major copies (128 lanes)"] = head_major
   if accum > 1 or model_cfg.remat == "none" or _GATHERED not in step:
     return
   gathered = step.pop(_GATHERED)
   if chip is not None and chip.name in GATHER_PER_LAYER:
     step["weights gathered layer by layer (one layer's worth)"] = _one_layer(gathered, model_cfg)
+    if head_major:  # gathered and copied early in the forward pass, every layer's (an upper bound: above)
+      step["gathered q/k/v kernels, head-major copies (128 lanes)"] = head_major
   else:
     step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - held)
 
@@ -537,7 +577,7 @@ def estimate_lm(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Mapping
   step.update({f"activations ({b} x {t} tokens per device, {accum} micro-batches)": activations,
                "logits at the loss, or their gradient": logits})
   gathered = step[_GATHERED]  # every layer's, as _trained counted them (before the one-micro-batch rule)
-  _one_micro_batch(step, activations + logits, model_cfg, accum, chip)
+  _one_micro_batch(step, activations + logits, model_cfg, accum, chip, _head_major_kernels(shard, mesh_shape))
   code = train_step_code(model_cfg, chip)
   if code:
     step["program code (XLA:TPU, fitted)"] = code
@@ -569,7 +609,7 @@ def estimate_reward(cfg: Any, model_cfg: config_lib.ModelConfig, mesh_shape: Map
   activations = shard.training(b, t)
   step[f"activations ({b} x {t} tokens per device, {accum} micro-batches)"] = activations
   if members == 1:  # (an ensemble's gathered weights are counted held, per member)
-    _one_micro_batch(step, activations, model_cfg, accum, chip)
+    _one_micro_batch(step, activations, model_cfg, accum, chip, _head_major_kernels(shard, mesh_shape))
   code = train_step_code(model_cfg, chip)  # (an ensemble's members are one program, vmapped)
   if code:
     step["program code (XLA:TPU, fitted)"] = code
@@ -638,11 +678,13 @@ def estimate_ppo(cfg: Any, model_cfg: config_lib.ModelConfig, rm_cfg: config_lib
   phases = {
       "rollout sampling": _sampling(shard, sampled, n, _gathered_weights(params["policy"], mesh_shape, shard.c)),
       "scoring (policy, reference, critic, reward model over the rollout)": {
-          "forward: one layer + scores": max(shard.forward(rows, t), rm_shard.forward(rows, t)),
-          # (Sized for logits over the whole buffer, as before the response-only projection: kept until the
-          # scoring programs are compiled again and show what they hold now.)
-          "policy and reference logits, response log-softmax (float32)":
-              shard.logits(rows, t, 2) + shard.logits(rows, n, 3)},
+          # Two models per program (reference and reward model; policy and critic), independent, so one layer
+          # of each may be live together; the logits are projected at the N response positions only. The 125m
+          # programs on v5p:2x2x2 (buffer dumps): frozen models 2.67 GB of temporaries, shaping 4.78 (one
+          # f32[32, 128, 32000] of logits each); this phase: 4.56 (it was 20.4 with the whole buffer's logits).
+          "forward: one layer of each of two models": shard.forward(rows, t) + max(
+              rm_shard.forward(rows, t), 0.0 if shared else shard.forward(rows, t)),
+          "policy or reference logits over the responses (float32)": shard.logits(rows, n, 1)},
       "train step": step}
   title = _title(cfg.stage, mesh_shape,
                  "policy (and reference): " + _shape_title(model_cfg, param_count(params["policy"])),

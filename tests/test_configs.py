@@ -316,6 +316,41 @@ def test_with_one_micro_batch_and_remat_the_gathered_weights_are_not_beside_the_
     assert gathered > held[1] > 0  # the case where the rule matters, for this small model
 
 
+def test_head_major_copies_of_the_attention_kernels_only_where_the_head_size_is_padded():
+  """Where the head size is not a multiple of TPU's 128 lanes, the gathered [d, H * K] query/key/value kernels
+  are copied to [d, H, K] (padded to 128) and, with micro-batches, both are held through the loop (the 3b
+  pretraining step on v5e, K = 100); at K = 128 the layout is a reshape (the 1b steps), and without fsdp nothing
+  is gathered. Split over tensor like the heads; grouped key/value heads count as theirs. TPU chips only; with one
+  micro-batch on v5e too (the SFT 3b step)."""
+  head_major = memory._head_major_kernels  # pylint: disable=protected-access
+  def kernels(d_model, heads, kv_heads, tensor=1, fsdp=4, chip="v5e"):
+    cfg = config_lib.ModelConfig(vocab_size=128, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, d_model=d_model,
+                                 max_len=16, dtype="bfloat16", remat="block")
+    shard = memory._Shard(cfg, tensor=tensor, batch_ways=fsdp, chip=presets.CHIPS.get(chip))  # pylint: disable=protected-access
+    return head_major(shard, {"data": 1, "fsdp": fsdp, "tensor": tensor})
+  assert kernels(400, 4, 4) == 2 * 400 * 12 * 128 * 2  # K = 100 -> 128 lanes
+  assert kernels(400, 4, 2, tensor=2) == 2 * 400 * (2 + 2 * 1) * 128 * 2  # heads and kv heads over tensor
+  assert kernels(512, 4, 4) == 0  # K = 128: a reshape
+  assert kernels(400, 4, 4, fsdp=1) == 0  # nothing gathered
+  assert kernels(400, 4, 4, chip="h100") == kernels(400, 4, 4, chip="") == 0  # not a TPU, or not known
+  # In the train step: with micro-batches under remat, on a TPU.
+  model_cfg = config_lib.ModelConfig(vocab_size=128, num_layers=2, num_heads=4, d_model=400, max_len=16,
+                                     dtype="bfloat16", remat="block")
+  mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+  def step(accum, chip, remat="block"):
+    mcfg = dataclasses.replace(model_cfg, remat=remat)
+    cfg = config_lib.PretrainConfig(model=mcfg, data=config_lib.DataConfig(batch_size=8),
+                                    optim=config_lib.OptimConfig(grad_accum_steps=accum),
+                                    sample=config_lib.SampleConfig(max_new_tokens=8))
+    return memory.estimate_lm(cfg, mcfg, mesh, presets.CHIPS.get(chip)).phases["train step"]
+  name = "gathered q/k/v kernels, head-major copies (128 lanes)"
+  assert step(2, "v5e")[name] == step(2, "v5p")[name] == kernels(400, 4, 4)
+  # One micro-batch: v5e gathers every layer's attention kernels early in the forward pass (the SFT 3b step's
+  # peak); the other TPUs gather all weights early and free them (the larger of those and the backward's peak).
+  assert step(1, "v5e")[name] == kernels(400, 4, 4)
+  assert name not in step(1, "v5p") and name not in step(2, "h100") and name not in step(2, "v5e", remat="none")
+
+
 def test_the_chip_decides_what_of_the_gathered_weights_the_step_holds_and_adds_its_program_code():
   """One micro-batch under remat: v5e's compiles gather each layer's weights as it runs (about one layer's worth
   live at the peak), the other TPUs' gather every layer's early in the forward pass (the larger of those and the
@@ -341,7 +376,9 @@ def test_the_chip_decides_what_of_the_gathered_weights_the_step_holds_and_adds_i
   assert sum(steps["h100"].values()) == pytest.approx(others + max(gathered, held))
   assert sum(steps["v5p"].values()) == pytest.approx(others + max(gathered, held) + code)
   assert steps["v5e"]["weights gathered layer by layer (one layer's worth)"] == pytest.approx(gathered / 4)
-  assert sum(steps["v5e"].values()) == pytest.approx(others + held + gathered / 4 + code)
+  # (and, head size 16 not being a multiple of 128 lanes, every layer's q/k/v kernels copied head-major early)
+  head_major = 3 * 64 * 12 * 128 * 2
+  assert sum(steps["v5e"].values()) == pytest.approx(others + held + gathered / 4 + head_major + code)
   # The reward step: the same rule (its activations alone at the backward's peak: no logits).
   rcfg = config_lib.RewardConfig(model=model_cfg, data=config_lib.PreferenceDataConfig(batch_size=4, max_responses=2),
                                  reward=config_lib.RewardHeadConfig(normalize_samples=0),
@@ -378,6 +415,29 @@ def test_eval_holds_its_logits_once_and_the_sampler_every_layers_gathered_weight
   rows = 1  # 3 prompts over 4 devices
   kv = 3 * (2 * rows * 32 * 4 * 16 * 2 + rows * 32)
   assert sum(sampling.values()) == pytest.approx(kv + gathered + shard.forward(rows, 24, cache=32) + rows * 8000 * 4)
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_scoring_holds_a_layer_of_each_model_and_the_response_logits(critic):
+  """Each scoring program runs two independent models (reference and reward model; policy and a separate
+  critic), so one layer of each may be live together, and projects onto the vocabulary at the N response
+  positions only: one float32 [rows, N, V] array (the 125m programs' buffer dumps)."""
+  model_cfg = config_lib.ModelConfig(vocab_size=1000, num_layers=2, num_heads=4, d_model=64, max_len=64,
+                                     dtype="bfloat16", remat="block")
+  rm_cfg = dataclasses.replace(model_cfg, num_layers=1, d_model=32)
+  cfg = config_lib.PPOConfig(init=config_lib.InitConfig("unused"), reward_model=config_lib.InitConfig("unused"),
+                             ppo=config_lib.PPOAlgoConfig(rollout_batch_size=16, minibatch_size=8, max_new_tokens=8,
+                                                         critic=critic, num_eval_prompts=0,
+                                                         critic_init="sft" if critic == "shared" else "reward"))
+  mesh = {"data": 1, "fsdp": 4, "tensor": 1}
+  scoring = memory.estimate_ppo(cfg, model_cfg, rm_cfg, mesh).phases[
+      "scoring (policy, reference, critic, reward model over the rollout)"]
+  shard = memory._Shard(model_cfg, tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  rm_shard = memory._Shard(rm_cfg, tensor=1, batch_ways=4)  # pylint: disable=protected-access
+  rows = 16 // 4
+  second = shard.forward(rows, 64) if critic == "separate" else rm_shard.forward(rows, 64)
+  assert shard.forward(rows, 64) > rm_shard.forward(rows, 64)  # the larger partner decides
+  assert sum(scoring.values()) == pytest.approx(shard.forward(rows, 64) + second + rows * 8 * 1000 * 4)
 
 
 def test_one_tensorcore_tpus_recompute_the_gated_mlps_product_without_remat():
@@ -484,12 +544,13 @@ def test_splash_attention_keeps_a_log_sum_exp_instead_of_the_scores():
   h, k, d, f = 2, 8, 32, 64  # heads and MLP split over tensor=2
   per_token = 4 * d + 3 * h * k + h * k + 2 * d + 2 * f
   assert shard.layer_full(b, t) == b * t * per_token * 2 + b * t * h * 4
-  assert shard.scores(b, t) == 0
+  assert shard.forward(b, t) == shard.layer_full(b, t)  # the kernel's tiles stay on the chip
   assert shard.layer_saved(b, t, "dots") == b * t * 2 * (3 * d + 3 * h * k + f) + b * t * h * (k * 2 + 4)
   einsum = memory._Shard(dataclasses.replace(cfg, attention="xla"),  # pylint: disable=protected-access
                          tensor=2, batch_ways=4)
-  # Over a decoding cache (a sampler's prefill): the einsum path's dense scores of the t queries over the slots
-  dense = b * t * per_token * 2 + h * b * t * 384 * (4 + 2) + h * b * t * 384 * 8
+  # Over a decoding cache (a sampler's prefill): the einsum path's float32 scores and softmax weights of the t
+  # queries over the slots, and the mask as booleans and as bfloat16
+  dense = b * t * per_token * 2 + h * b * t * 384 * 8 + b * t * 384 * (1 + 2)
   assert shard.forward(b, t, cache=384) == einsum.forward(b, t, cache=384) == dense > shard.forward(b, t)
   assert shard.layer_full(b, 200) == einsum.layer_full(b, 200)  # not a multiple of 128: the einsum path
 
