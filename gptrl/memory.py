@@ -488,14 +488,14 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
   allocation's slack: estimate / XLA 1.00 (SFT) and 1.17 (reward); the larger of the two instead of their sum
   gives 0.75 and 0.92."""
   if accum > 1 and model_cfg.remat != "none" and head_major:
-    step["gathered q/k/v kernels, head-major copies (128 lanes)"] = head_major
+    step[_HEAD_MAJOR] = head_major
   if accum > 1 or model_cfg.remat == "none" or _GATHERED not in step:
     return
   gathered = step.pop(_GATHERED)
   if chip is not None and chip.name in GATHER_PER_LAYER:
     step["weights gathered layer by layer (one layer's worth)"] = _one_layer(gathered, model_cfg)
     if head_major:  # gathered and copied early in the forward pass, every layer's (an upper bound: above)
-      step["gathered q/k/v kernels, head-major copies (128 lanes)"] = head_major
+      step[_HEAD_MAJOR] = head_major
   else:
     step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - held)
 
@@ -518,6 +518,7 @@ def _shape_title(cfg: config_lib.ModelConfig, n_params: int) -> str:
 
 
 _GATHERED = "weights gathered over fsdp (every layer's, compute dtype)"
+_HEAD_MAJOR = "gathered q/k/v kernels, head-major copies (128 lanes)"  # _head_major_kernels
 
 
 def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib.OptimConfig,
