@@ -6,13 +6,28 @@ Any XLA flags given to pytest (e.g. `XLA_FLAGS=--xla_cpu_max_isa=AVX2` to check 
 under another code generation) are kept, for this process and, through `GPTRL_TEST_XLA_FLAGS`, for the
 launcher subprocesses that `helpers.env()` starts.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("GPTRL_TEST_XLA_FLAGS", os.environ.get("XLA_FLAGS", "").strip())
 os.environ["XLA_FLAGS"] = (
     os.environ["GPTRL_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole run, shared by the test processes (xdist workers inherit the
+# variable from the controller that loads this file first) and the launcher subprocesses (helpers.env() passes the
+# environment on): the tiny stages' programs are compiled again by each of the ~40 launches, which roughly a third
+# of a subprocess test's time went to (tests/stages/test_resume.py: 85 s -> 57 s). Each run starts empty, so a stale
+# executable cannot outlive the code that made it; the process that made the folder removes it at exit. A folder
+# given in JAX_COMPILATION_CACHE_DIR is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptrl-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny programs compile in < 1 s
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 import pytest  # noqa: E402  (after the XLA flags above, which must be set before anything imports jax)

@@ -11,6 +11,8 @@ import runpy
 import subprocess
 import sys
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache as cache
 import numpy as np
 import pytest
 
@@ -39,6 +41,17 @@ def tiny_pretrain(**changes) -> config_lib.PretrainConfig:
 @pytest.fixture(scope="module")
 def v5e():
   return compile_lib.tpu_topology("v5e:2x2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_persistent_compilation_cache():
+  """libtpu's compile-only client writes its executables into the persistent cache that conftest.py gives the run
+  but cannot load them back (JAX warns and compiles again): the TPU compiles here go without it."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  cache.reset_cache()  # JAX decides once per process whether to use the cache: decide again
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  cache.reset_cache()
 
 
 @needs_libtpu
@@ -167,7 +180,8 @@ def test_reward_ensemble_plan_compiles(v5e, monkeypatch):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("placement", ["colocated", "split"])
+# split compiles the same four programs as colocated, and the transfer; colocated (~50 s) with -m slow.
+@pytest.mark.parametrize("placement", [pytest.param("colocated", marks=pytest.mark.slow), "split"])
 def test_ppo_plan_compiles(v5e, monkeypatch, placement):
   split = dict(placement="split", sampler_devices=1, scorer_devices=1, split_tensor=1) if placement == "split" else {}
   cfg = _tiny_later_stage(monkeypatch, config_lib.PPOConfig(
