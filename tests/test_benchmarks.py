@@ -108,7 +108,9 @@ def test_decode_speed_runs_with_the_transformers_peer(tmp_path):
   assert row["bytes_per_step"] > 4 * 4_000_000  # at least the ~4.3M fp32 parameters
 
 
-@pytest.mark.parametrize("algo,key", [("grpo", "episodes_per_s"), ("dpo", "tokens_per_s")])
+# The script once is in the default run (dpo); grpo, ~45 s on 2 cores, with -m slow.
+@pytest.mark.parametrize("algo,key", [pytest.param("grpo", "episodes_per_s", marks=pytest.mark.slow),
+                                      ("dpo", "tokens_per_s")])
 def test_grpo_and_dpo_benchmarks_run_their_gptrl_side(tmp_path, algo, key):
   # The trl side needs the bench extra (trl, torch); the gptrl side is the library's learner / train step.
   report = _run("grpo_dpo_vs_trl", "--algo", algo, "--side", "gptrl", "--num_layers", "1", "--d_model", "32",
@@ -117,6 +119,7 @@ def test_grpo_and_dpo_benchmarks_run_their_gptrl_side(tmp_path, algo, key):
   assert report["results"]["gptrl"][key] > 0 and "ratio_gptrl_over_trl" not in report
 
 
+@pytest.mark.slow  # ~60-80 s on 2 cores; the server itself is tests/test_serve.py's, in the default run
 def test_serve_load_runs_clients_against_a_real_server(tmp_path):
   report = _run("serve_load", "--small", "--clients", "1", "--clients", "3", "--max_tokens", "6",
                 "--requests_per_client", "1", "--peer", "none", tmp_path=tmp_path)

@@ -141,7 +141,10 @@ def _kill_after_first_checkpoint(argv, workdir: pathlib.Path, log: pathlib.Path,
   kill_when(argv, workdir / "checkpoints" / str(step), log)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "reward_ensemble", "ppo", "grpo", "dpo"])
+# reward_ensemble and grpo resume through the reward and PPO stages' code (reward and ppo here, in the default
+# run): ~50-80 s each on 2 cores, with -m slow.
+@pytest.mark.parametrize("stage", ["sft", "reward", pytest.param("reward_ensemble", marks=pytest.mark.slow), "ppo",
+                                   pytest.param("grpo", marks=pytest.mark.slow), "dpo"])
 def test_kill_and_resume_is_bitwise_identical(pipeline, tmp_path, stage):
   workdir = tmp_path / stage
   first = 4
