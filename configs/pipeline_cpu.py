@@ -1,5 +1,5 @@
 """The whole InstructGPT pipeline on 2 CPU cores in one command: pretrain -> SFT -> label -> reward -> best-of-n ->
-PPO, then an HTML report (about 25 minutes).
+PPO, then an HTML report (about 30 minutes).
 
   python -m gptrl.launch --config configs/pipeline_cpu.py
   -> runs/pipeline_cpu/{pretrain,sft,label,reward,bon,ppo}/ and runs/pipeline_cpu/report.html
@@ -64,7 +64,7 @@ def get_config(variant: str = ""):
   c.feedback.init.checkpoint = "<ppo>"  # (later rounds serve the previous round's policy)
 
   if not variant:
-    # Pretraining and SFT shorter than their stand-alone configs, so that the pipeline takes about 25 minutes on
+    # Pretraining and SFT shorter than their stand-alone configs, so that the pipeline takes about 30 minutes on
     # 2 cores; measured times are in README.
     c.pretrain.train.steps = 240
     c.sft.train.steps = 150
