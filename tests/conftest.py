@@ -7,7 +7,6 @@ under another code generation) are kept, for this process and, through `GPTRL_TE
 launcher subprocesses that `helpers.env()` starts.
 """
 import atexit
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -29,10 +28,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny programs compile in < 1 s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-# A size limit turns on the cache's file lock (it needs `filelock`, in the test extras), without which an
-# entry is written in place and another process could read it half-written (JAX would warn and compile again).
-if importlib.util.find_spec("filelock") is not None:
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 
 import pytest  # noqa: E402  (after the XLA flags above, which must be set before anything imports jax)
