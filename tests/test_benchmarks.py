@@ -108,7 +108,7 @@ def test_decode_speed_runs_with_the_transformers_peer(tmp_path):
   assert row["bytes_per_step"] > 4 * 4_000_000  # at least the ~4.3M fp32 parameters
 
 
-# The script once is in the default run (dpo); grpo, ~45 s on 2 cores, with -m slow.
+# The script runs once in the default suite (dpo); grpo, ~45 s on 2 cores, with -m slow.
 @pytest.mark.parametrize("algo,key", [pytest.param("grpo", "episodes_per_s", marks=pytest.mark.slow),
                                       ("dpo", "tokens_per_s")])
 def test_grpo_and_dpo_benchmarks_run_their_gptrl_side(tmp_path, algo, key):

@@ -46,11 +46,12 @@ def v5e():
 @pytest.fixture(scope="module", autouse=True)
 def _no_persistent_compilation_cache():
   """libtpu's compile-only client writes its executables into the persistent cache that conftest.py gives the run
-  but cannot load them back (JAX warns and compiles again): the TPU compiles here go without it."""
+  but cannot load them back (JAX warns and compiles again): the TPU compiles here go without it (_run_cli's too)."""
+  was = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   cache.reset_cache()  # JAX decides once per process whether to use the cache: decide again
   yield
-  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_enable_compilation_cache", was)
   cache.reset_cache()
 
 
@@ -257,7 +258,7 @@ def get_config(variant=""):
 
 
 def _run_cli(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false"}  # (see above)
   return subprocess.run([sys.executable, "-m", "gptrl.compile", *args], capture_output=True, text=True, cwd=ROOT,
                         env=env, timeout=600)
 
