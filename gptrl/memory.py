@@ -458,7 +458,7 @@ def _head_major_kernels(shard: _Shard, mesh_shape: Mapping[str, int]) -> float:
   """The query, key and value kernels of every layer, gathered over fsdp, once more in head-major layout
   [d_model, H, K] with the head size padded to TPU's 128 lanes: where K is not a multiple of 128 the layout is a
   copy, not a reshape, and with micro-batches XLA hoists both the gathered kernels and that copy out of the
-  accumulation loop (and v5e's compiles with one micro-batch early in the forward pass: _one_micro_batch). The 3b
+  accumulation loop (v5e's compiles with one micro-batch hold part of them: HEAD_MAJOR_AT_PEAK). The 3b
   pretraining step on v5e:8x16 (K = 100, two micro-batches) holds at its peak 78 [3200, 1600] gathered kernels
   and 93 [3200, 16, 100] copies (1.0 GB padded; its estimate was 0.83 of XLA's total without them); at K = 128
   (1b) the steps hold no such copies. TPU chips only (`shard.chip`): the lanes are theirs."""
@@ -468,6 +468,18 @@ def _head_major_kernels(shard: _Shard, mesh_shape: Mapping[str, int]) -> float:
     return 0.0
   heads = shard.heads + 2 * shard.kv_heads
   return float(cfg.num_layers * cfg.d_model * heads * -(-k // LANES) * LANES * shard.c)
+
+
+# With one micro-batch under remat, the share of every layer's head-major q/k/v copies (_head_major_kernels) that
+# GATHER_PER_LAYER chips' train steps hold at their peak, beside the activations. The buffer dumps of the 3b SFT and
+# reward steps on v5e:8x8 (K = 100: 1.02 GB of copies; one micro-batch of 2 and 4 rows a device) peak at different
+# places. Reward, at the backward's saved activations (1.47 GB of block inputs, 2.20 GB live with the arrays'
+# padding) beside 12 of the 78 copies, each layer's regathered as it goes; SFT, late in the backward pass with all
+# 78 copies live (1.02 GB), every layer's output projection and part of the MLP's gathered (0.7 GB) and 0.36 GB of
+# activations (2.08 GB live). Neither peak holds the other's whole, and XLA allocates 0.3 GB more than either's
+# live bytes: the larger of activations and copies gives 0.75 / 0.92 of XLA's total, their sum 1.00 / 1.17; two
+# thirds of the copies beside the activations, 0.91 / 1.09 (fitted to these two steps, the only such plans).
+HEAD_MAJOR_AT_PEAK = 2 / 3
 
 
 def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.ModelConfig, accum: int,
@@ -480,13 +492,8 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
   peak: 125 MB of gathered weights, a layer's being 103 MB). With micro-batches XLA gathers once, ahead of the
   accumulation loop (loop-invariant), and holds them through it; without remat the backward pass reads the
   forward's gathered weights. `head_major`: the gathered attention kernels' head-major copies
-  (_head_major_kernels), which the accumulation loop holds too, and which GATHER_PER_LAYER chips make for every
-  layer early in the forward pass with one micro-batch: the SFT and reward 3b steps on v5e:8x8 peak there, with
-  100 [16, 100, 3200] query/key/value/output kernels (1.0 GB) beside float32 parameter-shaped buffers and the
-  first blocks' inputs, 1.85 and 1.93 GB live, for which XLA allocates 2.54 and 2.61 GB. The activations are not
-  live at that peak, so counting them beside the copies is an upper bound of the live bytes that covers the
-  allocation's slack: estimate / XLA 1.00 (SFT) and 1.17 (reward); the larger of the two instead of their sum
-  gives 0.75 and 0.92."""
+  (_head_major_kernels), which the accumulation loop holds too; with one micro-batch GATHER_PER_LAYER chips
+  count HEAD_MAJOR_AT_PEAK of them beside the activations."""
   if accum > 1 and model_cfg.remat != "none" and head_major:
     step[_HEAD_MAJOR] = head_major
   if accum > 1 or model_cfg.remat == "none" or _GATHERED not in step:
@@ -494,8 +501,8 @@ def _one_micro_batch(step: dict[str, float], held: float, model_cfg: config_lib.
   gathered = step.pop(_GATHERED)
   if chip is not None and chip.name in GATHER_PER_LAYER:
     step["weights gathered layer by layer (one layer's worth)"] = _one_layer(gathered, model_cfg)
-    if head_major:  # gathered and copied early in the forward pass, every layer's (an upper bound: above)
-      step[_HEAD_MAJOR] = head_major
+    if head_major:
+      step[_HEAD_MAJOR_SHARE] = HEAD_MAJOR_AT_PEAK * head_major
   else:
     step["gathered weights beyond the backward's peak (one micro-batch)"] = max(0.0, gathered - held)
 
@@ -519,6 +526,7 @@ def _shape_title(cfg: config_lib.ModelConfig, n_params: int) -> str:
 
 _GATHERED = "weights gathered over fsdp (every layer's, compute dtype)"
 _HEAD_MAJOR = "gathered q/k/v kernels, head-major copies (128 lanes)"  # _head_major_kernels
+_HEAD_MAJOR_SHARE = "gathered q/k/v kernels, head-major copies (128 lanes; the share live at the peak)"
 
 
 def _trained(kind: str, model_cfg: config_lib.ModelConfig, optim_cfg: config_lib.OptimConfig,
