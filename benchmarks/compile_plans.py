@@ -120,6 +120,10 @@ def refresh_estimates(stage: str, size: str, chip: str, out: str) -> None:
   report = _read(path)
   if "error" in report:
     return
+  if report.get("overrides"):  # compiled with --config.* overrides: the config file alone is not its plan
+    print(f"{path}: compiled with {' '.join(report['overrides'])}; its estimates are left as compiled",
+          file=sys.stderr)
+    return
   from gptrl import compile as compile_lib  # pylint: disable=import-outside-toplevel
   from gptrl import config as config_lib  # pylint: disable=import-outside-toplevel
   file, _, variant = report["config"].partition(":")

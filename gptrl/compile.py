@@ -27,15 +27,17 @@ launchers run this check before creating hardware.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -590,6 +592,17 @@ def beside_bytes(program: Program, plan: Plan) -> float:
   return sum(r.bytes for r in here.values()) - taken
 
 
+def release_host_memory() -> None:
+  """Returns what a finished compile freed to the OS: the compiler's heap otherwise stays with the process, and the
+  next compile's peak comes on top of it (the 350m PPO plan for v4 by the einsum path: 21.6 GB of host memory and
+  rising in its update's least-memory compile without this, stopped there; 17.9 GB at most with it)."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages mapped
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
 def compile_program(program: Program, plan: Plan, chip: presets.Chip | None, least: bool = False) -> Result:
   """Lowers and compiles one program; reads XLA's memory and cost analyses and the optimised HLO. With `least`
   (on TPU devices), compiles it a second time under LEAST_MEMORY and records that compile's memory and flops."""
@@ -597,17 +610,20 @@ def compile_program(program: Program, plan: Plan, chip: presets.Chip | None, lea
   lowered = program.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  profile = hlo.profile(compiled.as_text())
+  del compiled  # (read what it tells: its host memory is not held through the least-memory compile below)
+  release_host_memory()
   least_temporaries = least_flops = None
   if least and program.mesh.devices.flat[0].platform == "tpu":  # the option is libtpu's
     pressed = lowered.compile(compiler_options=LEAST_MEMORY)
     least_temporaries = float(pressed.memory_analysis().temp_size_in_bytes)
     least_flops = hlo.profile(pressed.as_text()).matmul_flops
     del pressed
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older jax: one dict per computation
-    cost = cost[0] if cost else {}
-  profile = hlo.profile(compiled.as_text())
+    release_host_memory()
   beside = beside_bytes(program, plan)
   estimate = None
   if plan.estimate is not None and program.phase in plan.estimate.phases:
@@ -676,8 +692,9 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
   return "\n".join(lines)
 
 
-def to_json(plan: Plan, results: list[Result], target: Target, config: str) -> dict[str, Any]:
-  return {"config": config, "title": plan.title, "topology": target.name, "devices": len(target.devices),
+def to_json(plan: Plan, results: list[Result], target: Target, config: str,
+            overrides: Sequence[str] = ()) -> dict[str, Any]:
+  return {"config": config, "overrides": list(overrides), "title": plan.title, "topology": target.name, "devices": len(target.devices),
           "chip": target.chip.name if target.chip else None,
           "programs": [{**dataclasses.asdict(r),
                         "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu,
@@ -770,7 +787,8 @@ def main(argv: list[str] | None = None) -> None:
   if f.json:
     os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
     with open(f.json, "w", encoding="utf-8") as fh:
-      json.dump(to_json(plan, results, target, config_arg), fh, indent=1)
+      overrides = [a for a in argv if a.startswith("--config.")]  # (the plan compiled: the file's and these)
+      json.dump(to_json(plan, results, target, config_arg, overrides), fh, indent=1)
     print(f"wrote {f.json}")
 
 

@@ -281,12 +281,13 @@ def test_least_total_takes_the_fewer_temporaries_of_the_two_compiles():
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
-  proc = _run_cli("--config", _write_config(tmp_path, 8, vocab=512, context=256), "--programs", "train,eval",
-                  "--least_memory", "train", "--json", str(out))
+  proc = _run_cli("--config", _write_config(tmp_path, 4, vocab=512, context=256), "--config.data.batch_size=8",
+                  "--programs", "train,eval", "--least_memory", "train", "--json", str(out))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "train step" in proc.stdout and "eval step" in proc.stdout and "on v5e:2x2: 4 devices" in proc.stdout
   assert "train step, compiled for the least memory: temp" in proc.stdout
   report = json.loads(out.read_text())
+  assert report["overrides"] == ["--config.data.batch_size=8"]  # the plan compiled: the file's, and these
   assert report["topology"] == "v5e:2x2" and [p["name"] for p in report["programs"]] == ["train step", "eval step"]
   assert all(p["fits"] for p in report["programs"])
   train, evaluation = report["programs"]
