@@ -694,8 +694,8 @@ def table(plan: Plan, results: list[Result], target: Target) -> str:
 
 def to_json(plan: Plan, results: list[Result], target: Target, config: str,
             overrides: Sequence[str] = ()) -> dict[str, Any]:
-  return {"config": config, "overrides": list(overrides), "title": plan.title, "topology": target.name, "devices": len(target.devices),
-          "chip": target.chip.name if target.chip else None,
+  return {"config": config, "overrides": list(overrides), "title": plan.title, "topology": target.name,
+          "devices": len(target.devices), "chip": target.chip.name if target.chip else None,
           "programs": [{**dataclasses.asdict(r),
                         "total": r.total, "fits": r.fits, "projected_mfu": r.projected_mfu,
                         "least_total": r.least_total, "estimate_ratio": r.estimate_ratio,
